@@ -1,0 +1,44 @@
+"""Shared fixtures: everything is built locally (no hub, no network)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + str(Path(os.environ.get("TMPDIR", "/tmp")) / "gdrt-tests-mlflow.db"))
+
+REPO = Path(__file__).resolve().parents[1]
+OFFICE = REPO / "data" / "office"
+
+
+@pytest.fixture(scope="session")
+def office_dataset(tmp_path_factory) -> Path:
+    """The bundled Office data curated into a Dataset artifact (once per test session)."""
+    from gdrt_core.curate import CurateConfig, run
+
+    out = tmp_path_factory.mktemp("office") / "dataset"
+    run(CurateConfig(source=str(OFFICE), format="sliding", domain="office", out=str(out)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def office_slice(tmp_path_factory, office_dataset) -> Path:
+    """A small slice of Office (200 train / 40 valid / 40 test windows, all items) for fast stage tests."""
+    from gdrt_core.artifacts import atomic_output_dir
+    from gdrt_core.dataset import Dataset, write_dataset
+
+    full = Dataset(office_dataset)
+    out = tmp_path_factory.mktemp("office_slice") / "dataset"
+    sizes = {"train": 200, "valid": 40, "test": 40}
+    with atomic_output_dir(out) as tmp:
+        write_dataset(
+            tmp, titles=full.titles, domain=full.domain,
+            splits={s: full.split(s).slice(0, n).to_pydict() for s, n in sizes.items()},
+            recipe={"slice_of": str(office_dataset), "sizes": sizes},
+        )
+    return out
