@@ -1,0 +1,193 @@
+"""MLflow tracking for every stage: one run per stage, nested under the pipeline's parent run.
+
+- Tracking URI: `MLFLOW_TRACKING_URI` if set, else an embedded sqlite store in the working directory
+  (`sqlite:///mlflow.db`, artifacts in ./mlartifacts); `mlflow ui --backend-store-uri sqlite:///mlflow.db`
+  shows it.
+- Parent run: `GDRT_PARENT_RUN_ID` (set by `gdrt run` / the pipeline) makes each stage run a nested run.
+  Experiment: `MLFLOW_EXPERIMENT_NAME` or "gdrt".
+- Only rank 0 logs (RANK / LOCAL_RANK environment variables); other ranks get a tracker that does nothing.
+- A server that cannot be reached when a stage starts is an error naming the URI (before any work). Once the
+  stage runs, a failing log call is retried and then dropped with a warning: tracking never kills training,
+  and everything logged is on disk in the artifact first.
+- Params are flattened ("a.b") and cut to MLflow's limits (key 250 chars, value 6000 chars, 100 per call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from gdrt_core.config import flatten
+from gdrt_core.errors import GdrtError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "gdrt"
+MAX_PARAM_KEY = 250
+MAX_PARAM_VALUE = 6000
+MAX_PARAMS_PER_CALL = 100
+DISABLE_ENV = "GDRT_TRACKING"  # "off" disables MLflow logging (artifacts are still written)
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def is_rank_zero() -> bool:
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("0", "")
+
+
+def tracking_enabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "on").lower() not in ("off", "0", "false", "no")
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the URI, when an HTTP tracking server does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (the user's own server)
+            if resp.status >= 500:
+                raise GdrtError(f"MLflow server at {uri} answered {resp.status} to its health check")
+    except (urllib.error.URLError, OSError) as e:
+        raise GdrtError(
+            f"cannot reach the MLflow tracking server at {uri} ({getattr(e, 'reason', e)})",
+            hint="start it, fix MLFLOW_TRACKING_URI, or unset it to use the local sqlite store",
+        ) from None
+
+
+def clean_params(params: dict[str, Any]) -> dict[str, str]:
+    """Flatten and cut params to MLflow's limits (values over the limit end in '...')."""
+    out = {}
+    for k, v in flatten(params).items():
+        key = str(k)[:MAX_PARAM_KEY]
+        val = "" if v is None else str(v)
+        if len(val) > MAX_PARAM_VALUE:
+            val = val[: MAX_PARAM_VALUE - 3] + "..."
+        out[key] = val
+    return out
+
+
+def _retry(fn, *args, attempts: int = 3, delay: float = 1.0, **kwargs) -> Any:
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - tracking must never kill the stage
+            if i == attempts - 1:
+                log.warning("MLflow call %s failed after %d attempts, skipped: %s", getattr(fn, "__name__", fn), attempts, e)
+                return None
+            time.sleep(delay * (2**i))
+    return None
+
+
+class Tracker:
+    """Logs to one MLflow run. Every call is retried and never raises."""
+
+    def __init__(self, client=None, run_id: str | None = None):
+        self.client = client
+        self.run_id = run_id
+
+    @property
+    def active(self) -> bool:
+        return self.client is not None and self.run_id is not None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in clean_params(params).items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_CALL):
+            _retry(self.client.log_batch, self.run_id, params=items[i : i + MAX_PARAMS_PER_CALL])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [
+            Metric(k.replace("@", "_at_"), float(v), ts, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and v == v  # skip NaN
+        ]
+        for i in range(0, len(items), 1000):
+            _retry(self.client.log_batch, self.run_id, metrics=items[i : i + 1000])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import RunTag
+
+        _retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self.active:
+            _retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self.active:
+            _retry(self.client.log_artifacts, self.run_id, str(directory), artifact_path)
+
+
+def _experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri().startswith("sqlite:"):
+        location = (Path.cwd() / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - created concurrently by another stage
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def start_run(run_name: str, *, parent_run_id: str | None = None, tags: dict | None = None,
+              experiment: str | None = None) -> Tracker:
+    """Create a run (nested under `parent_run_id` if given); raise GdrtError if the store is unreachable."""
+    if not (tracking_enabled() and is_rank_zero()):
+        return Tracker()
+    uri = tracking_uri()
+    check_reachable(uri)
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        exp_id = _experiment_id(client, experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+        all_tags = {"mlflow.runName": run_name, **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name)
+    except GdrtError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise GdrtError(f"cannot start an MLflow run at {uri}: {e}", hint="check MLFLOW_TRACKING_URI") from None
+    return Tracker(client, run.info.run_id)
+
+
+def end_run(tracker: Tracker, status: str = "FINISHED") -> None:
+    if tracker.active:
+        _retry(tracker.client.set_terminated, tracker.run_id, status)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, config: dict | None = None, *, run_name: str | None = None) -> Iterator[Tracker]:
+    """One MLflow run for a stage: params = the resolved config; FAILED status if the stage raises."""
+    parent = os.environ.get("GDRT_PARENT_RUN_ID") or None
+    tracker = start_run(run_name or stage, parent_run_id=parent, tags={"gdrt.stage": stage})
+    tracker.log_params(config or {})
+    try:
+        yield tracker
+    except BaseException:
+        end_run(tracker, "FAILED")
+        raise
+    end_run(tracker, "FINISHED")
