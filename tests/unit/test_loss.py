@@ -1,0 +1,307 @@
+"""GDRT objective and SFT loss against hand-derived numbers (method.md §5).
+
+All hand cases use the same trick: every position's logits are log([1/2, 1/4, 1/8, 1/8]), so the
+cross-entropy of label 0 is ln 2, of label 1 is 2 ln 2 and of label 2 is 3 ln 2, and exp(L_g / tau)
+with tau = 1 is a power of two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gdrt_core.errors import GdrtError
+from gdrt_core.loss import (
+    GroupLossEMA,
+    dro_objective,
+    dro_weights,
+    gdrt_loss,
+    group_losses_from_sums,
+    group_sums,
+    sft_loss,
+    weighted_token_loss,
+)
+
+LN2 = math.log(2.0)
+# label -> cross-entropy in units of ln 2 under the fixed distribution below
+PROBS = torch.tensor([0.5, 0.25, 0.125, 0.125])
+
+
+def fixed_logits(batch: int, seq: int) -> torch.Tensor:
+    return PROBS.log().expand(batch, seq, 4).clone().requires_grad_(True)  # [B, T, V]
+
+
+def approx(x, rel=1e-6, abs=1e-6):  # noqa: A002
+    return pytest.approx(x, rel=rel, abs=abs)
+
+
+# --- SFT ---------------------------------------------------------------------------------------------
+
+
+def test_sft_loss_is_token_mean_over_labelled_tokens():
+    """labels [[0, 2, -100], [1, -100, -100]] -> ce ln2, 3 ln2, 2 ln2 -> mean = 6 ln2 / 3 = 2 ln2 = 1.386294."""
+    logits = fixed_logits(2, 3)
+    labels = torch.tensor([[0, 2, -100], [1, -100, -100]])
+    assert sft_loss(logits, labels).item() == approx(2 * LN2)
+
+
+def test_sft_loss_without_targets_is_zero_and_backpropagates():
+    logits = fixed_logits(1, 2)
+    loss = sft_loss(logits, torch.full((1, 2), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(logits.grad == 0)
+
+
+# --- GDRT: the hand cases ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [0.3, 1.0, 7.0])
+@pytest.mark.parametrize("prior", ["uniform", "size"])
+def test_one_group_equals_sft(tau, prior):
+    """All tokens in group 0 (ce = ln2, 3 ln2, 2 ln2): pi_0 = 1 after renormalisation, so
+    L = tau * log(1 * exp(L_0 / tau)) = L_0 = (1 + 3 + 2) ln2 / 3 = 2 ln2, whatever tau; w = [1, 0, 0]."""
+    logits = fixed_logits(2, 3)
+    labels = torch.tensor([[0, 2, -100], [1, -100, -100]])
+    groups = torch.tensor([[0, 0, -1], [0, -1, -1]])
+    loss, stats = gdrt_loss(logits, labels, groups, num_groups=3, tau=tau, prior=prior)
+    assert loss.item() == approx(2 * LN2)
+    assert loss.item() == approx(sft_loss(logits, labels).item())
+    assert stats.weights.tolist() == approx([1.0, 0.0, 0.0])
+    assert stats.group_counts.tolist() == [3, 0, 0]
+    assert stats.sft_loss.item() == approx(2 * LN2)
+
+
+def test_equal_group_losses_give_prior_weights():
+    """g0 = {ln2, 3 ln2} -> L_0 = 2 ln2; g1 = {2 ln2} -> L_1 = 2 ln2. Equal losses: exp(L/tau) cancels,
+    w = pi: uniform [1/2, 1/2], size [2/3, 1/3]; L = tau log(sum pi e^{2 ln2 / tau}) = 2 ln2."""
+    logits = fixed_logits(1, 3)
+    labels = torch.tensor([[0, 2, 1]])
+    groups = torch.tensor([[0, 0, 1]])
+    loss, stats = gdrt_loss(logits, labels, groups, num_groups=2, tau=0.5)
+    assert stats.weights.tolist() == approx([0.5, 0.5])
+    assert loss.item() == approx(2 * LN2)
+    _, stats = gdrt_loss(logits, labels, groups, num_groups=2, tau=0.5, prior="size")
+    assert stats.weights.tolist() == approx([2 / 3, 1 / 3])
+
+
+def two_group_batch():
+    """g0 = three tokens of ce ln2 (L_0 = ln2), g1 = one token of ce 3 ln2 (L_1 = 3 ln2), one ignored."""
+    logits = fixed_logits(1, 5)
+    labels = torch.tensor([[0, 0, -100, 0, 2]])
+    groups = torch.tensor([[0, 0, -1, 0, 1]])
+    return logits, labels, groups
+
+
+def test_tau_one_closed_form():
+    """tau = 1: e^{L_0} = 2, e^{L_1} = 8.
+    uniform: L = log(2/2 + 8/2) = log 5 = 1.609438; w = [1/5, 4/5].
+    size (pi = [3/4, 1/4]): L = log(3/4 * 2 + 1/4 * 8) = log 3.5 = 1.252763; w = [1.5/3.5, 2/3.5] = [3/7, 4/7].
+    The SFT loss of the same tokens: (3 ln2 + 3 ln2) / 4 = 1.5 ln2."""
+    logits, labels, groups = two_group_batch()
+    loss, stats = gdrt_loss(logits, labels, groups, num_groups=2, tau=1.0)
+    assert loss.item() == approx(math.log(5))
+    assert stats.weights.tolist() == approx([0.2, 0.8])
+    assert stats.group_losses.tolist() == approx([LN2, 3 * LN2])
+    assert stats.group_counts.tolist() == [3, 1]
+    assert stats.sft_loss.item() == approx(1.5 * LN2)
+    loss, stats = gdrt_loss(logits, labels, groups, num_groups=2, tau=1.0, prior="size")
+    assert loss.item() == approx(math.log(3.5))
+    assert stats.weights.tolist() == approx([3 / 7, 4 / 7])
+
+
+def test_large_tau_approaches_prior_weighted_mean():
+    """tau -> inf: tau log E_pi[e^{L/tau}] = E_pi[L] + Var_pi(L) / (2 tau) + O(tau^-2).
+    uniform: E = (ln2 + 3 ln2) / 2 = 2 ln2 = 1.386294, Var = (ln2)^2 = 0.480453, so at tau = 1e4 the
+    gap is 2.4e-5. size (pi = [3/4, 1/4]): E = 3/4 ln2 + 3/4 ln2 = 1.5 ln2 (= the SFT loss).
+    tau = inf is computed exactly: w = pi."""
+    logits, labels, groups = two_group_batch()
+    loss, _ = gdrt_loss(logits, labels, groups, num_groups=2, tau=1e4)
+    assert loss.item() == approx(2 * LN2 + LN2**2 / 2e4, rel=1e-5)
+    loss, stats = gdrt_loss(logits, labels, groups, num_groups=2, tau=math.inf)
+    assert loss.item() == approx(2 * LN2)
+    assert stats.weights.tolist() == approx([0.5, 0.5])
+    loss, stats = gdrt_loss(logits, labels, groups, num_groups=2, tau=math.inf, prior="size")
+    assert loss.item() == approx(1.5 * LN2)
+    assert stats.weights.tolist() == approx([0.75, 0.25])
+
+
+def test_small_tau_approaches_worst_group():
+    """tau = 0.01: L = L_1 + tau log(1/2 (1 + e^{-(L_1 - L_0)/tau})), (L_1 - L_0)/tau = 138.6 so the
+    exponential is < 1e-60: L = 3 ln2 - 0.01 ln2 = 2.99 ln2 = 2.072493; w = [~0, 1].
+    tau = 0 is exact: L = max = 3 ln2, w = [0, 1]."""
+    logits, labels, groups = two_group_batch()
+    loss, stats = gdrt_loss(logits, labels, groups, num_groups=2, tau=0.01)
+    assert loss.item() == approx(2.99 * LN2)
+    assert stats.weights.tolist() == approx([0.0, 1.0])
+    loss, stats = gdrt_loss(logits, labels, groups, num_groups=2, tau=0.0)
+    assert loss.item() == approx(3 * LN2)
+    assert stats.weights.tolist() == [0.0, 1.0]
+
+
+def test_tiny_tau_is_finite():
+    """tau = 1e-6: L_1 / tau = 2e6; a naive exp overflows, the logsumexp form gives 3 ln2 - 1e-6 ln2."""
+    logits, labels, groups = two_group_batch()
+    loss, _ = gdrt_loss(logits, labels, groups, num_groups=2, tau=1e-6)
+    loss.backward()
+    assert loss.item() == approx(3 * LN2)
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_absent_groups_drop_out_and_prior_renormalises():
+    """num_groups = 4, only groups 1 (L = ln2) and 3 (L = 3 ln2) present, tau = 1.
+    uniform over the present: L = log(2/2 + 8/2) = log 5, w = [0, 1/5, 0, 4/5].
+    explicit masses [4, 1, 2, 3] -> over {1, 3}: pi = [1/4, 3/4]; L = log(2/4 + 3 * 8/4) = log 6.5,
+    w = [0, 0.5/6.5, 0, 6/6.5] = [0, 1/13, 0, 12/13]."""
+    logits, labels, _ = two_group_batch()
+    groups = torch.tensor([[1, 1, -1, 1, 3]])
+    loss, stats = gdrt_loss(logits, labels, groups, num_groups=4)
+    assert loss.item() == approx(math.log(5))
+    assert stats.weights.tolist() == approx([0, 0.2, 0, 0.8])
+    assert stats.group_counts.tolist() == [0, 3, 0, 1]
+    assert set(stats.as_log_dict()) == {
+        "gdrt_loss", "sft_loss", "group_tokens/0", "group_tokens/1", "group_tokens/2", "group_tokens/3",
+        "group_loss/1", "group_loss/3", "group_weight/1", "group_weight/3",
+    }
+    loss, stats = gdrt_loss(logits, labels, groups, num_groups=4, prior=[4.0, 1.0, 2.0, 3.0])
+    assert loss.item() == approx(math.log(6.5))
+    assert stats.weights.tolist() == approx([0, 1 / 13, 0, 12 / 13])
+
+
+def test_empty_batch_gives_zero_and_finite_gradients():
+    logits = fixed_logits(1, 3)
+    loss, stats = gdrt_loss(logits, torch.full((1, 3), -100), torch.full((1, 3), -1), num_groups=2)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.isfinite(logits.grad).all() and torch.all(logits.grad == 0)
+    assert stats.weights.tolist() == [0.0, 0.0]
+
+
+def test_bad_group_ids_and_settings_are_user_errors():
+    logits, labels, _ = two_group_batch()
+    with pytest.raises(GdrtError, match="group id 5"):
+        gdrt_loss(logits, labels, torch.tensor([[0, 0, -1, 0, 5]]), num_groups=2)
+    with pytest.raises(GdrtError, match="group id -1"):
+        gdrt_loss(logits, labels, torch.tensor([[0, -1, 0, 0, 1]]), num_groups=2)
+    with pytest.raises(GdrtError, match="tau"):
+        gdrt_loss(logits, labels, torch.tensor([[0, 0, -1, 0, 1]]), num_groups=2, tau=-1.0)
+    with pytest.raises(GdrtError, match="prior"):
+        gdrt_loss(logits, labels, torch.tensor([[0, 0, -1, 0, 1]]), num_groups=2, prior="zipf")
+
+
+# --- gradients ---------------------------------------------------------------------------------------
+
+
+def random_batch(seed: int, batch=8, seq=6, vocab=11, num_groups=4):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, seq, vocab, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    labels[torch.rand(batch, seq, generator=gen) < 0.3] = -100
+    groups = torch.randint(0, num_groups, (batch, seq), generator=gen)
+    groups[labels == -100] = -1
+    return logits, labels, groups
+
+
+def direct_gdrt(logits, labels, groups, num_groups, tau, prior):
+    """The formula written out token by token, no logsumexp, no scatter."""
+    logp = torch.log_softmax(logits, dim=-1)
+    group_ce = {g: [] for g in range(num_groups)}
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1]):
+            if labels[b, t] != -100:
+                group_ce[int(groups[b, t])].append(-logp[b, t, labels[b, t]])
+    present = [g for g in range(num_groups) if group_ce[g]]
+    total = sum(len(group_ce[g]) for g in present)
+    pi = {g: (1 / len(present) if prior == "uniform" else len(group_ce[g]) / total) for g in present}
+    losses = {g: torch.stack(group_ce[g]).mean() for g in present}
+    return tau * torch.log(sum(pi[g] * torch.exp(losses[g] / tau) for g in present))
+
+
+@pytest.mark.parametrize("tau,prior", [(1.0, "uniform"), (0.25, "size"), (3.0, "uniform")])
+def test_gradient_matches_autograd_on_direct_formula(tau, prior):
+    logits, labels, groups = random_batch(0)
+    a = logits.clone().requires_grad_(True)
+    loss, _ = gdrt_loss(a, labels, groups, num_groups=4, tau=tau, prior=prior)
+    loss.backward()
+    b = logits.clone().requires_grad_(True)
+    ref = direct_gdrt(b, labels, groups, 4, tau, prior)
+    ref.backward()
+    assert loss.item() == approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_closed_form_weights_are_dL_dLg():
+    """dL/dL_g = pi_g e^{L_g/tau} / sum_h pi_h e^{L_h/tau} = w_g: autograd on dro_objective agrees."""
+    losses = torch.tensor([0.7, 2.1, 1.3, 0.0], requires_grad=True)
+    counts = torch.tensor([5, 2, 9, 0])
+    for prior in ("uniform", "size"):
+        losses.grad = None
+        dro_objective(losses, counts, prior, 0.6).backward()
+        torch.testing.assert_close(losses.grad, dro_weights(losses, counts, prior, 0.6))
+
+
+# --- exactness under accumulation / data parallelism -------------------------------------------------
+
+
+def tiny_model_batch(seed=1, batch=8, seq=5, hidden=6, vocab=9, num_groups=3):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(hidden, vocab, generator=gen, dtype=torch.float64)
+    features = torch.randn(batch, seq, hidden, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    labels[:, :2] = -100  # a prompt
+    groups = torch.randint(0, num_groups, (batch, seq), generator=gen)
+    groups[labels == -100] = -1
+    groups[:2][labels[:2] != -100] = 0  # micro-batch 0 sees group 0 only: absent groups within a split
+    return weight, features, labels, groups
+
+
+@pytest.mark.parametrize("tau,prior", [(1.0, "uniform"), (0.2, "size"), (5.0, "uniform")])
+def test_surrogate_summed_over_four_micro_batches_equals_full_gradient(tau, prior):
+    """Split the batch of 8 into 4 micro-batches of 2: a no-grad look-ahead sums S_g and N_g over them,
+    w = dro_weights(S/N, N); then sum_k grad weighted_token_loss(micro-batch k) = grad gdrt_loss(all)."""
+    weight, features, labels, groups = tiny_model_batch()
+    num_groups = 3
+    w_full = weight.clone().requires_grad_(True)
+    full_loss, full_stats = gdrt_loss(features @ w_full, labels, groups, num_groups=num_groups, tau=tau, prior=prior)
+    full_loss.backward()
+
+    w_split = weight.clone().requires_grad_(True)
+    parts = [slice(k, k + 2) for k in range(0, 8, 2)]
+    with torch.no_grad():
+        sums = torch.zeros(num_groups, dtype=torch.float32)
+        counts = torch.zeros(num_groups, dtype=torch.long)
+        for p in parts:
+            s, n = group_sums(features[p] @ w_split, labels[p], groups[p], num_groups=num_groups)
+            sums, counts = sums + s, counts + n
+    step_weights = dro_weights(group_losses_from_sums(sums, counts), counts, prior, tau)
+    value = 0.0
+    for p in parts:
+        part_loss = weighted_token_loss(features[p] @ w_split, labels[p], groups[p], step_weights, counts)
+        part_loss.backward()
+        value += part_loss.item()
+
+    torch.testing.assert_close(step_weights, full_stats.weights)
+    torch.testing.assert_close(counts, full_stats.group_counts)
+    assert value == approx((full_stats.weights * full_stats.group_losses).sum().item(), rel=1e-6)
+    torch.testing.assert_close(w_split.grad, w_full.grad, rtol=1e-6, atol=1e-8)
+
+
+# --- lagged weights ----------------------------------------------------------------------------------
+
+
+def test_group_loss_ema_by_hand():
+    """ema = 0.5, 3 groups.
+    step 1: L = [1, 2, -] (g2 absent) -> v = [1, 2, -], seen [T, T, F]; weights use g2 := mean(1, 2) = 1.5.
+    step 2: L = [3, -, 4] -> v0 = 0.5*1 + 0.5*3 = 2, v1 = 2 (kept), v2 = 4 (first sight) -> [2, 2, 4]."""
+    tracker = GroupLossEMA(3, ema=0.5)
+    assert tracker.losses_for_weights().tolist() == [0.0, 0.0, 0.0]
+    tracker.update(torch.tensor([1.0, 2.0, 0.0]), torch.tensor([4, 1, 0]))
+    assert tracker.losses_for_weights().tolist() == approx([1.0, 2.0, 1.5])
+    tracker.update(torch.tensor([3.0, 0.0, 4.0]), torch.tensor([2, 0, 7]))
+    assert tracker.losses_for_weights().tolist() == approx([2.0, 2.0, 4.0])
+    restored = GroupLossEMA(3, ema=0.5)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.losses_for_weights().tolist() == approx([2.0, 2.0, 4.0])
+    with pytest.raises(GdrtError, match="ema"):
+        GroupLossEMA(3, ema=1.0)
