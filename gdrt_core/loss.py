@@ -46,7 +46,9 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     Returns (ce, mask), both [B, T]; ce is 0 where labels == -100.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     batch, seq, vocab = logits.shape
     ce = F.cross_entropy(
         (logits if logits.dtype == torch.float64 else logits.float()).reshape(batch * seq, vocab),  # [B*T, V]
@@ -119,8 +121,10 @@ def group_losses_from_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Te
 
 def _check_tau(tau: float) -> None:
     if not (tau >= 0.0) or math.isnan(tau):
-        raise GdrtError(f"tau must be >= 0 (0 = worst group, inf = prior-weighted mean), got {tau}",
-                        hint="set the training setting tau to a positive number, e.g. 1.0")
+        raise GdrtError(
+            f"tau must be >= 0 (0 = worst group, inf = prior-weighted mean), got {tau}",
+            hint="set the training setting tau to a positive number, e.g. 1.0",
+        )
 
 
 def prior_log_weights(counts: torch.Tensor, prior: Prior = "uniform") -> torch.Tensor:
@@ -140,12 +144,17 @@ def prior_log_weights(counts: torch.Tensor, prior: Prior = "uniform") -> torch.T
         elif prior == "size":
             mass = counts.to(torch.float64)
         else:
-            raise GdrtError(f"unknown group prior {prior!r}", hint=f"use one of {', '.join(PRIORS)} or a list of group masses")
+            raise GdrtError(
+                f"unknown group prior {prior!r}",
+                hint=f"use one of {', '.join(PRIORS)} or a list of group masses",
+            )
     else:
         mass = torch.as_tensor(prior, dtype=torch.float64, device=counts.device)
         if mass.shape != counts.shape:
-            raise GdrtError(f"the group prior has {mass.numel()} values for {counts.numel()} groups",
-                            hint="give one mass per group")
+            raise GdrtError(
+                f"the group prior has {mass.numel()} values for {counts.numel()} groups",
+                hint="give one mass per group",
+            )
         if not bool((mass > 0).all()):
             raise GdrtError("every group prior mass must be > 0", hint=f"got {mass.tolist()}")
     mass = torch.where(present, mass.to(counts.device), torch.zeros_like(mass, device=counts.device))
@@ -153,7 +162,9 @@ def prior_log_weights(counts: torch.Tensor, prior: Prior = "uniform") -> torch.T
     return torch.where(present, torch.log(mass / total), torch.full_like(mass, -math.inf))  # [G]
 
 
-def _dro_logits(group_losses: torch.Tensor, log_prior: torch.Tensor, present: torch.Tensor, tau: float) -> torch.Tensor:
+def _dro_logits(
+    group_losses: torch.Tensor, log_prior: torch.Tensor, present: torch.Tensor, tau: float
+) -> torch.Tensor:
     """log pi_g + L_g / tau on present groups, -inf elsewhere (a finite 0 everywhere if none is present,
     so that logsumexp and its backward stay NaN-free on an empty batch)."""
     z = torch.where(present, log_prior + group_losses / tau, torch.full_like(log_prior, -math.inf))
@@ -331,7 +342,9 @@ class GroupLossEMA:
         self.seen = torch.zeros(num_groups, dtype=torch.bool)
 
     def update(self, group_losses: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        self.values, self.seen = ema_update(self.values, self.seen, group_losses.cpu().float(), counts.cpu(), self.ema)
+        self.values, self.seen = ema_update(
+            self.values, self.seen, group_losses.cpu().float(), counts.cpu(), self.ema
+        )
         return self.values.clone()
 
     def losses_for_weights(self) -> torch.Tensor:
@@ -341,11 +354,18 @@ class GroupLossEMA:
         return torch.where(self.seen, self.values, fill)
 
     def state_dict(self) -> dict:
-        return {"num_groups": self.num_groups, "ema": self.ema, "values": self.values.tolist(), "seen": self.seen.tolist()}
+        return {
+            "num_groups": self.num_groups,
+            "ema": self.ema,
+            "values": self.values.tolist(),
+            "seen": self.seen.tolist(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_groups"] != self.num_groups:
-            raise GdrtError(f"checkpoint has {state['num_groups']} groups, the run has {self.num_groups}",
-                            hint="resume with the same groups artifact")
+            raise GdrtError(
+                f"checkpoint has {state['num_groups']} groups, the run has {self.num_groups}",
+                hint="resume with the same groups artifact",
+            )
         self.values = torch.tensor(state["values"], dtype=torch.float32)
         self.seen = torch.tensor(state["seen"], dtype=torch.bool)

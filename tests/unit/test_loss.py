@@ -161,8 +161,16 @@ def test_absent_groups_drop_out_and_prior_renormalises():
     assert stats.weights.tolist() == approx([0, 0.2, 0, 0.8])
     assert stats.group_counts.tolist() == [0, 3, 0, 1]
     assert set(stats.as_log_dict()) == {
-        "gdrt_loss", "sft_loss", "group_tokens/0", "group_tokens/1", "group_tokens/2", "group_tokens/3",
-        "group_loss/1", "group_loss/3", "group_weight/1", "group_weight/3",
+        "gdrt_loss",
+        "sft_loss",
+        "group_tokens/0",
+        "group_tokens/1",
+        "group_tokens/2",
+        "group_tokens/3",
+        "group_loss/1",
+        "group_loss/3",
+        "group_weight/1",
+        "group_weight/3",
     }
     loss, stats = gdrt_loss(logits, labels, groups, num_groups=4, prior=[4.0, 1.0, 2.0, 3.0])
     assert loss.item() == approx(math.log(6.5))
@@ -263,7 +271,9 @@ def test_surrogate_summed_over_four_micro_batches_equals_full_gradient(tau, prio
     weight, features, labels, groups = tiny_model_batch()
     num_groups = 3
     w_full = weight.clone().requires_grad_(True)
-    full_loss, full_stats = gdrt_loss(features @ w_full, labels, groups, num_groups=num_groups, tau=tau, prior=prior)
+    full_loss, full_stats = gdrt_loss(
+        features @ w_full, labels, groups, num_groups=num_groups, tau=tau, prior=prior
+    )
     full_loss.backward()
 
     w_split = weight.clone().requires_grad_(True)
