@@ -1,0 +1,222 @@
+"""Teacher-forced log-probabilities of target tokens, with parts of the context ablated.
+
+Shared by the grouping stage (r_t = log p_ref(y_t | instruction, y_<t) with the history removed) and the
+attribution stage (Δ log p(target) when a segment is ablated).
+
+A request is one token sequence whose last `num_scored` tokens are scored: the result holds
+log p(x_i | x_<i) for each of them. Tokens listed in `hidden` are removed from attention: no query attends
+to them as keys (each position still attends to itself, so no attention row is empty), and the position
+ids of all tokens stay those of the full sequence. Replacing tokens by a neutral token is done by the
+caller on `input_ids` (see `replace_tokens`).
+
+The model is called as a Hugging Face causal LM:
+
+    model(input_ids=[batch, seq], attention_mask=[batch, 1, seq, seq] additive float (0 = attend,
+          dtype-min = blocked), position_ids=[batch, seq], logits_to_keep=k).logits -> [batch, k, vocab]
+
+Sequences are left-padded, so the scored tokens of every row sit at the end and only the last
+`max(num_scored) + 1` logits are materialised (the vocabulary can be large).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ScoringRequest:
+    """One sequence to score: log-probs of its last `num_scored` tokens, with `hidden` keys removed."""
+
+    input_ids: list[int]
+    num_scored: int
+    hidden: list[int] = field(default_factory=list)  # token indices removed from attention
+    # the token ids scored at the last `num_scored` positions; None = input_ids there. Differs from the
+    # inputs when the scored tokens themselves are replaced as inputs (the generated-prefix ablation).
+    labels: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.num_scored < len(self.input_ids):
+            raise ValueError(
+                f"num_scored={self.num_scored} must be in [1, {len(self.input_ids) - 1}] "
+                f"for a sequence of {len(self.input_ids)} tokens (the first token has no prediction)"
+            )
+        if self.labels is not None and len(self.labels) != self.num_scored:
+            raise ValueError(f"labels has {len(self.labels)} ids, expected num_scored={self.num_scored}")
+
+    @property
+    def scored_ids(self) -> list[int]:
+        return list(self.labels) if self.labels is not None else list(self.input_ids[-self.num_scored:])
+
+
+def replace_tokens(input_ids: Sequence[int], indices: Sequence[int], neutral_id: int) -> list[int]:
+    """A copy of `input_ids` with the tokens at `indices` replaced by `neutral_id` (the neutral baseline)."""
+    out = list(input_ids)
+    for i in indices:
+        out[i] = neutral_id
+    return out
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), each at most `batch_size` rows and
+    `max_batch_tokens` padded tokens; sorting by length keeps padding small."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        too_many_tokens = max_batch_tokens is not None and longest * (len(current) + 1) > max_batch_tokens
+        if current and (len(current) >= batch_size or too_many_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def build_batch(requests: Sequence[ScoringRequest], pad_token_id: int, dtype=None):
+    """Left-padded tensors for a batch: input_ids, 4D additive attention mask and position ids.
+
+    Returns (input_ids [batch, seq], attention_mask [batch, 1, seq, seq], position_ids [batch, seq]).
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    length = max(len(r.input_ids) for r in requests)
+    batch = len(requests)
+    input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
+    key_visible = torch.zeros((batch, length), dtype=torch.bool)  # [batch, seq]
+    position_ids = torch.zeros((batch, length), dtype=torch.long)
+    for row, r in enumerate(requests):
+        n = len(r.input_ids)
+        pad = length - n
+        input_ids[row, pad:] = torch.tensor(r.input_ids, dtype=torch.long)
+        position_ids[row, pad:] = torch.arange(n)
+        key_visible[row, pad:] = True
+        if r.hidden:
+            key_visible[row, pad + torch.tensor(r.hidden, dtype=torch.long)] = False
+    causal = torch.ones((length, length), dtype=torch.bool).tril()  # [seq, seq]
+    allowed = causal[None] & key_visible[:, None, :]  # [batch, q, k]
+    allowed |= torch.eye(length, dtype=torch.bool)[None]  # every query sees itself: no empty softmax row
+    mask = torch.zeros((batch, 1, length, length), dtype=dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return input_ids, mask, position_ids
+
+
+def _model_device_dtype(model):
+    import torch
+
+    try:
+        p = next(model.parameters())
+        dtype = p.dtype if p.dtype.is_floating_point else torch.float32
+        return p.device, dtype
+    except StopIteration:
+        return torch.device("cpu"), torch.float32
+
+
+def _call_logits(model, input_ids, mask, position_ids, keep: int):
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits[:, -keep:]  # [batch, keep, vocab] (a model that ignores logits_to_keep returns all)
+
+
+def score_batch(model, requests: Sequence[ScoringRequest], pad_token_id: int) -> list[np.ndarray]:
+    """Log-probs (float32) of the scored tokens of each request, in one forward pass, no gradients."""
+    import torch
+
+    device, dtype = _model_device_dtype(model)
+    input_ids, mask, position_ids = build_batch(requests, pad_token_id, dtype)
+    keep = max(r.num_scored for r in requests) + 1
+    with torch.inference_mode():
+        logits = _call_logits(
+            model, input_ids.to(device), mask.to(device), position_ids.to(device), keep
+        )  # [batch, keep, vocab]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [batch, keep, vocab]
+        # logit column keep-1-n+j predicts the row's scored token j (the n last tokens of the row)
+        targets = torch.zeros((len(requests), keep - 1), dtype=torch.long)  # [batch, keep-1]
+        for row, r in enumerate(requests):
+            targets[row, keep - 1 - r.num_scored:] = torch.tensor(r.scored_ids, dtype=torch.long)
+        targets = targets.to(device)
+        token_lp = logprobs[:, :-1].gather(-1, targets[..., None])[..., 0]  # [batch, keep-1]
+        token_lp = token_lp.cpu().numpy().astype(np.float32)
+    return [token_lp[row, token_lp.shape[1] - r.num_scored:].copy() for row, r in enumerate(requests)]
+
+
+def target_logprobs(
+    model,
+    requests: Sequence[ScoringRequest],
+    *,
+    pad_token_id: int,
+    batch_size: int = 16,
+    max_batch_tokens: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[np.ndarray]:
+    """Score many requests, batched by length; results in the order of `requests`.
+
+    `on_batch(n)` is called after each batch with its number of requests (progress bars).
+    """
+    results: list[np.ndarray | None] = [None] * len(requests)
+    lengths = [len(r.input_ids) for r in requests]
+    for batch in length_batches(lengths, batch_size, max_batch_tokens):
+        for i, lp in zip(batch, score_batch(model, [requests[i] for i in batch], pad_token_id), strict=True):
+            results[i] = lp
+        if on_batch is not None:
+            on_batch(len(batch))
+    return results  # type: ignore[return-value]
+
+
+def resolve_device(name: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id used for left padding (never attended, so any valid id works)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def load_model_and_tokenizer(name_or_dir: str, device: str = "auto"):
+    """The causal LM and its tokenizer, in eval mode on `device` (a model dir, adapter dir or hub id)."""
+    from gdrt_core.errors import GdrtError
+
+    device = resolve_device(device)
+    try:
+        from gdrt_core import models
+    except ImportError:
+        models = None
+    try:
+        if models is not None and hasattr(models, "load_model") and hasattr(models, "load_tokenizer"):
+            tokenizer = models.load_tokenizer(name_or_dir)
+            model = models.load_model(name_or_dir)
+        else:
+            import os
+
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(name_or_dir, use_fast=True)
+            if os.path.isfile(os.path.join(name_or_dir, "adapter_config.json")):
+                from peft import AutoPeftModelForCausalLM
+
+                model = AutoPeftModelForCausalLM.from_pretrained(name_or_dir)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(name_or_dir)
+    except GdrtError:
+        raise
+    except (OSError, ValueError) as e:
+        raise GdrtError(
+            f"cannot load the model {name_or_dir!r}: {e}", path=str(name_or_dir),
+            hint="pass a model directory written by `gdrt train` / `gdrt init-model`, or a hub id available offline",
+        ) from None
+    model.to(device)
+    model.eval()
+    return model, tokenizer
