@@ -1,0 +1,278 @@
+"""Ranking and fairness metrics of the evaluate stage (method.md §6), as pure functions.
+
+Input per evaluated example: the titles the model returned, in beam order, and the target's title.
+
+Ranking. Hits are title-level: several item ids may share a title, and a generative recommender can only
+name the title. A ranking keeps the first beam of each title (`dedupe_ranking`); a returned sequence that
+is not a catalogue title keeps its slot (it is a wasted recommendation) but never matches a target.
+rank = 0-based position of the target title in the deduplicated ranking, None when absent.
+
+    HR@K   = mean_examples 1[rank < K]
+    NDCG@K = mean_examples 1[rank < K] / log2(rank + 2)        (one relevant item per example)
+
+Fairness over the items' popularity groups (pop_group of items.parquet, 0 = least popular):
+
+    GP_g = #(top-K recommendations in group g) / #(top-K recommendations), pooled over the examples
+    GH_g = #(history items in group g) / #(history items), pooled over the evaluated examples
+    d_g  = GP_g - GH_g;   MGU@K = mean_g |d_g|  (over all groups);   DGU@K = max_g d_g - min_g d_g
+
+Only catalogue titles count as recommendations in GP (GP sums to 1 when there is any); a history item
+occurs once per example window it appears in.
+
+Titles shared by several ids. A recommended title stands for one item, its representative: the most
+popular of the ids with that title (training interactions; ties to the smallest id). GP, coverage and the
+popular share use the representative's popularity group; history items count with their own id's group.
+The catalogue therefore has one recommendable item per distinct title, and coverage@K = distinct
+catalogue titles in the top-K lists / distinct catalogue titles.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gdrt_core.errors import GdrtError
+
+RANK_KS = (1, 5, 10)
+FAIRNESS_KS = (5, 10)
+COVERAGE_K = 10
+METRIC_KEYS = (
+    "hr@1", "hr@5", "hr@10", "ndcg@1", "ndcg@5", "ndcg@10",
+    "mgu@5", "dgu@5", "mgu@10", "dgu@10", "coverage@10", "invalid_rate", "n_examples",
+)  # fmt: skip
+
+
+# --- the catalogue: titles -> items -> popularity groups ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class TitleCatalogue:
+    """Which item (and popularity group) a recommended title stands for.
+
+    item_of_title: title -> representative item id (the most popular id with that title, ties to the
+    smallest id); group_of_item: item id -> popularity group, for every item; num_groups: number of
+    popularity groups (group num_groups - 1 is the most popular).
+    """
+
+    item_of_title: Mapping[str, int]
+    group_of_item: Mapping[int, int]
+    num_groups: int
+
+    @classmethod
+    def build(
+        cls,
+        titles: Mapping[int, str],
+        pop_groups: Mapping[int, int],
+        popularity: Mapping[int, int] | None = None,
+        num_groups: int | None = None,
+    ) -> TitleCatalogue:
+        """From item id -> title, item id -> pop group and (optionally) item id -> training popularity.
+
+        Without `popularity` the representative is the id in the highest popularity group (ties to the
+        smallest id).
+        """
+        missing = [i for i in titles if i not in pop_groups]
+        if missing:
+            raise GdrtError(
+                f"{len(missing)} item(s) have a title but no popularity group, e.g. item {missing[0]}",
+                hint="build the catalogue from one items table (items.parquet)",
+            )
+        strength = popularity if popularity is not None else pop_groups
+        item_of_title: dict[str, int] = {}
+        for item in sorted(titles):
+            title = titles[item]
+            best = item_of_title.get(title)
+            if best is None or strength.get(item, 0) > strength.get(best, 0):
+                item_of_title[title] = item
+        if num_groups is None:
+            num_groups = (max(pop_groups.values()) + 1) if pop_groups else 1
+        return cls(item_of_title=item_of_title, group_of_item=dict(pop_groups), num_groups=num_groups)
+
+    @classmethod
+    def from_dataset(cls, dataset, num_groups: int | None = None) -> TitleCatalogue:
+        """From a `gdrt_core.dataset.Dataset` (its items.parquet: title, popularity, pop_group)."""
+        items = dataset.items
+        ids = items.column("item_id").to_pylist()
+        popularity = dict(zip(ids, items.column("popularity").to_pylist(), strict=True))
+        return cls.build(dataset.titles, dataset.pop_groups, popularity, num_groups)
+
+    @property
+    def size(self) -> int:
+        """Number of recommendable items: distinct titles."""
+        return len(self.item_of_title)
+
+    def __contains__(self, title: object) -> bool:
+        return title in self.item_of_title
+
+    def group_of_title(self, title: str) -> int | None:
+        item = self.item_of_title.get(title)
+        return None if item is None else self.group_of_item[item]
+
+
+# --- ranking -----------------------------------------------------------------------------------------
+
+
+def dedupe_ranking(returned: Sequence[str]) -> list[str]:
+    """Keep the first occurrence of each title, in beam order."""
+    return list(dict.fromkeys(returned))
+
+
+def target_rank(returned: Sequence[str], target_title: str) -> int | None:
+    """0-based position of the target title in the deduplicated ranking; None when it is not there."""
+    for position, title in enumerate(dedupe_ranking(returned)):
+        if title == target_title:
+            return position
+    return None
+
+
+def hit_rate(ranks: Sequence[int | None], k: int) -> float:
+    """HR@K = mean 1[rank < K] (None = no hit)."""
+    if not ranks:
+        return 0.0
+    return sum(1 for r in ranks if r is not None and r < k) / len(ranks)
+
+
+def ndcg(ranks: Sequence[int | None], k: int) -> float:
+    """NDCG@K = mean 1[rank < K] / log2(rank + 2): one relevant item, so the ideal DCG is 1."""
+    if not ranks:
+        return 0.0
+    return sum(1.0 / math.log2(r + 2) for r in ranks if r is not None and r < k) / len(ranks)
+
+
+# --- fairness ----------------------------------------------------------------------------------------
+
+
+def group_shares(groups: Sequence[int], num_groups: int) -> np.ndarray:
+    """Share of each group among `groups` ([num_groups], zeros when `groups` is empty)."""
+    counts = np.bincount(np.asarray(groups, dtype=np.int64), minlength=num_groups).astype(np.float64)
+    if counts.shape[0] > num_groups:
+        raise GdrtError(f"popularity group {counts.shape[0] - 1} outside 0..{num_groups - 1}")
+    total = counts.sum()
+    return counts / total if total > 0 else counts
+
+
+@dataclass(frozen=True)
+class Fairness:
+    """Exposure of popularity groups in the top-K vs in the histories, and the MGU/DGU summaries."""
+
+    k: int
+    gp: np.ndarray  # [num_groups] share of each group among top-K recommendations
+    gh: np.ndarray  # [num_groups] share of each group among history items
+    mgu: float
+    dgu: float
+
+    @property
+    def gap(self) -> np.ndarray:
+        return self.gp - self.gh  # [num_groups] d_g
+
+
+def recommended_groups(rankings: Sequence[Sequence[str]], k: int, catalogue: TitleCatalogue) -> list[int]:
+    """Popularity groups of the catalogue titles in every example's deduplicated top-K, pooled."""
+    out = []
+    for returned in rankings:
+        for title in dedupe_ranking(returned)[:k]:
+            group = catalogue.group_of_title(title)
+            if group is not None:
+                out.append(group)
+    return out
+
+
+def history_groups(histories: Sequence[Sequence[int]], catalogue: TitleCatalogue) -> list[int]:
+    """Popularity groups of all history items of the evaluated examples, pooled (with repeats)."""
+    try:
+        return [catalogue.group_of_item[item] for history in histories for item in history]
+    except KeyError as e:
+        raise GdrtError(
+            f"history item {e.args[0]} is not in the catalogue", hint="use the dataset's items table"
+        ) from None
+
+
+def fairness_at_k(
+    rankings: Sequence[Sequence[str]],
+    histories: Sequence[Sequence[int]],
+    catalogue: TitleCatalogue,
+    k: int,
+) -> Fairness:
+    """GP, GH, MGU@K = mean_g |GP_g - GH_g| and DGU@K = max_g d_g - min_g d_g."""
+    gp = group_shares(recommended_groups(rankings, k, catalogue), catalogue.num_groups)
+    gh = group_shares(history_groups(histories, catalogue), catalogue.num_groups)
+    gap = gp - gh
+    return Fairness(k=k, gp=gp, gh=gh, mgu=float(np.abs(gap).mean()), dgu=float(gap.max() - gap.min()))
+
+
+# --- catalogue-level rates ---------------------------------------------------------------------------
+
+
+def coverage(rankings: Sequence[Sequence[str]], k: int, catalogue: TitleCatalogue) -> float:
+    """Distinct catalogue titles recommended in any top-K / number of distinct catalogue titles."""
+    seen = {t for returned in rankings for t in dedupe_ranking(returned)[:k] if t in catalogue}
+    return len(seen) / catalogue.size if catalogue.size else 0.0
+
+
+def invalid_rate(rankings: Sequence[Sequence[str]], catalogue: TitleCatalogue) -> float:
+    """Share of all returned sequences (before deduplication) that are not catalogue titles."""
+    total = sum(len(returned) for returned in rankings)
+    invalid = sum(1 for returned in rankings for t in returned if t not in catalogue)
+    return invalid / total if total else 0.0
+
+
+def popular_share(rankings: Sequence[Sequence[str]], k: int, catalogue: TitleCatalogue) -> float:
+    """Share of the most popular group (num_groups - 1) among the top-K recommendations."""
+    return float(group_shares(recommended_groups(rankings, k, catalogue), catalogue.num_groups)[-1])
+
+
+# --- everything metrics.json holds -------------------------------------------------------------------
+
+
+def compute_metrics(
+    rankings: Sequence[Sequence[str]],
+    targets: Sequence[str],
+    histories: Sequence[Sequence[int]],
+    catalogue: TitleCatalogue,
+    *,
+    extended: bool = False,
+) -> dict[str, float | int]:
+    """The metrics.json dict (keys METRIC_KEYS) for one evaluated split.
+
+    rankings: per example, the returned titles in beam order; targets: per example, the target title;
+    histories: per example, the history item ids. With `extended`, also hr/ndcg/mgu/dgu at the other
+    K, coverage@5, popular_share@5/@10 and per-group gp@K/g, gh/g.
+    """
+    if not (len(rankings) == len(targets) == len(histories)):
+        raise GdrtError(
+            f"{len(rankings)} rankings, {len(targets)} targets and {len(histories)} histories",
+            hint="pass one ranking, target and history per evaluated example",
+        )
+    if not rankings:
+        raise GdrtError("no examples to evaluate", hint="check the split and --limit")
+    ranks = [target_rank(returned, target) for returned, target in zip(rankings, targets, strict=True)]
+    metrics: dict[str, float | int] = {}
+    for k in RANK_KS:
+        metrics[f"hr@{k}"] = hit_rate(ranks, k)
+    for k in RANK_KS:
+        metrics[f"ndcg@{k}"] = ndcg(ranks, k)
+    fairness = {
+        k: fairness_at_k(rankings, histories, catalogue, k) for k in (RANK_KS if extended else FAIRNESS_KS)
+    }
+    for k in FAIRNESS_KS:
+        metrics[f"mgu@{k}"] = fairness[k].mgu
+        metrics[f"dgu@{k}"] = fairness[k].dgu
+    metrics[f"coverage@{COVERAGE_K}"] = coverage(rankings, COVERAGE_K, catalogue)
+    metrics["invalid_rate"] = invalid_rate(rankings, catalogue)
+    metrics["n_examples"] = len(rankings)
+    if extended:
+        for k in RANK_KS:
+            if k not in FAIRNESS_KS:
+                metrics[f"mgu@{k}"] = fairness[k].mgu
+                metrics[f"dgu@{k}"] = fairness[k].dgu
+        metrics["coverage@5"] = coverage(rankings, 5, catalogue)
+        for k in FAIRNESS_KS:
+            metrics[f"popular_share@{k}"] = float(fairness[k].gp[-1])
+            for g in range(catalogue.num_groups):
+                metrics[f"gp@{k}/{g}"] = float(fairness[k].gp[g])
+        for g in range(catalogue.num_groups):
+            metrics[f"gh/{g}"] = float(fairness[FAIRNESS_KS[0]].gh[g])
+    return metrics
