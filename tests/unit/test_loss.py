@@ -15,11 +15,15 @@ import torch
 from gdrt_core.errors import GdrtError
 from gdrt_core.loss import (
     GroupLossEMA,
+    all_reduce_group_totals,
+    batch_step_weights,
     dro_objective,
     dro_weights,
     gdrt_loss,
     group_losses_from_sums,
     group_sums,
+    group_token_counts,
+    lagged_step_weights,
     sft_loss,
     weighted_token_loss,
 )
@@ -315,3 +319,92 @@ def test_group_loss_ema_by_hand():
     assert restored.losses_for_weights().tolist() == approx([2.0, 2.0, 4.0])
     with pytest.raises(GdrtError, match="ema"):
         GroupLossEMA(3, ema=1.0)
+
+
+def test_group_token_counts_need_no_forward():
+    """two_group_batch: groups [0, 0, -, 0, 1] on labelled tokens -> N = [3, 1]."""
+    _, labels, groups = two_group_batch()
+    assert group_token_counts(labels, groups, num_groups=2).tolist() == [3, 1]
+
+
+def test_batch_step_weights_match_gdrt_loss_on_the_whole_batch():
+    weight, features, labels, groups = tiny_model_batch()
+    loss, stats = gdrt_loss(features @ weight, labels, groups, num_groups=3, tau=0.7)
+    sums, counts = group_sums(features @ weight, labels, groups, num_groups=3)
+    step = batch_step_weights(sums, counts, tau=0.7)
+    torch.testing.assert_close(step.weights, stats.weights)
+    assert step.objective.item() == approx(loss.item())
+
+
+def test_lagged_weights_by_hand_and_split_invariance():
+    """Previous step's group losses [ln2, 3 ln2], both groups present now, tau = 1, uniform:
+    w = [2, 8] / 10 = [0.2, 0.8] (as in test_tau_one_closed_form). With w fixed, the surrogate is linear
+    in the tokens: its gradient summed over a 4-way split equals its gradient on the whole batch."""
+    tracker = GroupLossEMA(3)
+    tracker.update(torch.tensor([LN2, 3 * LN2, 0.0]), torch.tensor([5, 5, 0]))
+    step = lagged_step_weights(tracker, torch.tensor([4, 2, 0]), tau=1.0)
+    assert step.weights.tolist() == approx([0.2, 0.8, 0.0])
+
+    weight, features, labels, groups = tiny_model_batch()
+    tracker.update(torch.tensor([0.0, 0.0, 1.7]), torch.tensor([0, 0, 1]))
+    counts = group_token_counts(labels, groups, num_groups=3)
+    step = lagged_step_weights(tracker, counts, prior="size", tau=0.5)
+    w_full = weight.clone().requires_grad_(True)
+    weighted_token_loss(features @ w_full, labels, groups, step.weights, counts).backward()
+    w_split = weight.clone().requires_grad_(True)
+    for k in range(0, 8, 2):
+        p = slice(k, k + 2)
+        weighted_token_loss(features[p] @ w_split, labels[p], groups[p], step.weights, counts).backward()
+    torch.testing.assert_close(w_split.grad, w_full.grad, rtol=1e-9, atol=1e-12)
+
+
+def _data_parallel_worker(rank: int, world_size: int, init_file: str, out_file: str) -> None:
+    """One rank: half the batch in 2 micro-batches; look-ahead sums, all-reduce, surrogate backward scaled
+    by the world size, gradient averaged over ranks as DDP does."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    weight, features, labels, groups = tiny_model_batch()
+    rows = slice(rank * 4, rank * 4 + 4)
+    features, labels, groups = features[rows], labels[rows], groups[rows]
+    parts = [slice(0, 2), slice(2, 4)]
+    w = weight.clone().requires_grad_(True)
+    with torch.no_grad():
+        totals = [group_sums(features[p] @ w, labels[p], groups[p], num_groups=3) for p in parts]
+    sums = sum(t[0] for t in totals)
+    counts = sum(t[1] for t in totals)
+    sums, counts = all_reduce_group_totals(sums, counts)
+    step = batch_step_weights(sums, counts, prior="size", tau=0.4)
+    for p in parts:
+        (
+            world_size * weighted_token_loss(features[p] @ w, labels[p], groups[p], step.weights, counts)
+        ).backward()
+    dist.all_reduce(w.grad, op=dist.ReduceOp.SUM)
+    w.grad /= world_size
+    if rank == 0:
+        torch.save({"grad": w.grad, "objective": step.objective, "counts": counts}, out_file)
+    dist.destroy_process_group()
+
+
+def test_two_processes_over_gloo_match_the_single_batch_gradient(tmp_path):
+    """2 ranks x 2 micro-batches x 2 rows = the batch of 8: same L_GDRT, counts and gradient as gdrt_loss
+    on the whole batch in one process."""
+    import torch.multiprocessing as mp
+
+    out_file = tmp_path / "rank0.pt"
+    mp.spawn(_data_parallel_worker, args=(2, str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
+    result = torch.load(out_file)
+
+    weight, features, labels, groups = tiny_model_batch()
+    w = weight.clone().requires_grad_(True)
+    loss, stats = gdrt_loss(features @ w, labels, groups, num_groups=3, tau=0.4, prior="size")
+    loss.backward()
+    assert result["objective"].item() == approx(loss.item())
+    assert result["counts"].tolist() == stats.group_counts.tolist()
+    torch.testing.assert_close(result["grad"], w.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_all_reduce_is_a_no_op_without_distributed():
+    sums, counts = torch.tensor([1.0, 2.0]), torch.tensor([3, 4])
+    assert all_reduce_group_totals(sums, counts) == (sums, counts)
