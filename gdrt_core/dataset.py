@@ -116,13 +116,15 @@ def popularity_groups(popularity: dict[int, int], num_groups: int = 5) -> dict[i
 
 def write_dataset(
     out_dir, *, titles: dict[int, str], splits: dict[str, dict[str, list]], domain: str,
-    config: dict | None = None, recipe: dict | None = None, num_pop_groups: int = 5, **manifest_extra,
+    config: dict | None = None, recipe: dict | None = None, num_pop_groups: int = 5,
+    popularity: dict[int, int] | None = None, **manifest_extra,
 ) -> dict:
     """Write the Dataset artifact into `out_dir` (which must be a fresh/temporary directory).
 
-    `splits[name]` = columns {"example_id", "user_id", "history", "target", "timestamp"}. Popularity is
-    the number of train interactions (history items and targets of the train windows are counted once per
-    window they appear as the target; see `train_popularity`).
+    `splits[name]` = columns {"example_id", "user_id", "history", "target", "timestamp"} as lists, or a
+    pyarrow Table, or an iterable of record batches (written as they come, for large datasets).
+    Popularity is the number of train interactions (`train_popularity`), unless `popularity` is given
+    (a writer that knows the interactions exactly, e.g. the raw-dump recipe, passes its own counts).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -132,7 +134,7 @@ def write_dataset(
 
     get_domain(domain)
     out_dir = Path(out_dir)
-    pop = train_popularity(titles, splits.get("train", {}))
+    pop = popularity if popularity is not None else train_popularity(titles, splits.get("train", {}))
     groups = popularity_groups(pop, num_pop_groups)
     ids = sorted(titles)
     items = pa.table(
@@ -147,8 +149,15 @@ def write_dataset(
     pq.write_table(items, out_dir / "items.parquet")
     counts = {"items": len(ids)}
     for name in SPLITS:
-        cols = splits.get(name) or {k: [] for k, _ in SPLIT_SCHEMA_FIELDS}
-        table = pa.table({k: cols[k] for k, _ in SPLIT_SCHEMA_FIELDS}, schema=split_schema())
+        cols = splits.get(name)
+        if cols is None or isinstance(cols, dict):
+            cols = cols or {k: [] for k, _ in SPLIT_SCHEMA_FIELDS}
+            table = pa.table({k: cols[k] for k, _ in SPLIT_SCHEMA_FIELDS}, schema=split_schema())
+        elif isinstance(cols, pa.Table):
+            table = cols.select([k for k, _ in SPLIT_SCHEMA_FIELDS]).cast(split_schema())
+        else:
+            counts[name] = _write_batches(out_dir / f"{name}.parquet", cols)
+            continue
         pq.write_table(table, out_dir / f"{name}.parquet")
         counts[name] = table.num_rows
     return write_manifest(
@@ -157,18 +166,55 @@ def write_dataset(
     )
 
 
-def train_popularity(titles: dict[int, str], train: dict[str, list]) -> dict[int, int]:
-    """Interactions per item in train: each distinct (user, item) interaction visible in the train windows.
+def _write_batches(path: Path, batches) -> int:
+    """Stream record batches (split columns) into one parquet file; returns the row count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    A sliding window repeats its user's earlier items, so counting every window's history would count an
-    interaction many times. An interaction is (user_id, item_id, position in the user's sequence) —
-    approximated here as the distinct (user_id, item_id) pairs over train histories and targets.
+    schema = split_schema()
+    rows = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for batch in batches:
+            table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+            table = table.select(schema.names).cast(schema)
+            writer.write_table(table)
+            rows += table.num_rows
+    return rows
+
+
+def _overlap(previous: list[int], current: list[int]) -> int:
+    """Length of the longest suffix of `previous` that is a prefix of `current`."""
+    for k in range(min(len(previous), len(current)), 0, -1):
+        if previous[-k:] == current[:k]:
+            return k
+    return 0
+
+
+def train_popularity(titles: dict[int, str], train: dict[str, list]) -> dict[int, int]:
+    """Interactions per item in train: each (user, position in the user's sequence) counted once.
+
+    A sliding window repeats its user's earlier items, so counting every window's items would count one
+    interaction up to 11 times, and counting distinct (user, item) pairs would miss repeat purchases.
+    The user's sequence is rebuilt from the windows instead: windows of one user in time order (file
+    order on ties) overlap where a suffix of the previous window equals a prefix of the next one, and
+    only the items after the overlap are new interactions. For the full train split of the LLM4Rec
+    recipe this is exact (each window adds its target); for a sampled train it counts the interactions
+    the sample shows.
     """
-    seen: set[tuple[str, int]] = set()
     pop = dict.fromkeys(titles, 0)
-    for user, hist, tgt in zip(train.get("user_id", []), train.get("history", []), train.get("target", []), strict=True):
-        for item in (*hist, tgt):
-            if (user, item) not in seen:
-                seen.add((user, item))
+    users = train.get("user_id", [])
+    histories = train.get("history", [])
+    targets = train.get("target", [])
+    times = train.get("timestamp") or [0] * len(targets)
+    by_user: dict[str, list[int]] = {}
+    for row, user in enumerate(users):
+        by_user.setdefault(user, []).append(row)
+    for rows in by_user.values():
+        rows.sort(key=lambda r: (times[r], r))
+        previous: list[int] = []
+        for r in rows:
+            sequence = [*histories[r], targets[r]]
+            for item in sequence[_overlap(previous, sequence):]:
                 pop[item] = pop.get(item, 0) + 1
+            previous = sequence
     return pop

@@ -1,4 +1,8 @@
-"""The curate stage: source data -> Dataset artifact (items + train/valid/test windows + manifest)."""
+"""The curate stage: source data -> Dataset artifact (items + train/valid/test windows + manifest).
+
+Formats: `sliding` and `d3` (preprocessed windows, read as published) and `amazon2014` / `amazon2018`
+(raw review dumps, curated with the sliding-window recipe in `recipe.py`, streamed by `amazon.py`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from dataclasses import dataclass
 
 from gdrt_core.config import field, load_config, to_dict
 
+FORMATS = ("sliding", "d3", "amazon2014", "amazon2018")
+
 
 @dataclass
 class CurateConfig:
@@ -14,36 +20,148 @@ class CurateConfig:
     format: str = field(help="sliding | d3 | amazon2014 | amazon2018")
     out: str = field(help="output Dataset directory")
     domain: str = field("generic", help="prompt wording: office, toys, books, clothing, games, cds, generic")
+    meta: str | None = field(None, help="amazon2014/2018 metadata file (default: meta_*.json[.gz] next to the reviews)")
+    name: str | None = field(None, help="d3: the dataset file stem when the source holds several")
+    train_file: str | None = field(None, help="sliding: training file (default train.csv, else the largest train_<N>.csv)")
     max_history: int = field(10, help="longest history kept per window")
     max_train: int | None = field(None, help="sample at most this many training windows (None = all)")
     seed: int = field(42, help="sampling seed")
+    carve_size: int | None = field(
+        None, help="windows carved from the latest train for a missing valid/test split (None = size of the other)",
+    )
     on_bad_rows: str = field("error", help="error: stop at the first bad row; drop: skip and count bad rows")
     num_pop_groups: int = field(5, help="equal-size popularity groups of items (fairness metrics)")
+    k_core: int = field(5, help="raw: iterative k-core, every user and item keeps >= k interactions")
+    window_rule: str = field(
+        "bigrec", help="raw: bigrec = targets from position min(max_history, n-1) on (LLM4Rec); all = every target",
+    )
+    valid_fraction: float = field(0.1, help="raw: share of windows (latest by target time but test) for valid")
+    test_fraction: float = field(0.1, help="raw: share of the latest windows for test")
+    min_title_chars: int = field(2, help="raw: items whose stripped title is shorter are dropped as untitled")
+    unescape_titles: bool = field(True, help="raw: unescape HTML entities in titles (&amp; -> &)")
+    strip_vhs: bool = field(True, help="raw: strip a trailing ' VHS' / ' [VHS]' from titles, as the reference")
+    threads: int = field(2, help="raw: parser threads")
+    block_mb: int = field(32, help="raw: bytes per parsed block (MiB); memory grows with threads * block")
+
+
+def _check(config: CurateConfig) -> None:
+    from gdrt_core.errors import GdrtError
+    from gdrt_core.prompts import get_domain
+
+    if config.format not in FORMATS:
+        raise GdrtError(f"unknown format {config.format!r}", hint=f"use one of {', '.join(FORMATS)}")
+    get_domain(config.domain)
+    if config.max_history < 1:
+        raise GdrtError(f"max_history must be >= 1, not {config.max_history}", path="config")
+    if config.max_train is not None and config.max_train < 1:
+        raise GdrtError(f"max_train must be >= 1, not {config.max_train}", path="config")
 
 
 def run(config: CurateConfig) -> dict:
-    """Curate `config.source` into `config.out`; returns the manifest."""
+    """Curate `config.source` into `config.out`; returns the manifest.
+
+    Nothing is written to `config.out` unless the whole stage succeeds.
+    """
     from gdrt_core.artifacts import atomic_output_dir
-    from gdrt_core.curate.sliding import read_sliding
+    from gdrt_core.curate.rows import BadRows
+
+    _check(config)
+    bad = BadRows(config.on_bad_rows)
+    if config.format in ("amazon2014", "amazon2018"):
+        from gdrt_core.curate.amazon import curate_raw
+
+        with atomic_output_dir(config.out) as tmp:
+            return curate_raw(config, tmp, bad)
+    if config.format == "sliding":
+        from gdrt_core.curate.sliding import read_sliding
+
+        titles, splits, report = read_sliding(config, bad)
+    else:
+        from gdrt_core.curate.d3 import read_d3
+
+        titles, splits, report = read_d3(config, bad)
+    final, split_report, popularity = complete_splits(config, titles, splits)
     from gdrt_core.dataset import write_dataset
 
-    if config.format != "sliding":
-        from gdrt_core.errors import GdrtError
-
-        raise GdrtError(f"format {config.format!r} is not supported yet")
-    titles, splits, report = read_sliding(config)
     with atomic_output_dir(config.out) as tmp:
         return write_dataset(
-            tmp, titles=titles, splits=splits, domain=config.domain, config=to_dict(config),
-            recipe={"format": config.format, **report}, num_pop_groups=config.num_pop_groups,
+            tmp, titles=titles, splits=final, domain=config.domain, config=to_dict(config),
+            recipe={"format": config.format, **report, "splits": split_report, "bad_rows": bad.report()},
+            num_pop_groups=config.num_pop_groups, popularity=popularity,
         )
+
+
+def complete_splits(config: CurateConfig, titles: dict[int, str], splits: dict) -> tuple[dict, dict, dict | None]:
+    """Carve missing valid/test from the latest train, sample train, number the examples.
+
+    Returns (splits, what happened to each split, popularity override or None). A source without a
+    training split is kept as an eval-only dataset (empty train); popularity then counts the
+    interactions of the splits present, and the manifest says so.
+    """
+    from gdrt_core.curate.recipe import sample_rows
+    from gdrt_core.curate.rows import carve_latest, empty_columns
+    from gdrt_core.dataset import train_popularity
+    from gdrt_core.errors import GdrtError
+
+    report: dict = {}
+    train = splits.get("train")
+    for name in ("train", "valid", "test"):
+        if splits.get(name) is not None:
+            report[name] = {"source": "file", "rows": len(splits[name]["target"])}
+    popularity = None
+    if train is None:
+        report["train"] = {"source": "missing: eval-only dataset, train is empty", "rows": 0}
+        present = [splits[n] for n in ("valid", "test") if splits.get(n) is not None]
+        if not present:
+            raise GdrtError("no split files found (train, valid or test)", path=config.source)
+        merged = {k: [v for s in present for v in s[k]] for k in ("user_id", "history", "target")}
+        popularity = train_popularity(titles, merged)
+        report["popularity"] = "interactions in valid + test (no train split)"
+        train = empty_columns()
+        splits = {**splits, "train": train}
+        for name in ("valid", "test"):
+            if splits.get(name) is None:
+                splits[name] = empty_columns()
+                report[name] = {"source": "missing (no train to carve it from)", "rows": 0}
+    else:
+        # carve test first (the latest windows), then valid from what is left
+        for name, other in (("test", "valid"), ("valid", "test")):
+            if splits.get(name) is not None:
+                continue
+            size = config.carve_size
+            if size is None:
+                size = len(splits[other]["target"]) if splits.get(other) is not None else len(train["target"]) // 10
+            if size >= len(train["target"]):
+                raise GdrtError(
+                    f"cannot carve {size} {name} windows from {len(train['target'])} training windows",
+                    path=config.source, hint="set a smaller carve_size (--set carve_size=N)",
+                )
+            train, carved = carve_latest(train, size)
+            splits = {**splits, name: carved}
+            report[name] = {"source": "carved from the latest training windows by target time", "rows": size}
+        report["train"]["rows_after_carving"] = len(train["target"])
+    sample = sample_rows(len(train["target"]), config.max_train, config.seed)
+    if sample is not None:
+        train = {k: [v[i] for i in sample] for k, v in train.items()}
+        report["train"]["sampled"] = {"rows": len(sample), "seed": config.seed, "method": "pandas DataFrame.sample"}
+    splits = {**splits, "train": train}
+    next_id = 0
+    for name in ("train", "valid", "test"):
+        n = len(splits[name]["target"])
+        splits[name]["example_id"] = list(range(next_id, next_id + n))
+        next_id += n
+    return splits, report, popularity
 
 
 def cli(args: argparse.Namespace) -> None:
     cfg = load_config(
         CurateConfig, args.config, args.overrides, source=args.source, format=args.format, out=args.out,
-        domain=args.domain, max_train=args.max_train, seed=args.seed, on_bad_rows=args.on_bad_rows,
+        domain=args.domain, meta=args.meta, max_train=args.max_train, seed=args.seed, on_bad_rows=args.on_bad_rows,
     )
     manifest = run(cfg)
     c = manifest["counts"]
-    print(f"curated {cfg.source} -> {cfg.out}: {c['items']} items, train {c['train']}, valid {c['valid']}, test {c['test']}")
+    dropped = manifest["recipe"].get("bad_rows", {}).get("dropped", 0)
+    print(
+        f"curated {cfg.source} -> {cfg.out}: {c['items']} items, train {c['train']}, valid {c['valid']}, "
+        f"test {c['test']}" + (f" ({dropped} bad rows dropped)" if dropped else "")
+    )

@@ -1,50 +1,141 @@
-"""The `sliding` source format: {train,valid,test}.csv (user_id,item_ids,timestamp) + id2name4Rec.json."""
+"""The `sliding` source format (LLM4Rec sliding windows: LBR, MSL, LLM4DSR).
+
+A directory with `{train,valid,test}.csv` (columns `user_id,item_ids,timestamp`, where `item_ids` is a
+list whose last id is the target and the ids before it the history, oldest first; extra columns such
+as `mask` or `item_titles` are ignored) and `id2name4Rec.json` (`{"<item id>": "<title>"}`).
+
+Real variants: only sampled training files (`train_10000.csv`, `train_5000.csv`): the full
+`train.csv` is used when present, otherwise the largest `train_<N>.csv`; a missing valid or test split
+is carved from the latest training windows (`rows.carve_latest`). Titles are kept as published (HTML
+entities such as `&amp;` included) so prompts match the published data.
+"""
 
 from __future__ import annotations
 
 import ast
-import csv
+import functools
 import json
+import re
 from pathlib import Path
 
+from gdrt_core.curate.rows import (
+    BadRows,
+    add_title,
+    checked_title,
+    csv_rows,
+    line_of_key,
+    parse_int,
+    parse_int_list,
+    read_text,
+    read_windows,
+)
 from gdrt_core.errors import GdrtError
 
+TITLE_FILES = ("id2name4Rec.json", "id2name.json")
+_SAMPLED = re.compile(r"^(train|valid|test)_(\d+)\.csv$")
 
-def read_titles(path: Path) -> dict[int, str]:
+
+def split_file(src: Path, split: str, explicit: str | None = None) -> Path | None:
+    """`<split>.csv` if present, else the largest sample `<split>_<N>.csv`, else None."""
+    if explicit:
+        path = src / explicit
+        if not path.is_file():
+            raise GdrtError(f"the {split} file {explicit!r} does not exist", path=str(src))
+        return path
+    full = src / f"{split}.csv"
+    if full.is_file():
+        return full
+    sampled = []
+    for p in src.glob(f"{split}_*.csv"):
+        m = _SAMPLED.match(p.name)
+        if m and m.group(1) == split:
+            sampled.append((int(m.group(2)), p))
+    return max(sampled)[1] if sampled else None
+
+
+class _Pairs(list):
+    """A JSON object as its list of (key, value) pairs."""
+
+
+def read_titles(path: Path, bad: BadRows) -> dict[int, str]:
+    """{item id: title} from an id2name JSON object; duplicate keys with different titles are an error."""
+    text = read_text(path, "an item titles file (id2name4Rec.json)")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GdrtError("item titles file not found", path=str(path)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GdrtError(f"not valid UTF-8 JSON ({e})", path=str(path)) from None
-    return {int(k): v for k, v in raw.items()}
+        # keep every (key, value) pair: a plain dict would hide duplicate ids
+        top = json.loads(text, object_pairs_hook=_Pairs)
+    except json.JSONDecodeError as e:
+        raise GdrtError(f"not valid JSON: {e.msg}", path=str(path), line=e.lineno) from None
+    if not isinstance(top, _Pairs):
+        raise GdrtError('expected a JSON object {"<item id>": "<title>"}', path=str(path))
+    titles: dict[int, str] = {}
+    for key, value in top:
+        line = functools.partial(line_of_key, text, key)
+        try:
+            item_id = int(key)
+        except ValueError:
+            bad.bad("malformed row", f"item id {key!r} is not an integer", path, line)
+            continue
+        title = checked_title(item_id, value, path, line, bad)
+        if title is not None:
+            add_title(titles, item_id, title, path, line, bad)
+    if not titles:
+        raise GdrtError("no usable item titles", path=str(path))
+    return titles
 
 
-def read_split(path: Path, titles: dict[int, str], max_history: int, start_id: int) -> dict[str, list]:
-    cols: dict[str, list] = {"example_id": [], "user_id": [], "history": [], "target": [], "timestamp": []}
-    with open(path, encoding="utf-8", newline="") as f:
-        for lineno, row in enumerate(csv.DictReader(f), start=2):
-            ids = ast.literal_eval(row["item_ids"])
-            for i in ids:
-                if i not in titles:
-                    raise GdrtError(f"unknown item id {i}", path=str(path), line=lineno)
-            hist, tgt = ids[:-1], ids[-1]
-            if len(hist) > max_history:
-                raise GdrtError(f"history of {len(hist)} items is longer than {max_history}", path=str(path), line=lineno)
-            cols["example_id"].append(start_id + len(cols["example_id"]))
-            cols["user_id"].append(str(row["user_id"]))
-            cols["history"].append(hist)
-            cols["target"].append(tgt)
-            cols["timestamp"].append(int(row["timestamp"]))
-    return cols
+def titles_from_rows(path: Path, titles: dict[int, str], bad: BadRows) -> int:
+    """Fill ids missing from a lossy id2name.json with the CSV's `item_titles` column; returns how many."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        if "item_titles" not in f.readline():
+            return 0
+    added = 0
+    for _line, row in csv_rows(path, ("item_ids", "item_titles"), BadRows("drop")):
+        try:
+            ids = parse_int_list(row["item_ids"])
+            row_titles = ast.literal_eval(row["item_titles"])
+        except (ValueError, SyntaxError):
+            continue
+        if not isinstance(row_titles, list) or len(row_titles) != len(ids):
+            continue
+        for item_id, title in zip(ids, row_titles, strict=True):
+            if item_id not in titles and isinstance(title, str) and title.strip():
+                titles[item_id] = title
+                added += 1
+    return added
 
 
-def read_sliding(config) -> tuple[dict[int, str], dict[str, dict[str, list]], dict]:
+def parse_sliding_row(row: dict[str, str]) -> tuple[str, list[int], int, int]:
+    ids = parse_int_list(row["item_ids"])
+    if not ids:
+        raise ValueError("item_ids is empty: a window needs at least its target")
+    user = row["user_id"].strip()
+    if not user:
+        raise ValueError("user_id is empty")
+    return user, ids[:-1], ids[-1], parse_int(row["timestamp"], "timestamp")
+
+
+def read_sliding(config, bad: BadRows) -> tuple[dict[int, str], dict[str, dict[str, list] | None], dict]:
+    """Titles, the splits present in the source (None = missing) and what was read (for the manifest)."""
     src = Path(config.source)
-    titles = read_titles(src / "id2name4Rec.json")
-    splits = {}
-    next_id = 0
-    for name in ("train", "valid", "test"):
-        splits[name] = read_split(src / f"{name}.csv", titles, config.max_history, next_id)
-        next_id += len(splits[name]["example_id"])
-    return titles, splits, {"files": [f"{n}.csv" for n in splits]}
+    if not src.is_dir():
+        raise GdrtError("the sliding source must be a directory with train.csv and id2name4Rec.json", path=str(src))
+    title_path = next((src / n for n in TITLE_FILES if (src / n).is_file()), None)
+    if title_path is None:
+        raise GdrtError("item titles file id2name4Rec.json not found", path=str(src))
+    titles = read_titles(title_path, bad)
+    files = {
+        "train": split_file(src, "train", config.train_file),
+        "valid": split_file(src, "valid"),
+        "test": split_file(src, "test"),
+    }
+    report: dict = {"titles_file": title_path.name, "files": {k: (v.name if v else None) for k, v in files.items()}}
+    if title_path.name == "id2name.json":
+        # id2name.json keeps one id per title; the rows' own titles fill the ids it lost.
+        report["titles_from_rows"] = sum(titles_from_rows(p, titles, bad) for p in files.values() if p is not None)
+    splits: dict[str, dict[str, list] | None] = {}
+    for name, path in files.items():
+        splits[name] = (
+            None if path is None
+            else read_windows(path, ("user_id", "item_ids", "timestamp"), parse_sliding_row, titles, config.max_history, bad)
+        )
+    return titles, splits, report
