@@ -168,15 +168,6 @@ def target_logprobs(
     return results  # type: ignore[return-value]
 
 
-def resolve_device(name: str = "auto") -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def pad_id_of(tokenizer) -> int:
     """The id used for left padding (never attended, so any valid id works)."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
@@ -185,38 +176,10 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
-def load_model_and_tokenizer(name_or_dir: str, device: str = "auto"):
-    """The causal LM and its tokenizer, in eval mode on `device` (a model dir, adapter dir or hub id)."""
-    from gdrt_core.errors import GdrtError
+def load_scoring_model(id_or_dir: str, *, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer) for scoring: eval mode, an adapter merged into its base (faster, same numbers)."""
+    from gdrt_core.models import load_model, load_tokenizer
 
-    device = resolve_device(device)
-    try:
-        from gdrt_core import models
-    except ImportError:
-        models = None
-    try:
-        if models is not None and hasattr(models, "load_model") and hasattr(models, "load_tokenizer"):
-            tokenizer = models.load_tokenizer(name_or_dir)
-            model = models.load_model(name_or_dir)
-        else:
-            import os
-
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(name_or_dir, use_fast=True)
-            if os.path.isfile(os.path.join(name_or_dir, "adapter_config.json")):
-                from peft import AutoPeftModelForCausalLM
-
-                model = AutoPeftModelForCausalLM.from_pretrained(name_or_dir)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(name_or_dir)
-    except GdrtError:
-        raise
-    except (OSError, ValueError) as e:
-        raise GdrtError(
-            f"cannot load the model {name_or_dir!r}: {e}", path=str(name_or_dir),
-            hint="pass a model directory written by `gdrt train` / `gdrt init-model`, or a hub id available offline",
-        ) from None
-    model.to(device)
-    model.eval()
+    tokenizer = load_tokenizer(id_or_dir)
+    model = load_model(id_or_dir, device=device, dtype=dtype, merge_adapter=True)
     return model, tokenizer

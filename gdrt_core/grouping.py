@@ -1,0 +1,329 @@
+"""The grouping stage (method.md §4): group target tokens by how predictable they are without the history.
+
+For every target token y_t of every example of the train (and valid) split:
+
+    r_t = log p_ref(y_t | instruction tokens, y_<t)      with the user history removed
+
+- `drop` (default): the prompt is rendered with an empty history list and the target tokenised after it.
+  The target's token ids must be those of the full example (the trainer joins on (example_id, position));
+  a tokenizer for which they differ is an error.
+- `mask`: the full example is kept, positions unchanged, and its history tokens are removed from attention.
+
+G quantile bins are fitted on the train scores (per token, or per example = mean r over its target tokens)
+and applied unchanged to every split; group 0 holds the lowest r (least predictable from auxiliary tokens).
+
+Output, the Groups artifact: token_groups.parquet (example_id int64, position int32 = index of the token
+among the example's target tokens, token_id int32, relevance float32 = r_t, group int8, split string),
+groups.json (edges = the G-1 cut points, sizes and mean relevance per group and split), manifest.json.
+
+Resumable: scores are written in parts of `part_size` examples to a work directory next to the output
+(`<out>.parts` by default); a re-run with the same inputs and settings skips the finished parts. The work
+directory is removed once the artifact is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gdrt_core.config import field, load_config, to_dict
+from gdrt_core.errors import GdrtError
+
+GROUPS_FILE = "groups.json"
+TOKEN_GROUPS_FILE = "token_groups.parquet"
+STATE_FILE = "state.json"
+REMOVALS = ("drop", "mask")
+GRANULARITIES = ("token", "example")
+
+
+@dataclass
+class GroupConfig:
+    dataset: str = field(help="Dataset artifact directory")
+    reference: str = field(help="reference model p_ref: a model dir (the SFT model in the pipeline) or hub id")
+    out: str = field(help="output Groups directory")
+    num_groups: int = field(4, help="number of quantile groups G")
+    history_removal: str = field("drop", help="drop: render with an empty history | mask: hide history tokens from attention")
+    granularity: str = field("token", help="token: bin each r_t | example: bin the mean r_t of each example")
+    splits: list[str] = field(["train", "valid"], help="splits to score (train is required: edges are fitted on it)")
+    limit: int | None = field(None, help="score at most this many examples per split (quick runs)")
+    batch_size: int = field(16, help="sequences per forward pass")
+    max_batch_tokens: int | None = field(None, help="cap on padded tokens per forward pass (None = no cap)")
+    part_size: int = field(1024, help="examples per resumable part file")
+    work_dir: str | None = field(None, help="where finished parts are kept until the stage completes (default <out>.parts)")
+    device: str = field("auto", help="auto | cpu | cuda | cuda:N")
+    dtype: str = field("auto", help="auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16")
+    progress: bool = field(True, help="show a progress bar")
+
+
+# ------------------------------------------------------------------------------------------- pure maths
+
+
+def fit_edges(scores: np.ndarray, num_groups: int) -> np.ndarray:
+    """The G-1 cut points between G equal-count bins of `scores` (linear-interpolated quantiles)."""
+    if num_groups < 1:
+        raise GdrtError(f"num_groups must be at least 1, got {num_groups}")
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        raise GdrtError("no train target tokens to fit the group edges on", hint="check the train split")
+    return np.quantile(scores, np.arange(1, num_groups) / num_groups)
+
+
+def assign_groups(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Group id per score: the number of cut points <= score (0 = lowest r), as int8."""
+    return np.searchsorted(np.asarray(edges, dtype=np.float64), np.asarray(scores, dtype=np.float64), side="right").astype(np.int8)
+
+
+def example_means(example_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per row, the mean score over the rows with the same example id (per-example grouping)."""
+    _, inverse, counts = np.unique(example_ids, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=np.asarray(scores, dtype=np.float64))
+    return (sums / counts)[inverse]
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def history_removed_requests(tokenizer, domain: str, examples: Sequence, removal: str) -> tuple[list, list[list[int]]]:
+    """Scoring requests for r_t and the full example's target token ids, one per example.
+
+    `examples` are dataset.Example (history_titles, target_title, example_id).
+    """
+    from gdrt_core.prompts import render
+    from gdrt_core.scoring import ScoringRequest
+    from gdrt_core.tokenization import HISTORY, TARGET, tokenize_example
+
+    if removal not in REMOVALS:
+        raise GdrtError(f"history_removal must be one of {REMOVALS}, got {removal!r}")
+    requests, target_ids = [], []
+    for ex in examples:
+        full = tokenize_example(tokenizer, render(domain, list(ex.history_titles), ex.target_title))
+        targets = [t for t, r in zip(full.input_ids, full.role, strict=True) if r == TARGET]
+        if removal == "drop":
+            empty = tokenize_example(tokenizer, render(domain, [], ex.target_title))
+            dropped_targets = [t for t, r in zip(empty.input_ids, empty.role, strict=True) if r == TARGET]
+            if dropped_targets != targets:
+                raise GdrtError(
+                    f"example {ex.example_id}: the target title {ex.target_title!r} tokenises differently when the "
+                    f"history is dropped ({dropped_targets} vs {targets}), so its tokens cannot be matched to the "
+                    "training tokens",
+                    hint="use --set history_removal=mask (keeps the full prompt and hides the history instead)",
+                )
+            requests.append(ScoringRequest(empty.input_ids, len(targets)))
+        else:
+            hidden = [i for i, r in enumerate(full.role) if r == HISTORY]
+            requests.append(ScoringRequest(full.input_ids, len(targets), hidden=hidden))
+        target_ids.append(targets)
+    return requests, target_ids
+
+
+def score_part(model, tokenizer, domain: str, examples: Sequence, config: GroupConfig, on_batch=None):
+    """r_t for the target tokens of `examples`, as a pyarrow table (example_id, position, token_id, relevance)."""
+    import pyarrow as pa
+
+    from gdrt_core.scoring import pad_id_of, target_logprobs
+
+    requests, target_ids = history_removed_requests(tokenizer, domain, examples, config.history_removal)
+    logprobs = target_logprobs(
+        model, requests, pad_token_id=pad_id_of(tokenizer), batch_size=config.batch_size,
+        max_batch_tokens=config.max_batch_tokens, on_batch=on_batch,
+    )
+    eids, positions, tokens, relevance = [], [], [], []
+    for ex, ids, lp in zip(examples, target_ids, logprobs, strict=True):
+        eids.extend([ex.example_id] * len(ids))
+        positions.extend(range(len(ids)))
+        tokens.extend(ids)
+        relevance.append(lp)
+    return pa.table({
+        "example_id": pa.array(eids, pa.int64()),
+        "position": pa.array(positions, pa.int32()),
+        "token_id": pa.array(tokens, pa.int32()),
+        "relevance": pa.array(np.concatenate(relevance) if relevance else np.zeros(0, np.float32), pa.float32()),
+    })
+
+
+# ------------------------------------------------------------------------------------------- resumable parts
+
+
+def _fingerprint(config: GroupConfig) -> dict:
+    """What the finished parts depend on: a change in any of these starts the parts afresh."""
+    from gdrt_core.artifacts import MANIFEST, manifest_hash
+
+    ref = Path(config.reference)
+    ref_id = manifest_hash(ref) if (ref / MANIFEST).is_file() else None
+    ref_weights = sorted(
+        (p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in ref.glob("*.safetensors")
+    ) if ref.is_dir() else []
+    return {
+        "dataset_manifest": manifest_hash(config.dataset),
+        "reference": str(ref.absolute()) if ref.exists() else config.reference,
+        "reference_manifest": ref_id,
+        "reference_weights": ref_weights,
+        "history_removal": config.history_removal,
+        "limit": config.limit,
+        "part_size": config.part_size,
+    }
+
+
+def _open_work_dir(config: GroupConfig) -> Path:
+    import json
+
+    from gdrt_core.artifacts import write_json_atomic
+
+    work = Path(config.work_dir or f"{Path(config.out).absolute()}.parts")
+    fingerprint = json.loads(json.dumps(_fingerprint(config)))
+    state = work / STATE_FILE
+    if work.exists():
+        try:
+            previous = json.loads(state.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = None
+        if previous != fingerprint:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not state.exists():
+        write_json_atomic(state, fingerprint)
+    return work
+
+
+def _write_table_atomic(table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _score_split(model, tokenizer, ds, split: str, config: GroupConfig, work: Path, bar) -> list[Path]:
+    examples = ds.examples(split, config.limit)
+    paths = []
+    for index, start in enumerate(range(0, len(examples), config.part_size)):
+        chunk = examples[start:start + config.part_size]
+        path = work / f"{split}-{index:05d}.parquet"
+        if path.exists():
+            bar.update(len(chunk))
+        else:
+            table = score_part(model, tokenizer, ds.domain, chunk, config, on_batch=bar.update)
+            _write_table_atomic(table, path)
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------- the stage
+
+
+def _group_stats(relevance: np.ndarray, groups: np.ndarray, num_groups: int) -> tuple[list[int], list[float | None]]:
+    sizes = np.bincount(groups.astype(np.int64), minlength=num_groups)[:num_groups]
+    means = [float(relevance[groups == g].mean()) if sizes[g] else None for g in range(num_groups)]
+    return [int(s) for s in sizes], means
+
+
+def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
+    """Score, bin and write the Groups artifact; returns groups.json's content.
+
+    `model` / `tokenizer` may be passed in (tests, notebooks); otherwise `config.reference` is loaded.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    from gdrt_core.artifacts import MANIFEST, atomic_output_dir, write_json_atomic, write_manifest
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.tracking import stage_run
+
+    if config.granularity not in GRANULARITIES:
+        raise GdrtError(f"granularity must be one of {GRANULARITIES}, got {config.granularity!r}")
+    if config.history_removal not in REMOVALS:
+        raise GdrtError(f"history_removal must be one of {REMOVALS}, got {config.history_removal!r}")
+    if "train" not in config.splits:
+        raise GdrtError("splits must include train (the group edges are fitted on it)", hint="e.g. splits=[train, valid]")
+    if config.part_size < 1 or config.batch_size < 1:
+        raise GdrtError("part_size and batch_size must be positive")
+    ds = Dataset(config.dataset)
+    with stage_run("group", to_dict(config)) as tracker:
+        if model is None or tokenizer is None:
+            from gdrt_core.scoring import load_scoring_model
+
+            model, tokenizer = load_scoring_model(config.reference, device=config.device, dtype=config.dtype)
+        work = _open_work_dir(config)
+        total = sum(min(ds.split(s).num_rows, config.limit or 1 << 62) for s in config.splits)
+        with tqdm(total=total, desc="group: r_t", unit="ex", disable=not config.progress) as bar:
+            parts = {s: _score_split(model, tokenizer, ds, s, config, work, bar) for s in config.splits}
+
+        tables = {s: pa.concat_tables([pq.read_table(p) for p in paths]) for s, paths in parts.items() if paths}
+        if "train" not in tables:
+            raise GdrtError("the train split has no examples to fit the group edges on", path=config.dataset)
+        binned: dict[str, np.ndarray] = {}
+        for s, t in tables.items():
+            rel = t.column("relevance").to_numpy()
+            binned[s] = example_means(t.column("example_id").to_numpy(), rel) if config.granularity == "example" else rel
+        fit_values = binned["train"]
+        if config.granularity == "example":  # one value per example: the mean r of its target tokens
+            _, first = np.unique(tables["train"].column("example_id").to_numpy(), return_index=True)
+            fit_values = fit_values[first]
+        edges = fit_edges(fit_values, config.num_groups)
+
+        out_tables, sizes, means = [], {}, {}
+        for s, t in tables.items():
+            groups = assign_groups(binned[s], edges)
+            sizes[s], means[s] = _group_stats(t.column("relevance").to_numpy(), groups, config.num_groups)
+            out_tables.append(
+                t.append_column("group", pa.array(groups, pa.int8()))
+                .append_column("split", pa.array([s] * t.num_rows, pa.string()))
+            )
+        train_rel = tables["train"].column("relevance").to_numpy()
+        summary = {
+            "num_groups": config.num_groups,
+            "granularity": config.granularity,
+            "history_removal": config.history_removal,
+            "edges": [float(e) for e in edges],
+            "train_range": [float(train_rel.min()), float(train_rel.max())],
+            "sizes": sizes,
+            "mean_relevance": means,
+            "examples": {s: int(len(np.unique(t.column("example_id").to_numpy()))) for s, t in tables.items()},
+            "tokens": {s: int(t.num_rows) for s, t in tables.items()},
+        }
+        inputs = {"dataset": config.dataset}
+        if (Path(config.reference) / MANIFEST).is_file():
+            inputs["reference"] = config.reference
+        with atomic_output_dir(config.out) as tmp:
+            pq.write_table(pa.concat_tables(out_tables), tmp / TOKEN_GROUPS_FILE)
+            write_json_atomic(tmp / GROUPS_FILE, summary)
+            write_manifest(tmp, "groups", config=to_dict(config), inputs=inputs, groups=summary)
+        shutil.rmtree(work, ignore_errors=True)
+
+        metrics = {"edge_" + str(i): e for i, e in enumerate(summary["edges"])}
+        for s in sizes:
+            metrics.update({f"{s}_size_g{g}": n for g, n in enumerate(sizes[s])})
+            metrics.update({f"{s}_mean_relevance_g{g}": m for g, m in enumerate(means[s]) if m is not None})
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(Path(config.out) / GROUPS_FILE)
+    return summary
+
+
+def read_groups(root: str | os.PathLike) -> tuple[dict, object]:
+    """(groups.json, token_groups table) of a Groups artifact, checked against its manifest."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from gdrt_core.artifacts import read_manifest
+
+    read_manifest(root, "groups")
+    root = Path(root)
+    return json.loads((root / GROUPS_FILE).read_text(encoding="utf-8")), pq.read_table(root / TOKEN_GROUPS_FILE)
+
+
+def cli(args: argparse.Namespace) -> None:
+    cfg = load_config(
+        GroupConfig, args.config, args.overrides, dataset=args.dataset, reference=args.reference, out=args.out,
+        num_groups=args.num_groups,
+    )
+    summary = run(cfg)
+    sizes = ", ".join(f"{s}: {v}" for s, v in summary["sizes"].items())
+    print(f"grouped {summary['tokens'].get('train', 0)} train target tokens into {cfg.num_groups} groups -> {cfg.out} ({sizes})")
