@@ -1,0 +1,128 @@
+"""The report stage: one Markdown + HTML page comparing the evaluated models (SFT vs GDRT, ablations).
+
+Inputs are Eval artifacts (metrics.json, plots/) and optionally Attribution artifacts (summary.json) per
+model label. Output: a Report artifact with report.md, report.html, comparison.json and plots/.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from gdrt_core.artifacts import atomic_output_dir, read_manifest, write_json_atomic, write_manifest
+
+TABLE_METRICS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "mgu@5", "dgu@5", "coverage@10")
+LOWER_IS_BETTER = {"mgu@5", "dgu@5", "mgu@10", "dgu@10", "aux_share", "invalid_rate"}
+
+
+@dataclass
+class ModelResult:
+    label: str
+    eval_dir: str
+    attribution_dir: str | None = None
+
+
+def collect(results: list[ModelResult]) -> list[dict]:
+    """One row per model: its metrics.json, plus the attribution auxiliary share when given."""
+    rows = []
+    for r in results:
+        read_manifest(r.eval_dir, "eval")
+        metrics = json.loads((Path(r.eval_dir) / "metrics.json").read_text())
+        row = {"model": r.label, **metrics}
+        if r.attribution_dir:
+            read_manifest(r.attribution_dir, "attribution")
+            summary = json.loads((Path(r.attribution_dir) / "summary.json").read_text())
+            row["aux_share"] = summary.get("aux_share")
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else ("—" if v is None else str(v))
+
+    head = "| model | " + " | ".join(columns) + " |"
+    sep = "| --- |" + " ---: |" * len(columns)
+    body = ["| " + row["model"] + " | " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join([head, sep, *body])
+
+
+def relative_change(rows: list[dict], base: str, other: str, metric: str) -> float | None:
+    """(other - base) / base for one metric, None when undefined."""
+    values = {r["model"]: r.get(metric) for r in rows}
+    b, o = values.get(base), values.get(other)
+    if b is None or o is None or b == 0:
+        return None
+    return (o - b) / b
+
+
+def _bar_plot(rows: list[dict], metrics: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(metrics) + 3, 3.5))
+    width = 0.8 / max(1, len(rows))
+    x = np.arange(len(metrics))
+    for i, row in enumerate(rows):
+        ax.bar(x + i * width, [row.get(m) or 0.0 for m in metrics], width, label=row["model"])
+    ax.set_xticks(x + width * (len(rows) - 1) / 2, metrics)
+    ax.set_ylabel("value")
+    ax.legend()
+    ax.set_title("Test metrics by model (fairness: lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(results: list[ModelResult], out: str | os.PathLike, *, title: str = "GDRT report",
+        baseline: str | None = None, tracker=None) -> dict:
+    """Write the Report artifact into `out`; returns the comparison (rows and relative changes)."""
+    rows = collect(results)
+    columns = [c for c in (*TABLE_METRICS, "aux_share") if any(r.get(c) is not None for r in rows)]
+    baseline = baseline or (rows[0]["model"] if rows else None)
+    changes = {
+        r["model"]: {m: relative_change(rows, baseline, r["model"], m) for m in columns}
+        for r in rows if r["model"] != baseline
+    }
+    comparison = {"rows": rows, "baseline": baseline, "relative_change": changes, "columns": columns}
+    with atomic_output_dir(out) as tmp:
+        (tmp / "plots").mkdir()
+        _bar_plot(rows, [c for c in columns if c != "coverage@10"], tmp / "plots" / "comparison.png")
+        md = [f"# {title}", "", markdown_table(rows, columns), ""]
+        for label, ch in changes.items():
+            parts = [f"{m} {v:+.1%}" for m, v in ch.items() if v is not None]
+            md.append(f"- {label} vs {baseline}: " + ", ".join(parts))
+        md += ["", "Lower is better for " + ", ".join(sorted(LOWER_IS_BETTER & set(columns))) + ".", "",
+               "![comparison](plots/comparison.png)", ""]
+        (tmp / "report.md").write_text("\n".join(md), encoding="utf-8")
+        png = base64.b64encode((tmp / "plots" / "comparison.png").read_bytes()).decode()
+        cells = "".join(f"<th>{html.escape(c)}</th>" for c in ["model", *columns])
+        trs = "".join(
+            "<tr>" + f"<td>{html.escape(r['model'])}</td>"
+            + "".join(f"<td>{r[c]:.4f}</td>" if isinstance(r.get(c), float) else "<td>—</td>" for c in columns)
+            + "</tr>"
+            for r in rows
+        )
+        page = (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><table><tr>{cells}</tr>{trs}</table>"
+            f"<p><img alt='comparison' src='data:image/png;base64,{png}'></p></body></html>"
+        )
+        (tmp / "report.html").write_text(page, encoding="utf-8")
+        write_json_atomic(tmp / "comparison.json", comparison)
+        write_manifest(tmp, "report", config={"title": title, "baseline": baseline},
+                       inputs={f"eval:{r.label}": r.eval_dir for r in results})
+    if tracker is not None:
+        tracker.log_artifacts(out, "report")
+        for label, ch in changes.items():
+            tracker.log_metrics({f"rel_{m}_{label}": v for m, v in ch.items() if v is not None})
+    return comparison
