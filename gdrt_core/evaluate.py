@@ -1,0 +1,265 @@
+"""The evaluate stage: constrained beam search over the catalogue, ranking and fairness metrics.
+
+`gdrt evaluate --dataset D --model M --out DIR [--split test] [--num-beams 10] [--limit N]` writes the
+Eval artifact:
+
+- predictions.parquet: example_id int64, rank int8 (0 = best), title string, score float32; one row
+  per returned title, written row group by row group as batches finish (memory stays bounded);
+- metrics.json: the keys of metrics.METRIC_KEYS (metrics.compute_metrics, the one place of the formulas);
+- plots/ranking.png (HR@K and NDCG@K bars) and plots/exposure.png (share of each popularity group in the
+  top-5 / top-10 vs in the evaluated histories).
+
+The split is read in chunks; inside a chunk prompts are batched by similar length (less padding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gdrt_core.config import field, load_config, to_dict
+from gdrt_core.errors import GdrtError
+
+PREDICTIONS_FILE = "predictions.parquet"
+METRICS_FILE = "metrics.json"
+PLOTS_DIR = "plots"
+
+
+@dataclass
+class EvalConfig:
+    dataset: str = field(help="Dataset artifact directory")
+    model: str = field(help="model directory or hub id (a PEFT adapter directory works too)")
+    out: str = field(help="output Eval directory")
+    split: str = field("test", help="split to evaluate: train | valid | test")
+    limit: int | None = field(None, help="evaluate only the first N examples of the split (quick looks)")
+    num_beams: int = field(10, help="beams of the constrained beam search (= ranking length)")
+    num_return_sequences: int | None = field(None, help="titles returned per example (default: num_beams)")
+    length_penalty: float = field(0.0, help="0.0: rank by the sum of log-probs; 1.0: by the per-token mean")
+    early_stopping: bool | str = field(False, help="transformers' beam-search stopping rule: false | true | never")
+    renormalize: bool = field(False, help="re-normalise log-probs over the allowed tokens at each step")
+    batch_size: int = field(16, help="examples per beam-search batch (x num_beams rows per forward)")
+    chunk_size: int = field(512, help="examples read, length-sorted and written to disk together")
+    dtype: str = field("auto", help="auto (float32 on CPU, bfloat16 on a GPU) | float32 | bfloat16 | float16")
+    device: str = field("auto", help="auto | cpu | cuda | cuda:N")
+    plots: bool = field(True, help="draw plots/ranking.png and plots/exposure.png")
+    progress: bool = field(True, help="show a progress bar with examples/s")
+
+
+class _Ragged(Sequence):
+    """A list of int lists stored as one flat array plus offsets (histories of all evaluated examples)."""
+
+    def __init__(self) -> None:
+        self._values: list[np.ndarray] = []
+        self._lengths: list[np.ndarray] = []
+        self._flat: np.ndarray | None = None
+        self._offsets: np.ndarray | None = None
+
+    def extend(self, values: np.ndarray, lengths: np.ndarray) -> None:
+        self._values.append(values.astype(np.int32))
+        self._lengths.append(lengths.astype(np.int64))
+        self._flat = self._offsets = None
+
+    def _freeze(self) -> None:
+        if self._flat is None:
+            self._flat = np.concatenate(self._values) if self._values else np.zeros(0, np.int32)
+            lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+            self._offsets = np.concatenate(([0], np.cumsum(lengths)))
+
+    def __len__(self) -> int:
+        return int(sum(len(x) for x in self._lengths))
+
+    def __getitem__(self, i):  # type: ignore[override]
+        self._freeze()
+        return self._flat[self._offsets[i]:self._offsets[i + 1]].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self._freeze()
+        for i in range(len(self._offsets) - 1):
+            yield self._flat[self._offsets[i]:self._offsets[i + 1]].tolist()
+
+
+def _split_batches(dataset, split: str, limit: int | None, chunk_size: int):
+    """The split's rows as pyarrow record batches of at most `chunk_size`, stopping after `limit` rows."""
+    import pyarrow.parquet as pq
+
+    from gdrt_core.dataset import SPLITS
+
+    if split not in SPLITS:
+        raise GdrtError(f"unknown split {split!r}", hint=f"use one of {', '.join(SPLITS)}")
+    parquet = pq.ParquetFile(dataset.root / f"{split}.parquet")
+    remaining = parquet.metadata.num_rows if limit is None else min(limit, parquet.metadata.num_rows)
+    total = remaining
+    for batch in parquet.iter_batches(batch_size=chunk_size, columns=["example_id", "history", "target"]):
+        if remaining <= 0:
+            break
+        if batch.num_rows > remaining:
+            batch = batch.slice(0, remaining)
+        remaining -= batch.num_rows
+        yield total, batch
+
+
+def _check(config: EvalConfig) -> None:
+    if config.num_beams < 1:
+        raise GdrtError(f"num_beams must be positive, got {config.num_beams}", hint="e.g. --num-beams 10")
+    n_return = config.num_return_sequences or config.num_beams
+    if not 1 <= n_return <= config.num_beams:
+        raise GdrtError(f"num_return_sequences must be in 1..num_beams ({config.num_beams}), got {n_return}")
+    if config.limit is not None and config.limit < 1:
+        raise GdrtError(f"--limit must be positive, got {config.limit}")
+    if config.batch_size < 1 or config.chunk_size < 1:
+        raise GdrtError("batch_size and chunk_size must be positive")
+    if config.early_stopping not in (True, False, "never"):
+        raise GdrtError(f"early_stopping must be true, false or never, got {config.early_stopping!r}")
+
+
+def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
+    """Rank the split's examples, write the Eval artifact, log to MLflow; returns the metrics.
+
+    `model` / `tokenizer` may be passed in (tests, notebooks); otherwise `config.model` is loaded.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import torch
+    from tqdm.auto import tqdm
+
+    from gdrt_core.artifacts import MANIFEST, atomic_output_dir, write_json_atomic, write_manifest
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.generation import BeamSearchSettings, rank_prompts
+    from gdrt_core.metrics import TitleCatalogue, compute_metrics, fairness_at_k
+    from gdrt_core.prompts import render
+    from gdrt_core.tokenization import tokenize_prompt
+    from gdrt_core.tracking import stage_run
+    from gdrt_core.trie import build_trie
+
+    _check(config)
+    dataset = Dataset(config.dataset)
+    settings = BeamSearchSettings(
+        num_beams=config.num_beams, num_return_sequences=config.num_return_sequences or config.num_beams,
+        length_penalty=config.length_penalty, early_stopping=config.early_stopping, renormalize=config.renormalize,
+    )
+    schema = pa.schema([
+        ("example_id", pa.int64()), ("rank", pa.int8()), ("title", pa.string()), ("score", pa.float32()),
+    ])
+    with stage_run("evaluate", to_dict(config)) as tracker:
+        if model is None or tokenizer is None:
+            from gdrt_core.models import ModelConfig, load_model_and_tokenizer
+
+            model, tokenizer = load_model_and_tokenizer(
+                config.model, ModelConfig(dtype=config.dtype, device=config.device, padding_side="left")
+            )
+        model.eval()
+        device = next(model.parameters()).device
+        titles = dataset.titles
+        trie = build_trie(tokenizer, titles).to_torch(device)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+        rankings: list[list[str]] = []
+        targets: list[str] = []
+        histories = _Ragged()
+        started = time.perf_counter()
+        with atomic_output_dir(config.out) as tmp:
+            writer = pq.ParquetWriter(tmp / PREDICTIONS_FILE, schema)
+            bar = None
+            try:
+                for total, batch in _split_batches(dataset, config.split, config.limit, config.chunk_size):
+                    if bar is None:
+                        bar = tqdm(total=total, desc=f"evaluate {config.split}", unit="ex",
+                                   disable=not config.progress)
+                    ids = batch.column("example_id").to_numpy()
+                    hist_col = batch.column("history")
+                    hist_lists = hist_col.to_pylist()
+                    prompts = [
+                        tokenize_prompt(tokenizer, render(dataset.domain, [titles[h] for h in hist])).input_ids
+                        for hist in hist_lists
+                    ]
+                    with torch.inference_mode():
+                        chunk_rankings = rank_prompts(
+                            model, trie, prompts, settings, batch_size=config.batch_size, pad_token_id=pad_id,
+                            on_batch=bar.update,
+                        )
+                    rows = {"example_id": [], "rank": [], "title": [], "score": []}
+                    for eid, ranking in zip(ids.tolist(), chunk_rankings, strict=True):
+                        rankings.append(ranking.titles)
+                        rows["example_id"].extend([eid] * len(ranking.titles))
+                        rows["rank"].extend(range(len(ranking.titles)))
+                        rows["title"].extend(ranking.titles)
+                        rows["score"].extend(ranking.scores)
+                    writer.write_table(pa.table(rows, schema=schema))
+                    targets.extend(titles[t] for t in batch.column("target").to_pylist())
+                    histories.extend(hist_col.flatten().to_numpy(), pc.list_value_length(hist_col).to_numpy())
+            finally:
+                writer.close()
+                if bar is not None:
+                    bar.close()
+            elapsed = time.perf_counter() - started
+            if not rankings:
+                raise GdrtError(f"the {config.split} split has no examples to evaluate", path=config.dataset)
+            catalogue = TitleCatalogue.from_dataset(dataset)
+            metrics = compute_metrics(rankings, targets, histories, catalogue)
+            write_json_atomic(tmp / METRICS_FILE, metrics)
+            if config.plots:
+                exposure = {k: fairness_at_k(rankings, histories, catalogue, k) for k in (5, 10)}
+                _plot(tmp / PLOTS_DIR, metrics, exposure)
+            inputs = {"dataset": config.dataset}
+            if (Path(config.model) / MANIFEST).is_file():
+                inputs["model"] = config.model
+            write_manifest(
+                tmp, "eval", config=to_dict(config), inputs=inputs, metrics=metrics,
+                timing={"seconds": round(elapsed, 3), "examples_per_second": round(len(rankings) / elapsed, 3)},
+            )
+        tracker.log_metrics({k: float(v) for k, v in metrics.items()})
+        tracker.log_metrics({"examples_per_second": len(rankings) / elapsed})
+        tracker.log_artifacts(config.out)
+    return metrics
+
+
+def _plot(plots_dir: Path, metrics: dict, exposure: dict) -> None:
+    """plots/ranking.png: HR/NDCG bars; plots/exposure.png: popularity-group shares vs histories."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    ks = (1, 5, 10)
+    x = np.arange(len(ks))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(x - 0.2, [metrics[f"hr@{k}"] for k in ks], 0.4, label="HR@K")
+    ax.bar(x + 0.2, [metrics[f"ndcg@{k}"] for k in ks], 0.4, label="NDCG@K")
+    ax.set_xticks(x, [f"K={k}" for k in ks])
+    ax.set_title(f"Ranking ({metrics['n_examples']} examples)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(plots_dir / "ranking.png", dpi=100)
+    plt.close(fig)
+
+    groups = np.arange(len(exposure[5].gh))
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(groups - 0.27, exposure[5].gp, 0.27, label="top-5 share (GP@5)")
+    ax.bar(groups, exposure[10].gp, 0.27, label="top-10 share (GP@10)")
+    ax.bar(groups + 0.27, exposure[10].gh, 0.27, label="history share (GH)")
+    ax.set_xticks(groups, [f"group {g}" for g in groups])
+    ax.set_xlabel("popularity group (0 = least popular)")
+    ax.set_title(f"Exposure: MGU@5 {metrics['mgu@5']:.3f}, MGU@10 {metrics['mgu@10']:.3f}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plots_dir / "exposure.png", dpi=100)
+    plt.close(fig)
+
+
+def cli(args: argparse.Namespace) -> None:
+    cfg = load_config(
+        EvalConfig, args.config, args.overrides, dataset=args.dataset, model=args.model, out=args.out,
+        split=args.split, num_beams=args.num_beams, limit=args.limit,
+    )
+    metrics = run(cfg)
+    print(
+        f"evaluate {cfg.split}: {metrics['n_examples']} examples, HR@10 {metrics['hr@10']:.4f}, "
+        f"NDCG@10 {metrics['ndcg@10']:.4f}, MGU@10 {metrics['mgu@10']:.4f} -> {cfg.out}"
+    )
