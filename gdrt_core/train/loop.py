@@ -1,0 +1,309 @@
+"""One training process: setup -> train (resuming from the newest intact checkpoint) -> Model artifact.
+
+Reads top to bottom: load data and model, build the Trainer, find a checkpoint, train, evaluate, save.
+Every rank runs this; only rank 0 writes the artifact and talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from gdrt_core.config import to_dict
+from gdrt_core.errors import GdrtError
+from gdrt_core.train import CHECKPOINTS, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast(value: Any) -> Any:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def _use_bf16(setting: str) -> bool:
+    import torch
+
+    if setting == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return setting == "true"
+
+
+def training_arguments(config: TrainConfig, work_dir: Path, *, has_valid: bool):
+    """TrainingArguments from the TrainConfig (the one place where the Trainer's knobs are set)."""
+    import torch
+    from transformers import TrainingArguments
+
+    from gdrt_core.train.deepspeed import zero_config
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    eval_strategy = ("steps" if config.eval_every else "epoch") if has_valid else "no"
+    kwargs: dict[str, Any] = {}
+    if config.eval_every:
+        kwargs["eval_steps"] = config.eval_every
+    if config.save_every:
+        kwargs["save_steps"] = config.save_every
+    return TrainingArguments(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps else -1,
+        optim=config.optim,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,  # a float < 1 is a share of the steps
+        lr_scheduler_type=config.scheduler,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        data_seed=config.data_seed if config.data_seed is not None else config.seed,
+        bf16=_use_bf16(config.bf16),
+        logging_strategy="steps",
+        logging_steps=config.log_every,
+        eval_strategy=eval_strategy,
+        save_strategy="steps" if config.save_every else "epoch",
+        save_total_limit=config.keep_checkpoints,
+        load_best_model_at_end=config.select_best and has_valid,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        remove_unused_columns=False,  # the group ids must reach compute_loss
+        prediction_loss_only=True,
+        report_to="none",  # MLflow goes through gdrt_core.tracking (rank 0, retried, never fatal)
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        deepspeed=zero_config(config.deepspeed) if config.deepspeed else None,
+        disable_tqdm=True,
+        **kwargs,
+    )
+
+
+def _callbacks(trainer_ref: list, tracker, config: TrainConfig, eval_ndcg) -> list:
+    """Seal checkpoints (marker + hashes), forward logs to MLflow, valid NDCG@10 at epoch ends."""
+    from transformers import TrainerCallback
+
+    from gdrt_core.train.resume import seal_checkpoint
+
+    class SealCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            _barrier()  # every rank has written its shard
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    seal_checkpoint(ckpt, step=state.global_step,
+                                    extra_state=trainer_ref[0].step_weights.state_dict())
+            _barrier()
+
+    class ToMlflow(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                tracker.log_metrics({k: v for k, v in logs.items() if isinstance(v, (int, float))},
+                                    step=state.global_step)
+
+    class ValidNdcg(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if eval_ndcg is None:
+                return
+            value = eval_ndcg(trainer_ref[0])
+            if value is not None and state.is_world_process_zero:
+                state.log_history.append({"eval_ndcg@10": value, "epoch": state.epoch, "step": state.global_step})
+                tracker.log_metrics({"eval_ndcg@10": value}, step=state.global_step)
+
+    return [SealCheckpoint(), ToMlflow(), ValidNdcg()]
+
+
+def _valid_ndcg_fn(config: TrainConfig, dataset_dir: str):
+    """Valid NDCG@10 on the valid sample through the evaluate stage's code, when it offers a function."""
+    if not config.ndcg_every_epoch:
+        return None
+    try:
+        from gdrt_core import evaluate as evaluate_stage
+    except ImportError:
+        return None
+    fn = getattr(evaluate_stage, "valid_ndcg", None)
+    if fn is None:
+        return None
+
+    def compute(trainer) -> float | None:
+        if not _is_main():
+            return None
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = model.training
+        try:
+            return float(fn(model, trainer.processing_class, dataset_dir, limit=config.valid_size))
+        except Exception as e:  # noqa: BLE001 - a side metric never stops training
+            log.warning("valid NDCG@10 failed: %s", e)
+            return None
+        finally:
+            model.train(was_training)
+
+    return compute
+
+
+def _prepare_model(config: TrainConfig):
+    from gdrt_core.models import ModelConfig, load_model, load_tokenizer, prepare_for_training
+
+    model_cfg = ModelConfig(
+        dtype="bfloat16" if _use_bf16(config.bf16) else "float32", device="none",
+        trust_remote_code=config.trust_remote_code, lora=config.lora, lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        lora_target_modules=list(config.lora_target_modules),
+    )
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    model = load_model(config.model, dtype=model_cfg.dtype, device="none",
+                       trust_remote_code=config.trust_remote_code, trainable_adapter=config.lora)
+    model = prepare_for_training(model, model_cfg)
+    return model, tokenizer
+
+
+def check_adapter_not_empty(model_dir: Path) -> None:
+    """A LoRA save (ZeRO-3 above all) must hold every adapter tensor with its full size."""
+    from safetensors import safe_open
+
+    path = model_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        return
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        empty = [k for k in keys if f.get_slice(k).get_shape() in ([], [0]) or 0 in f.get_slice(k).get_shape()]
+    if not keys or empty:
+        raise GdrtError(
+            f"the saved LoRA adapter is empty ({len(keys)} tensors, empty: {empty[:3]})", path=str(path),
+            hint="under ZeRO-3 the weights must be gathered on save (stage3_gather_16bit_weights_on_model_save)",
+        )
+
+
+def train(config: TrainConfig) -> dict[str, Any] | None:
+    """Train in this process (one rank of possibly several); rank 0 returns the Model manifest."""
+    import torch
+    import yaml
+    from transformers import set_seed
+
+    from gdrt_core.artifacts import atomic_output_dir, write_json_atomic, write_manifest
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.tracking import stage_run
+    from gdrt_core.train.data import StepWeights, TrainCollator, build_features, load_token_groups
+    from gdrt_core.train.resume import latest_valid_checkpoint, read_policy_state
+    from gdrt_core.train.trainer import GdrtTrainer
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    dataset = Dataset(config.dataset)
+    token_groups, num_groups = None, 1
+    if config.objective == "gdrt":
+        token_groups, found_groups = load_token_groups(config.groups)
+        num_groups = config.num_groups or found_groups
+        if config.num_groups and config.num_groups < found_groups:
+            raise GdrtError(f"num_groups={config.num_groups} but the Groups artifact has {found_groups} groups",
+                            path=str(config.groups), hint="leave num_groups unset to use the artifact's")
+
+    set_seed(config.seed)
+    model, tokenizer = _prepare_model(config)
+    train_features = build_features(dataset, "train", tokenizer, token_groups=token_groups,
+                                    limit=config.max_train, groups_path=str(config.groups))
+    valid_features = build_features(dataset, "valid", tokenizer, limit=config.valid_size)
+    if not train_features:
+        raise GdrtError("the train split is empty", path=str(config.dataset))
+
+    out = Path(config.out).absolute()
+    work_dir = out / CHECKPOINTS
+    args = training_arguments(config, work_dir, has_valid=bool(valid_features))  # also starts the process group
+    step_weights = StepWeights(num_groups, objective=config.objective, tau=config.tau, prior=config.prior,
+                               policy=config.weights, ema=config.ema)
+
+    resume = None
+    if _is_main():
+        work_dir.mkdir(parents=True, exist_ok=True)
+        resume = latest_valid_checkpoint(work_dir)
+    resume = _broadcast(str(resume) if resume else None)
+    if resume:
+        state = read_policy_state(resume)
+        if state is not None:
+            step_weights.load_state_dict(state)
+        if _is_main():
+            print(f"gdrt train: resuming from {resume}", flush=True)
+
+    trainer_ref: list = []
+    with stage_run("train", to_dict(config)) as tracker:
+        trainer = GdrtTrainer(
+            model=model, args=args, train_dataset=train_features,
+            eval_dataset=valid_features or None, data_collator=TrainCollator(tokenizer.pad_token_id),
+            processing_class=tokenizer, step_weights=step_weights,
+            callbacks=_callbacks(trainer_ref, tracker, config, _valid_ndcg_fn(config, config.dataset)),
+        )
+        trainer_ref.append(trainer)
+        metrics: dict[str, Any] = {}
+        if valid_features and config.eval_at_start and not resume:
+            metrics["eval_loss_initial"] = trainer.evaluate()["eval_loss"]
+            tracker.log_metrics({"eval_loss": metrics["eval_loss_initial"]}, step=0)
+        started = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=resume)
+        metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+        metrics["train_wall_s"] = time.perf_counter() - started
+        if valid_features:
+            metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["global_step"] = trainer.state.global_step
+        metrics["num_train_examples"] = len(train_features)
+        ndcg = [h["eval_ndcg@10"] for h in trainer.state.log_history if "eval_ndcg@10" in h]
+        if ndcg:
+            metrics["eval_ndcg@10"] = ndcg[-1]
+
+        final_dir = work_dir / "final"
+        trainer.save_model(str(final_dir))  # collective under ZeRO-3: every rank takes part
+        _barrier()
+        if not _is_main():
+            return None
+        check_adapter_not_empty(final_dir)
+        inputs = {"dataset": config.dataset}
+        if config.groups:
+            inputs["groups"] = config.groups
+        with atomic_output_dir(out) as tmp:
+            for p in final_dir.iterdir():
+                if p.is_file() and p.name != "training_args.bin":
+                    shutil.copy2(p, tmp / p.name)
+            tokenizer.save_pretrained(str(tmp))
+            with open(tmp / "config.yaml", "w", encoding="utf-8") as f:
+                yaml.safe_dump(to_dict(config), f, sort_keys=False)
+            trainer.state.save_to_json(str(tmp / "trainer_state.json"))
+            write_json_atomic(tmp / "train_metrics.json", metrics)
+            manifest = write_manifest(
+                tmp, "model", config=to_dict(config), inputs=inputs, base_model=_base_reference(config.model),
+                objective=config.objective, adapter=(tmp / "adapter_model.safetensors").is_file(),
+                domain=dataset.domain, num_groups=num_groups, metrics=metrics,
+            )
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                            step=trainer.state.global_step)
+        tracker.log_artifacts(out, "model")
+    return manifest
+
+
+def _base_reference(model: str) -> str:
+    p = Path(model).expanduser()
+    return str(p.resolve()) if p.exists() else model
+
+
+def read_train_metrics(model_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(model_dir) / "train_metrics.json").read_text(encoding="utf-8"))

@@ -1,0 +1,94 @@
+"""Checkpoints that can be trusted: a completion marker with file hashes, written last.
+
+The Trainer writes `checkpoint-<step>/` file by file; a crash can leave it half-written. After every save,
+`seal_checkpoint` hashes its files into `gdrt_complete.json` (written atomically, after every rank has
+finished writing). On restart `latest_valid_checkpoint` takes the newest checkpoint whose marker exists
+and whose files all match; any other checkpoint is moved aside (`corrupt-checkpoint-<step>-<n>`) with a
+message saying why, so it is never loaded and never mixed with a later save of the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from gdrt_core.artifacts import sha256_file, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+MARKER = "gdrt_complete.json"
+STATE = "gdrt_state.json"  # the weights policy state (lagged losses, EMA)
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def seal_checkpoint(checkpoint: str | os.PathLike, *, step: int, extra_state: dict[str, Any] | None = None) -> None:
+    """Write the policy state, then the marker listing every file of the checkpoint with its sha256."""
+    root = Path(checkpoint)
+    if extra_state is not None:
+        write_json_atomic(root / STATE, extra_state)
+    files = {
+        str(p.relative_to(root)): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MARKER and not p.name.startswith(".")
+    }
+    write_json_atomic(root / MARKER, {"step": step, "files": files})
+
+
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """Why the checkpoint cannot be trusted (None if it is complete and intact)."""
+    root = Path(checkpoint)
+    marker = root / MARKER
+    if not marker.is_file():
+        return f"no {MARKER} (the save did not finish)"
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+        files = info["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{MARKER} is unreadable ({e})"
+    if not files:
+        return f"{MARKER} lists no files"
+    for name, digest in files.items():
+        path = root / name
+        if not path.is_file():
+            return f"file {name} is missing"
+        if sha256_file(path) != digest:
+            return f"file {name} does not match its sha256 (modified or truncated)"
+    return None
+
+
+def list_checkpoints(work_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    root = Path(work_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    return sorted(found)
+
+
+def latest_valid_checkpoint(work_dir: str | os.PathLike, *, quarantine: bool = True) -> Path | None:
+    """The newest intact checkpoint in `work_dir`; broken ones are reported and moved aside."""
+    chosen = None
+    for step, path in reversed(list_checkpoints(work_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if chosen is None:
+                chosen = path
+            continue
+        msg = f"skipping checkpoint {path}: {problem}"
+        if quarantine:
+            n = 0
+            while (target := path.parent / f"corrupt-checkpoint-{step}-{n}").exists():
+                n += 1
+            os.replace(path, target)
+            msg += f"; moved to {target.name}"
+        log.warning(msg)
+        print(f"gdrt train: {msg}", flush=True)
+    return chosen
+
+
+def read_policy_state(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(checkpoint) / STATE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

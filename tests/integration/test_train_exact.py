@@ -1,0 +1,97 @@
+"""Exactness: the same optimiser batch gives the same update however it is split.
+
+For each weights policy, 8 x accumulation 1, 2 x accumulation 4, and 2 processes (gloo) x 4 must give
+the same parameters after two SGD steps (lr 1, so the update is the gradient itself; two steps so that
+`lagged` uses step 1's group losses in step 2).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_support import make_groups, make_tiny_model, short_run_params
+
+pytestmark = pytest.mark.integration
+
+HERE = Path(__file__).resolve()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, office_slice):
+    root = tmp_path_factory.mktemp("train_exact")
+    model = make_tiny_model(office_slice, root / "model")
+    groups = make_groups(office_slice, model, root / "groups", limit=40)
+    return {"model": str(model), "dataset": str(office_slice), "groups": str(groups), "root": root}
+
+
+def torchrun(nproc: int, args: list[str], timeout: int = 300) -> None:
+    from gdrt_core.train.deepspeed import free_port, worker_env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(HERE.parent / "test_train_support.py"),
+           "update", *args]
+    env = worker_env()
+    env["PYTHONPATH"] = str(HERE.parents[2])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("policy", ["batch", "lagged"])
+def test_split_does_not_change_the_update(tiny, tmp_path, policy):
+    """8x1 == 2x4 == 2 processes x 4, to float tolerance, for both weights policies."""
+    base, start = None, None
+    common = dict(policy=policy, work_dir=str(tmp_path / "w"))
+    whole, logs_whole = short_run_params(tiny["model"], tiny["dataset"], tiny["groups"], batch=8, accum=1, **common)
+    split, logs_split = short_run_params(tiny["model"], tiny["dataset"], tiny["groups"], batch=2, accum=4, **common)
+    out = tmp_path / "ddp.pt"
+    torchrun(2, [tiny["model"], tiny["dataset"], tiny["groups"], "4", "1", policy, str(out)])
+    ddp = torch.load(out)["params"]
+
+    from gdrt_core.models import load_model
+
+    start = torch.cat([p.detach().double().flatten() for p in load_model(tiny["model"], device="none").parameters()])
+    update = whole - start
+    assert update.abs().max() > 1e-4  # the steps did move the parameters
+    for other in (split, ddp):
+        diff = (other - start - update).abs().max() / update.abs().max()
+        assert diff < 1e-4, f"relative difference {diff:.2e}"
+    # the logged group weights are those of the whole batch, whatever the split
+    for a, b in zip(logs_whole, logs_split, strict=True):
+        for k in a:
+            if k.startswith(("group_weight", "group_loss", "loss_")):
+                assert a[k] == pytest.approx(b[k], rel=1e-4), k
+    del base
+
+
+def test_split_matters_without_whole_batch_counts(tiny, tmp_path):
+    """Control: per-micro-batch GDRT (what a naive compute_loss does) gives a different update.
+
+    Shows the test above can fail: with 2 x 4 and weights / counts taken per micro-batch, the update differs.
+    """
+    import torch.nn.functional as F
+
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.loss import gdrt_loss
+    from gdrt_core.models import load_model, load_tokenizer
+    from gdrt_core.train.data import build_features, load_token_groups, pad_batch
+
+    tok = load_tokenizer(tiny["model"])
+    feats = build_features(Dataset(tiny["dataset"]), "train", tok, token_groups=load_token_groups(tiny["groups"])[0], limit=8)
+
+    def grads(chunks):
+        model = load_model(tiny["model"], device="none")
+        model.train()
+        for chunk in chunks:
+            b = pad_batch(chunk, tok.pad_token_id)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            loss, _ = gdrt_loss(logits[:, :-1], b["labels"][:, 1:], b["group_ids"][:, 1:], num_groups=4)
+            (loss / len(chunks)).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    whole = grads([feats])
+    naive = grads([feats[i:i + 2] for i in range(0, 8, 2)])
+    assert F.cosine_similarity(whole, naive, dim=0) < 0.99999 or (whole - naive).abs().max() > 1e-4 * whole.abs().max()
