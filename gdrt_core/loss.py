@@ -56,14 +56,17 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
             f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
     batch, seq, vocab = logits.shape
-    ce = F.cross_entropy(
-        (logits if logits.dtype == torch.float64 else logits.float()).reshape(batch * seq, vocab),  # [B*T, V]
-        labels.reshape(batch * seq),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(batch, seq)  # [B, T]
+    flat_labels = labels.reshape(batch * seq)  # [B*T]
     mask = labels != IGNORE_INDEX  # [B, T]
-    return ce, mask
+    # Only the target rows are upcast and scored: targets are a few tokens of a long prompt, and a
+    # float32 copy of all [B*T, V] logits is the largest tensor of the step.
+    rows = mask.reshape(-1).nonzero(as_tuple=True)[0]  # [N]
+    target_logits = logits.reshape(batch * seq, vocab).index_select(0, rows)  # [N, V]
+    if target_logits.dtype != torch.float64:
+        target_logits = target_logits.float()
+    target_ce = F.cross_entropy(target_logits, flat_labels.index_select(0, rows), reduction="none")  # [N]
+    ce = torch.zeros(batch * seq, dtype=target_ce.dtype, device=logits.device).index_add(0, rows, target_ce)
+    return ce.view(batch, seq), mask
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from gdrt_core.loss import (
     group_token_counts,
     lagged_step_weights,
     sft_loss,
+    token_cross_entropy,
     weighted_token_loss,
 )
 
@@ -56,6 +57,18 @@ def test_sft_loss_without_targets_is_zero_and_backpropagates():
     loss = sft_loss(logits, torch.full((1, 2), -100))
     loss.backward()
     assert loss.item() == 0.0 and torch.all(logits.grad == 0)
+
+
+def test_token_cross_entropy_matches_full_rows_cross_entropy_in_bf16():
+    """Only the target rows are scored; the values equal F.cross_entropy over every row in float32."""
+    logits, labels, _ = random_batch(3)
+    logits = logits.to(torch.bfloat16)
+    ce, mask = token_cross_entropy(logits, labels)
+    reference = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view_as(ce)
+    assert ce.dtype == torch.float32 and mask.tolist() == (labels != -100).tolist()
+    torch.testing.assert_close(ce, reference)
 
 
 # --- GDRT: the hand cases ----------------------------------------------------------------------------
