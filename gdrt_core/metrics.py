@@ -24,6 +24,9 @@ popular of the ids with that title (training interactions; ties to the smallest 
 popular share use the representative's popularity group; history items count with their own id's group.
 The catalogue therefore has one recommendable item per distinct title, and coverage@K = distinct
 catalogue titles in the top-K lists / distinct catalogue titles.
+
+`compute_metrics` gives metrics.json for a list of examples; `MetricsAccumulator` gives the same while
+predictions stream in batch by batch.
 """
 
 from __future__ import annotations
@@ -227,6 +230,95 @@ def popular_share(rankings: Sequence[Sequence[str]], k: int, catalogue: TitleCat
 # --- everything metrics.json holds -------------------------------------------------------------------
 
 
+class MetricsAccumulator:
+    """Streams examples in (`add`) and gives the metrics.json dict (`result`), in memory bounded by the
+    catalogue size, so the evaluate stage can score predictions batch by batch.
+
+    Same definitions as the functions above; `compute_metrics` is this over a whole list.
+    """
+
+    def __init__(self, catalogue: TitleCatalogue, *, extended: bool = False):
+        self.catalogue = catalogue
+        self.extended = extended
+        self.fairness_ks = RANK_KS if extended else FAIRNESS_KS
+        self.coverage_ks = (5, COVERAGE_K) if extended else (COVERAGE_K,)
+        g = catalogue.num_groups
+        self.n_examples = 0
+        self.hits = dict.fromkeys(RANK_KS, 0)
+        self.dcg = dict.fromkeys(RANK_KS, 0.0)
+        self.recommended = {k: np.zeros(g, dtype=np.int64) for k in self.fairness_ks}  # [G] per K
+        self.history = np.zeros(g, dtype=np.int64)  # [G]
+        self.covered: dict[int, set[str]] = {k: set() for k in self.coverage_ks}
+        self.returned = 0
+        self.invalid = 0
+
+    def add(self, returned: Sequence[str], target_title: str, history: Sequence[int]) -> int | None:
+        """Add one example; returns the target's rank (None = no hit)."""
+        cat = self.catalogue
+        ranking = dedupe_ranking(returned)
+        rank = next((pos for pos, title in enumerate(ranking) if title == target_title), None)
+        self.n_examples += 1
+        for k in RANK_KS:
+            if rank is not None and rank < k:
+                self.hits[k] += 1
+                self.dcg[k] += 1.0 / math.log2(rank + 2)
+        groups = [cat.group_of_title(t) for t in ranking]
+        for k in self.fairness_ks:
+            for group in groups[:k]:
+                if group is not None:
+                    self.recommended[k][group] += 1
+        for k in self.coverage_ks:
+            self.covered[k].update(t for t in ranking[:k] if t in cat)
+        self.history += np.bincount(history_groups([history], cat), minlength=cat.num_groups)[
+            : cat.num_groups
+        ]
+        self.returned += len(returned)
+        self.invalid += sum(1 for t in returned if t not in cat)
+        return rank
+
+    def fairness(self, k: int) -> Fairness:
+        gp = _shares(self.recommended[k])
+        gh = _shares(self.history)
+        gap = gp - gh
+        return Fairness(k=k, gp=gp, gh=gh, mgu=float(np.abs(gap).mean()), dgu=float(gap.max() - gap.min()))
+
+    def result(self) -> dict[str, float | int]:
+        if self.n_examples == 0:
+            raise GdrtError("no examples to evaluate", hint="check the split and --limit")
+        n = self.n_examples
+        metrics: dict[str, float | int] = {}
+        for k in RANK_KS:
+            metrics[f"hr@{k}"] = self.hits[k] / n
+        for k in RANK_KS:
+            metrics[f"ndcg@{k}"] = self.dcg[k] / n
+        fairness = {k: self.fairness(k) for k in self.fairness_ks}
+        for k in FAIRNESS_KS:
+            metrics[f"mgu@{k}"] = fairness[k].mgu
+            metrics[f"dgu@{k}"] = fairness[k].dgu
+        size = self.catalogue.size
+        metrics[f"coverage@{COVERAGE_K}"] = len(self.covered[COVERAGE_K]) / size if size else 0.0
+        metrics["invalid_rate"] = self.invalid / self.returned if self.returned else 0.0
+        metrics["n_examples"] = n
+        if self.extended:
+            for k in RANK_KS:
+                if k not in FAIRNESS_KS:
+                    metrics[f"mgu@{k}"] = fairness[k].mgu
+                    metrics[f"dgu@{k}"] = fairness[k].dgu
+            metrics["coverage@5"] = len(self.covered[5]) / size if size else 0.0
+            for k in FAIRNESS_KS:
+                metrics[f"popular_share@{k}"] = float(fairness[k].gp[-1])
+                for g in range(self.catalogue.num_groups):
+                    metrics[f"gp@{k}/{g}"] = float(fairness[k].gp[g])
+            for g in range(self.catalogue.num_groups):
+                metrics[f"gh/{g}"] = float(fairness[FAIRNESS_KS[0]].gh[g])
+        return metrics
+
+
+def _shares(counts: np.ndarray) -> np.ndarray:
+    total = counts.sum()
+    return counts / total if total > 0 else counts.astype(np.float64)
+
+
 def compute_metrics(
     rankings: Sequence[Sequence[str]],
     targets: Sequence[str],
@@ -246,33 +338,7 @@ def compute_metrics(
             f"{len(rankings)} rankings, {len(targets)} targets and {len(histories)} histories",
             hint="pass one ranking, target and history per evaluated example",
         )
-    if not rankings:
-        raise GdrtError("no examples to evaluate", hint="check the split and --limit")
-    ranks = [target_rank(returned, target) for returned, target in zip(rankings, targets, strict=True)]
-    metrics: dict[str, float | int] = {}
-    for k in RANK_KS:
-        metrics[f"hr@{k}"] = hit_rate(ranks, k)
-    for k in RANK_KS:
-        metrics[f"ndcg@{k}"] = ndcg(ranks, k)
-    fairness = {
-        k: fairness_at_k(rankings, histories, catalogue, k) for k in (RANK_KS if extended else FAIRNESS_KS)
-    }
-    for k in FAIRNESS_KS:
-        metrics[f"mgu@{k}"] = fairness[k].mgu
-        metrics[f"dgu@{k}"] = fairness[k].dgu
-    metrics[f"coverage@{COVERAGE_K}"] = coverage(rankings, COVERAGE_K, catalogue)
-    metrics["invalid_rate"] = invalid_rate(rankings, catalogue)
-    metrics["n_examples"] = len(rankings)
-    if extended:
-        for k in RANK_KS:
-            if k not in FAIRNESS_KS:
-                metrics[f"mgu@{k}"] = fairness[k].mgu
-                metrics[f"dgu@{k}"] = fairness[k].dgu
-        metrics["coverage@5"] = coverage(rankings, 5, catalogue)
-        for k in FAIRNESS_KS:
-            metrics[f"popular_share@{k}"] = float(fairness[k].gp[-1])
-            for g in range(catalogue.num_groups):
-                metrics[f"gp@{k}/{g}"] = float(fairness[k].gp[g])
-        for g in range(catalogue.num_groups):
-            metrics[f"gh/{g}"] = float(fairness[FAIRNESS_KS[0]].gh[g])
-    return metrics
+    acc = MetricsAccumulator(catalogue, extended=extended)
+    for returned, target, history in zip(rankings, targets, histories, strict=True):
+        acc.add(returned, target, history)
+    return acc.result()

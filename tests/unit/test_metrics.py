@@ -23,6 +23,7 @@ import pytest
 from gdrt_core.errors import GdrtError
 from gdrt_core.metrics import (
     METRIC_KEYS,
+    MetricsAccumulator,
     TitleCatalogue,
     compute_metrics,
     coverage,
@@ -161,6 +162,31 @@ def test_metrics_json_keys_and_ranges(catalogue):
     assert [extended[f"gp@5/{g}"] for g in range(3)] == approx([3 / 11, 6 / 11, 2 / 11])
     assert [extended[f"gh/{g}"] for g in range(3)] == approx([5 / 9, 1 / 9, 3 / 9])
     assert extended["mgu@1"] >= 0.0
+
+
+def test_streaming_accumulator_agrees_with_the_per_metric_functions(catalogue):
+    """200 random examples (repeats and invalid titles included): the streamed metrics.json equals the
+    per-metric functions applied to the whole list."""
+    import random
+
+    rng = random.Random(7)
+    vocabulary = ["A", "B", "C", "D", "E", "F", "Zzz"]
+    rankings = [[rng.choice(vocabulary) for _ in range(rng.randint(0, 10))] for _ in range(200)]
+    targets = [rng.choice(vocabulary[:6]) for _ in range(200)]
+    histories = [[rng.choice(list(TITLES)) for _ in range(rng.randint(1, 10))] for _ in range(200)]
+    acc = MetricsAccumulator(catalogue)
+    ranks = [acc.add(r, t, h) for r, t, h in zip(rankings, targets, histories, strict=True)]
+    streamed = acc.result()
+    assert ranks == [target_rank(r, t) for r, t in zip(rankings, targets, strict=True)]
+    for k in (1, 5, 10):
+        assert streamed[f"hr@{k}"] == approx(hit_rate(ranks, k))
+        assert streamed[f"ndcg@{k}"] == approx(ndcg(ranks, k))
+    for k in (5, 10):
+        f = fairness_at_k(rankings, histories, catalogue, k)
+        assert (streamed[f"mgu@{k}"], streamed[f"dgu@{k}"]) == approx((f.mgu, f.dgu))
+    assert streamed["coverage@10"] == approx(coverage(rankings, 10, catalogue))
+    assert streamed["invalid_rate"] == approx(invalid_rate(rankings, catalogue))
+    assert streamed == compute_metrics(rankings, targets, histories, catalogue)
 
 
 def test_misaligned_inputs_are_user_errors(catalogue):
