@@ -1,0 +1,566 @@
+"""The attribution stage (method.md §3): how much a model's target log-prob owes to the auxiliary tokens
+(the template and the already generated title prefix) versus the user's history.
+
+Feature ablation (default). For an example, s = sum of the teacher-forced target token log-probs. Ablating a
+segment and re-scoring gives Δ = s - s_ablated (positive: the segment helps predict the target):
+
+- `instruction`: every instruction-role token (template, quotes, separators, response header), BOS kept;
+- `history`: every history-title token; `history_item` i: the tokens of history title i (0 = oldest);
+- `prefix_token` t: the generated prefix y_<t of target token t: the target tokens as inputs are replaced by
+  the neutral token (and, with the attention baseline, also removed from attention), in one pass for all t,
+  since the prediction of y_t only sees inputs up to y_{t-1}.
+
+Per target token the same passes also give `instruction_token` t and `history_token` t (Δ log p(y_t)).
+Baselines: `neutral` replaces the ablated tokens by a neutral token (default: the pad token), `attention`
+removes them from attention with position ids unchanged (gdrt_core.scoring). Cost: 4 + history-items forward
+passes per example, batched across examples by length.
+
+Gradient x input (`method=grad_x_input`) is the cheaper alternative: one forward and one backward pass;
+segment scores are the sums of (d s / d embedding) . embedding over the segment's tokens (no per-token split).
+
+Summary (summary.json):
+- aux_share = A / (A + H), aux_interaction_ratio = A / H with, over all target tokens of all examples,
+  A = sum |Δ instruction_token| + |Δ prefix_token| and H = sum |Δ history_token| (for grad x input:
+  per example |instruction| + |prefix| and |history|). aux_share_sequence uses the example-level Δ of the
+  instruction and of the history only.
+- profile_by_recency: mean Δ of a history item by its distance from the end (1 = most recent item).
+- counterfactual: the same model re-scored with the history removed (rendered empty) or shuffled. Metrics:
+  mean target log-prob per token, and the rank (0 = best) of the target title among the target and
+  `num_negatives` catalogue titles sampled per example, by the sum of their log-probs (as the beam search
+  ranks with length_penalty 0); hr@1 and mrr over those ranks. A model that ignores the history loses little.
+
+Output, the Attribution artifact: attributions.parquet (example_id int64, segment string, position int32,
+score float32; position = history index, target token index, or -1 for whole segments), summary.json,
+plots/*.png, manifest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gdrt_core.config import field, load_config, to_dict
+from gdrt_core.errors import GdrtError
+
+METHODS = ("ablation", "grad_x_input")
+BASELINES = ("neutral", "attention")
+SUMMARY_FILE = "summary.json"
+ATTRIBUTIONS_FILE = "attributions.parquet"
+
+
+@dataclass
+class AttributeConfig:
+    dataset: str = field(help="Dataset artifact directory")
+    model: str = field(help="model dir or hub id to diagnose")
+    out: str = field(help="output Attribution directory")
+    split: str = field("test", help="split to attribute: train | valid | test")
+    limit: int | None = field(None, help="attribute at most this many examples (None = the whole split)")
+    method: str = field("ablation", help="ablation (feature ablation, default) | grad_x_input")
+    baseline: str = field("neutral", help="ablation baseline: neutral (replace by a neutral token) | attention (hide from attention)")
+    neutral_token: str | None = field(None, help="token that replaces ablated tokens (default: the tokenizer's pad token)")
+    counterfactual: bool = field(True, help="also re-score with the history removed and shuffled")
+    num_negatives: int = field(9, help="catalogue titles sampled per example to rank the target against (0 = no ranking)")
+    seed: int = field(0, help="seed for the negatives and the shuffled histories")
+    groups: str | None = field(None, help="Groups artifact: draw its relevance histogram with the group edges")
+    batch_size: int = field(16, help="sequences per forward pass")
+    max_batch_tokens: int | None = field(None, help="cap on padded tokens per forward pass (None = no cap)")
+    chunk_size: int = field(256, help="examples scored together (bounds memory; one progress step each)")
+    device: str = field("auto", help="auto | cpu | cuda | cuda:N")
+    dtype: str = field("auto", help="auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16")
+    progress: bool = field(True, help="show a progress bar")
+
+
+@dataclass
+class ExampleAttribution:
+    """Attribution of one example. Per-token arrays have one value per target token."""
+
+    example_id: int
+    logprobs: np.ndarray  # [n_target] log p(y_t | full prompt, y_<t)
+    instruction: np.ndarray  # [n_target] Δ log p(y_t) when the instruction is ablated
+    history: np.ndarray  # [n_target] Δ when the whole history is ablated
+    items: list[np.ndarray]  # [n_items] x [n_target] Δ when history item i is ablated
+    prefix: np.ndarray  # [n_target] Δ when y_<t is ablated (0 for t = 0)
+
+    def rows(self) -> list[tuple[str, int, float]]:
+        """(segment, position, score) rows for attributions.parquet."""
+        out = [
+            ("instruction", -1, float(self.instruction.sum())),
+            ("history", -1, float(self.history.sum())),
+            ("prefix", -1, float(self.prefix.sum())),
+        ]
+        out += [("history_item", i, float(d.sum())) for i, d in enumerate(self.items)]
+        for name, per_token in (
+            ("target_logprob", self.logprobs), ("instruction_token", self.instruction),
+            ("history_token", self.history), ("prefix_token", self.prefix),
+        ):
+            out += [(name, t, float(v)) for t, v in enumerate(per_token)]
+        return out
+
+
+# ------------------------------------------------------------------------------------------- ablation
+
+
+def neutral_token_id(tokenizer, neutral_token: str | None = None) -> int:
+    """The id that replaces ablated tokens: `neutral_token` (must be one token) or the pad token."""
+    from gdrt_core.scoring import pad_id_of
+
+    if neutral_token is None:
+        return pad_id_of(tokenizer)
+    vocab = tokenizer.get_vocab()
+    if neutral_token in vocab:
+        return int(vocab[neutral_token])
+    ids = tokenizer(neutral_token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise GdrtError(
+            f"neutral_token {neutral_token!r} is {len(ids)} tokens for this tokenizer, not one",
+            hint="choose a single-token string, or leave neutral_token unset to use the pad token",
+        )
+    return int(ids[0])
+
+
+def segment_indices(example, bos_token_id: int | None = None) -> dict:
+    """Token indices of each ablatable segment of a TokenizedExample.
+
+    {"instruction": [...], "history": [...], "items": [[...] per history position], "prefix": [...]}.
+    A leading BOS is never ablated (models use it as an attention sink; removing it measures that, not the
+    instruction). The prefix = the target tokens used as inputs (all but the last).
+    """
+    from gdrt_core.tokenization import HISTORY, INSTRUCTION, TARGET
+
+    roles = example.role
+    start = 1 if bos_token_id is not None and example.input_ids and example.input_ids[0] == bos_token_id else 0
+    instruction = [i for i in range(start, len(roles)) if roles[i] == INSTRUCTION]
+    history = [i for i, r in enumerate(roles) if r == HISTORY]
+    num_items = max(example.history_pos) + 1 if history else 0
+    items = [[i for i in history if example.history_pos[i] == k] for k in range(num_items)]
+    targets = [i for i, r in enumerate(roles) if r == TARGET]
+    return {"instruction": instruction, "history": history, "items": items, "prefix": targets[:-1]}
+
+
+def ablation_requests(example, *, baseline: str, neutral_id: int, bos_token_id: int | None = None) -> list:
+    """The scoring requests of one example: [full, instruction, history, prefix, item 0, item 1, ...]."""
+    from gdrt_core.scoring import ScoringRequest, replace_tokens
+    from gdrt_core.tokenization import TARGET
+
+    if baseline not in BASELINES:
+        raise GdrtError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    ids = example.input_ids
+    labels = [t for t, r in zip(ids, example.role, strict=True) if r == TARGET]
+    n = len(labels)
+    if n == 0:
+        raise GdrtError("an example has no target tokens to attribute", hint="render it with its target title")
+    seg = segment_indices(example, bos_token_id)
+
+    def ablated(indices: list[int]) -> ScoringRequest:
+        if baseline == "attention":
+            return ScoringRequest(list(ids), n, hidden=list(indices), labels=labels)
+        return ScoringRequest(replace_tokens(ids, indices, neutral_id), n, labels=labels)
+
+    prefix = ScoringRequest(
+        replace_tokens(ids, seg["prefix"], neutral_id), n, labels=labels,
+        hidden=list(seg["prefix"]) if baseline == "attention" else [],
+    )
+    return [
+        ScoringRequest(list(ids), n, labels=labels), ablated(seg["instruction"]), ablated(seg["history"]), prefix,
+        *(ablated(item) for item in seg["items"]),
+    ]
+
+
+def ablation_attributions(
+    model, examples: Sequence, example_ids: Sequence[int], *, baseline: str, neutral_id: int, pad_token_id: int,
+    bos_token_id: int | None = None, batch_size: int = 16, max_batch_tokens: int | None = None,
+) -> list[ExampleAttribution]:
+    """Feature-ablation attribution of TokenizedExamples, all passes batched together by length."""
+    from gdrt_core.scoring import target_logprobs
+
+    requests, spans = [], []
+    for ex in examples:
+        reqs = ablation_requests(ex, baseline=baseline, neutral_id=neutral_id, bos_token_id=bos_token_id)
+        spans.append((len(requests), len(reqs)))
+        requests.extend(reqs)
+    logprobs = target_logprobs(
+        model, requests, pad_token_id=pad_token_id, batch_size=batch_size, max_batch_tokens=max_batch_tokens
+    )
+    out = []
+    for eid, (start, count) in zip(example_ids, spans, strict=True):
+        full, instr, hist, prefix, *items = logprobs[start:start + count]
+        out.append(ExampleAttribution(
+            example_id=int(eid), logprobs=full, instruction=full - instr, history=full - hist,
+            items=[full - it for it in items], prefix=full - prefix,
+        ))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- gradient x input
+
+
+def grad_x_input_attributions(
+    model, examples: Sequence, example_ids: Sequence[int], *, pad_token_id: int, batch_size: int = 16,
+) -> list[ExampleAttribution]:
+    """Gradient x input of s (sum of target log-probs) w.r.t. the input embeddings, summed per segment.
+
+    Segment sums go into the first target position of the per-token arrays (there is no per-token split).
+    """
+    import torch
+
+    from gdrt_core.scoring import ScoringRequest, build_batch, length_batches
+    from gdrt_core.tokenization import TARGET
+
+    embed = model.get_input_embeddings()
+    device = embed.weight.device
+    dtype = embed.weight.dtype
+    results: list[ExampleAttribution | None] = [None] * len(examples)
+    requests = [
+        ScoringRequest(ex.input_ids, sum(1 for r in ex.role if r == TARGET)) for ex in examples
+    ]
+    for batch in length_batches([len(r.input_ids) for r in requests], batch_size):
+        reqs = [requests[i] for i in batch]
+        input_ids, mask, position_ids = build_batch(reqs, pad_token_id, dtype)
+        input_ids = input_ids.to(device)
+        keep = max(r.num_scored for r in reqs) + 1
+        with torch.enable_grad():
+            embeds = embed(input_ids).detach().requires_grad_(True)  # [batch, seq, hidden]
+            out = model(
+                inputs_embeds=embeds, attention_mask=mask.to(device), position_ids=position_ids.to(device),
+                logits_to_keep=keep,
+            )
+            logprobs = torch.log_softmax(out.logits[:, -keep:].float(), dim=-1)  # [batch, keep, vocab]
+            targets = input_ids[:, -(keep - 1):]  # [batch, keep-1]
+            token_lp = logprobs[:, :-1].gather(-1, targets[..., None])[..., 0]  # [batch, keep-1]
+            scored = torch.zeros_like(token_lp, dtype=torch.bool)
+            for row, r in enumerate(reqs):
+                scored[row, keep - 1 - r.num_scored:] = True
+            total = token_lp[scored].sum()
+            (grad,) = torch.autograd.grad(total, embeds)
+        per_token = (grad.float() * embeds.detach().float()).sum(-1).cpu().numpy()  # [batch, seq]
+        token_lp = token_lp.detach().cpu().numpy()
+        length = input_ids.shape[1]
+        for row, i in enumerate(batch):
+            ex, r = examples[i], reqs[row]
+            attr = per_token[row, length - len(ex.input_ids):]  # unpadded [seq_i]
+            seg = segment_indices(ex)
+            n = r.num_scored
+
+            def at_first(value: float, n: int = n) -> np.ndarray:
+                arr = np.zeros(n, dtype=np.float32)
+                arr[0] = value
+                return arr
+
+            results[i] = ExampleAttribution(
+                example_id=int(example_ids[i]),
+                logprobs=token_lp[row, token_lp.shape[1] - n:].astype(np.float32),
+                instruction=at_first(attr[seg["instruction"]].sum()),
+                history=at_first(attr[seg["history"]].sum()),
+                items=[at_first(attr[item].sum()) for item in seg["items"]],
+                prefix=at_first(attr[seg["prefix"]].sum()),
+            )
+    return results  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------- summaries
+
+
+def summarize(attributions: Sequence[ExampleAttribution]) -> dict:
+    """Auxiliary share, aux : interaction ratio, segment shares and the history-position profile."""
+    if not attributions:
+        raise GdrtError("no examples were attributed", hint="check --split and --limit")
+    cat = np.concatenate
+    instr = cat([a.instruction for a in attributions]).astype(np.float64)
+    hist = cat([a.history for a in attributions]).astype(np.float64)
+    prefix = cat([a.prefix for a in attributions]).astype(np.float64)
+    aux_abs = float(np.abs(instr).sum() + np.abs(prefix).sum())
+    hist_abs = float(np.abs(hist).sum())
+    total = aux_abs + hist_abs
+    seq_instr = float(sum(abs(a.instruction.sum()) for a in attributions))
+    seq_hist = float(sum(abs(a.history.sum()) for a in attributions))
+    by_position: dict[int, list[float]] = {}
+    by_recency: dict[int, list[float]] = {}
+    for a in attributions:
+        for i, d in enumerate(a.items):
+            by_position.setdefault(i, []).append(float(d.sum()))
+            by_recency.setdefault(len(a.items) - i, []).append(float(d.sum()))
+
+    def ratio(x: float, y: float) -> float | None:
+        return x / y if y > 0 else None
+
+    return {
+        "n_examples": len(attributions),
+        "n_target_tokens": int(instr.size),
+        "mean_target_logprob": float(cat([a.logprobs for a in attributions]).mean()),
+        "mean_sequence_logprob": float(np.mean([a.logprobs.sum() for a in attributions])),
+        "aux_share": ratio(aux_abs, total),
+        "aux_interaction_ratio": ratio(aux_abs, hist_abs),
+        "aux_share_sequence": ratio(seq_instr, seq_instr + seq_hist),
+        "share_by_segment": {
+            "instruction": ratio(float(np.abs(instr).sum()), total),
+            "prefix": ratio(float(np.abs(prefix).sum()), total),
+            "history": ratio(hist_abs, total),
+        },
+        "mean_delta": {
+            "instruction": float(np.mean([a.instruction.sum() for a in attributions])),
+            "history": float(np.mean([a.history.sum() for a in attributions])),
+            "prefix": float(np.mean([a.prefix.sum() for a in attributions])),
+            "history_item": float(np.mean([v for vs in by_position.values() for v in vs])) if by_position else None,
+        },
+        "profile_by_position": {str(k): float(np.mean(v)) for k, v in sorted(by_position.items())},
+        "profile_by_recency": {str(k): float(np.mean(v)) for k, v in sorted(by_recency.items())},
+        "profile_counts": {str(k): len(v) for k, v in sorted(by_recency.items())},
+    }
+
+
+# ------------------------------------------------------------------------------------------- counterfactual
+
+
+def counterfactual_requests(tokenizer, domain: str, example, titles: Sequence[str], num_negatives: int, seed: int):
+    """{condition: [requests for the target title, then the negatives]} for full / removed / shuffled history."""
+    from gdrt_core.prompts import render
+    from gdrt_core.scoring import ScoringRequest
+    from gdrt_core.tokenization import TARGET, tokenize_example
+
+    rng = np.random.default_rng([seed, int(example.example_id)])
+    history = list(example.history_titles)
+    shuffled = [history[i] for i in rng.permutation(len(history))]
+    negatives: list[str] = []
+    if num_negatives:
+        pool = rng.permutation(len(titles))
+        for j in pool:
+            if titles[j] != example.target_title:
+                negatives.append(titles[j])
+            if len(negatives) == num_negatives:
+                break
+    out = {}
+    for condition, hist in (("full", history), ("history_removed", []), ("history_shuffled", shuffled)):
+        reqs = []
+        for title in [example.target_title, *negatives]:
+            ex = tokenize_example(tokenizer, render(domain, hist, title))
+            reqs.append(ScoringRequest(ex.input_ids, sum(1 for r in ex.role if r == TARGET)))
+        out[condition] = reqs
+    return out
+
+
+def counterfactual_scores(model, tokenizer, domain: str, examples: Sequence, titles: Sequence[str], *,
+                          num_negatives: int, seed: int, batch_size: int = 16, max_batch_tokens: int | None = None
+                          ) -> dict[str, list[tuple[float, int | None]]]:
+    """{condition: [(mean target token log-prob, rank of the target among the candidates) per example]}."""
+    from gdrt_core.scoring import pad_id_of, target_logprobs
+
+    flat, index = [], []
+    for ex in examples:
+        per = counterfactual_requests(tokenizer, domain, ex, titles, num_negatives, seed)
+        for condition, reqs in per.items():
+            index.append((condition, len(flat), len(reqs)))
+            flat.extend(reqs)
+    lps = target_logprobs(model, flat, pad_token_id=pad_id_of(tokenizer), batch_size=batch_size,
+                          max_batch_tokens=max_batch_tokens)
+    out: dict[str, list] = {"full": [], "history_removed": [], "history_shuffled": []}
+    for condition, start, count in index:
+        target, *negs = lps[start:start + count]
+        s = float(target.sum())
+        rank = int(sum(float(n.sum()) > s for n in negs)) if negs else None
+        out[condition].append((float(target.mean()), rank))
+    return out
+
+
+def counterfactual_summary(scores: dict[str, list[tuple[float, int | None]]]) -> dict:
+    """Metrics per condition and their drop from `full` (positive = the model needs the history)."""
+    metrics = {}
+    for condition, rows in scores.items():
+        lp = [r[0] for r in rows]
+        ranks = [r[1] for r in rows if r[1] is not None]
+        m = {"mean_target_logprob": float(np.mean(lp)) if lp else None}
+        if ranks:
+            r = np.asarray(ranks, dtype=np.float64)
+            m.update({"mean_rank": float(r.mean()), "hr@1": float((r == 0).mean()), "mrr": float((1.0 / (r + 1)).mean())})
+        metrics[condition] = m
+    drops = {}
+    for condition in ("history_removed", "history_shuffled"):
+        drops[condition] = {
+            k: (metrics["full"][k] - v) if k != "mean_rank" else (v - metrics["full"][k])
+            for k, v in metrics.get(condition, {}).items() if v is not None and metrics["full"].get(k) is not None
+        }
+    return {"metrics": metrics, "drop": drops}
+
+
+# ------------------------------------------------------------------------------------------- plots
+
+
+def write_plots(summary: dict, plots_dir: Path, groups_dir: str | None = None) -> list[str]:
+    """share_by_segment.png, profile_by_position.png and (with a Groups artifact) relevance_histogram.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    shares = {k: v or 0.0 for k, v in summary["share_by_segment"].items()}
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(list(shares), list(shares.values()), color=["#4c72b0", "#8172b2", "#55a868"])
+    ax.set_ylabel("share of |Δ log p|")
+    ax.set_title(f"attribution by segment (aux share {summary['aux_share'] or 0:.2f})")
+    fig.tight_layout()
+    fig.savefig(plots_dir / "share_by_segment.png", dpi=100)
+    plt.close(fig)
+    written.append("share_by_segment.png")
+
+    profile = summary["profile_by_recency"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar([int(k) for k in profile], list(profile.values()), color="#55a868")
+    ax.set_xlabel("history item, counted back from the most recent (1 = last)")
+    ax.set_ylabel("mean Δ log p(target)")
+    ax.set_title("attribution by history position")
+    fig.tight_layout()
+    fig.savefig(plots_dir / "profile_by_position.png", dpi=100)
+    plt.close(fig)
+    written.append("profile_by_position.png")
+
+    if groups_dir is not None:
+        from gdrt_core.grouping import example_means, read_groups
+
+        info, table = read_groups(groups_dir)
+        split = table.column("split").to_numpy(zero_copy_only=False)
+        train = table.filter(split == "train")
+        rel = train.column("relevance").to_numpy()
+        if info.get("granularity") == "example":
+            _, first = np.unique(train.column("example_id").to_numpy(), return_index=True)
+            rel = example_means(train.column("example_id").to_numpy(), rel)[first]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.hist(rel, bins=50, color="#4c72b0")
+        for edge in info["edges"]:
+            ax.axvline(edge, color="#c44e52", linestyle="--")
+        ax.set_xlabel("relevance r_t = log p_ref(y_t | no history)")
+        ax.set_ylabel("train target tokens" if info.get("granularity") != "example" else "train examples")
+        ax.set_title(f"relevance with the {info['num_groups']} group edges")
+        fig.tight_layout()
+        fig.savefig(plots_dir / "relevance_histogram.png", dpi=100)
+        plt.close(fig)
+        written.append("relevance_histogram.png")
+    return written
+
+
+# ------------------------------------------------------------------------------------------- the stage
+
+
+def _numeric_metrics(summary: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in summary.items():
+        if isinstance(v, dict):
+            out.update(_numeric_metrics(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
+    """Attribute `config.split` of the dataset; write the Attribution artifact; return the summary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    from gdrt_core.artifacts import MANIFEST, atomic_output_dir, write_json_atomic, write_manifest
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.prompts import render
+    from gdrt_core.scoring import pad_id_of
+    from gdrt_core.tokenization import tokenize_example
+    from gdrt_core.tracking import stage_run
+
+    if config.method not in METHODS:
+        raise GdrtError(f"method must be one of {METHODS}, got {config.method!r}")
+    if config.baseline not in BASELINES:
+        raise GdrtError(f"baseline must be one of {BASELINES}, got {config.baseline!r}")
+    if config.groups is not None:
+        from gdrt_core.artifacts import read_manifest
+
+        read_manifest(config.groups, "groups")
+    ds = Dataset(config.dataset)
+    examples = ds.examples(config.split, config.limit)
+    if not examples:
+        raise GdrtError(f"split {config.split!r} has no examples", path=config.dataset)
+    with stage_run("attribute", to_dict(config)) as tracker:
+        if model is None or tokenizer is None:
+            from gdrt_core.scoring import load_scoring_model
+
+            model, tokenizer = load_scoring_model(config.model, device=config.device, dtype=config.dtype)
+        pad_id = pad_id_of(tokenizer)
+        neutral_id = neutral_token_id(tokenizer, config.neutral_token)
+        titles = sorted(set(ds.titles.values()))
+        attributions: list[ExampleAttribution] = []
+        cf_scores: dict[str, list] = {"full": [], "history_removed": [], "history_shuffled": []}
+        with tqdm(total=len(examples), desc=f"attribute {config.split}", unit="ex", disable=not config.progress) as bar:
+            for start in range(0, len(examples), config.chunk_size):
+                chunk = examples[start:start + config.chunk_size]
+                tokenized = [
+                    tokenize_example(tokenizer, render(ds.domain, list(e.history_titles), e.target_title)) for e in chunk
+                ]
+                ids = [e.example_id for e in chunk]
+                if config.method == "ablation":
+                    attributions += ablation_attributions(
+                        model, tokenized, ids, baseline=config.baseline, neutral_id=neutral_id, pad_token_id=pad_id,
+                        bos_token_id=tokenizer.bos_token_id, batch_size=config.batch_size,
+                        max_batch_tokens=config.max_batch_tokens,
+                    )
+                else:
+                    attributions += grad_x_input_attributions(
+                        model, tokenized, ids, pad_token_id=pad_id, batch_size=config.batch_size
+                    )
+                if config.counterfactual:
+                    for k, v in counterfactual_scores(
+                        model, tokenizer, ds.domain, chunk, titles, num_negatives=config.num_negatives,
+                        seed=config.seed, batch_size=config.batch_size, max_batch_tokens=config.max_batch_tokens,
+                    ).items():
+                        cf_scores[k] += v
+                bar.update(len(chunk))
+
+        summary = {"method": config.method, "baseline": config.baseline, "split": config.split, **summarize(attributions)}
+        if config.method == "grad_x_input":
+            summary["note"] = "grad_x_input: per-token fields hold each segment's sum at target position 0"
+        if config.counterfactual:
+            summary["counterfactual"] = counterfactual_summary(cf_scores)
+
+        eids, segments, positions, scores = [], [], [], []
+        for a in attributions:
+            for segment, position, score in a.rows():
+                eids.append(a.example_id)
+                segments.append(segment)
+                positions.append(position)
+                scores.append(score)
+        table = pa.table({
+            "example_id": pa.array(eids, pa.int64()),
+            "segment": pa.array(segments, pa.string()),
+            "position": pa.array(positions, pa.int32()),
+            "score": pa.array(scores, pa.float32()),
+        })
+        inputs = {"dataset": config.dataset}
+        if (Path(config.model) / MANIFEST).is_file():
+            inputs["model"] = config.model
+        if config.groups is not None:
+            inputs["groups"] = config.groups
+        with atomic_output_dir(config.out) as tmp:
+            pq.write_table(table, tmp / ATTRIBUTIONS_FILE)
+            write_json_atomic(tmp / SUMMARY_FILE, summary)
+            write_plots(summary, tmp / "plots", config.groups)
+            write_manifest(tmp, "attribution", config=to_dict(config), inputs=inputs)
+        out = Path(config.out)
+        tracker.log_metrics(_numeric_metrics({k: v for k, v in summary.items() if not k.startswith("profile")}))
+        tracker.log_artifact(out / SUMMARY_FILE)
+        tracker.log_artifacts(out / "plots", "plots")
+    return summary
+
+
+def cli(args: argparse.Namespace) -> None:
+    cfg = load_config(
+        AttributeConfig, args.config, args.overrides, dataset=args.dataset, model=args.model, out=args.out,
+        split=args.split, limit=args.limit, groups=getattr(args, "groups", None),
+    )
+    s = run(cfg)
+    share, ratio = s["aux_share"], s["aux_interaction_ratio"]
+    print(
+        f"attributed {s['n_examples']} {cfg.split} examples -> {cfg.out}: auxiliary share "
+        f"{share if share is None else round(share, 3)}, aux:interaction {ratio if ratio is None else round(ratio, 2)}:1"
+    )
+

@@ -1,0 +1,258 @@
+"""Feature-ablation and gradient x input attribution (gdrt_core.attribution), checked against hand values."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from gdrt_core import attribution
+from gdrt_core.attribution import (
+    AttributeConfig,
+    ablation_attributions,
+    counterfactual_summary,
+    grad_x_input_attributions,
+    neutral_token_id,
+    segment_indices,
+    summarize,
+)
+from gdrt_core.errors import GdrtError
+from gdrt_core.tokenization import HISTORY, INSTRUCTION, TARGET, TokenizedExample
+
+LN2, LN3 = math.log(2), math.log(3)
+INS, HIS, TGT = INSTRUCTION, HISTORY, TARGET
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking(monkeypatch):
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+
+
+class TableLM(torch.nn.Module):
+    """logits(q) = sum of W[token k] over the keys k that query q attends: hand-set next-token table."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table.float(), requires_grad=False)  # [vocab, vocab]
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0, **_):
+        attends = (attention_mask[:, 0] == 0).float()  # [batch, q, k]
+        logits = attends @ self.table[input_ids]  # [batch, q, vocab]
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+def hand_example() -> TokenizedExample:
+    """Tokens 0 = neutral, 1 = instruction word, 2 = history item 0, 3 = history item 1, 4 = target word.
+    Sequence [1, 2, 3, 1, 4, 4] with roles [I, H0, H1, I, T, T]."""
+    ids = [1, 2, 3, 1, 4, 4]
+    return TokenizedExample(
+        input_ids=ids, attention_mask=[1] * 6, labels=[-100, -100, -100, -100, 4, 4],
+        role=[INS, HIS, HIS, INS, TGT, TGT], history_pos=[-1, 0, 1, -1, -1, -1],
+    )
+
+
+def hand_model() -> TableLM:
+    """Only the logit of token 4 moves: x = sum over attended keys of w[token], w = [0, ln2, ln2, ln3, ln2],
+    so p(4) = e^x / (e^x + 4)."""
+    table = torch.zeros(5, 5)
+    table[:, 4] = torch.tensor([0.0, LN2, LN2, LN3, LN2])
+    return TableLM(table)
+
+
+def lg(x: float) -> float:
+    return math.log(x)
+
+
+def test_ablation_deltas_neutral_baseline_hand_computed():
+    """Full: y0 is predicted at query 3 from {1, 2, 3, 1}: x = 2ln2 + ln2 + ln3 = ln24, p = 24/28 = 6/7;
+    y1 at query 4 also sees the first 4: x = ln48, p = 48/52 = 12/13.
+    Neutral token 0 adds nothing, so an ablated segment just drops its terms:
+      instruction (idx 0, 3): x = ln6, ln12 -> p = 6/10 = 3/5, 12/16 = 3/4
+      history (idx 1, 2):     x = ln4, ln8  -> p = 4/8 = 1/2, 8/12 = 2/3
+      item 0 (idx 1):         x = ln12, ln24 -> p = 3/4, 6/7
+      item 1 (idx 2):         x = ln8, ln16  -> p = 2/3, 4/5
+      prefix (idx 4 -> 0):    y0 unchanged 6/7; y1 loses ln2: x = ln24 -> 6/7
+    Δ = log p_full - log p_ablated."""
+    (a,) = ablation_attributions(hand_model(), [hand_example()], [7], baseline="neutral", neutral_id=0, pad_token_id=0)
+    assert a.example_id == 7
+    np.testing.assert_allclose(a.logprobs, [lg(6 / 7), lg(12 / 13)], rtol=1e-5)
+    np.testing.assert_allclose(a.instruction, [lg(6 / 7) - lg(3 / 5), lg(12 / 13) - lg(3 / 4)], rtol=1e-5)
+    np.testing.assert_allclose(a.history, [lg(6 / 7) - lg(1 / 2), lg(12 / 13) - lg(2 / 3)], rtol=1e-5)
+    np.testing.assert_allclose(a.items[0], [lg(6 / 7) - lg(3 / 4), lg(12 / 13) - lg(6 / 7)], rtol=1e-5)
+    np.testing.assert_allclose(a.items[1], [lg(6 / 7) - lg(2 / 3), lg(12 / 13) - lg(4 / 5)], rtol=1e-5)
+    np.testing.assert_allclose(a.prefix, [0.0, lg(12 / 13) - lg(6 / 7)], atol=1e-6)
+
+
+def test_ablation_deltas_attention_baseline_hand_computed():
+    """Hidden keys drop out, but every query still sees itself. Query 3 (predicting y0) is the instruction
+    token at idx 3: with the instruction hidden it keeps its own ln2: x = ln2 + ln2 + ln3 = ln12, p = 3/4
+    (the neutral baseline gave 3/5). Query 4 (y1) is a target token: sees {2, 3, 4}: x = ln12, p = 3/4.
+    History hiding equals the neutral numbers (queries 3, 4 are not history): p = 1/2, 2/3.
+    Prefix: idx 4 becomes neutral and hidden; query 4 sees its neutral self: p(y1) = 6/7 as before."""
+    (a,) = ablation_attributions(hand_model(), [hand_example()], [7], baseline="attention", neutral_id=0, pad_token_id=0)
+    np.testing.assert_allclose(a.instruction, [lg(6 / 7) - lg(3 / 4), lg(12 / 13) - lg(3 / 4)], rtol=1e-5)
+    np.testing.assert_allclose(a.history, [lg(6 / 7) - lg(1 / 2), lg(12 / 13) - lg(2 / 3)], rtol=1e-5)
+    np.testing.assert_allclose(a.prefix, [0.0, lg(12 / 13) - lg(6 / 7)], atol=1e-6)
+
+
+def test_segments_keep_bos_and_split_items():
+    ex = hand_example()
+    assert segment_indices(ex) == {"instruction": [0, 3], "history": [1, 2], "items": [[1], [2]], "prefix": [4]}
+    assert segment_indices(ex, bos_token_id=1)["instruction"] == [3]
+
+
+def test_rows_and_summary_from_hand_deltas():
+    """Token-level aux share = (sum|Δ instr| + sum|Δ prefix|) / (that + sum|Δ hist|) over target tokens,
+    with the neutral-baseline hand values of the test above (instr = [ln(10/7), ln(16/13)],
+    hist = [ln(12/7), ln(18/13)], prefix = [0, ln(14/13)]); the recency profile puts item 1 (the last) at 1."""
+    (a,) = ablation_attributions(hand_model(), [hand_example()], [7], baseline="neutral", neutral_id=0, pad_token_id=0)
+    instr = [lg(6 / 7) - lg(3 / 5), lg(12 / 13) - lg(3 / 4)]
+    hist = [lg(6 / 7) - lg(1 / 2), lg(12 / 13) - lg(2 / 3)]
+    prefix = [0.0, lg(12 / 13) - lg(6 / 7)]
+    aux = sum(map(abs, instr)) + sum(map(abs, prefix))
+    s = summarize([a])
+    assert s["aux_share"] == pytest.approx(aux / (aux + sum(map(abs, hist))), rel=1e-5)
+    assert s["aux_interaction_ratio"] == pytest.approx(aux / sum(map(abs, hist)), rel=1e-5)
+    assert s["aux_share_sequence"] == pytest.approx(abs(sum(instr)) / (abs(sum(instr)) + abs(sum(hist))), rel=1e-5)
+    assert s["profile_by_recency"]["1"] == pytest.approx(lg(6 / 7) - lg(2 / 3) + lg(12 / 13) - lg(4 / 5), rel=1e-5)
+    assert s["profile_by_position"]["0"] == pytest.approx(lg(6 / 7) - lg(3 / 4) + lg(12 / 13) - lg(6 / 7), rel=1e-5)
+    rows = {(seg, pos): score for seg, pos, score in a.rows()}
+    assert rows[("history", -1)] == pytest.approx(sum(hist), rel=1e-5)
+    assert rows[("prefix_token", 1)] == pytest.approx(prefix[1], rel=1e-5)
+    assert rows[("target_logprob", 0)] == pytest.approx(lg(6 / 7), rel=1e-5)
+    assert sum(1 for seg, _ in rows if seg == "history_item") == 2
+
+
+def test_counterfactual_summary_hand_computed():
+    """full: log-probs [-1, -2], ranks [0, 2] -> mean -1.5, mean rank 1, hr@1 1/2, mrr (1 + 1/3)/2 = 2/3.
+    removed: [-3, -2], ranks [1, 3] -> -2.5, rank 2, hr@1 0, mrr (1/2 + 1/4)/2 = 3/8.
+    Drops: log-prob 1.0, rank +1, hr@1 1/2, mrr 2/3 - 3/8 = 7/24."""
+    out = counterfactual_summary({
+        "full": [(-1.0, 0), (-2.0, 2)], "history_removed": [(-3.0, 1), (-2.0, 3)],
+        "history_shuffled": [(-1.0, 0), (-2.0, 2)],
+    })
+    assert out["metrics"]["full"] == pytest.approx({"mean_target_logprob": -1.5, "mean_rank": 1.0, "hr@1": 0.5, "mrr": 2 / 3})
+    assert out["drop"]["history_removed"] == pytest.approx(
+        {"mean_target_logprob": 1.0, "mean_rank": 1.0, "hr@1": 0.5, "mrr": 7 / 24}
+    )
+    assert out["drop"]["history_shuffled"] == pytest.approx({"mean_target_logprob": 0.0, "mean_rank": 0.0, "hr@1": 0.0, "mrr": 0.0})
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_grad_x_input_on_a_tiny_llama(tiny_llama):
+    """One forward + backward: target log-probs equal the ablation's unablated pass; the history segment is
+    the sum of its items; a padded batch gives the same numbers as one example alone."""
+    ex = hand_example()
+    longer = TokenizedExample(
+        input_ids=[5, 1, 2, 2, 3, 3, 1, 4, 6, 4], attention_mask=[1] * 10, labels=[-100] * 7 + [4, 6, 4],
+        role=[INS, INS, HIS, HIS, HIS, HIS, INS, TGT, TGT, TGT], history_pos=[-1, -1, 0, 0, 1, 1, -1, -1, -1, -1],
+    )
+    together = grad_x_input_attributions(tiny_llama, [ex, longer], [1, 2], pad_token_id=0, batch_size=2)
+    alone = grad_x_input_attributions(tiny_llama, [ex], [1], pad_token_id=0)
+    (abl,) = ablation_attributions(tiny_llama, [ex], [1], baseline="neutral", neutral_id=0, pad_token_id=0)
+    np.testing.assert_allclose(together[0].logprobs, abl.logprobs, rtol=1e-4)
+    for name in ("instruction", "history", "prefix"):
+        np.testing.assert_allclose(getattr(together[0], name), getattr(alone[0], name), rtol=1e-3, atol=1e-5)
+    g = together[1]
+    assert g.history[0] == pytest.approx(sum(item[0] for item in g.items), rel=1e-4, abs=1e-6)
+    assert np.isfinite(g.instruction).all() and g.instruction[1:].tolist() == [0.0, 0.0]
+
+
+def test_neutral_token_choice():
+    tok = SimpleNamespace(
+        pad_token_id=3, eos_token_id=2, get_vocab=lambda: {"<unk>": 9, "a": 4},
+    )
+    assert neutral_token_id(tok) == 3
+    assert neutral_token_id(tok, "<unk>") == 9
+
+    class Tok:
+        pad_token_id, eos_token_id = 3, 2
+
+        def get_vocab(self):
+            return {}
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1, 2]}
+
+    with pytest.raises(GdrtError, match="neutral_token"):
+        neutral_token_id(Tok(), "two tokens")
+
+
+# ----------------------------------------------------------------------------------------- the stage
+
+
+@pytest.fixture(scope="module")
+def tokenizer(office_slice):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.prompts import render
+
+    ds = Dataset(office_slice)
+    texts = [render(ds.domain, list(e.history_titles), e.target_title).text for e in ds.examples("train", 50)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts + list(ds.titles.values()), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def test_stage_writes_artifact_consistent_with_summary(tmp_path, office_slice, tokenizer):
+    model = TableLM(0.3 * torch.randn(len(tokenizer), len(tokenizer), generator=torch.Generator().manual_seed(0)))
+    cfg = AttributeConfig(
+        dataset=str(office_slice), model="stub", out=str(tmp_path / "attr"), limit=6, num_negatives=3,
+        batch_size=8, progress=False,
+    )
+    summary = attribution.run(cfg, model=model, tokenizer=tokenizer)
+    out = tmp_path / "attr"
+    table = pq.read_table(out / "attributions.parquet").to_pylist()
+    assert {r["segment"] for r in table} >= {"instruction", "history", "history_item", "prefix_token", "target_logprob"}
+    assert len({r["example_id"] for r in table}) == 6 == summary["n_examples"]
+    hist = sum(abs(r["score"]) for r in table if r["segment"] == "history_token")
+    aux = sum(abs(r["score"]) for r in table if r["segment"] in ("instruction_token", "prefix_token"))
+    assert summary["aux_share"] == pytest.approx(aux / (aux + hist), rel=1e-4)
+    assert json.loads((out / "summary.json").read_text())["counterfactual"]["metrics"]["full"]["mean_rank"] <= 3
+    assert {p.name for p in (out / "plots").iterdir()} == {"share_by_segment.png", "profile_by_position.png"}
+    assert (out / "manifest.json").is_file()
+
+
+def test_a_model_that_ignores_everything_has_zero_deltas(tmp_path, office_slice, tokenizer):
+    """A zero table gives the uniform distribution everywhere: every Δ and every counterfactual drop is 0."""
+    model = TableLM(torch.zeros(len(tokenizer), len(tokenizer)))
+    cfg = AttributeConfig(
+        dataset=str(office_slice), model="stub", out=str(tmp_path / "attr0"), limit=3, num_negatives=2,
+        baseline="attention", progress=False,
+    )
+    s = attribution.run(cfg, model=model, tokenizer=tokenizer)
+    assert s["mean_target_logprob"] == pytest.approx(-math.log(len(tokenizer)), rel=1e-5)
+    assert s["aux_share"] is None and s["mean_delta"]["history"] == pytest.approx(0.0, abs=1e-5)
+    assert s["counterfactual"]["drop"]["history_removed"]["mean_target_logprob"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_bad_settings_are_errors(tmp_path, office_slice, tokenizer):
+    model = TableLM(torch.zeros(len(tokenizer), len(tokenizer)))
+    for bad in ({"method": "saliency"}, {"baseline": "zeros"}):
+        cfg = AttributeConfig(dataset=str(office_slice), model="stub", out=str(tmp_path / "x"), limit=2, **bad)
+        with pytest.raises(GdrtError):
+            attribution.run(cfg, model=model, tokenizer=tokenizer)
+    assert not (tmp_path / "x").exists()
