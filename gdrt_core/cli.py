@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output parquet for --input")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--domain", default=None, help="prompt domain (default: the model's training domain)")
+    p.add_argument("--dataset", default=None, help="Dataset artifact with the catalogue (default: the model's own)")
     return parser
 
 

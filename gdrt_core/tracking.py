@@ -183,7 +183,8 @@ def end_run(tracker: Tracker, status: str = "FINISHED") -> None:
 def stage_run(stage: str, config: dict | None = None, *, run_name: str | None = None) -> Iterator[Tracker]:
     """One MLflow run for a stage: params = the resolved config; FAILED status if the stage raises."""
     parent = os.environ.get("GDRT_PARENT_RUN_ID") or None
-    tracker = start_run(run_name or stage, parent_run_id=parent, tags={"gdrt.stage": stage})
+    run_name = run_name or os.environ.get("GDRT_RUN_NAME") or stage
+    tracker = start_run(run_name, parent_run_id=parent, tags={"gdrt.stage": stage})
     tracker.log_params(config or {})
     try:
         yield tracker
@@ -191,3 +192,19 @@ def stage_run(stage: str, config: dict | None = None, *, run_name: str | None = 
         end_run(tracker, "FAILED")
         raise
     end_run(tracker, "FINISHED")
+
+
+def start_pipeline_run(experiment: str, run_name: str, params: dict | None = None) -> str:
+    """Open the pipeline's parent run and return its id ("" when tracking is off)."""
+    tracker = start_run(run_name, experiment=experiment or None, tags={"gdrt.stage": "pipeline"})
+    tracker.log_params(params or {})
+    return tracker.run_id or ""
+
+
+def open_run(run_id: str) -> Tracker:
+    """A tracker on an existing run (e.g. the pipeline's parent run)."""
+    if not (run_id and tracking_enabled() and is_rank_zero()):
+        return Tracker()
+    from mlflow.tracking import MlflowClient
+
+    return Tracker(MlflowClient(tracking_uri=tracking_uri()), run_id)

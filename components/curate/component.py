@@ -1,0 +1,14 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def curate(source: str, source_format: str, domain: str, settings: dict, parent_run_id: str,
+           dataset: Output[Dataset]):
+    """Source data -> Dataset artifact (items + train/valid/test windows)."""
+    from gdrt_core.stages import run_stage
+
+    dataset.metadata.update(run_stage("curate", settings, parent_run_id=parent_run_id, source=source,
+                                      format=source_format, domain=domain, out=dataset.path))

@@ -1,0 +1,11 @@
+from kfp import dsl
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def start_tracking(experiment: str, run_name: str, params: dict) -> str:
+    """Open the pipeline's parent MLflow run; every stage nests its run under the returned id."""
+    from gdrt_core.tracking import start_pipeline_run
+
+    return start_pipeline_run(experiment, run_name, params)

@@ -1,0 +1,171 @@
+"""`gdrt run`: the whole pipeline on this machine, through kfp.local.SubprocessRunner(use_venv=False).
+
+The same pipeline definition the cluster runs (pipelines/gdrt_pipeline.py, without the Kubernetes
+settings). Parameters come from a YAML config (pipelines/configs/quickstart.yaml by default) and
+`--set key=value` overrides. Artifacts go under --out (default runs/<timestamp>); MLflow logs to
+MLFLOW_TRACKING_URI or the embedded sqlite store ./mlflow.db. One progress line per stage; the KFP log
+is kept in <out>/pipeline.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from gdrt_core.errors import GdrtError
+
+DEFAULT_CONFIG = Path("pipelines/configs/quickstart.yaml")
+TABLE = (("NDCG@5", "ndcg@5"), ("NDCG@10", "ndcg@10"), ("HR@5", "hr@5"), ("HR@10", "hr@10"),
+         ("MGU@5", "mgu@5"), ("DGU@5", "dgu@5"), ("aux share", "aux_share"))
+
+
+def load_params(config: str | os.PathLike | None, overrides: list[str]) -> dict:
+    """Pipeline parameters from the YAML file, then `key=value` overrides (YAML-typed values)."""
+    import yaml
+
+    params: dict = {}
+    path = Path(config) if config else DEFAULT_CONFIG
+    if config or path.is_file():
+        try:
+            params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise GdrtError("pipeline config not found", path=str(path)) from None
+        except yaml.YAMLError as e:
+            raise GdrtError(f"invalid YAML: {e}", path=str(path)) from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise GdrtError(f"override {item!r} is not of the form key=value", path="--set")
+        target = params
+        *parents, last = key.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[last] = yaml.safe_load(value)
+    return params
+
+
+class _StageProgress(logging.Handler):
+    """Turns kfp.local's task log lines into one progress line per stage."""
+
+    pattern = re.compile(r"Task '?(?:\x1b\[\d+m)?([\w-]+)(?:\x1b\[0m)?'? finished with status (?:\x1b\[\d+m)?(\w+)")
+
+    def __init__(self, total: int, stream=sys.stderr):
+        super().__init__()
+        self.total, self.done, self.stream, self.t0 = total, 0, stream, time.time()
+        self.last = self.t0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = self.pattern.search(record.getMessage())
+        if not m:
+            return
+        self.done += 1
+        now = time.time()
+        print(f"[{self.done:2d}/{self.total}] {m.group(1):<24} {m.group(2):<8} {now - self.last:7.1f} s "
+              f"(total {now - self.t0:6.1f} s)", file=self.stream, flush=True)
+        self.last = now
+
+
+def _count_tasks(pipeline) -> int:
+    return len(pipeline.pipeline_spec.root.dag.tasks)
+
+
+def run(params: dict, out: str | os.PathLike) -> dict:
+    """Run the pipeline locally; returns the report's comparison (rows per model)."""
+    from kfp import local
+
+    from pipelines.gdrt_pipeline import build_pipeline
+
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    pipeline = build_pipeline(cluster=False)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp"),
+               raise_on_error=True)
+    handler = _StageProgress(_count_tasks(pipeline))
+    kfp_logger = logging.getLogger("kfp")
+    root = logging.getLogger()
+    for lg in (kfp_logger, root):
+        lg.addHandler(handler)
+    log_path = out / "pipeline.log"
+    try:
+        with open(log_path, "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+            saved = _quiet_kfp_console()
+            try:
+                result = pipeline(**params)
+            finally:
+                _restore(saved)
+    except Exception as e:  # a failed stage: show its error, not kfp's traceback
+        raise GdrtError(f"the pipeline failed: {_last_error(log_path) or e}", path=str(log_path),
+                        hint="the stage's full output is in this log") from None
+    finally:
+        for lg in (kfp_logger, root):
+            lg.removeHandler(handler)
+    report_dir = Path(result.output.path)
+    return json.loads((report_dir / "comparison.json").read_text(encoding="utf-8"))
+
+
+def _quiet_kfp_console() -> list:
+    """kfp.local logs each task's inputs to the console; keep those in the log file only."""
+    saved = []
+    for lg in (logging.getLogger("kfp"), logging.getLogger()):
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, _StageProgress):
+                saved.append((h, h.level))
+                h.setLevel(logging.CRITICAL + 1)
+    return saved
+
+
+def _restore(saved: list) -> None:
+    for h, level in saved:
+        h.setLevel(level)
+
+
+def _last_error(log_path: Path) -> str | None:
+    """The last 'gdrt ... error' or exception line a stage printed."""
+    try:
+        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        s = line.strip()
+        if "GdrtError" in s or re.match(r"^[\w.]+(Error|Exception):", s):
+            return s
+    return None
+
+
+def format_table(comparison: dict) -> str:
+    rows = comparison["rows"]
+    head = f"{'model':<8}" + "".join(f"{h:>11}" for h, _ in TABLE)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = "".join(f"{r[k]:>11.4f}" if isinstance(r.get(k), (int, float)) else f"{'—':>11}" for _, k in TABLE)
+        lines.append(f"{r['model']:<8}{cells}")
+    return "\n".join(lines)
+
+
+def cli(args: argparse.Namespace) -> None:
+    params = load_params(args.config, args.overrides)
+    out = Path(args.out or Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    print(f"gdrt run: pipeline on {params.get('source', 'data/office')} -> {out} (KFP log: {out / 'pipeline.log'})",
+          file=sys.stderr)
+    t0 = time.time()
+    comparison = run(params, out)
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    print()
+    print(format_table(comparison))
+    print()
+    print(f"finished in {time.time() - t0:.0f} s; artifacts under {out}")
+    print(f"report: {out / 'kfp'} (report.md / report.html of the report step)")
+    if uri.startswith("sqlite:"):
+        print(f"open the runs: mlflow ui --backend-store-uri {uri}")
+    else:
+        print(f"open the runs at {uri}")

@@ -1,0 +1,137 @@
+"""`gdrt recommend`: top-K catalogue titles for a history, from a model dir or an MLflow models:/ URI.
+
+    gdrt recommend --model models:/gdrt-office@champion --history "title a" "title b" --k 10
+    gdrt recommend --model runs/x/model --input histories.parquet --out recs.parquet
+
+The same prompt, tokenisation, trie and constrained beam search as the evaluate stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from gdrt_core.errors import GdrtError
+
+
+@dataclass
+class Recommendation:
+    titles: list[str]
+    scores: list[float]
+
+
+class Recommender:
+    """A model + tokenizer + catalogue trie, ready to rank histories (given as titles, oldest first)."""
+
+    def __init__(self, model, tokenizer, titles: dict[int, str], domain: str, *, batch_size: int = 8):
+        from gdrt_core.trie import build_trie
+
+        self.model, self.tokenizer, self.domain, self.batch_size = model, tokenizer, domain, batch_size
+        self.model.eval()
+        device = next(model.parameters()).device
+        self.trie = build_trie(tokenizer, titles).to_torch(device)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, *, items: str | os.PathLike | None = None,
+             domain: str | None = None, device: str = "auto") -> Recommender:
+        """Load a model directory; the catalogue and domain default to the dataset it was trained on."""
+        import pyarrow.parquet as pq
+
+        from gdrt_core.models import ModelConfig, load_model_and_tokenizer
+
+        if items is None or domain is None:
+            dataset_dir = trained_dataset(model_dir)
+            if items is None:
+                items = Path(dataset_dir) / "items.parquet"
+            if domain is None:
+                from gdrt_core.dataset import Dataset
+
+                domain = Dataset(dataset_dir, verify=False).domain
+        table = pq.read_table(items, columns=["item_id", "title"])
+        titles = dict(zip(table.column("item_id").to_pylist(), table.column("title").to_pylist(), strict=True))
+        model, tokenizer = load_model_and_tokenizer(
+            model_dir, ModelConfig(device=device, padding_side="left"), merge_adapter=True
+        )
+        return cls(model, tokenizer, titles, domain)
+
+    def recommend(self, histories: list[list[str]], k: int = 10) -> list[Recommendation]:
+        import torch
+
+        from gdrt_core.generation import BeamSearchSettings, rank_prompts
+        from gdrt_core.prompts import render
+        from gdrt_core.tokenization import tokenize_prompt
+
+        if k < 1:
+            raise GdrtError(f"k must be positive, got {k}")
+        prompts = [tokenize_prompt(self.tokenizer, render(self.domain, list(h))).input_ids for h in histories]
+        settings = BeamSearchSettings(num_beams=k, num_return_sequences=k)
+        with torch.inference_mode():
+            rankings = rank_prompts(self.model, self.trie, prompts, settings, batch_size=self.batch_size,
+                                    pad_token_id=self.pad_id)
+        return [Recommendation(list(r.titles), [float(s) for s in r.scores]) for r in rankings]
+
+
+def trained_dataset(model_dir: str | os.PathLike) -> str:
+    """The Dataset artifact a model was trained on (from its manifest's inputs)."""
+    manifest = Path(model_dir) / "manifest.json"
+    try:
+        inputs = json.loads(manifest.read_text(encoding="utf-8")).get("inputs", {})
+        return inputs["dataset"]["path"]
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        raise GdrtError(
+            "cannot tell which catalogue this model recommends from (no dataset in its manifest)",
+            path=str(model_dir), hint="pass --dataset DIR",
+        ) from None
+
+
+def load_recommender(model: str, *, dataset: str | None = None, domain: str | None = None):
+    """A Recommender from a model dir, or the python model inside an MLflow `models:/...` URI."""
+    if model.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        from gdrt_core.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())
+        try:
+            loaded = mlflow.pyfunc.load_model(model)
+        except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; the user needs the URI and cause
+            raise GdrtError(f"cannot load {model} from MLflow at {tracking_uri()}: {e}") from None
+        return loaded.unwrap_python_model().recommender
+    items = str(Path(dataset) / "items.parquet") if dataset else None
+    if domain is None and dataset:
+        from gdrt_core.dataset import Dataset
+
+        domain = Dataset(dataset, verify=False).domain
+    return Recommender.load(model, items=items, domain=domain)
+
+
+def cli(args: argparse.Namespace) -> None:
+    if bool(args.history) == bool(args.input):
+        raise GdrtError("give either --history TITLE ... or --input histories.parquet")
+    rec = load_recommender(args.model, dataset=getattr(args, "dataset", None), domain=args.domain)
+    if args.history:
+        (result,) = rec.recommend([args.history], k=args.k)
+        for i, (title, score) in enumerate(zip(result.titles, result.scores, strict=True), start=1):
+            print(f"{i:3d}. {score:9.4f}  {title}")
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not args.out:
+        raise GdrtError("--input needs --out (the parquet file to write the recommendations to)")
+    table = pq.read_table(args.input)
+    if "history" not in table.column_names:
+        raise GdrtError("the input has no `history` column (a list of titles per row)", path=args.input)
+    results = rec.recommend(table.column("history").to_pylist(), k=args.k)
+    out = table.append_column("recommendations", pa.array([r.titles for r in results])).append_column(
+        "scores", pa.array([r.scores for r in results], pa.list_(pa.float32()))
+    )
+
+    tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")
+    pq.write_table(out, tmp)
+    os.replace(tmp, args.out)
+    print(f"wrote {len(results)} rankings to {args.out}")

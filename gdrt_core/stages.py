@@ -1,0 +1,111 @@
+"""One entry point for every stage, used by the pipeline's components: settings dict in, scalars out.
+
+`run_stage("evaluate", {"num_beams": 10}, dataset=..., model=..., out=...)` builds the stage's typed config
+(unknown settings are an error naming them), runs it, and returns the small scalars a KFP artifact carries
+in its metadata. The CLI builds the same configs from flags (gdrt_core.cli).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from typing import Any
+
+from gdrt_core.config import load_config
+
+STAGES: dict[str, tuple[str, str]] = {
+    "curate": ("gdrt_core.curate", "CurateConfig"),
+    "init-model": ("gdrt_core.embedded", "EmbeddedConfig"),
+    "train": ("gdrt_core.train", "TrainConfig"),
+    "group": ("gdrt_core.grouping", "GroupConfig"),
+    "attribute": ("gdrt_core.attribution", "AttributeConfig"),
+    "evaluate": ("gdrt_core.evaluate", "EvalConfig"),
+}
+PARENT_RUN_ENV = "GDRT_PARENT_RUN_ID"
+RUN_NAME_ENV = "GDRT_RUN_NAME"  # the stage's MLflow run name, e.g. "evaluate sft"
+
+
+def stage_config(stage: str, settings: dict | None = None, **values: Any):
+    """The stage's config dataclass from `settings` (YAML-like values) and explicit `values`."""
+    module_name, cls_name = STAGES[stage]
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    overrides = [f"{k}={_as_override(v)}" for k, v in (settings or {}).items()]
+    return load_config(cls, None, overrides, **values)
+
+
+def _as_override(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return "none" if v is None else str(v)
+
+
+def scalars(obj: Any, prefix: str = "", limit: int = 200) -> dict[str, Any]:
+    """The numbers and short strings of a (nested) result, flattened: what fits in KFP metadata."""
+    out: dict[str, Any] = {}
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(scalars(v, f"{prefix}{k}.", limit))
+    elif isinstance(obj, bool) or (isinstance(obj, (int, float)) and obj == obj):
+        out[prefix[:-1]] = obj
+    elif isinstance(obj, str) and len(obj) <= limit:
+        out[prefix[:-1]] = obj
+    return out
+
+
+def run_stage(stage: str, settings: dict | None = None, *, parent_run_id: str = "", **values: Any) -> dict:
+    """Run one stage (nested under MLflow run `parent_run_id` when given); returns its scalar results."""
+    if parent_run_id:
+        os.environ[PARENT_RUN_ENV] = parent_run_id
+    settings = dict(settings or {})
+    run_name = settings.pop("run_name", None)
+    if run_name:
+        os.environ[RUN_NAME_ENV] = str(run_name)
+    config = stage_config(stage, settings, **values)
+    module = importlib.import_module(STAGES[stage][0])
+    result = module.run(config)
+    return scalars(result if isinstance(result, dict) else {})
+
+
+def base_model_source(base_model: str, embedded_dir: str) -> str:
+    """The model training starts from: the given hub id / path, else the embedded default model."""
+    return base_model.strip() or embedded_dir
+
+
+REFERENCE_FILE = "base_model.json"
+
+
+def prepare_base_model(base_model: str, settings: dict | None = None, *, dataset: str, out: str) -> dict:
+    """The training start point as a directory: the embedded default model built for `dataset`, or (when
+    `base_model` names a hub id or path) a small reference file pointing at it."""
+    from gdrt_core.artifacts import atomic_output_dir, write_json_atomic
+
+    if base_model.strip():
+        with atomic_output_dir(out) as tmp:
+            write_json_atomic(tmp / REFERENCE_FILE, {"model": base_model.strip()})
+        return {"base_model": base_model.strip()}
+    result = run_stage("init-model", settings, dataset=dataset, out=out)
+    return {"base_model": "embedded", **result}
+
+
+def model_source(path: str) -> str:
+    """A model directory, or the hub id / path recorded by `prepare_base_model`."""
+    import json
+    from pathlib import Path
+
+    ref = Path(path) / REFERENCE_FILE
+    if ref.is_file():
+        return json.loads(ref.read_text(encoding="utf-8"))["model"]
+    return path
+
+
+def run_report(models: list[tuple[str, str, str | None]], *, out: str, title: str, parent_run_id: str = "") -> dict:
+    """The report stage over (label, eval dir, attribution dir) triples; logged to the parent run."""
+    from gdrt_core.report import ModelResult, run
+    from gdrt_core.tracking import Tracker, open_run
+
+    tracker = open_run(parent_run_id) if parent_run_id else Tracker()
+    comparison = run([ModelResult(*m) for m in models], out, title=title, tracker=tracker)
+    return scalars({"relative_change": comparison["relative_change"]})

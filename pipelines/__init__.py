@@ -1,0 +1,1 @@
+"""Pipeline definitions (KFP v2). Importing them needs kfp but never torch."""
