@@ -421,3 +421,59 @@ def test_two_processes_over_gloo_match_the_single_batch_gradient(tmp_path):
 def test_all_reduce_is_a_no_op_without_distributed():
     sums, counts = torch.tensor([1.0, 2.0]), torch.tensor([3, 4])
     assert all_reduce_group_totals(sums, counts) == (sums, counts)
+
+
+def test_tiny_llama_accumulation_with_per_micro_batch_padding():
+    """A 2-layer Llama, 8 sequences of different lengths. Whole batch (padded to 12) with gdrt_loss vs
+    4 micro-batches of 2, each right-padded to its own length, with the look-ahead and the surrogate:
+    the same gradient on every parameter (labels shifted by the caller, as gdrt_loss does not shift)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        attn_implementation="eager",
+    )
+    model = LlamaForCausalLM(config).double()
+    gen = torch.Generator().manual_seed(5)
+    lengths = [12, 5, 9, 7, 12, 3, 10, 6]
+    seqs = [torch.randint(1, 50, (n,), generator=gen) for n in lengths]
+    groups_of = [torch.randint(0, 3, (n,), generator=gen) for n in lengths]
+    prompt = 2  # the first two tokens of every sequence are prompt (no loss)
+
+    def pad(rows):
+        width = max(lengths[r] for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        attention = torch.zeros(len(rows), width, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100)
+        groups = torch.full((len(rows), width), -1)
+        for j, r in enumerate(rows):
+            n = lengths[r]
+            ids[j, :n], attention[j, :n] = seqs[r], 1
+            labels[j, prompt:n], groups[j, prompt:n] = seqs[r][prompt:], groups_of[r][prompt:]
+        return ids, attention, labels[:, 1:], groups[:, 1:]  # next-token targets
+
+    def logits_of(ids, attention):
+        return model(input_ids=ids, attention_mask=attention).logits[:, :-1]  # [B, T-1, V]
+
+    ids, attention, labels, groups = pad(range(8))
+    loss, _ = gdrt_loss(logits_of(ids, attention), labels, groups, num_groups=3, tau=0.5)
+    loss.backward()
+    full_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    parts = [pad(range(k, k + 2)) for k in range(0, 8, 2)]
+    with torch.no_grad():
+        totals = [group_sums(logits_of(i, a), lab, g, num_groups=3) for i, a, lab, g in parts]
+    step = batch_step_weights(sum(t[0] for t in totals), sum(t[1] for t in totals), tau=0.5)
+    for i, a, lab, g in parts:
+        weighted_token_loss(logits_of(i, a), lab, g, step.weights, step.group_counts).backward()
+    assert step.objective.item() == approx(loss.item())
+    for full, p in zip(full_grads, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, full, rtol=1e-7, atol=1e-10)
