@@ -1,0 +1,476 @@
+"""Raw Amazon review dumps (2014 and 2018 releases) -> Dataset, streamed.
+
+Reviews are JSON lines (optionally .gz). They are read in blocks of whole lines; each block is parsed
+by pyarrow's JSON reader (only reviewerID, asin and unixReviewTime; other fields are ignored) in a
+small thread pool, and its two string columns are dictionary-encoded at once, so the dump is never
+held as Python objects: what stays in memory is two int32 codes and one int64 time per review, plus
+the distinct ids. A block the fast parser rejects is re-read line by line to name the bad line.
+
+Metadata: 2014 lines are Python literals (`{'asin': ..., 'title': ...}`), read with a pattern for
+the two keys (a line where they cannot be found is checked with `ast.literal_eval`); 2018 lines are
+JSON, read like the reviews. The recipe itself (k-core, windows, split) is in `recipe.py`.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import html
+import json
+import re
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gdrt_core.curate import recipe
+from gdrt_core.curate.rows import BadRows
+from gdrt_core.errors import GdrtError
+
+REVIEW_FIELDS = ("reviewerID", "asin", "unixReviewTime")
+BATCH_WINDOWS = 1 << 20  # windows per written parquet batch
+
+
+def open_binary(path: Path):
+    try:
+        return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    except FileNotFoundError:
+        raise GdrtError("file not found", path=str(path)) from None
+
+
+def line_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
+    """Blocks of whole lines (about `block_bytes` each) of a possibly gzipped file."""
+    with open_binary(path) as f:
+        while True:
+            try:
+                block = f.read(block_bytes)
+                if block and not block.endswith(b"\n"):
+                    block += f.readline()  # finish the last line
+            except (OSError, EOFError) as e:
+                raise GdrtError(f"cannot read the file ({e})", path=str(path)) from None
+            if not block:
+                return
+            yield block if block.endswith(b"\n") else block + b"\n"
+
+
+def count_lines(block: bytes) -> int:
+    return int(np.count_nonzero(np.frombuffer(block, dtype=np.uint8) == 10))
+
+
+@dataclass
+class ParsedBlock:
+    """One block's reviews: dictionary-encoded ids, times, and its bad lines (reason, detail, line in block)."""
+
+    users: object  # pa.DictionaryArray
+    items: object  # pa.DictionaryArray
+    times: np.ndarray  # [rows] int64
+    lines: int
+    bad: list[tuple[str, str, int]] = field(default_factory=list)
+
+
+def _fast_parse(block: bytes, names: tuple[str, ...], types: tuple):
+    """pyarrow JSON parse of the named fields, or None when the block needs the line-by-line path."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    schema = pa.schema(list(zip(names, types, strict=True)))
+    try:
+        table = pj.read_json(
+            pa.BufferReader(block),
+            read_options=pj.ReadOptions(use_threads=False, block_size=len(block) + 1),
+            parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+        )
+        for column in table.columns:
+            column.validate(full=True)  # pyarrow does not check UTF-8 while parsing
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError):
+        return None
+    return table
+
+
+def _slow_lines(block: bytes, names: tuple[str, ...], required: tuple[str, ...], checks):
+    """Line-by-line parse: (rows as (line in block, {name: value}), bad lines). `checks[name](value)` -> error."""
+    rows: list[tuple[int, dict]] = []
+    bad: list[tuple[str, str, int]] = []
+    for offset, raw in enumerate(block.split(b"\n")[:-1]):
+        line = offset + 1
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.append(("non-UTF-8 bytes", f"byte {e.start} of the line is not valid UTF-8", line))
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            bad.append(("malformed JSON", f"{e.msg} at column {e.colno}", line))
+            continue
+        if not isinstance(obj, dict):
+            bad.append(("malformed JSON", "expected one JSON object per line", line))
+            continue
+        missing = [n for n in required if obj.get(n) is None]
+        if missing:
+            bad.append(("missing field", f"no {', '.join(missing)}", line))
+            continue
+        problem = next((p for n in names if (p := checks[n](obj.get(n))) is not None), None)
+        if problem is not None:
+            bad.append(("malformed row", problem, line))
+            continue
+        rows.append((line, {n: obj.get(n) for n in names}))
+    return rows, bad
+
+
+def _check_id(value) -> str | None:
+    return None if isinstance(value, str) and value.strip() else f"id {value!r} is not a non-empty string"
+
+
+def _check_time(value) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        return f"unixReviewTime {value!r} is not an integer"
+    return None
+
+
+def parse_review_block(block: bytes) -> ParsedBlock:
+    """Parse and dictionary-encode one block of review lines (runs in a worker thread)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lines = count_lines(block)
+    table = _fast_parse(block, REVIEW_FIELDS, (pa.string(), pa.string(), pa.int64()))
+    bad: list[tuple[str, str, int]] = []
+    if table is not None and all(c.null_count == 0 for c in table.columns):
+        users, items, times = table.column(0), table.column(1), table.column(2)
+        empty = pc.any(pc.or_(pc.equal(pc.utf8_length(users), 0), pc.equal(pc.utf8_length(items), 0))).as_py()
+        if not empty:
+            return ParsedBlock(
+                pc.dictionary_encode(users.combine_chunks()), pc.dictionary_encode(items.combine_chunks()),
+                times.to_numpy().astype(np.int64, copy=False), lines,
+            )
+    checks = {"reviewerID": _check_id, "asin": _check_id, "unixReviewTime": _check_time}
+    rows, bad = _slow_lines(block, REVIEW_FIELDS, REVIEW_FIELDS, checks)
+    users = pa.array([r["reviewerID"] for _, r in rows], pa.string())
+    items = pa.array([r["asin"] for _, r in rows], pa.string())
+    times = np.array([int(r["unixReviewTime"]) for _, r in rows], dtype=np.int64)
+    return ParsedBlock(pc.dictionary_encode(users), pc.dictionary_encode(items), times, lines, bad)
+
+
+def parallel_blocks(path: Path, block_bytes: int, threads: int, parse) -> Iterator:
+    """parse(block) over the file's blocks, `threads` at a time, results in file order."""
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        pending: deque = deque()
+        for block in line_blocks(path, block_bytes):
+            pending.append(pool.submit(parse, block))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+@dataclass
+class Reviews:
+    """All reviews as codes into the distinct ids (first-appearance order) and times."""
+
+    user_codes: np.ndarray  # [n] int32
+    item_codes: np.ndarray  # [n] int32
+    times: np.ndarray  # [n] int64
+    user_ids: object  # pa.StringArray [num_users]
+    asins: object  # pa.StringArray [num_items]
+    lines: int
+
+
+def read_reviews(path: Path, bad: BadRows, threads: int, block_bytes: int) -> Reviews:
+    import pyarrow as pa
+
+    user_chunks, item_chunks, time_chunks = [], [], []
+    lines = 0
+    for parsed in parallel_blocks(path, block_bytes, threads, parse_review_block):
+        for reason, detail, line in parsed.bad:
+            bad.bad(reason, detail, path, lines + line)
+        user_chunks.append(parsed.users)
+        item_chunks.append(parsed.items)
+        time_chunks.append(parsed.times)
+        lines += parsed.lines
+    if lines == 0:
+        raise GdrtError("empty file: no review lines", path=str(path))
+    if not time_chunks or sum(len(t) for t in time_chunks) == 0:
+        raise GdrtError("no usable reviews", path=str(path))
+    user_codes, user_ids = _unify(pa.chunked_array(user_chunks))
+    item_codes, asins = _unify(pa.chunked_array(item_chunks))
+    return Reviews(user_codes, item_codes, np.concatenate(time_chunks), user_ids, asins, lines)
+
+
+def _unify(chunked) -> tuple[np.ndarray, object]:
+    """One dictionary for all blocks: (codes [n] int32, distinct values)."""
+    unified = chunked.unify_dictionaries()
+    dictionary = unified.chunk(0).dictionary if unified.num_chunks else None
+    codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False) for c in unified.chunks])
+    return codes, dictionary
+
+
+_TITLE_2014 = re.compile(r"""(?:^\{|, )'title': ('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+_ASIN_2014 = re.compile(r"""(?:^\{|, )'asin': ('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+
+
+def _literal(text: str) -> str:
+    if "\\" not in text:
+        return text[1:-1]
+    return ast.literal_eval(text)
+
+
+def read_meta_2014(path: Path, wanted: set[str], bad: BadRows) -> dict[str, object]:
+    """{asin: raw title (None if the item has none)} for the asins in `wanted`, from Python-literal lines."""
+    titles: dict[str, object] = {}
+    with open_binary(path) as f:
+        lineno = 0
+        for lineno, raw in enumerate(f, start=1):  # noqa: B007
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.bad("non-UTF-8 bytes", f"byte {e.start} of the line is not valid UTF-8", path, lineno)
+                continue
+            m = _ASIN_2014.search(line)
+            if m is None:
+                try:
+                    obj = ast.literal_eval(line)
+                except (ValueError, SyntaxError, MemoryError, RecursionError):
+                    bad.bad("malformed metadata", "not a Python literal dict (amazon2014 metadata format)", path, lineno)
+                    continue
+                if not isinstance(obj, dict) or not isinstance(obj.get("asin"), str):
+                    bad.bad("malformed metadata", "no 'asin' in the line", path, lineno)
+                    continue
+                asin, title = obj["asin"], obj.get("title")
+            else:
+                asin = _literal(m.group(1))
+                t = _TITLE_2014.search(line)
+                title = _literal(t.group(1)) if t else None
+            if asin in wanted:
+                _add_meta(titles, asin, title, path, lineno, bad)
+    if lineno == 0:
+        raise GdrtError("empty file: no metadata lines", path=str(path))
+    return titles
+
+
+def _add_meta(titles: dict, asin: str, title, path: Path, line: int, bad: BadRows) -> None:
+    old = titles.get(asin)
+    if asin in titles and old != title and old is not None and title is not None:
+        bad.bad("duplicate item id", f"asin {asin} has two titles: {old!r} and {title!r}", path, line)
+        return
+    if old is None:
+        titles[asin] = title
+
+
+def read_meta_2018(path: Path, wanted: set[str], bad: BadRows, threads: int, block_bytes: int) -> dict[str, object]:
+    """{asin: raw title} for the asins in `wanted`, from JSON lines."""
+    import pyarrow as pa
+
+    def parse(block: bytes):
+        lines = count_lines(block)
+        table = _fast_parse(block, ("asin", "title"), (pa.string(), pa.string()))
+        if table is not None and table.column(0).null_count == 0 and table.num_rows == lines:
+            asins = table.column(0).to_pylist()
+            return lines, list(range(1, lines + 1)), asins, table.column(1).to_pylist(), []
+        checks = {"asin": _check_id, "title": lambda v: None}
+        rows, bad_lines = _slow_lines(block, ("asin", "title"), ("asin",), checks)
+        return lines, [ln for ln, _ in rows], [r["asin"] for _, r in rows], [r["title"] for _, r in rows], bad_lines
+
+    titles: dict[str, object] = {}
+    seen_lines = 0
+    for lines, line_numbers, asins, raw_titles, bad_lines in parallel_blocks(path, block_bytes, threads, parse):
+        for reason, detail, line in bad_lines:
+            bad.bad(reason, detail, path, seen_lines + line)
+        for line, asin, title in zip(line_numbers, asins, raw_titles, strict=True):
+            if asin in wanted:
+                _add_meta(titles, asin, title, path, seen_lines + line, bad)
+        seen_lines += lines
+    if seen_lines == 0:
+        raise GdrtError("empty file: no metadata lines", path=str(path))
+    return titles
+
+
+def clean_title(raw, config) -> str | None:
+    """The reference's title rule (present, longer than 1 char, ' VHS' stripped) plus HTML unescaping."""
+    if not isinstance(raw, str) or len(raw) < config.min_title_chars:
+        return None
+    title = raw
+    if config.strip_vhs:
+        if title.endswith(" VHS"):
+            title = title[:-4]
+        elif title.endswith(" [VHS]"):
+            title = title[:-6]
+    title = title.strip()
+    if config.unescape_titles:
+        title = html.unescape(title).strip()
+    return title or None
+
+
+def find_meta(source: Path, explicit: str | None) -> Path:
+    """--meta, else meta_<category>.json[.gz] next to reviews_<category>_5.json[.gz] / <category>_5.json.gz."""
+    if explicit:
+        return Path(explicit)
+    name = source.name
+    for suffix in (".gz", ".json", ".jsonl"):
+        name = name.removesuffix(suffix)
+    category = name.removeprefix("reviews_").removesuffix("_5")
+    for candidate in (f"meta_{category}.json", f"meta_{category}.json.gz", f"meta_{category}.jsonl"):
+        if (source.parent / candidate).is_file():
+            return source.parent / candidate
+    metas = sorted(p for p in source.parent.glob("meta_*") if p.is_file())
+    if len(metas) == 1:
+        return metas[0]
+    raise GdrtError(
+        "cannot find the metadata file next to the reviews", path=str(source),
+        hint=f"pass --meta (expected meta_{category}.json[.gz])",
+    )
+
+
+def curate_raw(config, out_dir: Path, bad: BadRows) -> dict:
+    """Read, filter, window, split and write; returns the manifest."""
+    import pyarrow as pa
+
+    from gdrt_core.config import to_dict
+    from gdrt_core.dataset import write_dataset
+
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    source = Path(config.source)
+    if not source.is_file():
+        raise GdrtError("the raw review file does not exist", path=str(source))
+    if config.window_rule not in recipe.WINDOW_RULES:
+        raise GdrtError(f"window_rule must be one of {recipe.WINDOW_RULES}, not {config.window_rule!r}", path="config")
+    meta_path = find_meta(source, config.meta)
+    block_bytes = max(1, config.block_mb) << 20
+    reviews = read_reviews(source, bad, config.threads, block_bytes)
+    lap("read_reviews")
+
+    asins = reviews.asins.to_pylist()
+    wanted = set(asins)
+    if config.format == "amazon2014":
+        raw_titles = read_meta_2014(meta_path, wanted, bad)
+    else:
+        raw_titles = read_meta_2018(meta_path, wanted, bad, config.threads, block_bytes)
+    item_titles = [clean_title(raw_titles.get(a), config) for a in asins]  # [num_asins]
+    titled = np.array([t is not None for t in item_titles], dtype=bool)
+    lap("read_meta")
+
+    keep = titled[reviews.item_codes]
+    stats = {"review_lines": reviews.lines, "reviews": int(len(reviews.times)), "items_in_reviews": len(asins),
+             "items_with_title": int(titled.sum()), "reviews_with_titled_item": int(keep.sum())}
+    users = reviews.user_codes[keep]
+    items = reviews.item_codes[keep]
+    times = reviews.times[keep]
+    core = recipe.k_core(users, items, config.k_core)
+    users, items, times = users[core], items[core], times[core]
+    if len(users) == 0:
+        raise GdrtError(
+            f"no interactions left after dropping untitled items and {config.k_core}-core filtering",
+            path=str(source), hint="check the metadata file, or lower k_core",
+        )
+    lap("filter_kcore")
+
+    # contiguous ids in order of first appearance (item ids 1..N, as the reference)
+    user_rank, user_of_rank = _first_appearance(users, len(reviews.user_ids))
+    item_rank, item_of_rank = _first_appearance(items, len(asins))
+    del reviews.user_codes, reviews.item_codes, reviews.times
+    span = int(times.max()) - int(times.min())
+    if span < 1 << 32:  # one stable sort on a packed (user, time) key
+        order = np.argsort(user_rank[users].astype(np.int64) << 32 | (times - times.min()), kind="stable")
+    else:
+        order = recipe.user_order(user_rank[users], times)
+    sorted_users = user_rank[users][order]
+    sorted_items = (item_rank[items][order] + 1).astype(np.int32)  # [n] item ids 1..N
+    sorted_times = times[order]
+    del users, items, times, order
+    windows = recipe.sliding_windows(sorted_users, sorted_times, config.max_history, config.window_rule)
+    train_end, valid_end = recipe.split_bounds(len(windows), config.valid_fraction, config.test_fraction)
+    parts = {
+        "train": windows.take(np.arange(0, train_end)),
+        "valid": windows.take(np.arange(train_end, valid_end)),
+        "test": windows.take(np.arange(valid_end, len(windows))),
+    }
+    sample = recipe.sample_rows(len(parts["train"]), config.max_train, config.seed)
+    if sample is not None:
+        parts["train"] = parts["train"].take(sample)
+    lap("windows")
+
+    num_items = len(item_of_rank)
+    popularity_counts = recipe.covered_popularity(sorted_items, parts["train"], num_items + 1)
+    titles = {i + 1: item_titles[a] for i, a in enumerate(item_of_rank.tolist())}
+    popularity = {i: int(popularity_counts[i]) for i in titles}
+    user_names = reviews.user_ids.take(pa.array(user_of_rank))  # rank -> reviewerID
+    first_example = {"train": 0, "valid": len(parts["train"]), "test": len(parts["train"]) + len(parts["valid"])}
+    splits = {
+        name: _window_batches(w, sorted_users, sorted_items, first_example[name], user_names)
+        for name, w in parts.items()
+    }
+    stats.update({
+        "reviews_after_kcore": int(len(sorted_items)), "users": int(len(user_of_rank)), "items": num_items,
+        "windows": len(windows), "train_windows_before_sampling": int(train_end),
+    })
+    report = {
+        "format": config.format, "reviews_file": source.name, "meta_file": meta_path.name,
+        "steps": [
+            f"drop items without a title (stripped title shorter than {config.min_title_chars} chars)",
+            "unescape HTML entities in titles" if config.unescape_titles else "titles kept as in the metadata",
+            f"iterative {config.k_core}-core on users and items",
+            "item ids 1..N and users in order of first appearance; each user's reviews sorted by time (stable)",
+            f"sliding windows, history <= {config.max_history}, rule {config.window_rule!r}",
+            f"global temporal split by target time: {1 - config.valid_fraction - config.test_fraction:g} / "
+            f"{config.valid_fraction:g} / {config.test_fraction:g}",
+            (f"train sampled: {config.max_train} windows, seed {config.seed} (pandas DataFrame.sample)"
+             if sample is not None else "train not sampled"),
+        ],
+        "stats": stats, "bad_rows": bad.report(),
+        "popularity": "interactions of the train windows, each (user, position) once",
+    }
+    manifest = write_dataset(
+        out_dir, titles=titles, splits=splits, domain=config.domain, config=to_dict(config), recipe=report,
+        num_pop_groups=config.num_pop_groups, popularity=popularity,
+    )
+    lap("write")
+    manifest["timings_s"] = timings
+    return manifest
+
+
+def _first_appearance(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rank of each code by first appearance in `codes` [size], code of each rank [m])."""
+    first = np.full(size, len(codes), dtype=np.int64)
+    np.minimum.at(first, codes, np.arange(len(codes), dtype=np.int64))
+    present = np.flatnonzero(first < len(codes))
+    code_of_rank = present[np.argsort(first[present], kind="stable")]
+    rank = np.full(size, -1, dtype=np.int64)
+    rank[code_of_rank] = np.arange(len(code_of_rank))
+    return rank, code_of_rank
+
+
+def _window_batches(windows: recipe.Windows, sorted_users, sorted_items, first_example: int, user_names):
+    """Record batches of split rows, BATCH_WINDOWS at a time (the history lists are built per batch)."""
+    import pyarrow as pa
+
+    for lo in range(0, len(windows), BATCH_WINDOWS):
+        part = windows.take(np.arange(lo, min(lo + BATCH_WINDOWS, len(windows))))
+        offsets = recipe.history_offsets(part)
+        values = recipe.history_values(sorted_items, part, offsets)
+        history = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int32()))
+        yield pa.RecordBatch.from_arrays(
+            [
+                pa.array(np.arange(first_example + lo, first_example + lo + len(part)), pa.int64()),
+                user_names.take(pa.array(sorted_users[part.target])),
+                history,
+                pa.array(sorted_items[part.target], pa.int32()),
+                pa.array(part.target_time, pa.int64()),
+            ],
+            names=["example_id", "user_id", "history", "target", "timestamp"],
+        )

@@ -1,0 +1,168 @@
+"""Each source format on small hand-made fixtures (tests/fixtures/curate), windows and splits checked by hand."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gdrt_core.curate import CurateConfig, run
+from gdrt_core.dataset import Dataset
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "curate"
+
+
+def rows(ds: Dataset, split: str) -> list[tuple[str, list[int], int, int]]:
+    t = ds.split(split).to_pydict()
+    return list(zip(t["user_id"], t["history"], t["target"], t["timestamp"], strict=True))
+
+
+def curate(tmp_path: Path, source: Path, fmt: str, **settings) -> tuple[Dataset, dict]:
+    out = tmp_path / "ds"
+    manifest = run(CurateConfig(source=str(source), format=fmt, domain="office", out=str(out), **settings))
+    return Dataset(out), manifest
+
+
+def test_sliding_reads_splits_as_published(tmp_path):
+    """train.csv/valid.csv/test.csv as they are; titles keep `&amp;`; last id = target.
+
+    Popularity = train interactions, each (user, position) once: user 1's windows [1,2,3]@100 and
+    [1,2,3,4]@120 overlap in [1,2,3], so user 1 contributes 1,2,3,4; user 2 gives 4,5; user 3 gives 2,6.
+    -> pop {1:1, 2:2, 3:1, 4:2, 5:1, 6:1}. Sorted by (pop, id): 1,3,5,6,2,4 cut into 5 groups of sizes
+    2,1,1,1,1 -> groups {1:0, 3:0, 5:1, 6:2, 2:3, 4:4}.
+    """
+    ds, manifest = curate(tmp_path, FIXTURES / "sliding", "sliding")
+    assert rows(ds, "train") == [("1", [1, 2], 3, 100), ("2", [4], 5, 110), ("1", [1, 2, 3], 4, 120), ("3", [2], 6, 130)]
+    assert rows(ds, "valid") == [("1", [2, 3, 4], 5, 140)]
+    assert rows(ds, "test") == [("2", [4, 5], 6, 150)]
+    assert ds.split("test").column("example_id").to_pylist() == [5]
+    assert ds.titles[3] == "Pens &amp; Paper Set"
+    items = ds.items.to_pydict()
+    assert dict(zip(items["item_id"], items["popularity"], strict=True)) == {1: 1, 2: 2, 3: 1, 4: 2, 5: 1, 6: 1}
+    assert ds.pop_groups == {1: 0, 3: 0, 5: 1, 6: 2, 2: 3, 4: 4}
+    assert manifest["domain"] == "office" and ds.domain == "office"
+    assert manifest["recipe"]["files"] == {"train": "train.csv", "valid": "valid.csv", "test": "test.csv"}
+    assert manifest["config"]["format"] == "sliding"
+
+
+def test_sliding_sampled_train_and_carved_valid(tmp_path):
+    """Only train_2.csv / train_4.csv: the larger is read. No valid: the latest train window by target
+    time (ts 130, user 2) is carved as valid, size 1 = the test size; train keeps file order."""
+    ds, manifest = curate(tmp_path, FIXTURES / "sliding_sampled", "sliding")
+    assert manifest["recipe"]["files"]["train"] == "train_4.csv"
+    assert rows(ds, "train") == [("1", [1, 2], 3, 100), ("1", [1, 2, 3], 4, 120), ("3", [2], 6, 110)]
+    assert rows(ds, "valid") == [("2", [4], 5, 130)]
+    assert rows(ds, "test") == [("2", [4, 5], 6, 150)]
+    assert manifest["recipe"]["splits"]["valid"]["source"].startswith("carved")
+
+
+def test_sliding_carve_size_and_max_train(tmp_path):
+    """carve_size=2 takes ts 130 and 120 (time order); max_train=1 keeps RandomState(42).choice(2, 1)."""
+    import numpy as np
+
+    ds, manifest = curate(tmp_path, FIXTURES / "sliding_sampled", "sliding", carve_size=2, max_train=1)
+    assert rows(ds, "valid") == [("1", [1, 2, 3], 4, 120), ("2", [4], 5, 130)]
+    remaining = [("1", [1, 2], 3, 100), ("3", [2], 6, 110)]
+    pick = int(np.random.RandomState(42).choice(2, size=1, replace=False)[0])
+    assert rows(ds, "train") == [remaining[pick]]
+    assert manifest["recipe"]["splits"]["train"]["sampled"]["rows"] == 1
+
+
+def test_d3_reads_info_and_splits(tmp_path):
+    """history_item_id / item_id / timestamp with ids from info/Tiny.txt (0-based, kept)."""
+    ds, manifest = curate(tmp_path, FIXTURES / "d3", "d3")
+    assert ds.titles == {0: "Stapler", 1: "Pens &amp; Paper", 2: "Desk Lamp", 3: "Paper Clips"}
+    assert rows(ds, "train") == [("AU1", [0], 1, 200), ("AU2", [2], 3, 210), ("AU1", [0, 1], 2, 220)]
+    assert rows(ds, "valid") == [("AU2", [2, 3], 0, 230)]
+    assert rows(ds, "test") == [("AU1", [0, 1, 2], 3, 240)]
+    assert manifest["recipe"]["name"] == "Tiny"
+
+
+def test_d3_without_train_is_eval_only(tmp_path):
+    """The shared D3 copies lack train: an empty train, popularity from valid+test, said in the manifest.
+
+    valid: AU2 [2,3]->0; test: AU1 [0,1,2]->3 -> pop {0:2, 1:1, 2:2, 3:2}.
+    """
+    src = tmp_path / "d3"
+    shutil.copytree(FIXTURES / "d3", src)
+    shutil.rmtree(src / "train")
+    ds, manifest = curate(tmp_path, src, "d3")
+    assert ds.split("train").num_rows == 0
+    assert "eval-only" in manifest["recipe"]["splits"]["train"]["source"]
+    items = ds.items.to_pydict()
+    assert dict(zip(items["item_id"], items["popularity"], strict=True)) == {0: 2, 1: 1, 2: 2, 3: 2}
+
+
+RAW_SETTINGS = {"k_core": 2, "max_history": 3, "valid_fraction": 0.25, "test_fraction": 0.25}
+
+
+def check_tiny_raw(ds: Dataset, manifest: dict) -> None:
+    """The tiny raw dump, by hand (k=2, history <= 3, split 0.5/0.25/0.25).
+
+    ITEM5 has no title and ITEM9's title 'X' is too short: C1's ITEM5 review goes, then C1 (1 review)
+    and D1 (1 review) fail the 2-core. Left, in file order: A1 ITEM1, B1 ITEM2, A1 ITEM2, B1 ITEM3,
+    A1 ITEM3, B1 ITEM4, A1 ITEM4, A1 ITEM1, A1 ITEM2 -> ids ITEM1=1, ITEM2=2, ITEM3=3, ITEM4=4.
+    A1 = 1,2,3,4,1,2 at 100..600; B1 = 2,3,4 at 150,250,350. Windows (bigrec): A1 targets i >= 3 ->
+    [1,2,3]->4@400, [2,3,4]->1@500, [3,4,1]->2@600; B1 targets i >= min(3, 2) = 2 -> [2,3]->4@350.
+    By target time: 350, 400 | 500 | 600 -> train int(4*0.5)=2, valid up to int(4*0.75)=3, test 1.
+    Train covers B1 positions 0-2 and A1 positions 0-3 -> popularity {1:1, 2:2, 3:2, 4:2}.
+    """
+    assert ds.titles == {1: "Swingline Stapler", 2: "Post-it Notes, 3'' x 3''", 3: "Desk Lamp", 4: "Pens & Pencils"}
+    assert rows(ds, "train") == [("B1", [2, 3], 4, 350), ("A1", [1, 2, 3], 4, 400)]
+    assert rows(ds, "valid") == [("A1", [2, 3, 4], 1, 500)]
+    assert rows(ds, "test") == [("A1", [3, 4, 1], 2, 600)]
+    items = ds.items.to_pydict()
+    assert dict(zip(items["item_id"], items["popularity"], strict=True)) == {1: 1, 2: 2, 3: 2, 4: 2}
+    stats = manifest["recipe"]["stats"]
+    assert stats["reviews"] == 12 and stats["items_in_reviews"] == 6 and stats["items_with_title"] == 4
+    assert stats["reviews_after_kcore"] == 9 and stats["users"] == 2 and stats["windows"] == 4
+
+
+def test_amazon2014_recipe_by_hand(tmp_path):
+    ds, manifest = curate(tmp_path, FIXTURES / "amazon2014" / "reviews_Tiny_5.json", "amazon2014", **RAW_SETTINGS)
+    check_tiny_raw(ds, manifest)
+    assert manifest["recipe"]["meta_file"] == "meta_Tiny.json"
+
+
+def test_amazon2018_recipe_by_hand_gzipped(tmp_path):
+    """2018: JSON metadata (with an exact duplicate line, as the real dumps have); .gz input."""
+    src = tmp_path / "raw"
+    src.mkdir()
+    for name in ("Tiny_5.json", "meta_Tiny.json"):
+        with open(FIXTURES / "amazon2018" / name, "rb") as f, gzip.open(src / f"{name}.gz", "wb") as g:
+            g.write(f.read())
+    ds, manifest = curate(tmp_path, src / "Tiny_5.json.gz", "amazon2018", **RAW_SETTINGS)
+    check_tiny_raw(ds, manifest)
+    assert manifest["recipe"]["meta_file"] == "meta_Tiny.json.gz"
+
+
+def test_amazon_small_blocks_and_one_thread_agree(tmp_path):
+    """Block boundaries and thread count do not change the result (blocks of 1 MiB vs one thread)."""
+    src = FIXTURES / "amazon2014" / "reviews_Tiny_5.json"
+    a, _ = curate(tmp_path / "a", src, "amazon2014", **RAW_SETTINGS, threads=1)
+    b, _ = curate(tmp_path / "b", src, "amazon2014", **RAW_SETTINGS, threads=3, block_mb=1)
+    for split in ("train", "valid", "test"):
+        assert rows(a, split) == rows(b, split)
+
+
+def test_line_blocks_cut_at_line_ends(tmp_path):
+    from gdrt_core.curate.amazon import line_blocks
+
+    path = tmp_path / "lines.json"
+    text = b"".join(b'{"k": %d}\n' % i for i in range(1000)) + b'{"k": "last, no newline"}'
+    path.write_bytes(text)
+    blocks = list(line_blocks(path, 100))
+    assert all(b.endswith(b"\n") for b in blocks)
+    assert b"".join(blocks) == text + b"\n"
+
+
+@pytest.mark.parametrize("fmt", ["amazon2014"])
+def test_amazon_default_settings_on_fixture_keep_nothing(tmp_path, fmt):
+    """With the default 5-core nothing in the tiny dump survives: a clear error, no output."""
+    from gdrt_core.errors import GdrtError
+
+    with pytest.raises(GdrtError, match="no interactions left"):
+        curate(tmp_path, FIXTURES / fmt / "reviews_Tiny_5.json", fmt)
+    assert not (tmp_path / "ds").exists()
