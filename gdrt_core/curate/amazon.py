@@ -371,38 +371,22 @@ def curate_raw(config, out_dir: Path, bad: BadRows) -> dict:
     users = reviews.user_codes[keep]
     items = reviews.item_codes[keep]
     times = reviews.times[keep]
-    core = recipe.k_core(users, items, config.k_core)
-    users, items, times = users[core], items[core], times[core]
-    if len(users) == 0:
+    curated = recipe.curate_interactions(
+        users, items, times, num_users=len(reviews.user_ids), num_items=len(asins), k=config.k_core,
+        max_history=config.max_history, rule=config.window_rule, valid_fraction=config.valid_fraction,
+        test_fraction=config.test_fraction, max_train=config.max_train, seed=config.seed,
+    )
+    del reviews.user_codes, reviews.item_codes, reviews.times, users, items, times
+    if curated is None:
         raise GdrtError(
             f"no interactions left after dropping untitled items and {config.k_core}-core filtering",
             path=str(source), hint="check the metadata file, or lower k_core",
         )
-    lap("filter_kcore")
-
-    # contiguous ids in order of first appearance (item ids 1..N, as the reference)
-    user_rank, user_of_rank = _first_appearance(users, len(reviews.user_ids))
-    item_rank, item_of_rank = _first_appearance(items, len(asins))
-    del reviews.user_codes, reviews.item_codes, reviews.times
-    span = int(times.max()) - int(times.min())
-    if span < 1 << 32:  # one stable sort on a packed (user, time) key
-        order = np.argsort(user_rank[users].astype(np.int64) << 32 | (times - times.min()), kind="stable")
-    else:
-        order = recipe.user_order(user_rank[users], times)
-    sorted_users = user_rank[users][order]
-    sorted_items = (item_rank[items][order] + 1).astype(np.int32)  # [n] item ids 1..N
-    sorted_times = times[order]
-    del users, items, times, order
-    windows = recipe.sliding_windows(sorted_users, sorted_times, config.max_history, config.window_rule)
-    train_end, valid_end = recipe.split_bounds(len(windows), config.valid_fraction, config.test_fraction)
-    parts = {
-        "train": windows.take(np.arange(0, train_end)),
-        "valid": windows.take(np.arange(train_end, valid_end)),
-        "test": windows.take(np.arange(valid_end, len(windows))),
-    }
-    sample = recipe.sample_rows(len(parts["train"]), config.max_train, config.seed)
-    if sample is not None:
-        parts["train"] = parts["train"].take(sample)
+    parts, sorted_users, sorted_items = curated.parts, curated.sorted_users, curated.sorted_items
+    item_of_rank, user_of_rank = curated.item_of_rank, curated.user_of_rank
+    windows = curated.windows
+    train_end = curated.train_end
+    sample = curated.sample
     lap("windows")
 
     num_items = len(item_of_rank)
@@ -442,17 +426,6 @@ def curate_raw(config, out_dir: Path, bad: BadRows) -> dict:
     lap("write")
     manifest["timings_s"] = timings
     return manifest
-
-
-def _first_appearance(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rank of each code by first appearance in `codes` [size], code of each rank [m])."""
-    first = np.full(size, len(codes), dtype=np.int64)
-    np.minimum.at(first, codes, np.arange(len(codes), dtype=np.int64))
-    present = np.flatnonzero(first < len(codes))
-    code_of_rank = present[np.argsort(first[present], kind="stable")]
-    rank = np.full(size, -1, dtype=np.int64)
-    rank[code_of_rank] = np.arange(len(code_of_rank))
-    return rank, code_of_rank
 
 
 def _window_batches(windows: recipe.Windows, sorted_users, sorted_items, first_example: int, user_names):

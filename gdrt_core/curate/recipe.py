@@ -149,3 +149,66 @@ def history_values(sorted_items: np.ndarray, windows: Windows, offsets: np.ndarr
     lengths = np.diff(offsets)
     positions = np.repeat(windows.start - offsets[:-1], lengths) + np.arange(offsets[-1])
     return sorted_items[positions]
+
+
+def first_appearance(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rank of each code by first appearance in `codes` [size] (-1 if absent), code of each rank [m])."""
+    first = np.full(size, len(codes), dtype=np.int64)
+    np.minimum.at(first, codes, np.arange(len(codes), dtype=np.int64))
+    present = np.flatnonzero(first < len(codes))
+    code_of_rank = present[np.argsort(first[present], kind="stable")]
+    rank = np.full(size, -1, dtype=np.int64)
+    rank[code_of_rank] = np.arange(len(code_of_rank))
+    return rank, code_of_rank
+
+
+@dataclass
+class Curated:
+    """The recipe's result over interaction arrays (see `curate_interactions`)."""
+
+    sorted_users: np.ndarray  # [n] user rank per interaction, sorted by (user, time)
+    sorted_items: np.ndarray  # [n] item id 1..N per interaction, same order
+    sorted_times: np.ndarray  # [n]
+    windows: Windows  # all windows, by target time
+    parts: dict[str, Windows]  # train (sampled if asked) / valid / test
+    user_of_rank: np.ndarray  # [num kept users] original user code of each rank
+    item_of_rank: np.ndarray  # [N] original item code of item id (rank + 1)
+    train_end: int  # train windows before sampling
+    sample: np.ndarray | None
+
+
+def curate_interactions(
+    users: np.ndarray, items: np.ndarray, times: np.ndarray, *, num_users: int, num_items: int, k: int = 5,
+    max_history: int = 10, rule: str = "bigrec", valid_fraction: float = 0.1, test_fraction: float = 0.1,
+    max_train: int | None = None, seed: int = 42,
+) -> Curated | None:
+    """k-core, first-appearance ids, per-user chronological order, windows, split, sample.
+
+    users/items: [n] codes in file order (titled items only), times: [n]. None if nothing survives.
+    """
+    core = k_core(users, items, k)
+    users, items, times = users[core], items[core], times[core]
+    if len(users) == 0:
+        return None
+    user_rank, user_of_rank = first_appearance(users, num_users)
+    item_rank, item_of_rank = first_appearance(items, num_items)
+    user_ranks = user_rank[users]
+    span = int(times.max()) - int(times.min())
+    if span < 1 << 31 and len(user_of_rank) < 1 << 31:  # one stable sort on a packed (user, time) key
+        order = np.argsort(user_ranks << 32 | (times - times.min()), kind="stable")
+    else:
+        order = user_order(user_ranks, times)
+    sorted_users = user_ranks[order]
+    sorted_items = (item_rank[items][order] + 1).astype(np.int32)  # item ids 1..N
+    sorted_times = times[order]
+    windows = sliding_windows(sorted_users, sorted_times, max_history, rule)
+    train_end, valid_end = split_bounds(len(windows), valid_fraction, test_fraction)
+    parts = {
+        "train": windows.take(np.arange(0, train_end)),
+        "valid": windows.take(np.arange(train_end, valid_end)),
+        "test": windows.take(np.arange(valid_end, len(windows))),
+    }
+    sample = sample_rows(train_end, max_train, seed)
+    if sample is not None:
+        parts["train"] = parts["train"].take(sample)
+    return Curated(sorted_users, sorted_items, sorted_times, windows, parts, user_of_rank, item_of_rank, train_end, sample)
