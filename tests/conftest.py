@@ -42,3 +42,13 @@ def office_slice(tmp_path_factory, office_dataset) -> Path:
             recipe={"slice_of": str(office_dataset), "sizes": sizes},
         )
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, office_dataset) -> Path:
+    """`gdrt init-model --size tiny` on the Office dataset (seed 0): tokenizer + 2-layer Llama, built once."""
+    from gdrt_core.embedded import EmbeddedConfig, run
+
+    out = tmp_path_factory.mktemp("tiny_model") / "model"
+    run(EmbeddedConfig(dataset=str(office_dataset), out=str(out), size="tiny", seed=0))
+    return out

@@ -1,0 +1,235 @@
+"""The embedded default model: `gdrt init-model --dataset D --out M [--size tiny|small] [--seed S]`.
+
+A byte-level BPE tokenizer trained on the dataset's titles and the prompt wording, and a Llama-architecture
+causal LM with random (seeded) weights, saved as a standard Hugging Face directory. It lets the whole
+pipeline run with no network and no download, on CPU, in minutes (sizes and timings: docs/models.md).
+
+Deterministic: the same dataset, size and seed give byte-identical tokenizer.json and model.safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+
+from gdrt_core.config import field, load_config, to_dict
+from gdrt_core.errors import GdrtError
+
+BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, UNK)  # ids 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int  # BPE target; the real vocabulary can be smaller on a small corpus
+
+
+SIZES: dict[str, ModelSize] = {
+    # unit and integration tests: a forward pass over a batch in milliseconds
+    "tiny": ModelSize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=2048),
+    # the main job: one SFT epoch over 10,000 Office windows in a few minutes on 2 CPU cores
+    "small": ModelSize(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=344, vocab=4096),
+}
+MAX_POSITIONS = 2048  # RoPE: no parameters; Office prompts are ~350 tokens, the longest ~470
+
+
+@dataclass
+class EmbeddedConfig:
+    dataset: str = field(help="Dataset artifact whose titles and domain train the tokenizer")
+    out: str = field(help="output model directory")
+    size: str = field("small", help="tiny (tests) | small (the main job)")
+    seed: int = field(0, help="seed of the random weights")
+    vocab_size: int | None = field(None, help="BPE vocabulary size (default: by size, 2048 tiny / 4096 small)")
+    prompt_examples: int = field(8, help="train windows rendered with every domain wording for the tokenizer corpus")
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def tokenizer_corpus(titles: list[str], examples: list[tuple[list[str], str]]) -> list[str]:
+    """Texts the BPE is trained on: every distinct title, and full prompts in every domain wording.
+
+    Prompts are rendered by prompts.render itself (plus an empty-history prompt, as grouping uses), so the
+    template words get their own merges. The order is fixed, which keeps training deterministic.
+    """
+    from gdrt_core.prompts import DOMAINS, render
+
+    corpus = sorted(set(titles))
+    for domain in DOMAINS:
+        corpus.append(render(domain, []).prompt)
+        for history, target in examples:
+            corpus.append(render(domain, history, target).text)
+    return corpus
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int):
+    """Byte-level BPE (GPT-2 pre-tokenizer) with BOS/EOS/PAD/UNK, wrapped as a PreTrainedTokenizerFast.
+
+    The GPT-2 split regex keeps a newline run apart from the punctuation that follows it, so the response
+    header's "\\n" and the response's opening quote are never one token (check_response_boundary).
+    BOS is prepended by the post-processor; EOS is appended by the tokenisation code, as for Llama.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=UNK))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    bos_id = bpe.token_to_id(BOS)
+    bpe.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]),
+    ])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        model_max_length=MAX_POSITIONS, padding_side="right", clean_up_tokenization_spaces=False,
+    )
+
+
+# -------------------------------------------------------------------------------------------------- model
+
+
+def build_model(size: ModelSize, vocab_size: int, seed: int):
+    """A LlamaForCausalLM with seeded random weights (tied input/output embeddings)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=size.hidden, intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+        max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True,
+        bos_token_id=SPECIAL_TOKENS.index(BOS), eos_token_id=SPECIAL_TOKENS.index(EOS),
+        pad_token_id=SPECIAL_TOKENS.index(PAD),
+    )
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG state
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(torch.float32).eval()
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+
+def run(config: EmbeddedConfig) -> dict:
+    """Build tokenizer + model for `config.dataset` into `config.out`; returns the manifest."""
+    from gdrt_core.artifacts import atomic_output_dir, write_manifest
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.models import count_parameters
+    from gdrt_core.tokenization import check_response_boundary
+
+    if config.size not in SIZES:
+        raise GdrtError(f"unknown model size {config.size!r}", hint=f"use one of {', '.join(SIZES)}")
+    size = SIZES[config.size]
+    vocab_target = config.vocab_size or size.vocab
+    if vocab_target < 512:
+        raise GdrtError(f"vocab_size {vocab_target} is too small", hint="use at least 512 (256 bytes + merges)")
+    dataset = Dataset(config.dataset)
+    examples = [(list(e.history_titles), e.target_title) for e in dataset.examples("train", limit=config.prompt_examples)]
+    titles = list(dataset.titles.values())
+    if not titles:
+        raise GdrtError("the dataset has no items to train a tokenizer on", path=config.dataset)
+    tokenizer = train_tokenizer(tokenizer_corpus(titles, examples), vocab_target)
+    check_response_boundary(tokenizer, titles[:200])
+    model = build_model(size, len(tokenizer), config.seed)
+    _, n_params = count_parameters(model)
+    with atomic_output_dir(config.out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        return write_manifest(
+            tmp, "model", config=to_dict(config), inputs={"dataset": config.dataset},
+            domain=dataset.domain, base=None, embedded={
+                "architecture": "LlamaForCausalLM", "size": config.size, "num_parameters": n_params,
+                "vocab_size": len(tokenizer), **{k: getattr(size, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate")},
+            },
+        )
+
+
+def cli(args: argparse.Namespace) -> None:
+    cfg = load_config(
+        EmbeddedConfig, args.config, args.overrides, dataset=args.dataset, out=args.out, size=args.size, seed=args.seed
+    )
+    manifest = run(cfg)
+    info = manifest["embedded"]
+    print(
+        f"init-model {cfg.size}: {info['num_parameters']:,} parameters, vocabulary {info['vocab_size']} -> {cfg.out}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------- timing
+
+
+def time_sft_steps(
+    model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, *, examples: int = 256, batch_size: int = 8,
+    windows: int = 10_000, threads: int | None = None,
+) -> dict:
+    """Measure forward + backward + AdamW step time on real train windows; extrapolate one SFT epoch.
+
+    A plain loop over tokenize_example outputs (right padding, no Trainer), the cost floor of a training
+    step. Used to size the `small` model (docs/models.md).
+    """
+    import torch
+
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.models import load_model, load_tokenizer
+    from gdrt_core.prompts import render
+    from gdrt_core.tokenization import IGNORE_INDEX, tokenize_example
+
+    if threads:
+        torch.set_num_threads(threads)
+    dataset = Dataset(dataset_dir)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, device="cpu")
+    model.train()
+    tokenized = [
+        tokenize_example(tokenizer, render(dataset.domain, list(e.history_titles), e.target_title))
+        for e in dataset.examples("train", limit=examples)
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def batch(chunk):
+        width = max(len(x) for x in chunk)
+        pad = tokenizer.pad_token_id
+        return (
+            torch.tensor([x.input_ids + [pad] * (width - len(x)) for x in chunk]),  # [batch, seq]
+            torch.tensor([x.attention_mask + [0] * (width - len(x)) for x in chunk]),  # [batch, seq]
+            torch.tensor([x.labels + [IGNORE_INDEX] * (width - len(x)) for x in chunk]),  # [batch, seq]
+        )
+
+    batches = [batch(tokenized[i:i + batch_size]) for i in range(0, len(tokenized), batch_size)]
+    warmup = batches[0]
+    model(input_ids=warmup[0], attention_mask=warmup[1], labels=warmup[2]).loss.backward()
+    optimizer.zero_grad()
+    tokens = 0
+    start = time.perf_counter()
+    for input_ids, attention_mask, labels in batches:
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        tokens += int(attention_mask.sum())
+    seconds = time.perf_counter() - start
+    per_example = seconds / len(tokenized)
+    return {
+        "examples": len(tokenized), "batch_size": batch_size, "threads": torch.get_num_threads(),
+        "seconds": seconds, "seconds_per_example": per_example, "tokens_per_second": tokens / seconds,
+        "mean_tokens": tokens / len(tokenized), "epoch_seconds": per_example * windows, "windows": windows,
+    }
+
+
+if __name__ == "__main__":  # python -m gdrt_core.embedded MODEL_DIR DATASET_DIR: time one SFT epoch
+    import json
+    import sys
+
+    print(json.dumps(time_sft_steps(sys.argv[1], sys.argv[2], threads=int(os.environ.get("THREADS", "2"))), indent=2))
