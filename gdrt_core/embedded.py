@@ -177,7 +177,8 @@ def time_sft_steps(
     """Measure forward + backward + AdamW step time on real train windows; extrapolate one SFT epoch.
 
     A plain loop over tokenize_example outputs (right padding, no Trainer), the cost floor of a training
-    step. Used to size the `small` model (docs/models.md).
+    step. Used to size the `small` model (docs/models.md). On a shared machine read `cpu_seconds` with
+    threads=1 too: wall time grows with the other processes' load.
     """
     import torch
 
@@ -212,7 +213,7 @@ def time_sft_steps(
     model(input_ids=warmup[0], attention_mask=warmup[1], labels=warmup[2]).loss.backward()
     optimizer.zero_grad()
     tokens = 0
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for input_ids, attention_mask, labels in batches:
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
@@ -220,10 +221,12 @@ def time_sft_steps(
         optimizer.zero_grad()
         tokens += int(attention_mask.sum())
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - start_cpu  # less sensitive to other processes on the machine
     per_example = seconds / len(tokenized)
     return {
         "examples": len(tokenized), "batch_size": batch_size, "threads": torch.get_num_threads(),
-        "seconds": seconds, "seconds_per_example": per_example, "tokens_per_second": tokens / seconds,
+        "seconds": seconds, "cpu_seconds": cpu_seconds, "load_average": os.getloadavg()[0],
+        "seconds_per_example": per_example, "tokens_per_second": tokens / seconds,
         "mean_tokens": tokens / len(tokenized), "epoch_seconds": per_example * windows, "windows": windows,
     }
 
