@@ -37,7 +37,9 @@ def build_inputs(work: Path, dataset: str | None, sizes: list[str]) -> tuple[Pat
 
     ds = Path(dataset) if dataset else work / "office"
     if not dataset:
-        curate(CurateConfig(source=str(REPO / "data" / "office"), format="sliding", domain="office", out=str(ds)))
+        curate(
+            CurateConfig(source=str(REPO / "data" / "office"), format="sliding", domain="office", out=str(ds))
+        )
     models = {}
     for size in sizes:
         models[size] = work / f"model-{size}"
@@ -62,8 +64,14 @@ def bench_size(size: str, ds: Path, model_dir: Path, args, work: Path) -> list[t
     rows = []
     for removal in ("drop", "mask"):
         cfg = GroupConfig(
-            dataset=str(ds), reference=str(model_dir), out=str(work / f"groups-{size}-{removal}"), splits=["train"],
-            limit=args.group_examples, batch_size=args.batch_size, history_removal=removal, progress=False,
+            dataset=str(ds),
+            reference=str(model_dir),
+            out=str(work / f"groups-{size}-{removal}"),
+            splits=["train"],
+            limit=args.group_examples,
+            batch_size=args.batch_size,
+            history_removal=removal,
+            progress=False,
         )
         warm = GroupConfig(**{**cfg.__dict__, "limit": 16, "out": cfg.out + "-warm"})
         grouping.run(warm, model=model, tokenizer=tokenizer)  # first-call overheads out of the timing
@@ -75,8 +83,13 @@ def bench_size(size: str, ds: Path, model_dir: Path, args, work: Path) -> list[t
         ("attribute (grad x input)", {"counterfactual": False, "method": "grad_x_input"}),
     ):
         cfg = AttributeConfig(
-            dataset=str(ds), model=str(model_dir), out=str(work / f"attr-{size}"), limit=args.attr_examples,
-            batch_size=args.batch_size, progress=False, **extra,
+            dataset=str(ds),
+            model=str(model_dir),
+            out=str(work / f"attr-{size}"),
+            limit=args.attr_examples,
+            batch_size=args.batch_size,
+            progress=False,
+            **extra,
         )
         seconds = timed(lambda cfg=cfg: attribution.run(cfg, model=model, tokenizer=tokenizer))
         rows.append((size, device, name, args.attr_examples, seconds))
@@ -104,8 +117,10 @@ def main() -> None:
         rows = []
         for size in args.sizes:
             rows += bench_size(size, ds, models[size], args, work)
-    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads, batch size {args.batch_size}\n")
+    print(
+        f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads, batch size {args.batch_size}\n"
+    )
     print("| model | device | stage | examples | seconds | examples/s |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for size, device, stage, n, seconds in rows:

@@ -60,12 +60,21 @@ class AttributeConfig:
     split: str = field("test", help="split to attribute: train | valid | test")
     limit: int | None = field(None, help="attribute at most this many examples (None = the whole split)")
     method: str = field("ablation", help="ablation (feature ablation, default) | grad_x_input")
-    baseline: str = field("neutral", help="ablation baseline: neutral (replace by a neutral token) | attention (hide from attention)")
-    neutral_token: str | None = field(None, help="token that replaces ablated tokens (default: the tokenizer's pad token)")
+    baseline: str = field(
+        "neutral",
+        help="ablation baseline: neutral (replace by a neutral token) | attention (hide from attention)",
+    )
+    neutral_token: str | None = field(
+        None, help="token that replaces ablated tokens (default: the tokenizer's pad token)"
+    )
     counterfactual: bool = field(True, help="also re-score with the history removed and shuffled")
-    num_negatives: int = field(9, help="catalogue titles sampled per example to rank the target against (0 = no ranking)")
+    num_negatives: int = field(
+        9, help="catalogue titles sampled per example to rank the target against (0 = no ranking)"
+    )
     seed: int = field(0, help="seed for the negatives and the shuffled histories")
-    groups: str | None = field(None, help="Groups artifact: draw its relevance histogram with the group edges")
+    groups: str | None = field(
+        None, help="Groups artifact: draw its relevance histogram with the group edges"
+    )
     batch_size: int = field(16, help="sequences per forward pass")
     max_batch_tokens: int | None = field(None, help="cap on padded tokens per forward pass (None = no cap)")
     chunk_size: int = field(256, help="examples scored together (bounds memory; one progress step each)")
@@ -94,8 +103,10 @@ class ExampleAttribution:
         ]
         out += [("history_item", i, float(d.sum())) for i, d in enumerate(self.items)]
         for name, per_token in (
-            ("target_logprob", self.logprobs), ("instruction_token", self.instruction),
-            ("history_token", self.history), ("prefix_token", self.prefix),
+            ("target_logprob", self.logprobs),
+            ("instruction_token", self.instruction),
+            ("history_token", self.history),
+            ("prefix_token", self.prefix),
         ):
             out += [(name, t, float(v)) for t, v in enumerate(per_token)]
         return out
@@ -132,7 +143,9 @@ def segment_indices(example, bos_token_id: int | None = None) -> dict:
     from gdrt_core.tokenization import HISTORY, INSTRUCTION, TARGET
 
     roles = example.role
-    start = 1 if bos_token_id is not None and example.input_ids and example.input_ids[0] == bos_token_id else 0
+    start = (
+        1 if bos_token_id is not None and example.input_ids and example.input_ids[0] == bos_token_id else 0
+    )
     instruction = [i for i in range(start, len(roles)) if roles[i] == INSTRUCTION]
     history = [i for i, r in enumerate(roles) if r == HISTORY]
     num_items = max(example.history_pos) + 1 if history else 0
@@ -152,7 +165,9 @@ def ablation_requests(example, *, baseline: str, neutral_id: int, bos_token_id: 
     labels = [t for t, r in zip(ids, example.role, strict=True) if r == TARGET]
     n = len(labels)
     if n == 0:
-        raise GdrtError("an example has no target tokens to attribute", hint="render it with its target title")
+        raise GdrtError(
+            "an example has no target tokens to attribute", hint="render it with its target title"
+        )
     seg = segment_indices(example, bos_token_id)
 
     def ablated(indices: list[int]) -> ScoringRequest:
@@ -161,18 +176,31 @@ def ablation_requests(example, *, baseline: str, neutral_id: int, bos_token_id: 
         return ScoringRequest(replace_tokens(ids, indices, neutral_id), n, labels=labels)
 
     prefix = ScoringRequest(
-        replace_tokens(ids, seg["prefix"], neutral_id), n, labels=labels,
+        replace_tokens(ids, seg["prefix"], neutral_id),
+        n,
+        labels=labels,
         hidden=list(seg["prefix"]) if baseline == "attention" else [],
     )
     return [
-        ScoringRequest(list(ids), n, labels=labels), ablated(seg["instruction"]), ablated(seg["history"]), prefix,
+        ScoringRequest(list(ids), n, labels=labels),
+        ablated(seg["instruction"]),
+        ablated(seg["history"]),
+        prefix,
         *(ablated(item) for item in seg["items"]),
     ]
 
 
 def ablation_attributions(
-    model, examples: Sequence, example_ids: Sequence[int], *, baseline: str, neutral_id: int, pad_token_id: int,
-    bos_token_id: int | None = None, batch_size: int = 16, max_batch_tokens: int | None = None,
+    model,
+    examples: Sequence,
+    example_ids: Sequence[int],
+    *,
+    baseline: str,
+    neutral_id: int,
+    pad_token_id: int,
+    bos_token_id: int | None = None,
+    batch_size: int = 16,
+    max_batch_tokens: int | None = None,
 ) -> list[ExampleAttribution]:
     """Feature-ablation attribution of TokenizedExamples, all passes batched together by length."""
     from gdrt_core.scoring import target_logprobs
@@ -187,11 +215,17 @@ def ablation_attributions(
     )
     out = []
     for eid, (start, count) in zip(example_ids, spans, strict=True):
-        full, instr, hist, prefix, *items = logprobs[start:start + count]
-        out.append(ExampleAttribution(
-            example_id=int(eid), logprobs=full, instruction=full - instr, history=full - hist,
-            items=[full - it for it in items], prefix=full - prefix,
-        ))
+        full, instr, hist, prefix, *items = logprobs[start : start + count]
+        out.append(
+            ExampleAttribution(
+                example_id=int(eid),
+                logprobs=full,
+                instruction=full - instr,
+                history=full - hist,
+                items=[full - it for it in items],
+                prefix=full - prefix,
+            )
+        )
     return out
 
 
@@ -199,7 +233,12 @@ def ablation_attributions(
 
 
 def grad_x_input_attributions(
-    model, examples: Sequence, example_ids: Sequence[int], *, pad_token_id: int, batch_size: int = 16,
+    model,
+    examples: Sequence,
+    example_ids: Sequence[int],
+    *,
+    pad_token_id: int,
+    batch_size: int = 16,
 ) -> list[ExampleAttribution]:
     """Gradient x input of s (sum of target log-probs) w.r.t. the input embeddings, summed per segment.
 
@@ -214,9 +253,7 @@ def grad_x_input_attributions(
     device = embed.weight.device
     dtype = embed.weight.dtype
     results: list[ExampleAttribution | None] = [None] * len(examples)
-    requests = [
-        ScoringRequest(ex.input_ids, sum(1 for r in ex.role if r == TARGET)) for ex in examples
-    ]
+    requests = [ScoringRequest(ex.input_ids, sum(1 for r in ex.role if r == TARGET)) for ex in examples]
     for batch in length_batches([len(r.input_ids) for r in requests], batch_size):
         reqs = [requests[i] for i in batch]
         input_ids, mask, position_ids = build_batch(reqs, pad_token_id, dtype)
@@ -225,15 +262,17 @@ def grad_x_input_attributions(
         with torch.enable_grad():
             embeds = embed(input_ids).detach().requires_grad_(True)  # [batch, seq, hidden]
             out = model(
-                inputs_embeds=embeds, attention_mask=mask.to(device), position_ids=position_ids.to(device),
+                inputs_embeds=embeds,
+                attention_mask=mask.to(device),
+                position_ids=position_ids.to(device),
                 logits_to_keep=keep,
             )
             logprobs = torch.log_softmax(out.logits[:, -keep:].float(), dim=-1)  # [batch, keep, vocab]
-            targets = input_ids[:, -(keep - 1):]  # [batch, keep-1]
+            targets = input_ids[:, -(keep - 1) :]  # [batch, keep-1]
             token_lp = logprobs[:, :-1].gather(-1, targets[..., None])[..., 0]  # [batch, keep-1]
             scored = torch.zeros_like(token_lp, dtype=torch.bool)
             for row, r in enumerate(reqs):
-                scored[row, keep - 1 - r.num_scored:] = True
+                scored[row, keep - 1 - r.num_scored :] = True
             total = token_lp[scored].sum()
             (grad,) = torch.autograd.grad(total, embeds)
         per_token = (grad.float() * embeds.detach().float()).sum(-1).cpu().numpy()  # [batch, seq]
@@ -241,7 +280,7 @@ def grad_x_input_attributions(
         length = input_ids.shape[1]
         for row, i in enumerate(batch):
             ex, r = examples[i], reqs[row]
-            attr = per_token[row, length - len(ex.input_ids):]  # unpadded [seq_i]
+            attr = per_token[row, length - len(ex.input_ids) :]  # unpadded [seq_i]
             seg = segment_indices(ex)
             n = r.num_scored
 
@@ -252,7 +291,7 @@ def grad_x_input_attributions(
 
             results[i] = ExampleAttribution(
                 example_id=int(example_ids[i]),
-                logprobs=token_lp[row, token_lp.shape[1] - n:].astype(np.float32),
+                logprobs=token_lp[row, token_lp.shape[1] - n :].astype(np.float32),
                 instruction=at_first(attr[seg["instruction"]].sum()),
                 history=at_first(attr[seg["history"]].sum()),
                 items=[at_first(attr[item].sum()) for item in seg["items"]],
@@ -304,7 +343,9 @@ def summarize(attributions: Sequence[ExampleAttribution]) -> dict:
             "instruction": float(np.mean([a.instruction.sum() for a in attributions])),
             "history": float(np.mean([a.history.sum() for a in attributions])),
             "prefix": float(np.mean([a.prefix.sum() for a in attributions])),
-            "history_item": float(np.mean([v for vs in by_position.values() for v in vs])) if by_position else None,
+            "history_item": float(np.mean([v for vs in by_position.values() for v in vs]))
+            if by_position
+            else None,
         },
         "profile_by_position": {str(k): float(np.mean(v)) for k, v in sorted(by_position.items())},
         "profile_by_recency": {str(k): float(np.mean(v)) for k, v in sorted(by_recency.items())},
@@ -315,7 +356,9 @@ def summarize(attributions: Sequence[ExampleAttribution]) -> dict:
 # ------------------------------------------------------------------------------------------- counterfactual
 
 
-def counterfactual_requests(tokenizer, domain: str, example, titles: Sequence[str], num_negatives: int, seed: int):
+def counterfactual_requests(
+    tokenizer, domain: str, example, titles: Sequence[str], num_negatives: int, seed: int
+):
     """{condition: [requests for the target title, then the negatives]} for full / removed / shuffled history."""
     from gdrt_core.prompts import render
     from gdrt_core.scoring import ScoringRequest
@@ -342,9 +385,18 @@ def counterfactual_requests(tokenizer, domain: str, example, titles: Sequence[st
     return out
 
 
-def counterfactual_scores(model, tokenizer, domain: str, examples: Sequence, titles: Sequence[str], *,
-                          num_negatives: int, seed: int, batch_size: int = 16, max_batch_tokens: int | None = None
-                          ) -> dict[str, list[tuple[float, int | None]]]:
+def counterfactual_scores(
+    model,
+    tokenizer,
+    domain: str,
+    examples: Sequence,
+    titles: Sequence[str],
+    *,
+    num_negatives: int,
+    seed: int,
+    batch_size: int = 16,
+    max_batch_tokens: int | None = None,
+) -> dict[str, list[tuple[float, int | None]]]:
     """{condition: [(mean target token log-prob, rank of the target among the candidates) per example]}."""
     from gdrt_core.scoring import pad_id_of, target_logprobs
 
@@ -354,11 +406,16 @@ def counterfactual_scores(model, tokenizer, domain: str, examples: Sequence, tit
         for condition, reqs in per.items():
             index.append((condition, len(flat), len(reqs)))
             flat.extend(reqs)
-    lps = target_logprobs(model, flat, pad_token_id=pad_id_of(tokenizer), batch_size=batch_size,
-                          max_batch_tokens=max_batch_tokens)
+    lps = target_logprobs(
+        model,
+        flat,
+        pad_token_id=pad_id_of(tokenizer),
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+    )
     out: dict[str, list] = {"full": [], "history_removed": [], "history_shuffled": []}
     for condition, start, count in index:
-        target, *negs = lps[start:start + count]
+        target, *negs = lps[start : start + count]
         s = float(target.sum())
         rank = int(sum(float(n.sum()) > s for n in negs)) if negs else None
         out[condition].append((float(target.mean()), rank))
@@ -374,13 +431,20 @@ def counterfactual_summary(scores: dict[str, list[tuple[float, int | None]]]) ->
         m = {"mean_target_logprob": float(np.mean(lp)) if lp else None}
         if ranks:
             r = np.asarray(ranks, dtype=np.float64)
-            m.update({"mean_rank": float(r.mean()), "hr@1": float((r == 0).mean()), "mrr": float((1.0 / (r + 1)).mean())})
+            m.update(
+                {
+                    "mean_rank": float(r.mean()),
+                    "hr@1": float((r == 0).mean()),
+                    "mrr": float((1.0 / (r + 1)).mean()),
+                }
+            )
         metrics[condition] = m
     drops = {}
     for condition in ("history_removed", "history_shuffled"):
         drops[condition] = {
             k: (metrics["full"][k] - v) if k != "mean_rank" else (v - metrics["full"][k])
-            for k, v in metrics.get(condition, {}).items() if v is not None and metrics["full"].get(k) is not None
+            for k, v in metrics.get(condition, {}).items()
+            if v is not None and metrics["full"].get(k) is not None
         }
     return {"metrics": metrics, "drop": drops}
 
@@ -491,17 +555,26 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
         titles = sorted(set(ds.titles.values()))
         attributions: list[ExampleAttribution] = []
         cf_scores: dict[str, list] = {"full": [], "history_removed": [], "history_shuffled": []}
-        with tqdm(total=len(examples), desc=f"attribute {config.split}", unit="ex", disable=not config.progress) as bar:
+        with tqdm(
+            total=len(examples), desc=f"attribute {config.split}", unit="ex", disable=not config.progress
+        ) as bar:
             for start in range(0, len(examples), config.chunk_size):
-                chunk = examples[start:start + config.chunk_size]
+                chunk = examples[start : start + config.chunk_size]
                 tokenized = [
-                    tokenize_example(tokenizer, render(ds.domain, list(e.history_titles), e.target_title)) for e in chunk
+                    tokenize_example(tokenizer, render(ds.domain, list(e.history_titles), e.target_title))
+                    for e in chunk
                 ]
                 ids = [e.example_id for e in chunk]
                 if config.method == "ablation":
                     attributions += ablation_attributions(
-                        model, tokenized, ids, baseline=config.baseline, neutral_id=neutral_id, pad_token_id=pad_id,
-                        bos_token_id=tokenizer.bos_token_id, batch_size=config.batch_size,
+                        model,
+                        tokenized,
+                        ids,
+                        baseline=config.baseline,
+                        neutral_id=neutral_id,
+                        pad_token_id=pad_id,
+                        bos_token_id=tokenizer.bos_token_id,
+                        batch_size=config.batch_size,
                         max_batch_tokens=config.max_batch_tokens,
                     )
                 else:
@@ -510,13 +583,25 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
                     )
                 if config.counterfactual:
                     for k, v in counterfactual_scores(
-                        model, tokenizer, ds.domain, chunk, titles, num_negatives=config.num_negatives,
-                        seed=config.seed, batch_size=config.batch_size, max_batch_tokens=config.max_batch_tokens,
+                        model,
+                        tokenizer,
+                        ds.domain,
+                        chunk,
+                        titles,
+                        num_negatives=config.num_negatives,
+                        seed=config.seed,
+                        batch_size=config.batch_size,
+                        max_batch_tokens=config.max_batch_tokens,
                     ).items():
                         cf_scores[k] += v
                 bar.update(len(chunk))
 
-        summary = {"method": config.method, "baseline": config.baseline, "split": config.split, **summarize(attributions)}
+        summary = {
+            "method": config.method,
+            "baseline": config.baseline,
+            "split": config.split,
+            **summarize(attributions),
+        }
         if config.method == "grad_x_input":
             summary["note"] = "grad_x_input: per-token fields hold each segment's sum at target position 0"
         if config.counterfactual:
@@ -529,12 +614,14 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
                 segments.append(segment)
                 positions.append(position)
                 scores.append(score)
-        table = pa.table({
-            "example_id": pa.array(eids, pa.int64()),
-            "segment": pa.array(segments, pa.string()),
-            "position": pa.array(positions, pa.int32()),
-            "score": pa.array(scores, pa.float32()),
-        })
+        table = pa.table(
+            {
+                "example_id": pa.array(eids, pa.int64()),
+                "segment": pa.array(segments, pa.string()),
+                "position": pa.array(positions, pa.int32()),
+                "score": pa.array(scores, pa.float32()),
+            }
+        )
         inputs = {"dataset": config.dataset}
         if (Path(config.model) / MANIFEST).is_file():
             inputs["model"] = config.model
@@ -546,7 +633,9 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
             write_plots(summary, tmp / "plots", config.groups)
             write_manifest(tmp, "attribution", config=to_dict(config), inputs=inputs)
         out = Path(config.out)
-        tracker.log_metrics(_numeric_metrics({k: v for k, v in summary.items() if not k.startswith("profile")}))
+        tracker.log_metrics(
+            _numeric_metrics({k: v for k, v in summary.items() if not k.startswith("profile")})
+        )
         tracker.log_artifact(out / SUMMARY_FILE)
         tracker.log_artifacts(out / "plots", "plots")
     return summary
@@ -554,8 +643,15 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
 
 def cli(args: argparse.Namespace) -> None:
     cfg = load_config(
-        AttributeConfig, args.config, args.overrides, dataset=args.dataset, model=args.model, out=args.out,
-        split=args.split, limit=args.limit, groups=getattr(args, "groups", None),
+        AttributeConfig,
+        args.config,
+        args.overrides,
+        dataset=args.dataset,
+        model=args.model,
+        out=args.out,
+        split=args.split,
+        limit=args.limit,
+        groups=getattr(args, "groups", None),
     )
     s = run(cfg)
     share, ratio = s["aux_share"], s["aux_interaction_ratio"]
@@ -563,4 +659,3 @@ def cli(args: argparse.Namespace) -> None:
         f"attributed {s['n_examples']} {cfg.split} examples -> {cfg.out}: auxiliary share "
         f"{share if share is None else round(share, 3)}, aux:interaction {ratio if ratio is None else round(ratio, 2)}:1"
     )
-

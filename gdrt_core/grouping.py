@@ -11,6 +11,8 @@ For every target token y_t of every example of the train (and valid) split:
 
 G quantile bins are fitted on the train scores (per token, or per example = mean r over its target tokens)
 and applied unchanged to every split; group 0 holds the lowest r (least predictable from auxiliary tokens).
+With per-example grouping every token of an example gets the example's group, and the `relevance` column
+still holds each token's own r_t (the binned value is the mean of the example's rows).
 
 Output, the Groups artifact: token_groups.parquet (example_id int64, position int32 = index of the token
 among the example's target tokens, token_id int32, relevance float32 = r_t, group int8, split string),
@@ -45,17 +47,25 @@ GRANULARITIES = ("token", "example")
 @dataclass
 class GroupConfig:
     dataset: str = field(help="Dataset artifact directory")
-    reference: str = field(help="reference model p_ref: a model dir (the SFT model in the pipeline) or hub id")
+    reference: str = field(
+        help="reference model p_ref: a model dir (the SFT model in the pipeline) or hub id"
+    )
     out: str = field(help="output Groups directory")
     num_groups: int = field(4, help="number of quantile groups G")
-    history_removal: str = field("drop", help="drop: render with an empty history | mask: hide history tokens from attention")
+    history_removal: str = field(
+        "drop", help="drop: render with an empty history | mask: hide history tokens from attention"
+    )
     granularity: str = field("token", help="token: bin each r_t | example: bin the mean r_t of each example")
-    splits: list[str] = field(["train", "valid"], help="splits to score (train is required: edges are fitted on it)")
+    splits: list[str] = field(
+        ["train", "valid"], help="splits to score (train is required: edges are fitted on it)"
+    )
     limit: int | None = field(None, help="score at most this many examples per split (quick runs)")
     batch_size: int = field(16, help="sequences per forward pass")
     max_batch_tokens: int | None = field(None, help="cap on padded tokens per forward pass (None = no cap)")
     part_size: int = field(1024, help="examples per resumable part file")
-    work_dir: str | None = field(None, help="where finished parts are kept until the stage completes (default <out>.parts)")
+    work_dir: str | None = field(
+        None, help="where finished parts are kept until the stage completes (default <out>.parts)"
+    )
     device: str = field("auto", help="auto | cpu | cuda | cuda:N")
     dtype: str = field("auto", help="auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16")
     progress: bool = field(True, help="show a progress bar")
@@ -76,7 +86,9 @@ def fit_edges(scores: np.ndarray, num_groups: int) -> np.ndarray:
 
 def assign_groups(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Group id per score: the number of cut points <= score (0 = lowest r), as int8."""
-    return np.searchsorted(np.asarray(edges, dtype=np.float64), np.asarray(scores, dtype=np.float64), side="right").astype(np.int8)
+    return np.searchsorted(
+        np.asarray(edges, dtype=np.float64), np.asarray(scores, dtype=np.float64), side="right"
+    ).astype(np.int8)
 
 
 def example_means(example_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -89,7 +101,9 @@ def example_means(example_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- scoring
 
 
-def history_removed_requests(tokenizer, domain: str, examples: Sequence, removal: str) -> tuple[list, list[list[int]]]:
+def history_removed_requests(
+    tokenizer, domain: str, examples: Sequence, removal: str
+) -> tuple[list, list[list[int]]]:
     """Scoring requests for r_t and the full example's target token ids, one per example.
 
     `examples` are dataset.Example (history_titles, target_title, example_id).
@@ -130,8 +144,12 @@ def score_part(model, tokenizer, domain: str, examples: Sequence, config: GroupC
 
     requests, target_ids = history_removed_requests(tokenizer, domain, examples, config.history_removal)
     logprobs = target_logprobs(
-        model, requests, pad_token_id=pad_id_of(tokenizer), batch_size=config.batch_size,
-        max_batch_tokens=config.max_batch_tokens, on_batch=on_batch,
+        model,
+        requests,
+        pad_token_id=pad_id_of(tokenizer),
+        batch_size=config.batch_size,
+        max_batch_tokens=config.max_batch_tokens,
+        on_batch=on_batch,
     )
     eids, positions, tokens, relevance = [], [], [], []
     for ex, ids, lp in zip(examples, target_ids, logprobs, strict=True):
@@ -139,12 +157,16 @@ def score_part(model, tokenizer, domain: str, examples: Sequence, config: GroupC
         positions.extend(range(len(ids)))
         tokens.extend(ids)
         relevance.append(lp)
-    return pa.table({
-        "example_id": pa.array(eids, pa.int64()),
-        "position": pa.array(positions, pa.int32()),
-        "token_id": pa.array(tokens, pa.int32()),
-        "relevance": pa.array(np.concatenate(relevance) if relevance else np.zeros(0, np.float32), pa.float32()),
-    })
+    return pa.table(
+        {
+            "example_id": pa.array(eids, pa.int64()),
+            "position": pa.array(positions, pa.int32()),
+            "token_id": pa.array(tokens, pa.int32()),
+            "relevance": pa.array(
+                np.concatenate(relevance) if relevance else np.zeros(0, np.float32), pa.float32()
+            ),
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------------- resumable parts
@@ -156,9 +178,11 @@ def _fingerprint(config: GroupConfig) -> dict:
 
     ref = Path(config.reference)
     ref_id = manifest_hash(ref) if (ref / MANIFEST).is_file() else None
-    ref_weights = sorted(
-        (p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in ref.glob("*.safetensors")
-    ) if ref.is_dir() else []
+    ref_weights = (
+        sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in ref.glob("*.safetensors"))
+        if ref.is_dir()
+        else []
+    )
     return {
         "dataset_manifest": manifest_hash(config.dataset),
         "reference": str(ref.absolute()) if ref.exists() else config.reference,
@@ -203,7 +227,7 @@ def _score_split(model, tokenizer, ds, split: str, config: GroupConfig, work: Pa
     examples = ds.examples(split, config.limit)
     paths = []
     for index, start in enumerate(range(0, len(examples), config.part_size)):
-        chunk = examples[start:start + config.part_size]
+        chunk = examples[start : start + config.part_size]
         path = work / f"{split}-{index:05d}.parquet"
         if path.exists():
             bar.update(len(chunk))
@@ -217,7 +241,9 @@ def _score_split(model, tokenizer, ds, split: str, config: GroupConfig, work: Pa
 # ------------------------------------------------------------------------------------------- the stage
 
 
-def _group_stats(relevance: np.ndarray, groups: np.ndarray, num_groups: int) -> tuple[list[int], list[float | None]]:
+def _group_stats(
+    relevance: np.ndarray, groups: np.ndarray, num_groups: int
+) -> tuple[list[int], list[float | None]]:
     sizes = np.bincount(groups.astype(np.int64), minlength=num_groups)[:num_groups]
     means = [float(relevance[groups == g].mean()) if sizes[g] else None for g in range(num_groups)]
     return [int(s) for s in sizes], means
@@ -241,7 +267,9 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
     if config.history_removal not in REMOVALS:
         raise GdrtError(f"history_removal must be one of {REMOVALS}, got {config.history_removal!r}")
     if "train" not in config.splits:
-        raise GdrtError("splits must include train (the group edges are fitted on it)", hint="e.g. splits=[train, valid]")
+        raise GdrtError(
+            "splits must include train (the group edges are fitted on it)", hint="e.g. splits=[train, valid]"
+        )
     if config.part_size < 1 or config.batch_size < 1:
         raise GdrtError("part_size and batch_size must be positive")
     ds = Dataset(config.dataset)
@@ -255,13 +283,19 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
         with tqdm(total=total, desc="group: r_t", unit="ex", disable=not config.progress) as bar:
             parts = {s: _score_split(model, tokenizer, ds, s, config, work, bar) for s in config.splits}
 
-        tables = {s: pa.concat_tables([pq.read_table(p) for p in paths]) for s, paths in parts.items() if paths}
+        tables = {
+            s: pa.concat_tables([pq.read_table(p) for p in paths]) for s, paths in parts.items() if paths
+        }
         if "train" not in tables:
             raise GdrtError("the train split has no examples to fit the group edges on", path=config.dataset)
         binned: dict[str, np.ndarray] = {}
         for s, t in tables.items():
             rel = t.column("relevance").to_numpy()
-            binned[s] = example_means(t.column("example_id").to_numpy(), rel) if config.granularity == "example" else rel
+            binned[s] = (
+                example_means(t.column("example_id").to_numpy(), rel)
+                if config.granularity == "example"
+                else rel
+            )
         fit_values = binned["train"]
         if config.granularity == "example":  # one value per example: the mean r of its target tokens
             _, first = np.unique(tables["train"].column("example_id").to_numpy(), return_index=True)
@@ -273,8 +307,9 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
             groups = assign_groups(binned[s], edges)
             sizes[s], means[s] = _group_stats(t.column("relevance").to_numpy(), groups, config.num_groups)
             out_tables.append(
-                t.append_column("group", pa.array(groups, pa.int8()))
-                .append_column("split", pa.array([s] * t.num_rows, pa.string()))
+                t.append_column("group", pa.array(groups, pa.int8())).append_column(
+                    "split", pa.array([s] * t.num_rows, pa.string())
+                )
             )
         train_rel = tables["train"].column("relevance").to_numpy()
         summary = {
@@ -285,7 +320,9 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
             "train_range": [float(train_rel.min()), float(train_rel.max())],
             "sizes": sizes,
             "mean_relevance": means,
-            "examples": {s: int(len(np.unique(t.column("example_id").to_numpy()))) for s, t in tables.items()},
+            "examples": {
+                s: int(len(np.unique(t.column("example_id").to_numpy()))) for s, t in tables.items()
+            },
             "tokens": {s: int(t.num_rows) for s, t in tables.items()},
         }
         inputs = {"dataset": config.dataset}
@@ -316,14 +353,23 @@ def read_groups(root: str | os.PathLike) -> tuple[dict, object]:
 
     read_manifest(root, "groups")
     root = Path(root)
-    return json.loads((root / GROUPS_FILE).read_text(encoding="utf-8")), pq.read_table(root / TOKEN_GROUPS_FILE)
+    return json.loads((root / GROUPS_FILE).read_text(encoding="utf-8")), pq.read_table(
+        root / TOKEN_GROUPS_FILE
+    )
 
 
 def cli(args: argparse.Namespace) -> None:
     cfg = load_config(
-        GroupConfig, args.config, args.overrides, dataset=args.dataset, reference=args.reference, out=args.out,
+        GroupConfig,
+        args.config,
+        args.overrides,
+        dataset=args.dataset,
+        reference=args.reference,
+        out=args.out,
         num_groups=args.num_groups,
     )
     summary = run(cfg)
     sizes = ", ".join(f"{s}: {v}" for s, v in summary["sizes"].items())
-    print(f"grouped {summary['tokens'].get('train', 0)} train target tokens into {cfg.num_groups} groups -> {cfg.out} ({sizes})")
+    print(
+        f"grouped {summary['tokens'].get('train', 0)} train target tokens into {cfg.num_groups} groups -> {cfg.out} ({sizes})"
+    )

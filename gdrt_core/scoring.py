@@ -48,7 +48,7 @@ class ScoringRequest:
 
     @property
     def scored_ids(self) -> list[int]:
-        return list(self.labels) if self.labels is not None else list(self.input_ids[-self.num_scored:])
+        return list(self.labels) if self.labels is not None else list(self.input_ids[-self.num_scored :])
 
 
 def replace_tokens(input_ids: Sequence[int], indices: Sequence[int], neutral_id: int) -> list[int]:
@@ -59,7 +59,9 @@ def replace_tokens(input_ids: Sequence[int], indices: Sequence[int], neutral_id:
     return out
 
 
-def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+def length_batches(
+    lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None
+) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first), each at most `batch_size` rows and
     `max_batch_tokens` padded tokens; sorting by length keeps padding small."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -138,11 +140,11 @@ def score_batch(model, requests: Sequence[ScoringRequest], pad_token_id: int) ->
         # logit column keep-1-n+j predicts the row's scored token j (the n last tokens of the row)
         targets = torch.zeros((len(requests), keep - 1), dtype=torch.long)  # [batch, keep-1]
         for row, r in enumerate(requests):
-            targets[row, keep - 1 - r.num_scored:] = torch.tensor(r.scored_ids, dtype=torch.long)
+            targets[row, keep - 1 - r.num_scored :] = torch.tensor(r.scored_ids, dtype=torch.long)
         targets = targets.to(device)
         token_lp = logprobs[:, :-1].gather(-1, targets[..., None])[..., 0]  # [batch, keep-1]
         token_lp = token_lp.cpu().numpy().astype(np.float32)
-    return [token_lp[row, token_lp.shape[1] - r.num_scored:].copy() for row, r in enumerate(requests)]
+    return [token_lp[row, token_lp.shape[1] - r.num_scored :].copy() for row, r in enumerate(requests)]
 
 
 def target_logprobs(

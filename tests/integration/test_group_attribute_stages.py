@@ -33,10 +33,25 @@ def groups_dir(tmp_path_factory, office_slice, tiny_model):
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
     os.environ["GDRT_TRACKING"] = "on"
     try:
-        rc = main([
-            "group", "--dataset", str(office_slice), "--reference", str(tiny_model), "--out", str(out),
-            "--num-groups", "3", "--set", "limit=30", "--set", "part_size=16", "--set", "progress=false",
-        ])
+        rc = main(
+            [
+                "group",
+                "--dataset",
+                str(office_slice),
+                "--reference",
+                str(tiny_model),
+                "--out",
+                str(out),
+                "--num-groups",
+                "3",
+                "--set",
+                "limit=30",
+                "--set",
+                "part_size=16",
+                "--set",
+                "progress=false",
+            ]
+        )
     finally:
         for k, v in old.items():
             if v is None:
@@ -86,16 +101,33 @@ def test_group_logs_to_mlflow(groups_dir):
 def test_attribute_cli_with_groups_histogram(tmp_path, groups_dir, office_slice, tiny_model, monkeypatch):
     monkeypatch.setenv("GDRT_TRACKING", "off")
     out = tmp_path / "attr"
-    rc = main([
-        "attribute", "--dataset", str(office_slice), "--model", str(tiny_model), "--out", str(out), "--limit", "4",
-        "--groups", str(groups_dir[0]), "--set", "num_negatives=3", "--set", "progress=false",
-    ])
+    rc = main(
+        [
+            "attribute",
+            "--dataset",
+            str(office_slice),
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(out),
+            "--limit",
+            "4",
+            "--groups",
+            str(groups_dir[0]),
+            "--set",
+            "num_negatives=3",
+            "--set",
+            "progress=false",
+        ]
+    )
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_examples"] == 4 and 0 <= summary["aux_share"] <= 1
     assert set(summary["counterfactual"]["drop"]) == {"history_removed", "history_shuffled"}
     assert {p.name for p in (out / "plots").iterdir()} == {
-        "share_by_segment.png", "profile_by_position.png", "relevance_histogram.png"
+        "share_by_segment.png",
+        "profile_by_position.png",
+        "relevance_histogram.png",
     }
     table = pq.read_table(out / "attributions.parquet")
     assert table.num_rows > 0 and set(table.column("example_id").to_pylist()) <= {
@@ -106,10 +138,24 @@ def test_attribute_cli_with_groups_histogram(tmp_path, groups_dir, office_slice,
 def test_attribute_grad_x_input_and_attention_baseline(tmp_path, office_slice, tiny_model, monkeypatch):
     monkeypatch.setenv("GDRT_TRACKING", "off")
     for name, extra in (("gxi", ["--set", "method=grad_x_input"]), ("att", ["--set", "baseline=attention"])):
-        rc = main([
-            "attribute", "--dataset", str(office_slice), "--model", str(tiny_model), "--out", str(tmp_path / name),
-            "--limit", "3", "--set", "counterfactual=false", "--set", "progress=false", *extra,
-        ])
+        rc = main(
+            [
+                "attribute",
+                "--dataset",
+                str(office_slice),
+                "--model",
+                str(tiny_model),
+                "--out",
+                str(tmp_path / name),
+                "--limit",
+                "3",
+                "--set",
+                "counterfactual=false",
+                "--set",
+                "progress=false",
+                *extra,
+            ]
+        )
         assert rc == 0
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["method"] == ("grad_x_input" if name == "gxi" else "ablation")
@@ -119,11 +165,22 @@ def test_attribute_grad_x_input_and_attention_baseline(tmp_path, office_slice, t
 def test_bad_inputs_exit_2_without_output(tmp_path, office_slice, tiny_model, monkeypatch, capsys):
     monkeypatch.setenv("GDRT_TRACKING", "off")
     out = tmp_path / "g"
-    rc = main(["group", "--dataset", str(tmp_path / "missing"), "--reference", str(tiny_model), "--out", str(out)])
+    rc = main(
+        ["group", "--dataset", str(tmp_path / "missing"), "--reference", str(tiny_model), "--out", str(out)]
+    )
     assert rc == 2 and not out.exists()
     assert "missing" in capsys.readouterr().err
-    rc = main([
-        "attribute", "--dataset", str(office_slice), "--model", str(tiny_model), "--out", str(out),
-        "--set", "baseline=zeros",
-    ])
+    rc = main(
+        [
+            "attribute",
+            "--dataset",
+            str(office_slice),
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(out),
+            "--set",
+            "baseline=zeros",
+        ]
+    )
     assert rc == 2 and not out.exists()

@@ -51,8 +51,11 @@ def hand_example() -> TokenizedExample:
     Sequence [1, 2, 3, 1, 4, 4] with roles [I, H0, H1, I, T, T]."""
     ids = [1, 2, 3, 1, 4, 4]
     return TokenizedExample(
-        input_ids=ids, attention_mask=[1] * 6, labels=[-100, -100, -100, -100, 4, 4],
-        role=[INS, HIS, HIS, INS, TGT, TGT], history_pos=[-1, 0, 1, -1, -1, -1],
+        input_ids=ids,
+        attention_mask=[1] * 6,
+        labels=[-100, -100, -100, -100, 4, 4],
+        role=[INS, HIS, HIS, INS, TGT, TGT],
+        history_pos=[-1, 0, 1, -1, -1, -1],
     )
 
 
@@ -78,7 +81,9 @@ def test_ablation_deltas_neutral_baseline_hand_computed():
       item 1 (idx 2):         x = ln8, ln16  -> p = 2/3, 4/5
       prefix (idx 4 -> 0):    y0 unchanged 6/7; y1 loses ln2: x = ln24 -> 6/7
     Δ = log p_full - log p_ablated."""
-    (a,) = ablation_attributions(hand_model(), [hand_example()], [7], baseline="neutral", neutral_id=0, pad_token_id=0)
+    (a,) = ablation_attributions(
+        hand_model(), [hand_example()], [7], baseline="neutral", neutral_id=0, pad_token_id=0
+    )
     assert a.example_id == 7
     np.testing.assert_allclose(a.logprobs, [lg(6 / 7), lg(12 / 13)], rtol=1e-5)
     np.testing.assert_allclose(a.instruction, [lg(6 / 7) - lg(3 / 5), lg(12 / 13) - lg(3 / 4)], rtol=1e-5)
@@ -94,7 +99,9 @@ def test_ablation_deltas_attention_baseline_hand_computed():
     (the neutral baseline gave 3/5). Query 4 (y1) is a target token: sees {2, 3, 4}: x = ln12, p = 3/4.
     History hiding equals the neutral numbers (queries 3, 4 are not history): p = 1/2, 2/3.
     Prefix: idx 4 becomes neutral and hidden; query 4 sees its neutral self: p(y1) = 6/7 as before."""
-    (a,) = ablation_attributions(hand_model(), [hand_example()], [7], baseline="attention", neutral_id=0, pad_token_id=0)
+    (a,) = ablation_attributions(
+        hand_model(), [hand_example()], [7], baseline="attention", neutral_id=0, pad_token_id=0
+    )
     np.testing.assert_allclose(a.instruction, [lg(6 / 7) - lg(3 / 4), lg(12 / 13) - lg(3 / 4)], rtol=1e-5)
     np.testing.assert_allclose(a.history, [lg(6 / 7) - lg(1 / 2), lg(12 / 13) - lg(2 / 3)], rtol=1e-5)
     np.testing.assert_allclose(a.prefix, [0.0, lg(12 / 13) - lg(6 / 7)], atol=1e-6)
@@ -102,7 +109,12 @@ def test_ablation_deltas_attention_baseline_hand_computed():
 
 def test_segments_keep_bos_and_split_items():
     ex = hand_example()
-    assert segment_indices(ex) == {"instruction": [0, 3], "history": [1, 2], "items": [[1], [2]], "prefix": [4]}
+    assert segment_indices(ex) == {
+        "instruction": [0, 3],
+        "history": [1, 2],
+        "items": [[1], [2]],
+        "prefix": [4],
+    }
     assert segment_indices(ex, bos_token_id=1)["instruction"] == [3]
 
 
@@ -110,7 +122,9 @@ def test_rows_and_summary_from_hand_deltas():
     """Token-level aux share = (sum|Δ instr| + sum|Δ prefix|) / (that + sum|Δ hist|) over target tokens,
     with the neutral-baseline hand values of the test above (instr = [ln(10/7), ln(16/13)],
     hist = [ln(12/7), ln(18/13)], prefix = [0, ln(14/13)]); the recency profile puts item 1 (the last) at 1."""
-    (a,) = ablation_attributions(hand_model(), [hand_example()], [7], baseline="neutral", neutral_id=0, pad_token_id=0)
+    (a,) = ablation_attributions(
+        hand_model(), [hand_example()], [7], baseline="neutral", neutral_id=0, pad_token_id=0
+    )
     instr = [lg(6 / 7) - lg(3 / 5), lg(12 / 13) - lg(3 / 4)]
     hist = [lg(6 / 7) - lg(1 / 2), lg(12 / 13) - lg(2 / 3)]
     prefix = [0.0, lg(12 / 13) - lg(6 / 7)]
@@ -118,9 +132,15 @@ def test_rows_and_summary_from_hand_deltas():
     s = summarize([a])
     assert s["aux_share"] == pytest.approx(aux / (aux + sum(map(abs, hist))), rel=1e-5)
     assert s["aux_interaction_ratio"] == pytest.approx(aux / sum(map(abs, hist)), rel=1e-5)
-    assert s["aux_share_sequence"] == pytest.approx(abs(sum(instr)) / (abs(sum(instr)) + abs(sum(hist))), rel=1e-5)
-    assert s["profile_by_recency"]["1"] == pytest.approx(lg(6 / 7) - lg(2 / 3) + lg(12 / 13) - lg(4 / 5), rel=1e-5)
-    assert s["profile_by_position"]["0"] == pytest.approx(lg(6 / 7) - lg(3 / 4) + lg(12 / 13) - lg(6 / 7), rel=1e-5)
+    assert s["aux_share_sequence"] == pytest.approx(
+        abs(sum(instr)) / (abs(sum(instr)) + abs(sum(hist))), rel=1e-5
+    )
+    assert s["profile_by_recency"]["1"] == pytest.approx(
+        lg(6 / 7) - lg(2 / 3) + lg(12 / 13) - lg(4 / 5), rel=1e-5
+    )
+    assert s["profile_by_position"]["0"] == pytest.approx(
+        lg(6 / 7) - lg(3 / 4) + lg(12 / 13) - lg(6 / 7), rel=1e-5
+    )
     rows = {(seg, pos): score for seg, pos, score in a.rows()}
     assert rows[("history", -1)] == pytest.approx(sum(hist), rel=1e-5)
     assert rows[("prefix_token", 1)] == pytest.approx(prefix[1], rel=1e-5)
@@ -132,15 +152,22 @@ def test_counterfactual_summary_hand_computed():
     """full: log-probs [-1, -2], ranks [0, 2] -> mean -1.5, mean rank 1, hr@1 1/2, mrr (1 + 1/3)/2 = 2/3.
     removed: [-3, -2], ranks [1, 3] -> -2.5, rank 2, hr@1 0, mrr (1/2 + 1/4)/2 = 3/8.
     Drops: log-prob 1.0, rank +1, hr@1 1/2, mrr 2/3 - 3/8 = 7/24."""
-    out = counterfactual_summary({
-        "full": [(-1.0, 0), (-2.0, 2)], "history_removed": [(-3.0, 1), (-2.0, 3)],
-        "history_shuffled": [(-1.0, 0), (-2.0, 2)],
-    })
-    assert out["metrics"]["full"] == pytest.approx({"mean_target_logprob": -1.5, "mean_rank": 1.0, "hr@1": 0.5, "mrr": 2 / 3})
+    out = counterfactual_summary(
+        {
+            "full": [(-1.0, 0), (-2.0, 2)],
+            "history_removed": [(-3.0, 1), (-2.0, 3)],
+            "history_shuffled": [(-1.0, 0), (-2.0, 2)],
+        }
+    )
+    assert out["metrics"]["full"] == pytest.approx(
+        {"mean_target_logprob": -1.5, "mean_rank": 1.0, "hr@1": 0.5, "mrr": 2 / 3}
+    )
     assert out["drop"]["history_removed"] == pytest.approx(
         {"mean_target_logprob": 1.0, "mean_rank": 1.0, "hr@1": 0.5, "mrr": 7 / 24}
     )
-    assert out["drop"]["history_shuffled"] == pytest.approx({"mean_target_logprob": 0.0, "mean_rank": 0.0, "hr@1": 0.0, "mrr": 0.0})
+    assert out["drop"]["history_shuffled"] == pytest.approx(
+        {"mean_target_logprob": 0.0, "mean_rank": 0.0, "hr@1": 0.0, "mrr": 0.0}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +176,13 @@ def tiny_llama():
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -160,8 +192,11 @@ def test_grad_x_input_on_a_tiny_llama(tiny_llama):
     the sum of its items; a padded batch gives the same numbers as one example alone."""
     ex = hand_example()
     longer = TokenizedExample(
-        input_ids=[5, 1, 2, 2, 3, 3, 1, 4, 6, 4], attention_mask=[1] * 10, labels=[-100] * 7 + [4, 6, 4],
-        role=[INS, INS, HIS, HIS, HIS, HIS, INS, TGT, TGT, TGT], history_pos=[-1, -1, 0, 0, 1, 1, -1, -1, -1, -1],
+        input_ids=[5, 1, 2, 2, 3, 3, 1, 4, 6, 4],
+        attention_mask=[1] * 10,
+        labels=[-100] * 7 + [4, 6, 4],
+        role=[INS, INS, HIS, HIS, HIS, HIS, INS, TGT, TGT, TGT],
+        history_pos=[-1, -1, 0, 0, 1, 1, -1, -1, -1, -1],
     )
     together = grad_x_input_attributions(tiny_llama, [ex, longer], [1, 2], pad_token_id=0, batch_size=2)
     alone = grad_x_input_attributions(tiny_llama, [ex], [1], pad_token_id=0)
@@ -176,7 +211,9 @@ def test_grad_x_input_on_a_tiny_llama(tiny_llama):
 
 def test_neutral_token_choice():
     tok = SimpleNamespace(
-        pad_token_id=3, eos_token_id=2, get_vocab=lambda: {"<unk>": 9, "a": 4},
+        pad_token_id=3,
+        eos_token_id=2,
+        get_vocab=lambda: {"<unk>": 9, "a": 4},
     )
     assert neutral_token_id(tok) == 3
     assert neutral_token_id(tok, "<unk>") == 9
@@ -211,27 +248,44 @@ def tokenizer(office_slice):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts + list(ds.titles.values()), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
 def test_stage_writes_artifact_consistent_with_summary(tmp_path, office_slice, tokenizer):
-    model = TableLM(0.3 * torch.randn(len(tokenizer), len(tokenizer), generator=torch.Generator().manual_seed(0)))
+    model = TableLM(
+        0.3 * torch.randn(len(tokenizer), len(tokenizer), generator=torch.Generator().manual_seed(0))
+    )
     cfg = AttributeConfig(
-        dataset=str(office_slice), model="stub", out=str(tmp_path / "attr"), limit=6, num_negatives=3,
-        batch_size=8, progress=False,
+        dataset=str(office_slice),
+        model="stub",
+        out=str(tmp_path / "attr"),
+        limit=6,
+        num_negatives=3,
+        batch_size=8,
+        progress=False,
     )
     summary = attribution.run(cfg, model=model, tokenizer=tokenizer)
     out = tmp_path / "attr"
     table = pq.read_table(out / "attributions.parquet").to_pylist()
-    assert {r["segment"] for r in table} >= {"instruction", "history", "history_item", "prefix_token", "target_logprob"}
+    assert {r["segment"] for r in table} >= {
+        "instruction",
+        "history",
+        "history_item",
+        "prefix_token",
+        "target_logprob",
+    }
     assert len({r["example_id"] for r in table}) == 6 == summary["n_examples"]
     hist = sum(abs(r["score"]) for r in table if r["segment"] == "history_token")
     aux = sum(abs(r["score"]) for r in table if r["segment"] in ("instruction_token", "prefix_token"))
     assert summary["aux_share"] == pytest.approx(aux / (aux + hist), rel=1e-4)
-    assert json.loads((out / "summary.json").read_text())["counterfactual"]["metrics"]["full"]["mean_rank"] <= 3
+    assert (
+        json.loads((out / "summary.json").read_text())["counterfactual"]["metrics"]["full"]["mean_rank"] <= 3
+    )
     assert {p.name for p in (out / "plots").iterdir()} == {"share_by_segment.png", "profile_by_position.png"}
     assert (out / "manifest.json").is_file()
 
@@ -240,19 +294,28 @@ def test_a_model_that_ignores_everything_has_zero_deltas(tmp_path, office_slice,
     """A zero table gives the uniform distribution everywhere: every Δ and every counterfactual drop is 0."""
     model = TableLM(torch.zeros(len(tokenizer), len(tokenizer)))
     cfg = AttributeConfig(
-        dataset=str(office_slice), model="stub", out=str(tmp_path / "attr0"), limit=3, num_negatives=2,
-        baseline="attention", progress=False,
+        dataset=str(office_slice),
+        model="stub",
+        out=str(tmp_path / "attr0"),
+        limit=3,
+        num_negatives=2,
+        baseline="attention",
+        progress=False,
     )
     s = attribution.run(cfg, model=model, tokenizer=tokenizer)
     assert s["mean_target_logprob"] == pytest.approx(-math.log(len(tokenizer)), rel=1e-5)
     assert s["aux_share"] is None and s["mean_delta"]["history"] == pytest.approx(0.0, abs=1e-5)
-    assert s["counterfactual"]["drop"]["history_removed"]["mean_target_logprob"] == pytest.approx(0.0, abs=1e-5)
+    assert s["counterfactual"]["drop"]["history_removed"]["mean_target_logprob"] == pytest.approx(
+        0.0, abs=1e-5
+    )
 
 
 def test_bad_settings_are_errors(tmp_path, office_slice, tokenizer):
     model = TableLM(torch.zeros(len(tokenizer), len(tokenizer)))
     for bad in ({"method": "saliency"}, {"baseline": "zeros"}):
-        cfg = AttributeConfig(dataset=str(office_slice), model="stub", out=str(tmp_path / "x"), limit=2, **bad)
+        cfg = AttributeConfig(
+            dataset=str(office_slice), model="stub", out=str(tmp_path / "x"), limit=2, **bad
+        )
         with pytest.raises(GdrtError):
             attribution.run(cfg, model=model, tokenizer=tokenizer)
     assert not (tmp_path / "x").exists()

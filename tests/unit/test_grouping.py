@@ -49,7 +49,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = 400):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
@@ -62,7 +64,10 @@ def dataset(office_slice) -> Dataset:
 
 @pytest.fixture(scope="module")
 def tokenizer(dataset):
-    texts = [render(dataset.domain, list(e.history_titles), e.target_title).text for e in dataset.examples("train", 50)]
+    texts = [
+        render(dataset.domain, list(e.history_titles), e.target_title).text
+        for e in dataset.examples("train", 50)
+    ]
     return train_tokenizer(texts + list(dataset.titles.values()))
 
 
@@ -126,8 +131,12 @@ def test_drop_and_mask_agree_without_positional_effects_and_differ_with(tokenize
     for e in examples:
         full = tokenize_example(tokenizer, render(dataset.domain, list(e.history_titles), e.target_title))
         empty = tokenize_example(tokenizer, render(dataset.domain, [], e.target_title))
-        kept = np.bincount([t for t, r in zip(full.input_ids, full.role, strict=True) if r == INSTRUCTION], minlength=vocab)
-        dropped = np.bincount([t for t, r in zip(empty.input_ids, empty.role, strict=True) if r == INSTRUCTION], minlength=vocab)
+        kept = np.bincount(
+            [t for t, r in zip(full.input_ids, full.role, strict=True) if r == INSTRUCTION], minlength=vocab
+        )
+        dropped = np.bincount(
+            [t for t, r in zip(empty.input_ids, empty.role, strict=True) if r == INSTRUCTION], minlength=vocab
+        )
         table[torch.from_numpy(np.nonzero(kept != dropped)[0])] = 0.0
     same = _drop_vs_mask(TableLM(table), tokenizer, dataset, examples)
     for a, b in zip(same["drop"][0], same["mask"][0], strict=True):
@@ -177,8 +186,14 @@ def test_drop_refuses_targets_that_tokenise_differently(tokenizer, dataset, monk
 
 def _run(tmp_path, dataset_dir, tokenizer, model, name, **kw):
     cfg = GroupConfig(
-        dataset=str(dataset_dir), reference="stub", out=str(tmp_path / name), limit=kw.pop("limit", 40),
-        part_size=kw.pop("part_size", 16), batch_size=8, progress=False, **kw,
+        dataset=str(dataset_dir),
+        reference="stub",
+        out=str(tmp_path / name),
+        limit=kw.pop("limit", 40),
+        part_size=kw.pop("part_size", 16),
+        batch_size=8,
+        progress=False,
+        **kw,
     )
     summary = grouping.run(cfg, model=model, tokenizer=tokenizer)
     return cfg, summary, pq.read_table(tmp_path / name / "token_groups.parquet")
@@ -188,7 +203,9 @@ def _run(tmp_path, dataset_dir, tokenizer, model, name, **kw):
 def test_token_groups_align_with_tokenised_examples(tmp_path, office_slice, dataset, tokenizer, removal):
     """Every (example_id, position) row carries the id of that target token of the FULL tokenised example."""
     model = TableLM(random_table(len(tokenizer), seed=1))
-    _, summary, table = _run(tmp_path, office_slice, tokenizer, model, f"g-{removal}", history_removal=removal)
+    _, summary, table = _run(
+        tmp_path, office_slice, tokenizer, model, f"g-{removal}", history_removal=removal
+    )
     rows = table.to_pylist()
     by_example: dict[int, list] = {}
     for r in rows:

@@ -121,8 +121,13 @@ def tiny_llama():
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -130,7 +135,8 @@ def tiny_llama():
 def test_llama_without_hidden_matches_plain_forward(tiny_llama):
     """No hidden tokens: the 4D mask path equals an ordinary causal forward pass."""
     ids = [3, 7, 11, 2, 9, 4, 8]
-    (lp,) = target_logprobs(tiny_llama, [ScoringRequest(ids, 3), ScoringRequest(ids[:4], 2)], pad_token_id=0)[:1]
+    requests = [ScoringRequest(ids, 3), ScoringRequest(ids[:4], 2)]
+    lp = target_logprobs(tiny_llama, requests, pad_token_id=0)[0]
     with torch.no_grad():
         logits = tiny_llama(torch.tensor([ids])).logits[0]  # [seq, vocab]
     ref = torch.log_softmax(logits, -1)[torch.arange(3, 6), torch.tensor(ids[4:])]
@@ -144,8 +150,7 @@ def test_llama_hidden_equals_deleting_tokens_with_original_positions(tiny_llama)
     (lp,) = target_logprobs(tiny_llama, [ScoringRequest(ids, 3, hidden=hidden)], pad_token_id=0)
     kept = [i for i in range(len(ids)) if i not in hidden]
     with torch.no_grad():
-        logits = tiny_llama(
-            torch.tensor([[ids[i] for i in kept]]), position_ids=torch.tensor([kept])
-        ).logits[0]  # [kept, vocab]
+        out = tiny_llama(torch.tensor([[ids[i] for i in kept]]), position_ids=torch.tensor([kept]))
+        logits = out.logits[0]  # [kept, vocab]
     ref = torch.log_softmax(logits, -1)[torch.arange(len(kept) - 4, len(kept) - 1), torch.tensor(ids[-3:])]
     np.testing.assert_allclose(lp, ref.numpy(), rtol=1e-4, atol=1e-5)
