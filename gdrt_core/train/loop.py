@@ -136,16 +136,20 @@ def _callbacks(trainer_ref: list, tracker, config: TrainConfig, eval_ndcg) -> li
     return [SealCheckpoint(), ToMlflow(), ValidNdcg()]
 
 
-def _valid_ndcg_fn(config: TrainConfig, dataset_dir: str):
-    """Valid NDCG@10 on the valid sample through the evaluate stage's code, when it offers a function."""
-    if not config.ndcg_every_epoch:
+def _valid_ndcg_fn(config: TrainConfig, dataset_dir: str, work_dir: Path):
+    """Valid NDCG@10 on the valid sample through the evaluate stage (its beam search, trie and metrics).
+
+    Rank 0 only, so not under ZeRO-3 (its parameters are sharded: every rank would have to take part).
+    """
+    if not config.ndcg_every_epoch or config.valid_size <= 0:
+        return None
+    if config.deepspeed in ("zero3", "zero3-offload"):
+        log.warning("valid NDCG@10 during training is off under ZeRO-3; run gdrt evaluate --split valid")
         return None
     try:
-        from gdrt_core import evaluate as evaluate_stage
-    except ImportError:
-        return None
-    fn = getattr(evaluate_stage, "valid_ndcg", None)
-    if fn is None:
+        from gdrt_core.evaluate import EvalConfig
+        from gdrt_core.evaluate import run as evaluate_run
+    except ImportError:  # pragma: no cover - the evaluate stage is part of the package
         return None
 
     def compute(trainer) -> float | None:
@@ -153,12 +157,20 @@ def _valid_ndcg_fn(config: TrainConfig, dataset_dir: str):
             return None
         model = trainer.accelerator.unwrap_model(trainer.model)
         was_training = model.training
+        previous = os.environ.get("GDRT_TRACKING")
+        os.environ["GDRT_TRACKING"] = "off"  # a side metric of this run, not an evaluate run of its own
         try:
-            return float(fn(model, trainer.processing_class, dataset_dir, limit=config.valid_size))
+            cfg = EvalConfig(dataset=dataset_dir, model=config.model, out=str(work_dir / "valid-eval"), split="valid",
+                             limit=config.valid_size, plots=False, progress=False)
+            return float(evaluate_run(cfg, model=model, tokenizer=trainer.processing_class)["ndcg@10"])
         except Exception as e:  # noqa: BLE001 - a side metric never stops training
             log.warning("valid NDCG@10 failed: %s", e)
             return None
         finally:
+            if previous is None:
+                os.environ.pop("GDRT_TRACKING", None)
+            else:
+                os.environ["GDRT_TRACKING"] = previous
             model.train(was_training)
 
     return compute
@@ -252,7 +264,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
             model=model, args=args, train_dataset=train_features,
             eval_dataset=valid_features or None, data_collator=TrainCollator(tokenizer.pad_token_id),
             processing_class=tokenizer, step_weights=step_weights,
-            callbacks=_callbacks(trainer_ref, tracker, config, _valid_ndcg_fn(config, config.dataset)),
+            callbacks=_callbacks(trainer_ref, tracker, config, _valid_ndcg_fn(config, config.dataset, work_dir)),
         )
         trainer_ref.append(trainer)
         metrics: dict[str, Any] = {}
@@ -284,6 +296,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
             for p in final_dir.iterdir():
                 if p.is_file() and p.name != "training_args.bin":
                     shutil.copy2(p, tmp / p.name)
+            _point_adapter_at_base(tmp, _base_reference(config.model))
             tokenizer.save_pretrained(str(tmp))
             with open(tmp / "config.yaml", "w", encoding="utf-8") as f:
                 yaml.safe_dump(to_dict(config), f, sort_keys=False)
@@ -298,6 +311,15 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
                             step=trainer.state.global_step)
         tracker.log_artifacts(out, "model")
     return manifest
+
+
+def _point_adapter_at_base(model_dir: Path, base: str) -> None:
+    """An adapter names its base model; make a local one absolute so it loads from any directory."""
+    path = model_dir / "adapter_config.json"
+    if path.is_file():
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg["base_model_name_or_path"] = base
+        path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
 
 
 def _base_reference(model: str) -> str:
