@@ -73,7 +73,7 @@ def _columns(example: TokenizedExample | Mapping[str, Any], row: int) -> tuple[d
     n = len(source["input_ids"])
     if n == 0:
         raise GdrtError(f"batch example {row} has no tokens")
-    columns = {"input_ids": [int(t) for t in source["input_ids"]]}
+    columns = {"input_ids": source["input_ids"]}
     for name in TOKEN_COLUMNS[1:]:
         values = source.get(name)
         if values is None:
@@ -83,13 +83,7 @@ def _columns(example: TokenizedExample | Mapping[str, Any], row: int) -> tuple[d
                 f"batch example {row}: {name} has {len(values)} values for {n} tokens",
                 hint="every per-token column must have one value per input id",
             )
-        columns[name] = [int(v) for v in values]
-    for k, (label, group) in enumerate(zip(columns["labels"], columns["group_ids"], strict=True)):
-        if group != NO_GROUP and label == IGNORE_INDEX:
-            raise GdrtError(
-                f"batch example {row}: token {k} has group id {group} but is not a target token (label -100)",
-                hint="group ids belong on target tokens only; build them with token_group_ids",
-            )
+        columns[name] = values
     example_id = source.get("example_id")
     return columns, (None if example_id is None else int(example_id))
 
@@ -112,6 +106,7 @@ class Collator:
             raise GdrtError("the collator needs a pad token id", hint="set tokenizer.pad_token (e.g. to EOS)")
 
     def __call__(self, examples: Sequence[TokenizedExample | Mapping[str, Any]]) -> dict[str, Any]:
+        import numpy as np
         import torch
 
         if not examples:
@@ -124,19 +119,36 @@ class Collator:
         batch = {}
         left = self.padding_side == "left"
         for name in TOKEN_COLUMNS:
-            pad = pad_values[name]
-            padded = []
-            for columns, _ in rows:
+            padded = np.full((len(rows), width), pad_values[name], dtype=np.int64)  # [batch, seq]
+            for row, (columns, _) in enumerate(rows):
                 values = columns[name]
-                filler = [pad] * (width - len(values))
-                padded.append(filler + values if left else values + filler)
-            batch[name] = torch.tensor(padded, dtype=torch.long)  # [batch, seq]
+                if left:
+                    padded[row, width - len(values):] = values
+                else:
+                    padded[row, : len(values)] = values
+            batch[name] = torch.from_numpy(padded)
+        _check_groups_on_targets(batch["group_ids"], batch["labels"], self.padding_side, rows)
         if self.return_position_ids:
             batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
         example_ids = [example_id for _, example_id in rows]
         if all(example_id is not None for example_id in example_ids):
             batch["example_id"] = torch.tensor(example_ids, dtype=torch.long)  # [batch]
         return batch
+
+
+def _check_groups_on_targets(group_ids: Any, labels: Any, padding_side: str, rows: list) -> None:
+    """A group id on a non-target token means the columns were built misaligned."""
+    wrong = (group_ids != NO_GROUP) & (labels == IGNORE_INDEX)  # [batch, seq]
+    if not bool(wrong.any()):
+        return
+    row, column = (int(v) for v in wrong.nonzero()[0])
+    n = len(rows[row][0]["input_ids"])
+    token = column if padding_side == "right" else column - (group_ids.shape[1] - n)
+    raise GdrtError(
+        f"batch example {row}: token {token} has group id {int(group_ids[row, column])} but is not a target "
+        "token (label -100)",
+        hint="group ids belong on target tokens only; build them with token_group_ids",
+    )
 
 
 def position_ids_from_mask(attention_mask: Any) -> Any:

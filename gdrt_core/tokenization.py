@@ -81,10 +81,6 @@ class TokenizedExample:
         return len(self.input_ids)
 
 
-def _overlap(a0: int, a1: int, b0: int, b1: int) -> int:
-    return max(0, min(a1, b1) - max(a0, b0))
-
-
 def untrim_spans(offsets: list[Span], special: list[bool] | None = None) -> list[Span]:
     """Rule 2: the characters before a token that no token covers belong to that token.
 
@@ -100,9 +96,11 @@ def untrim_spans(offsets: list[Span], special: list[bool] | None = None) -> list
         if is_special:
             widened.append((s, e))
             continue
-        s = min(s, covered_to)
-        widened.append((s, max(s, e)))
-        covered_to = max(covered_to, e)
+        if covered_to < s:
+            s = covered_to
+        widened.append((s, e) if e >= s else (s, s))
+        if e > covered_to:
+            covered_to = e
     return widened
 
 
@@ -115,19 +113,30 @@ def assign_roles(
     """
     roles, positions = [], []
     r0, r1 = response_span
+    first = 0  # first title that ends after the current token starts (a sweep: tokens come in order)
+    last_start = 0
     for s, e in offsets:
-        if e > s and _overlap(s, e, r0, r1) > 0:
+        if e <= s:
+            roles.append(INSTRUCTION)
+            positions.append(-1)
+            continue
+        if s < r1 and e > r0:
             roles.append(TARGET)
             positions.append(-1)
             continue
+        if s < last_start:  # offsets went backwards (unusual tokenizer): restart the sweep
+            first = 0
+        last_start = s
+        while first < len(history_spans) and history_spans[first][1] <= s:
+            first += 1
         best, best_pos = 0, -1
-        if e > s:
-            for i, (h0, h1) in enumerate(history_spans):
-                if h0 >= e:
-                    break
-                ov = _overlap(s, e, h0, h1)
-                if ov > best:
-                    best, best_pos = ov, i
+        i = first
+        while i < len(history_spans) and history_spans[i][0] < e:
+            h0, h1 = history_spans[i]
+            shared = (e if e < h1 else h1) - (s if s > h0 else h0)
+            if shared > best:
+                best, best_pos = shared, i
+            i += 1
         if best_pos >= 0:
             roles.append(HISTORY)
             positions.append(best_pos)
@@ -153,7 +162,7 @@ def _encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[Span], l
         split_special_tokens=True,
     )
     ids = list(enc["input_ids"])
-    offsets = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+    offsets = [tuple(span) for span in enc["offset_mapping"]]
     special = [bool(m) for m in enc.get("special_tokens_mask", [0] * len(ids))]
     return ids, offsets, special
 
