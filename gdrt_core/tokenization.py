@@ -33,7 +33,12 @@ that the prompt alone tokenises to the same ids as the prompt inside a full exam
 tokenizer is loaded.
 
 Text is always text: special-token strings inside titles (`</s>`, `<|endoftext|>`) are tokenised as
-ordinary characters (`split_special_tokens`), so catalogue data cannot inject an EOS.
+ordinary characters (`split_special_tokens`), so catalogue data cannot inject an EOS; a tokenizer that can
+only read such text as its special token (a converted unigram model keeps `</s>` in its vocabulary) is
+refused with the offending text named.
+
+Decoding is not part of the contract (roles never depend on it), but note that SentencePiece's decoder
+drops one leading space of the decoded text: a title that itself starts with a space decodes without it.
 """
 
 from __future__ import annotations
