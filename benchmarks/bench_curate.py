@@ -7,7 +7,8 @@ The dump imitates `reviews_<Category>_5.json` (one JSON object per line with rev
 reviewerName, helpful, reviewText, overall, summary, unixReviewTime, reviewTime) and
 `meta_<Category>.json` (Python-literal lines; about 3% of items without a title, some titles with HTML
 entities). Users have >= 5 reviews in time order, item popularity is long-tailed. Curation runs in a
-child process (`gdrt curate`), so its peak RSS is the child's alone.
+child process, so its peak RSS and CPU time are the child's alone; the load average is printed because
+the wall time depends on what else the machine runs, the CPU time much less.
 """
 
 from __future__ import annotations
@@ -99,23 +100,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dump: {args.reviews:,} reviews, {size / 1e9:.2f} GB ({size / args.reviews:.0f} B/review), "
               f"generated in {time.perf_counter() - t0:.1f} s")
         out = directory / "dataset"
-        cmd = [sys.executable, "-m", "gdrt_core.cli", "curate", "--source", str(reviews), "--meta", str(meta),
-               "--format", "amazon2014", "--domain", "office", "--out", str(out), "--set", f"threads={args.threads}"]
+        config = {"source": str(reviews), "meta": str(meta), "format": "amazon2014", "domain": "office",
+                  "out": str(out), "threads": args.threads}
+        child = (
+            "import json, sys\n"
+            "from gdrt_core.curate import CurateConfig, run\n"
+            "m = run(CurateConfig(**json.loads(sys.argv[1])))\n"
+            "print(json.dumps({'counts': m['counts'], 'stats': m['recipe']['stats'], 'timings': m['timings_s']}))\n"
+        )
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", child, json.dumps(config)], capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         if done.returncode != 0:
             print(done.stdout, done.stderr, file=sys.stderr)
             return done.returncode
-        manifest = json.loads((out / "manifest.json").read_text())
-        stats = manifest["recipe"]["stats"]
-        print(done.stdout.strip())
-        print(f"curate: {wall:.1f} s wall, {args.reviews / wall / 1e6:.2f} M reviews/s, "
-              f"{size / wall / 1e6:.0f} MB/s, peak RSS {peak_kb / 1e6:.2f} GB")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        cpu = (usage.ru_utime - before.ru_utime) + (usage.ru_stime - before.ru_stime)
+        stats, counts = result["stats"], result["counts"]
+        print(f"curate: {wall:.1f} s wall, {args.reviews / wall / 1e6:.2f} M reviews/s, {size / wall / 1e6:.0f} MB/s; "
+              f"CPU {cpu:.1f} s ({args.reviews / cpu / 1e6:.2f} M reviews per CPU-second); "
+              f"peak RSS {usage.ru_maxrss / 1e6:.2f} GB")
+        print("stage wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items()))
         print(f"after filtering: {stats['reviews_after_kcore']:,} reviews, {stats['users']:,} users, "
-              f"{stats['items']:,} items, {stats['windows']:,} windows")
-        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
+              f"{stats['items']:,} items, {stats['windows']:,} windows -> train {counts['train']:,} / "
+              f"valid {counts['valid']:,} / test {counts['test']:,}")
+        load = os.getloadavg()
+        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
+              f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)")
     return 0
 
 

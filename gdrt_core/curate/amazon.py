@@ -14,10 +14,12 @@ JSON, read like the reviews. The recipe itself (k-core, windows, split) is in `r
 from __future__ import annotations
 
 import ast
+import functools
 import gzip
 import html
 import json
-import re
+import os
+import resource
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -55,6 +57,35 @@ def line_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
             if not block:
                 return
             yield block if block.endswith(b"\n") else block + b"\n"
+
+
+def read_line_range(fd: int, start: int, end: int, size: int, slack: int = 1 << 20) -> memoryview:
+    """The whole lines whose first byte lies in [start, end) of a file of `size` bytes (os.pread).
+
+    Consecutive ranges give every line exactly once, so workers can read their own blocks.
+    """
+    lo = max(start - 1, 0)  # the byte before `start` tells whether a line starts at `start`
+    data = os.pread(fd, min(end, size) - lo + slack, lo)
+
+    def find_newline(frm: int) -> int:
+        nonlocal data
+        while (j := data.find(b"\n", frm)) == -1 and lo + len(data) < size:
+            data += os.pread(fd, slack, lo + len(data))
+        return j
+
+    first = 0
+    if start > 0:
+        nl = find_newline(0)
+        if nl == -1:
+            return memoryview(b"")
+        first = nl + 1
+    if lo + first >= end:
+        return memoryview(b"")
+    last = find_newline(min(end, size) - 1 - lo)
+    if last == -1:  # the file does not end with a newline
+        data += b"\n"
+        last = len(data) - 1
+    return memoryview(data)[first:last + 1]
 
 
 def count_lines(block: bytes) -> int:
@@ -95,7 +126,7 @@ def _slow_lines(block: bytes, names: tuple[str, ...], required: tuple[str, ...],
     """Line-by-line parse: (rows as (line in block, {name: value}), bad lines). `checks[name](value)` -> error."""
     rows: list[tuple[int, dict]] = []
     bad: list[tuple[str, str, int]] = []
-    for offset, raw in enumerate(block.split(b"\n")[:-1]):
+    for offset, raw in enumerate(bytes(block).split(b"\n")[:-1]):
         line = offset + 1
         if not raw.strip():
             continue
@@ -159,15 +190,41 @@ def parse_review_block(block: bytes) -> ParsedBlock:
 
 
 def parallel_blocks(path: Path, block_bytes: int, threads: int, parse) -> Iterator:
-    """parse(block) over the file's blocks, `threads` at a time, results in file order."""
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        pending: deque = deque()
-        for block in line_blocks(path, block_bytes):
-            pending.append(pool.submit(parse, block))
-            if len(pending) > threads:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    """parse(block) over the file's blocks, `threads` at a time, results in file order.
+
+    Plain files: each worker reads its own byte range (no copy through the main thread). Gzipped
+    files are decompressed in order by the main thread.
+    """
+    threads = max(1, threads)
+    fd = None
+    if path.suffix == ".gz":
+        jobs = (functools.partial(parse, block) for block in line_blocks(path, block_bytes))
+    else:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise GdrtError("file not found", path=str(path)) from None
+        size = os.fstat(fd).st_size
+        jobs = (
+            functools.partial(lambda s, e: parse(read_line_range(fd, s, e, size)), start, start + block_bytes)
+            for start in range(0, size, block_bytes)
+        )
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            pending: deque = deque()
+            try:
+                for job in jobs:
+                    pending.append(pool.submit(job))
+                    if len(pending) > threads:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
+    finally:  # after the pool has finished every started read
+        if fd is not None:
+            os.close(fd)
 
 
 @dataclass
@@ -211,8 +268,6 @@ def _unify(chunked) -> tuple[np.ndarray, object]:
     return codes, dictionary
 
 
-_TITLE_2014 = re.compile(r"""(?:^\{|, )'title': ('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
-_ASIN_2014 = re.compile(r"""(?:^\{|, )'asin': ('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
 
 
 def _literal(text: str) -> str:
@@ -221,39 +276,106 @@ def _literal(text: str) -> str:
     return ast.literal_eval(text)
 
 
-def read_meta_2014(path: Path, wanted: set[str], bad: BadRows) -> dict[str, object]:
-    """{asin: raw title (None if the item has none)} for the asins in `wanted`, from Python-literal lines."""
+_LITERAL = r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""
+_ASIN_RE2 = r"(?:^\{|, )'asin': (?P<v>" + _LITERAL[1:-1] + ")"
+_TITLE_RE2 = r"(?:^\{|, )'title': (?P<v>" + _LITERAL[1:-1] + ")"
+
+
+def _meta_2014_line(line: str) -> tuple[str, object] | str:
+    """(asin, title or None) of one metadata line read with `ast.literal_eval`, or the problem."""
+    try:
+        obj = ast.literal_eval(line.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return "not a Python literal dict (amazon2014 metadata format)"
+    if not isinstance(obj, dict) or not isinstance(obj.get("asin"), str):
+        return "no 'asin' in the line"
+    return obj["asin"], obj.get("title")
+
+
+def parse_meta_2014_block(block, wanted) -> tuple[int, list[tuple[int, str, object]], list[tuple[str, str, int]]]:
+    """(lines, [(line in block, asin, title)] for wanted asins, bad lines) of a block of literal lines.
+
+    The asin and title literals are found by RE2 patterns in pyarrow (no Python per line); only the
+    wanted items, and lines the patterns miss, are handled in Python.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    data = np.frombuffer(block, dtype=np.uint8)
+    ends = np.flatnonzero(data == 10)  # [lines]
+    offsets = np.zeros(len(ends) + 1, dtype=np.int64)
+    offsets[1:] = ends + 1
+    out: list[tuple[int, str, object]] = []
+    bad: list[tuple[str, str, int]] = []
+    try:
+        lines = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(ends), [None, pa.py_buffer(offsets), pa.py_buffer(block)])
+        lines = lines.cast(pa.large_string())  # checks UTF-8
+    except pa.ArrowInvalid:
+        lines = None
+    if lines is not None:
+        asin_match = pc.extract_regex(lines, _ASIN_RE2)  # null where the pattern does not match
+        title_match = pc.extract_regex(lines, _TITLE_RE2)
+        asin = pc.if_else(pc.is_valid(asin_match), pc.utf8_slice_codeunits(asin_match.field("v"), 1, -1), None)
+        title = pc.if_else(pc.is_valid(title_match), title_match.field("v"), None)
+        # Python reads the lines the patterns cannot vouch for: no asin found, an escaped asin, not
+        # shaped like {...}, or a 'title' key whose value was not found
+        suspect = pc.or_(
+            pc.or_(pc.is_null(asin), pc.fill_null(pc.match_substring(asin, "\\"), False)),
+            pc.or_(
+                pc.invert(pc.and_(pc.starts_with(lines, "{"), pc.match_substring_regex(lines, r"\}\s*$"))),
+                pc.and_(pc.is_null(title), pc.match_substring(lines, "'title'")),
+            ),
+        )
+        suspect_rows = suspect.to_numpy(zero_copy_only=False)
+        take = pc.and_(pc.fill_null(pc.is_in(asin, value_set=wanted), False), pc.invert(suspect))
+        rows = np.flatnonzero(take.to_numpy(zero_copy_only=False))
+        for row, a, t in zip(rows.tolist(), asin.take(rows).to_pylist(), title.take(rows).to_pylist(), strict=True):
+            out.append((row + 1, a, None if t is None else _literal(t)))
+        redo = np.flatnonzero(suspect_rows).tolist()
+    else:
+        redo = list(range(len(ends)))
+    wanted_set = None
+    for row in redo:
+        raw = bytes(block[offsets[row]:offsets[row + 1]])
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.append(("non-UTF-8 bytes", f"byte {e.start} of the line is not valid UTF-8", row + 1))
+            continue
+        parsed = _meta_2014_line(line)
+        if isinstance(parsed, str):
+            bad.append(("malformed metadata", parsed, row + 1))
+            continue
+        if wanted_set is None:
+            wanted_set = set(wanted.to_pylist())
+        if parsed[0] in wanted_set:
+            out.append((row + 1, *parsed))
+    out.sort(key=lambda r: r[0])
+    return len(ends), out, bad
+
+
+def read_meta_2014(path: Path, wanted, bad: BadRows, threads: int, block_bytes: int) -> dict[str, object]:
+    """{asin: raw title (None if the item has none)} for the asins in `wanted` (a pa.StringArray)."""
     titles: dict[str, object] = {}
-    with open_binary(path) as f:
-        lineno = 0
-        for lineno, raw in enumerate(f, start=1):  # noqa: B007
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad.bad("non-UTF-8 bytes", f"byte {e.start} of the line is not valid UTF-8", path, lineno)
-                continue
-            m = _ASIN_2014.search(line)
-            if m is None:
-                try:
-                    obj = ast.literal_eval(line)
-                except (ValueError, SyntaxError, MemoryError, RecursionError):
-                    bad.bad("malformed metadata", "not a Python literal dict (amazon2014 metadata format)", path, lineno)
-                    continue
-                if not isinstance(obj, dict) or not isinstance(obj.get("asin"), str):
-                    bad.bad("malformed metadata", "no 'asin' in the line", path, lineno)
-                    continue
-                asin, title = obj["asin"], obj.get("title")
+    seen = 0
+    parse = functools.partial(_parse_meta_2014, wanted=wanted)
+    for lines, rows, bad_lines in parallel_blocks(path, block_bytes, threads, parse):
+        events = [(line, 0, r) for line, *r in rows] + [(line, 1, b) for *b, line in bad_lines]
+        for line, kind, item in sorted(events, key=lambda e: e[0]):
+            if kind:
+                bad.bad(item[0], item[1], path, seen + line)
             else:
-                asin = _literal(m.group(1))
-                t = _TITLE_2014.search(line)
-                title = _literal(t.group(1)) if t else None
-            if asin in wanted:
-                _add_meta(titles, asin, title, path, lineno, bad)
-    if lineno == 0:
+                _add_meta(titles, item[0], item[1], path, seen + line, bad)
+        seen += lines
+    if seen == 0:
         raise GdrtError("empty file: no metadata lines", path=str(path))
     return titles
+
+
+def _parse_meta_2014(block, wanted):
+    return parse_meta_2014_block(block, wanted)
 
 
 def _add_meta(titles: dict, asin: str, title, path: Path, line: int, bad: BadRows) -> None:
@@ -340,9 +462,12 @@ def curate_raw(config, out_dir: Path, bad: BadRows) -> dict:
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
+        """Wall seconds of the step and the peak RSS so far (GB), for the benchmark."""
         nonlocal clock
         now = time.perf_counter()
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         timings[name] = round(now - clock, 3)
+        timings[f"{name}_peak_rss_gb"] = round(peak_gb, 3)
         clock = now
 
     source = Path(config.source)
@@ -356,11 +481,10 @@ def curate_raw(config, out_dir: Path, bad: BadRows) -> dict:
     lap("read_reviews")
 
     asins = reviews.asins.to_pylist()
-    wanted = set(asins)
     if config.format == "amazon2014":
-        raw_titles = read_meta_2014(meta_path, wanted, bad)
+        raw_titles = read_meta_2014(meta_path, reviews.asins, bad, config.threads, block_bytes)
     else:
-        raw_titles = read_meta_2018(meta_path, wanted, bad, config.threads, block_bytes)
+        raw_titles = read_meta_2018(meta_path, set(asins), bad, config.threads, block_bytes)
     item_titles = [clean_title(raw_titles.get(a), config) for a in asins]  # [num_asins]
     titled = np.array([t is not None for t in item_titles], dtype=bool)
     lap("read_meta")

@@ -166,3 +166,73 @@ def test_amazon_default_settings_on_fixture_keep_nothing(tmp_path, fmt):
     with pytest.raises(GdrtError, match="no interactions left"):
         curate(tmp_path, FIXTURES / fmt / "reviews_Tiny_5.json", fmt)
     assert not (tmp_path / "ds").exists()
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lines=st.lists(st.binary(min_size=0, max_size=12).map(lambda b: b.replace(b"\n", b"x")), max_size=30),
+    trailing_newline=st.booleans(), block=st.integers(1, 40), slack=st.integers(1, 8),
+)
+def test_read_line_range_gives_every_line_once(tmp_path_factory, lines, trailing_newline, block, slack):
+    """Consecutive byte ranges, read independently, give the file's lines exactly once and in order."""
+    import os
+
+    from gdrt_core.curate.amazon import read_line_range
+
+    text = b"\n".join(lines) + (b"\n" if trailing_newline and lines else b"")
+    path = tmp_path_factory.mktemp("ranges") / "f.txt"
+    path.write_bytes(text)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        parts = [bytes(read_line_range(fd, s, s + block, len(text), slack)) for s in range(0, len(text), block)]
+    finally:
+        os.close(fd)
+    assert all(p.endswith(b"\n") for p in parts if p)
+    expected = text if text.endswith(b"\n") or not text else text + b"\n"
+    assert b"".join(parts) == expected
+
+
+def test_meta_2014_literals():
+    """Python-literal metadata: double-quoted titles, escaped quotes, title before asin, no title,
+    unwanted asins skipped, a line only `ast.literal_eval` reads (extra spaces), a bad line reported."""
+    import pyarrow as pa
+
+    from gdrt_core.curate.amazon import parse_meta_2014_block
+
+    entries = [
+        repr({"asin": "A1", "title": "Don't Panic"}),
+        repr({"asin": "A2", "title": "He said \"hi\", don't"}),
+        repr({"title": "Title First", "price": 1.0, "asin": "A3"}),
+        repr({"asin": "A4", "categories": [["Office"]]}),
+        repr({"asin": "NOT_WANTED", "title": "x"}),
+        "{ 'asin' :  'A5', 'title' : 'Spaced'}",
+        "{'asin': 'A6', 'title': 'broken",
+        "",
+    ]
+    block = ("\n".join(entries) + "\n").encode()
+    wanted = pa.array(["A1", "A2", "A3", "A4", "A5", "A6"])
+    lines, rows, bad = parse_meta_2014_block(block, wanted)
+    assert lines == 8
+    assert rows == [
+        (1, "A1", "Don't Panic"), (2, "A2", "He said \"hi\", don't"), (3, "A3", "Title First"), (4, "A4", None),
+        (6, "A5", "Spaced"),
+    ]
+    assert [(reason, line) for reason, _, line in bad] == [("malformed metadata", 7)]
+
+
+def test_meta_2014_non_utf8_line(tmp_path, capsys):
+    from gdrt_core.cli import main
+
+    src = tmp_path / "raw"
+    shutil.copytree(FIXTURES / "amazon2014", src)
+    meta = src / "meta_Tiny.json"
+    meta.write_bytes(meta.read_bytes().replace(b"Swingline", b"Swing\xffline"))
+    out = tmp_path / "out"
+    code = main(["curate", "--source", str(src / "reviews_Tiny_5.json"), "--format", "amazon2014", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "meta_Tiny.json, line 1" in err and "non-UTF-8 bytes" in err
+    assert not out.exists()
