@@ -356,33 +356,25 @@ def summarize(attributions: Sequence[ExampleAttribution]) -> dict:
 # ------------------------------------------------------------------------------------------- counterfactual
 
 
-def counterfactual_requests(
-    tokenizer, domain: str, example, titles: Sequence[str], num_negatives: int, seed: int
-):
-    """{condition: [requests for the target title, then the negatives]} for full / removed / shuffled history."""
-    from gdrt_core.prompts import render
-    from gdrt_core.scoring import ScoringRequest
-    from gdrt_core.tokenization import TARGET, tokenize_example
+def counterfactual_inputs(
+    example, titles: Sequence[str], num_negatives: int, seed: int
+) -> tuple[dict[str, list[str]], list[str]]:
+    """({condition: history titles} for full / removed / shuffled, [target title, *sampled negatives]).
 
+    Seeded per example, so a re-run (or another model) sees the same shuffles and negatives.
+    """
     rng = np.random.default_rng([seed, int(example.example_id)])
     history = list(example.history_titles)
     shuffled = [history[i] for i in rng.permutation(len(history))]
     negatives: list[str] = []
     if num_negatives:
-        pool = rng.permutation(len(titles))
-        for j in pool:
+        for j in rng.permutation(len(titles)):
             if titles[j] != example.target_title:
                 negatives.append(titles[j])
             if len(negatives) == num_negatives:
                 break
-    out = {}
-    for condition, hist in (("full", history), ("history_removed", []), ("history_shuffled", shuffled)):
-        reqs = []
-        for title in [example.target_title, *negatives]:
-            ex = tokenize_example(tokenizer, render(domain, hist, title))
-            reqs.append(ScoringRequest(ex.input_ids, sum(1 for r in ex.role if r == TARGET)))
-        out[condition] = reqs
-    return out
+    conditions = {"full": history, "history_removed": [], "history_shuffled": shuffled}
+    return conditions, [example.target_title, *negatives]
 
 
 def counterfactual_scores(
@@ -396,26 +388,51 @@ def counterfactual_scores(
     seed: int,
     batch_size: int = 16,
     max_batch_tokens: int | None = None,
+    shared_prompt: bool | None = None,
 ) -> dict[str, list[tuple[float, int | None]]]:
-    """{condition: [(mean target token log-prob, rank of the target among the candidates) per example]}."""
-    from gdrt_core.scoring import pad_id_of, target_logprobs
+    """{condition: [(mean target token log-prob, rank of the target among the candidates) per example]}.
 
-    flat, index = [], []
-    for ex in examples:
-        per = counterfactual_requests(tokenizer, domain, ex, titles, num_negatives, seed)
-        for condition, reqs in per.items():
-            index.append((condition, len(flat), len(reqs)))
-            flat.extend(reqs)
-    lps = target_logprobs(
-        model,
-        flat,
-        pad_token_id=pad_id_of(tokenizer),
-        batch_size=batch_size,
-        max_batch_tokens=max_batch_tokens,
+    Candidates are scored as the trie sees them (tokenization.response_token_ids after the prompt). With
+    `shared_prompt` (default: when the model has a KV cache) each prompt runs once and the candidate titles
+    continue it; otherwise every prompt + title is a separate sequence (same numbers, more compute).
+    """
+    from gdrt_core.prompts import render
+    from gdrt_core.scoring import (
+        ScoringRequest,
+        pad_id_of,
+        shared_prompt_logprobs,
+        supports_shared_prompt,
+        target_logprobs,
     )
+    from gdrt_core.tokenization import response_token_ids, tokenize_prompt
+
+    if shared_prompt is None:
+        shared_prompt = supports_shared_prompt(model)
+    title_ids: dict[str, list[int]] = {}
+    prompts, conts, conditions = [], [], []
+    for ex in examples:
+        histories, candidates = counterfactual_inputs(ex, titles, num_negatives, seed)
+        for title in candidates:
+            if title not in title_ids:
+                title_ids[title] = response_token_ids(tokenizer, title)
+        for condition, hist in histories.items():
+            prompts.append(tokenize_prompt(tokenizer, render(domain, hist)).input_ids)
+            conts.append([title_ids[t] for t in candidates])
+            conditions.append(condition)
+    pad_id = pad_id_of(tokenizer)
+    if shared_prompt:
+        per_prompt = shared_prompt_logprobs(model, prompts, conts, pad_token_id=pad_id, batch_size=batch_size)
+    else:
+        flat = [ScoringRequest(p + c, len(c)) for p, cs in zip(prompts, conts, strict=True) for c in cs]
+        lps = target_logprobs(
+            model, flat, pad_token_id=pad_id, batch_size=batch_size, max_batch_tokens=max_batch_tokens
+        )
+        per_prompt, start = [], 0
+        for cs in conts:
+            per_prompt.append(lps[start : start + len(cs)])
+            start += len(cs)
     out: dict[str, list] = {"full": [], "history_removed": [], "history_shuffled": []}
-    for condition, start, count in index:
-        target, *negs = lps[start : start + count]
+    for condition, (target, *negs) in zip(conditions, per_prompt, strict=True):
         s = float(target.sum())
         rank = int(sum(float(n.sum()) > s for n in negs)) if negs else None
         out[condition].append((float(target.mean()), rank))

@@ -170,6 +170,98 @@ def target_logprobs(
     return results  # type: ignore[return-value]
 
 
+def _cache_kwarg(model) -> str:
+    """The forward() keyword of the KV cache: `cache` (transformers 5) or `past_key_values` (4.x)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def supports_shared_prompt(model) -> bool:
+    """True for Hugging Face causal LMs, whose KV cache lets `shared_prompt_logprobs` score a prompt once."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def shared_prompt_logprobs(
+    model,
+    prompts: Sequence[list[int]],
+    continuations: Sequence[Sequence[list[int]]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 16,
+) -> list[list[np.ndarray]]:
+    """log p(c_j | prompt, c_<j) for every continuation c of every prompt; each prompt runs once.
+
+    The prompts of a batch run left-padded with a KV cache; the cache rows are then repeated for each
+    continuation of their prompt, and all continuations run in one right-padded pass on top of it. Numbers
+    equal `target_logprobs` on prompt + continuation (up to float rounding); the cost of scoring K titles
+    after one prompt drops from K prompt passes to one prompt pass plus K short ones.
+    """
+    import torch
+
+    device, _ = _model_device_dtype(model)
+    results: list[list[np.ndarray]] = [[] for _ in prompts]
+    for batch in length_batches([len(p) for p in prompts], batch_size):
+        length = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)  # [batch, prompt]
+        for row, i in enumerate(batch):
+            ids[row, length - len(prompts[i]) :] = torch.tensor(prompts[i], dtype=torch.long)
+            mask[row, length - len(prompts[i]) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, prompt]
+        owner = [
+            row for row, i in enumerate(batch) for _ in continuations[i]
+        ]  # prompt row of each continuation
+        conts = [c for i in batch for c in continuations[i]]
+        if not conts:
+            continue
+        if any(len(c) == 0 for c in conts):
+            raise ValueError("every continuation needs at least one token")
+        with torch.inference_mode():
+            out = model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [batch, vocab]
+            cache = getattr(out, "cache", None)
+            if cache is None:
+                cache = out.past_key_values
+            owner_t = torch.tensor(owner, dtype=torch.long)
+            cache.reorder_cache(owner_t.to(device))  # rows: [continuations, ...]
+            cont_len = max(len(c) for c in conts)
+            cont_ids = torch.full((len(conts), cont_len), pad_token_id, dtype=torch.long)
+            cont_mask = torch.zeros((len(conts), cont_len), dtype=torch.long)
+            for row, c in enumerate(conts):
+                cont_ids[row, : len(c)] = torch.tensor(c, dtype=torch.long)
+                cont_mask[row, : len(c)] = 1
+            full_mask = torch.cat([mask[owner_t], cont_mask], dim=1)  # [continuations, prompt + cont]
+            start = mask.sum(-1)[owner_t]  # [continuations] real prompt lengths
+            cont_pos = start[:, None] + torch.arange(cont_len)[None]  # [continuations, cont]
+            out = model(
+                input_ids=cont_ids.to(device),
+                attention_mask=full_mask.to(device),
+                position_ids=cont_pos.to(device),
+                use_cache=True,
+                **{_cache_kwarg(model): cache},
+            )
+            rest = torch.log_softmax(out.logits.float(), dim=-1)  # [continuations, cont, vocab]
+            first_lp = first[owner_t.to(device), cont_ids[:, 0].to(device)]  # [continuations]
+            next_ids = cont_ids[:, 1:].to(device)  # [continuations, cont-1]
+            rest_lp = rest[:, :-1].gather(-1, next_ids[..., None])[..., 0]  # [continuations, cont-1]
+            token_lp = torch.cat([first_lp[:, None], rest_lp], dim=1).cpu().numpy().astype(np.float32)
+        for row, (o, c) in enumerate(zip(owner, conts, strict=True)):
+            results[batch[o]].append(token_lp[row, : len(c)].copy())
+    return results
+
+
 def pad_id_of(tokenizer) -> int:
     """The id used for left padding (never attended, so any valid id works)."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):

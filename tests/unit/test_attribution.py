@@ -319,3 +319,37 @@ def test_bad_settings_are_errors(tmp_path, office_slice, tokenizer):
         with pytest.raises(GdrtError):
             attribution.run(cfg, model=model, tokenizer=tokenizer)
     assert not (tmp_path / "x").exists()
+
+
+def test_counterfactual_shared_prompt_matches_separate_sequences(office_slice, tokenizer):
+    """The KV-cache path (each prompt once, titles continue it) gives the numbers of scoring every
+    prompt + title as its own sequence; the same seed gives the same negatives and shuffles."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gdrt_core.attribution import counterfactual_inputs, counterfactual_scores
+    from gdrt_core.dataset import Dataset
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    ds = Dataset(office_slice)
+    examples = ds.examples("test", 3)
+    titles = sorted(set(ds.titles.values()))
+    kw = dict(num_negatives=4, seed=1, batch_size=4)
+    shared = counterfactual_scores(model, tokenizer, ds.domain, examples, titles, shared_prompt=True, **kw)
+    separate = counterfactual_scores(model, tokenizer, ds.domain, examples, titles, shared_prompt=False, **kw)
+    for condition in shared:
+        for (lp_a, rank_a), (lp_b, rank_b) in zip(shared[condition], separate[condition], strict=True):
+            assert lp_a == pytest.approx(lp_b, rel=1e-4, abs=1e-5) and rank_a == rank_b
+    histories, candidates = counterfactual_inputs(examples[0], titles, 4, seed=1)
+    assert candidates[0] == examples[0].target_title and len(set(candidates)) == 5
+    assert sorted(histories["history_shuffled"]) == sorted(examples[0].history_titles)
+    assert counterfactual_inputs(examples[0], titles, 4, seed=1) == (histories, candidates)

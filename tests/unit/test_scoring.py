@@ -154,3 +154,19 @@ def test_llama_hidden_equals_deleting_tokens_with_original_positions(tiny_llama)
         logits = out.logits[0]  # [kept, vocab]
     ref = torch.log_softmax(logits, -1)[torch.arange(len(kept) - 4, len(kept) - 1), torch.tensor(ids[-3:])]
     np.testing.assert_allclose(lp, ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_shared_prompt_equals_scoring_each_sequence(tiny_llama):
+    """Scoring continuations on a cached, left-padded prompt gives the log-probs of scoring
+    prompt + continuation as one sequence (prompts of different lengths, 0-3 continuations each)."""
+    from gdrt_core.scoring import shared_prompt_logprobs, supports_shared_prompt
+
+    prompts = [[3, 7, 11, 2, 9], [5, 1], [8, 8, 4, 6, 2, 7, 3]]
+    continuations = [[[4, 2, 1], [6]], [], [[9, 9], [1, 2, 3, 4], [5]]]
+    assert supports_shared_prompt(tiny_llama) and not supports_shared_prompt(torch.nn.Linear(2, 2))
+    shared = shared_prompt_logprobs(tiny_llama, prompts, continuations, pad_token_id=0, batch_size=2)
+    assert [len(s) for s in shared] == [2, 0, 3]
+    for prompt, conts, got in zip(prompts, continuations, shared, strict=True):
+        for cont, lp in zip(conts, got, strict=True):
+            (ref,) = target_logprobs(tiny_llama, [ScoringRequest(prompt + cont, len(cont))], pad_token_id=0)
+            np.testing.assert_allclose(lp, ref, rtol=1e-4, atol=1e-5)
