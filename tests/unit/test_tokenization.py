@@ -361,6 +361,26 @@ def test_trimmed_whitespace_tokens_keep_their_role(built):
     assert ex.labels[lone[1]] == space
 
 
+def test_real_office_windows(tokenizer):
+    """The first 60 training windows of data/office (10-item histories) keep every invariant."""
+    import ast
+    import csv
+
+    titles = json.loads(OFFICE_TITLES.read_text(encoding="utf-8"))
+    with open(OFFICE_TITLES.parent / "train.csv", newline="", encoding="utf-8") as f:
+        rows = [ast.literal_eval(r["item_ids"]) for _, r in zip(range(60), csv.DictReader(f), strict=False)]
+    for item_ids in rows:
+        history, target = [titles[str(i)] for i in item_ids[:-1]], titles[str(item_ids[-1])]
+        rendered = render("office", history, target)
+        ex = tokenize_example(tokenizer, rendered)
+        assert _decode(tokenizer, [ex.input_ids[i] for i in ex.indices(TARGET)]) == quote(target) + tokenizer.eos_token
+        assert tokenize_prompt(tokenizer, rendered).input_ids == ex.input_ids[: ex.prompt_len]
+        for pos, (h0, h1) in enumerate(rendered.history_spans):
+            assert {ex.history_pos[k] for k, (s, e) in enumerate(ex.offsets) if s < h1 and e > h0} == {pos}
+            assert history[pos] in _decode(tokenizer, [ex.input_ids[i] for i in ex.indices(HISTORY, pos)])
+        assert [label != IGNORE_INDEX for label in ex.labels] == [r == TARGET for r in ex.role]
+
+
 # ---------------------------------------------------------------- the rule on hand-made offsets
 
 
