@@ -2,17 +2,18 @@
 
 `Collator` turns a list of `TokenizedExample` (or dicts with the same per-token lists, as training
 features are) into tensors [batch, seq]: input_ids, attention_mask, labels, role, history_pos, group_ids
-(and position_ids on request, example_id when every example has one). Every column is padded on the same
+(and position_ids on request, example_id when every example has one; `columns` picks which per-token
+columns come back, since a model's forward rejects keys such as `role`). Every column is padded on the same
 side by the same amount, so token k of an example sits at the same (row, column) in every tensor:
 
-| column       | pad value          | missing from an example    |
-| ------------ | ------------------ | -------------------------- |
-| input_ids    | the pad token id   | required                   |
-| attention_mask | 0                | 1 on every token           |
-| labels       | -100               | -100 on every token        |
-| role         | -1 (PAD_ROLE)      | -1 on every token          |
-| history_pos  | -1                 | -1 on every token          |
-| group_ids    | -1 (NO_GROUP)      | -1 on every token          |
+| column         | pad value        | missing from an example |
+| -------------- | ---------------- | ----------------------- |
+| input_ids      | the pad token id | required                |
+| attention_mask | 0                | 1 on every token        |
+| labels         | -100             | -100 on every token     |
+| role           | -1 (PAD_ROLE)    | -1 on every token       |
+| history_pos    | -1               | -1 on every token       |
+| group_ids      | -1 (NO_GROUP)    | -1 on every token       |
 
 Right padding is for training and teacher-forced scoring; left padding is for generation, where every
 row's last prompt token must be the batch's last column. With left padding a causal LM also needs
@@ -96,8 +97,13 @@ class Collator:
     padding_side: str = "right"  # "left" for generation
     pad_to_multiple_of: int | None = None
     return_position_ids: bool = False
+    # the per-token columns to return (a model's forward rejects keys it does not know, such as role)
+    columns: tuple[str, ...] = TOKEN_COLUMNS
 
     def __post_init__(self) -> None:
+        unknown = [c for c in self.columns if c not in TOKEN_COLUMNS]
+        if unknown:
+            raise GdrtError(f"unknown collator columns {unknown}", hint=f"choose from {', '.join(TOKEN_COLUMNS)}")
         if self.padding_side not in PADDING_SIDES:
             raise GdrtError(f"padding_side {self.padding_side!r} is not one of {', '.join(PADDING_SIDES)}")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
@@ -130,6 +136,9 @@ class Collator:
         _check_groups_on_targets(batch["group_ids"], batch["labels"], self.padding_side, rows)
         if self.return_position_ids:
             batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
+        for name in TOKEN_COLUMNS:
+            if name not in self.columns:
+                del batch[name]
         example_ids = [example_id for _, example_id in rows]
         if all(example_id is not None for example_id in example_ids):
             batch["example_id"] = torch.tensor(example_ids, dtype=torch.long)  # [batch]

@@ -104,6 +104,13 @@ def test_training_feature_dicts_are_accepted():
     assert no_mask["labels"].tolist() == [[N, N], [N, N]] and "example_id" not in no_mask
 
 
+def test_columns_can_be_restricted_for_a_model_forward():
+    batch = Collator(0, columns=("input_ids", "attention_mask", "labels"), return_position_ids=True)(_examples())
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "position_ids"}
+    with pytest.raises(GdrtError, match="unknown collator columns \\['roles'\\]"):
+        Collator(0, columns=("input_ids", "roles"))
+
+
 def test_token_group_ids_places_groups_on_targets():
     ex = _examples()[1]
     assert token_group_ids(ex, [3, 1]) == [-1, -1, -1, 3, 1]
