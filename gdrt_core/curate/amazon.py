@@ -239,38 +239,81 @@ class Reviews:
     lines: int
 
 
-def read_reviews(path: Path, bad: BadRows, threads: int, block_bytes: int) -> Reviews:
-    import pyarrow as pa
+class IdCoder:
+    """Maps the per-block dictionaries of one string column onto one global dictionary.
 
-    user_chunks, item_chunks, time_chunks = [], [], []
+    Block dictionaries are merged every `merge_every` blocks (pyarrow `unify_dictionaries`, the global
+    dictionary first so its codes stay), which keeps memory at the distinct values plus a few blocks'
+    dictionaries, whatever the number of blocks. Codes are in order of first appearance in the file.
+    """
+
+    def __init__(self, merge_every: int = 16):
+        self.merge_every = merge_every
+        self.dictionary = None  # pa.StringArray of the values seen so far
+        self.pending: list = []  # block DictionaryArrays not merged yet
+        self.codes: list[np.ndarray] = []  # int32 codes per merged block
+
+    def add(self, block_column) -> None:
+        self.pending.append(block_column)
+        if len(self.pending) >= self.merge_every:
+            self.merge()
+
+    def merge(self) -> None:
+        import pyarrow as pa
+
+        if not self.pending:
+            return
+        chunks = self.pending
+        if self.dictionary is not None:
+            identity = pa.DictionaryArray.from_arrays(pa.array(np.arange(len(self.dictionary), dtype=np.int32)), self.dictionary)
+            chunks = [identity, *chunks]
+        unified = pa.chunked_array(chunks).unify_dictionaries()
+        self.dictionary = unified.chunk(0).dictionary
+        first = 0 if len(chunks) == len(self.pending) else 1
+        for chunk in unified.chunks[first:]:
+            self.codes.append(chunk.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False))
+        self.pending = []
+
+    def finish(self) -> tuple[np.ndarray, object]:
+        """(codes [n] int32, distinct values)."""
+        self.merge()
+        codes = np.concatenate(self.codes) if self.codes else np.zeros(0, dtype=np.int32)
+        self.codes = []
+        return codes, self.dictionary
+
+
+def read_reviews(path: Path, bad: BadRows, threads: int, block_bytes: int) -> Reviews:
+    users, items = IdCoder(), IdCoder()
+    time_chunks = []
     lines = 0
     for parsed in parallel_blocks(path, block_bytes, threads, parse_review_block):
         for reason, detail, line in parsed.bad:
             bad.bad(reason, detail, path, lines + line)
-        user_chunks.append(parsed.users)
-        item_chunks.append(parsed.items)
+        users.add(parsed.users)
+        items.add(parsed.items)
         time_chunks.append(parsed.times)
         lines += parsed.lines
     if lines == 0:
         raise GdrtError("empty file: no review lines", path=str(path))
-    if not time_chunks or sum(len(t) for t in time_chunks) == 0:
+    if sum(len(t) for t in time_chunks) == 0:
         raise GdrtError("no usable reviews", path=str(path))
-    user_codes, user_ids = _unify(pa.chunked_array(user_chunks))
-    item_codes, asins = _unify(pa.chunked_array(item_chunks))
-    return Reviews(user_codes, item_codes, np.concatenate(time_chunks), user_ids, asins, lines)
+    user_codes, user_ids = users.finish()
+    item_codes, asins = items.finish()
+    times = np.concatenate(time_chunks)
+    del time_chunks
+    _release_arrow_memory()
+    return Reviews(user_codes, item_codes, times, user_ids, asins, lines)
 
 
-def _unify(chunked) -> tuple[np.ndarray, object]:
-    """One dictionary for all blocks: (codes [n] int32, distinct values)."""
-    unified = chunked.unify_dictionaries()
-    dictionary = unified.chunk(0).dictionary if unified.num_chunks else None
-    codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False) for c in unified.chunks])
-    return codes, dictionary
+def _release_arrow_memory() -> None:
+    """Hand freed pyarrow buffers back to the system (the allocator keeps them otherwise)."""
+    import pyarrow as pa
 
-
+    pa.default_memory_pool().release_unused()
 
 
 def _literal(text: str) -> str:
+    """The value of a Python string literal ('...' or "...")."""
     if "\\" not in text:
         return text[1:-1]
     return ast.literal_eval(text)
@@ -492,15 +535,18 @@ def curate_raw(config, out_dir: Path, bad: BadRows) -> dict:
     keep = titled[reviews.item_codes]
     stats = {"review_lines": reviews.lines, "reviews": int(len(reviews.times)), "items_in_reviews": len(asins),
              "items_with_title": int(titled.sum()), "reviews_with_titled_item": int(keep.sum())}
-    users = reviews.user_codes[keep]
-    items = reviews.item_codes[keep]
-    times = reviews.times[keep]
+    # move the arrays into `arrays` and filter them in place of the originals, so that at most one
+    # copy of each per-review array is alive at a time
+    arrays = {"users": reviews.user_codes, "items": reviews.item_codes, "times": reviews.times}
+    reviews.user_codes = reviews.item_codes = reviews.times = None
+    for name in arrays:
+        arrays[name] = arrays[name][keep]
+    del keep
     curated = recipe.curate_interactions(
-        users, items, times, num_users=len(reviews.user_ids), num_items=len(asins), k=config.k_core,
+        arrays, num_users=len(reviews.user_ids), num_items=len(asins), k=config.k_core,
         max_history=config.max_history, rule=config.window_rule, valid_fraction=config.valid_fraction,
         test_fraction=config.test_fraction, max_train=config.max_train, seed=config.seed,
     )
-    del reviews.user_codes, reviews.item_codes, reviews.times, users, items, times
     if curated is None:
         raise GdrtError(
             f"no interactions left after dropping untitled items and {config.k_core}-core filtering",

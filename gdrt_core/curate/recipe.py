@@ -157,7 +157,7 @@ def first_appearance(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarr
     np.minimum.at(first, codes, np.arange(len(codes), dtype=np.int64))
     present = np.flatnonzero(first < len(codes))
     code_of_rank = present[np.argsort(first[present], kind="stable")]
-    rank = np.full(size, -1, dtype=np.int64)
+    rank = np.full(size, -1, dtype=np.int32 if size < 1 << 31 else np.int64)
     rank[code_of_rank] = np.arange(len(code_of_rank))
     return rank, code_of_rank
 
@@ -178,29 +178,41 @@ class Curated:
 
 
 def curate_interactions(
-    users: np.ndarray, items: np.ndarray, times: np.ndarray, *, num_users: int, num_items: int, k: int = 5,
+    arrays: dict[str, np.ndarray], *, num_users: int, num_items: int, k: int = 5,
     max_history: int = 10, rule: str = "bigrec", valid_fraction: float = 0.1, test_fraction: float = 0.1,
     max_train: int | None = None, seed: int = 42,
 ) -> Curated | None:
     """k-core, first-appearance ids, per-user chronological order, windows, split, sample.
 
-    users/items: [n] codes in file order (titled items only), times: [n]. None if nothing survives.
+    arrays: {"users", "items", "times"}, [n] each, in file order (titled items only); users/items are
+    codes < num_users / num_items. The dict is emptied as the arrays are replaced by smaller ones, so a
+    caller that hands its only references over keeps one copy alive. None if nothing survives.
     """
-    core = k_core(users, items, k)
-    users, items, times = users[core], items[core], times[core]
+    core = k_core(arrays["users"], arrays["items"], k)
+    if not core.all():
+        for name in ("users", "items", "times"):
+            arrays[name] = arrays[name][core]
+    del core
+    users, items, times = arrays.pop("users"), arrays.pop("items"), arrays.pop("times")
     if len(users) == 0:
         return None
     user_rank, user_of_rank = first_appearance(users, num_users)
     item_rank, item_of_rank = first_appearance(items, num_items)
-    user_ranks = user_rank[users]
-    span = int(times.max()) - int(times.min())
-    if span < 1 << 31 and len(user_of_rank) < 1 << 31:  # one stable sort on a packed (user, time) key
-        order = np.argsort(user_ranks << 32 | (times - times.min()), kind="stable")
+    user_ranks = user_rank[users]  # [n]
+    del users
+    item_ids = (item_rank[items] + 1).astype(np.int32)  # [n] item ids 1..N
+    del items, user_rank, item_rank
+    t0 = int(times.min())
+    if int(times.max()) - t0 < 1 << 31 and len(user_of_rank) < 1 << 31:
+        order = np.argsort(user_ranks.astype(np.int64) << 32 | (times - t0), kind="stable")  # one packed key
     else:
         order = user_order(user_ranks, times)
     sorted_users = user_ranks[order]
-    sorted_items = (item_rank[items][order] + 1).astype(np.int32)  # item ids 1..N
+    del user_ranks
+    sorted_items = item_ids[order]
+    del item_ids
     sorted_times = times[order]
+    del times, order
     windows = sliding_windows(sorted_users, sorted_times, max_history, rule)
     train_end, valid_end = split_bounds(len(windows), valid_fraction, test_fraction)
     parts = {

@@ -236,3 +236,25 @@ def test_meta_2014_non_utf8_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "meta_Tiny.json, line 1" in err and "non-UTF-8 bytes" in err
     assert not out.exists()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    blocks=st.lists(st.lists(st.sampled_from(["a", "b", "c", "d", "e", "f"]), max_size=6), min_size=1, max_size=9),
+    merge_every=st.integers(1, 4),
+)
+def test_id_coder_merges_blocks_in_first_appearance_order(blocks, merge_every):
+    """Codes equal one dictionary encoding of all values together, whenever the blocks are merged."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from gdrt_core.curate.amazon import IdCoder
+
+    coder = IdCoder(merge_every=merge_every)
+    for block in blocks:
+        coder.add(pc.dictionary_encode(pa.array(block, pa.string())))
+    codes, dictionary = coder.finish()
+    values = [v for block in blocks for v in block]
+    expected = pc.dictionary_encode(pa.array(values, pa.string()))
+    assert codes.tolist() == expected.indices.to_pylist()
+    assert (dictionary.to_pylist() if dictionary is not None else []) == expected.dictionary.to_pylist()

@@ -107,7 +107,8 @@ def run_recipe(reviews, k, max_history, **kw):
     items = np.array([i for _, i, _ in reviews], dtype=np.int64)
     times = np.array([t for _, _, t in reviews], dtype=np.int64)
     curated = recipe.curate_interactions(
-        users, items, times, num_users=int(users.max(initial=0)) + 1, num_items=int(items.max(initial=0)) + 1,
+        {"users": users, "items": items, "times": times},
+        num_users=int(users.max(initial=0)) + 1, num_items=int(items.max(initial=0)) + 1,
         k=k, max_history=max_history, **kw,
     ) if len(reviews) else None
     return curated
