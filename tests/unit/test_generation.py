@@ -1,0 +1,260 @@
+"""Constrained beam search: exact against transformers' `generate` with a dict trie (the oracle).
+
+The oracle is the straightforward reference: `model.generate(num_beams=10, num_return_sequences=10,
+prefix_allowed_tokens_fn=<dict: generated prefix -> allowed next tokens>)`, one example at a time, with
+the same length_penalty / early_stopping / renormalisation and max_new_tokens = the trie's depth. Its
+placeholder hypotheses (score <= -1e9, produced when fewer than num_beams real candidates exist) are not
+recommendations and are dropped before comparing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gdrt_core.generation import (
+    BeamSearchSettings,
+    _segment_log_softmax,
+    constrained_beam_search,
+    rank_prompts,
+)
+from gdrt_core.prompts import render
+from gdrt_core.tokenization import IGNORE_INDEX, response_token_ids, tokenize_example, tokenize_prompt
+from gdrt_core.trie import build_trie
+
+PLACEHOLDER_SCORE = -1e8  # generate's filler hypotheses start at -1e9
+
+
+# --------------------------------------------------------------------------------------------- the oracle
+
+
+def dict_trie(tokenizer, titles) -> dict[tuple[int, ...], list[int]]:
+    """{generated prefix: allowed next tokens} over the response paths of `titles`."""
+    allowed: dict[tuple[int, ...], set[int]] = {}
+    for title in set(titles):
+        path = response_token_ids(tokenizer, title)
+        for j in range(len(path)):
+            allowed.setdefault(tuple(path[:j]), set()).add(path[j])
+    return {k: sorted(v) for k, v in allowed.items()}
+
+
+def hf_reference(model, tokenizer, trie, prompts, settings: BeamSearchSettings, allowed=None):
+    """[(title, score), ...] per prompt from transformers' beam search with prefix_allowed_tokens_fn."""
+    allowed = allowed if allowed is not None else dict_trie(tokenizer, trie.titles)
+    eos = tokenizer.eos_token_id
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        start = len(prompt)
+
+        def allowed_fn(batch_id, sequence, start=start):
+            # a prefix off the trie only exists in generate's -1e9 filler beams: let it end
+            return allowed.get(tuple(sequence[start:].tolist()), [eos])
+
+        with torch.no_grad():
+            gen = model.generate(
+                ids, attention_mask=torch.ones_like(ids), num_beams=settings.num_beams,
+                num_return_sequences=settings.num_return_sequences, max_new_tokens=trie.max_depth,
+                prefix_allowed_tokens_fn=allowed_fn, length_penalty=settings.length_penalty,
+                early_stopping=settings.early_stopping, renormalize_logits=settings.renormalize, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, return_dict_in_generate=True,
+                output_scores=True,
+            )
+        ranking = []
+        for sequence, score in zip(gen.sequences, gen.sequences_scores, strict=True):
+            if score <= PLACEHOLDER_SCORE:
+                continue
+            tokens = sequence[start:].tolist()
+            tokens = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+            ranking.append((trie.title_of(tokens), float(score)))
+        out.append(ranking)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- fixtures
+
+
+def quick_sft(model, tokenizer, examples, *, steps: int, batch_size: int = 8, lr: float = 3e-3, seed: int = 0):
+    """A few AdamW steps of response-only cross-entropy: peaked, history-dependent distributions."""
+    gen = torch.Generator().manual_seed(seed)
+    tokenized = [tokenize_example(tokenizer, render("office", list(e.history_titles), e.target_title)) for e in examples]
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        batch = [tokenized[i] for i in torch.randint(len(tokenized), (batch_size,), generator=gen).tolist()]
+        width = max(len(x) for x in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), IGNORE_INDEX)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, x in enumerate(batch):
+            input_ids[i, : len(x)] = torch.tensor(x.input_ids)
+            labels[i, : len(x)] = torch.tensor(x.labels)
+            mask[i, : len(x)] = 1
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def office(office_dataset):
+    from gdrt_core.dataset import Dataset
+
+    return Dataset(office_dataset)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(office):
+    from gdrt_core.embedded import tokenizer_corpus, train_tokenizer
+
+    examples = [(list(e.history_titles), e.target_title) for e in office.examples("train", limit=4)]
+    return train_tokenizer(tokenizer_corpus(list(office.titles.values()), examples), 1024)
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tokenizer, office):
+    """The embedded tiny Llama (GQA: 4 heads over 2 kv heads), briefly fine-tuned on Office windows."""
+    from gdrt_core.embedded import SIZES, build_model
+
+    torch.manual_seed(0)
+    model = build_model(SIZES["tiny"], len(tokenizer), seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.set_num_threads(1)
+        return quick_sft(model, tokenizer, office.examples("train", limit=400), steps=40)
+
+
+@pytest.fixture(scope="module")
+def trie(tokenizer, office):
+    return build_trie(tokenizer, office.titles)
+
+
+@pytest.fixture(scope="module")
+def allowed(tokenizer, trie):
+    return dict_trie(tokenizer, trie.titles)
+
+
+@pytest.fixture(scope="module")
+def test_prompts(tokenizer, office):
+    return [tokenize_prompt(tokenizer, render("office", list(e.history_titles))).input_ids
+            for e in office.examples("test", limit=16)]
+
+
+@pytest.fixture(scope="module")
+def default_reference(trained_tiny, tokenizer, trie, allowed, test_prompts):
+    return hf_reference(trained_tiny, tokenizer, trie, test_prompts, BeamSearchSettings(), allowed)
+
+
+def assert_same_rankings(ours, reference):
+    for got, want in zip(ours, reference, strict=True):
+        assert got.titles == [t for t, _ in want]
+        assert got.scores == pytest.approx([s for _, s in want], abs=1e-3, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False], ids=["shared-prompt", "model-forward"])
+def test_exact_against_generate_on_office(trained_tiny, tokenizer, trie, test_prompts, default_reference,
+                                          shared_prompt):
+    """Default settings (sum of log-probs, early_stopping=False), length-sorted batches with left padding."""
+    settings = BeamSearchSettings(shared_prompt=shared_prompt)
+    ours = rank_prompts(trained_tiny, trie.to_torch(), test_prompts, settings, batch_size=6,
+                        pad_token_id=tokenizer.pad_token_id)
+    assert_same_rankings(ours, default_reference)
+    for ranking in ours:
+        assert len(ranking.titles) == 10 and len(set(ranking.titles)) == 10
+        assert all(t in trie.titles for t in ranking.titles)
+        assert ranking.scores == sorted(ranking.scores, reverse=True)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        BeamSearchSettings(length_penalty=1.0),
+        BeamSearchSettings(length_penalty=1.0, early_stopping="never"),
+        BeamSearchSettings(early_stopping=True),
+        BeamSearchSettings(renormalize=True),
+        BeamSearchSettings(num_beams=6, num_return_sequences=4),
+    ],
+    ids=["lp1", "lp1-never", "early-stop", "renormalize", "6-beams-4-returned"],
+)
+def test_exact_against_generate_other_settings(trained_tiny, tokenizer, trie, allowed, test_prompts, settings):
+    prompts = test_prompts[:5]
+    reference = hf_reference(trained_tiny, tokenizer, trie, prompts, settings, allowed)
+    ours = constrained_beam_search(trained_tiny, trie.to_torch(), prompts, settings, pad_token_id=tokenizer.pad_token_id)
+    assert_same_rankings(ours, reference)
+
+
+def test_best_unconstrained_continuation_is_not_a_title(trained_tiny, tokenizer, trie, allowed, test_prompts):
+    """A +30 logit bias on a token that no title starts with makes it the model's clear first choice;
+    constrained decoding must still return 10 distinct catalogue titles, as the oracle does."""
+    banned = next(t for t in range(len(tokenizer)) if t not in allowed[()] and t != tokenizer.eos_token_id)
+    head = trained_tiny.get_output_embeddings()
+
+    def bias(module, inputs, output):
+        output = output.clone()
+        output[..., banned] += 30.0
+        return output
+
+    handle = head.register_forward_hook(bias)
+    try:
+        prompts = test_prompts[:3]
+        with torch.no_grad():
+            first = trained_tiny(input_ids=torch.tensor([prompts[0]])).logits[0, -1].argmax().item()
+            greedy = trained_tiny.generate(torch.tensor([prompts[0]]), max_new_tokens=5, do_sample=False,
+                                           pad_token_id=tokenizer.pad_token_id)[0, len(prompts[0]):].tolist()
+        assert first == banned and trie.walk(greedy) is None  # unconstrained: not a title
+        settings = BeamSearchSettings()
+        ours = constrained_beam_search(trained_tiny, trie.to_torch(), prompts, settings,
+                                       pad_token_id=tokenizer.pad_token_id)
+        assert_same_rankings(ours, hf_reference(trained_tiny, tokenizer, trie, prompts, settings, allowed))
+        for ranking in ours:
+            assert len(set(ranking.titles)) == 10 and all(t in trie.titles for t in ranking.titles)
+    finally:
+        handle.remove()
+
+
+def test_lora_wrapped_model_uses_the_same_search(trained_tiny, tokenizer, trie, test_prompts):
+    """A PEFT model (LoRA on q/v, non-zero B) ranks the same with shared-prompt decoding and model forward."""
+    import copy
+
+    from gdrt_core.models import apply_lora
+
+    peft_model = apply_lora(copy.deepcopy(trained_tiny), r=4, alpha=8, dropout=0.0).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    prompts = test_prompts[:4]
+    tt = trie.to_torch()
+    shared = constrained_beam_search(peft_model, tt, prompts, BeamSearchSettings(), pad_token_id=tokenizer.pad_token_id)
+    forward = constrained_beam_search(peft_model, tt, prompts, BeamSearchSettings(shared_prompt=False),
+                                      pad_token_id=tokenizer.pad_token_id)
+    plain = constrained_beam_search(trained_tiny, tt, prompts, BeamSearchSettings(), pad_token_id=tokenizer.pad_token_id)
+    assert [r.titles for r in shared] == [r.titles for r in forward]
+    assert [r.scores for r in shared] != [r.scores for r in plain]  # the adapter is really applied
+
+
+def test_segment_log_softmax_hand_computed():
+    """Renormalisation over the allowed tokens of each beam.
+
+    Beam 0 allows tokens with log-probs log(0.1), log(0.3): their mass is 0.4, so the renormalised
+    log-probs are log(0.1 / 0.4) = log(0.25) and log(0.3 / 0.4) = log(0.75).
+    Beam 1 allows one token with log-prob log(0.05): alone it gets probability 1, log-prob 0.
+    """
+    values = torch.tensor([math.log(0.1), math.log(0.3), math.log(0.05)])
+    segments = torch.tensor([0, 0, 1])
+    got = _segment_log_softmax(values, segments, 2)
+    assert got.tolist() == pytest.approx([math.log(0.25), math.log(0.75), 0.0], abs=1e-6)
+
+
+def test_settings_are_checked(trained_tiny, trie, test_prompts):
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        constrained_beam_search(trained_tiny, trie.to_torch(), test_prompts[:1],
+                                BeamSearchSettings(num_beams=2, num_return_sequences=3))
+    with pytest.raises(ValueError, match="early_stopping"):
+        constrained_beam_search(trained_tiny, trie.to_torch(), test_prompts[:1],
+                                BeamSearchSettings(early_stopping="sometimes"))
