@@ -501,25 +501,10 @@ def write_plots(summary: dict, plots_dir: Path, groups_dir: str | None = None) -
     written.append("profile_by_position.png")
 
     if groups_dir is not None:
-        from gdrt_core.grouping import example_means, read_groups
+        from gdrt_core.grouping import plot_relevance_histogram, read_groups
 
         info, table = read_groups(groups_dir)
-        split = table.column("split").to_numpy(zero_copy_only=False)
-        train = table.filter(split == "train")
-        rel = train.column("relevance").to_numpy()
-        if info.get("granularity") == "example":
-            _, first = np.unique(train.column("example_id").to_numpy(), return_index=True)
-            rel = example_means(train.column("example_id").to_numpy(), rel)[first]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.hist(rel, bins=50, color="#4c72b0")
-        for edge in info["edges"]:
-            ax.axvline(edge, color="#c44e52", linestyle="--")
-        ax.set_xlabel("relevance r_t = log p_ref(y_t | no history)")
-        ax.set_ylabel("train target tokens" if info.get("granularity") != "example" else "train examples")
-        ax.set_title(f"relevance with the {info['num_groups']} group edges")
-        fig.tight_layout()
-        fig.savefig(plots_dir / "relevance_histogram.png", dpi=100)
-        plt.close(fig)
+        plot_relevance_histogram(info, table, plots_dir / "relevance_histogram.png")
         written.append("relevance_histogram.png")
     return written
 

@@ -16,7 +16,8 @@ still holds each token's own r_t (the binned value is the mean of the example's 
 
 Output, the Groups artifact: token_groups.parquet (example_id int64, position int32 = index of the token
 among the example's target tokens, token_id int32, relevance float32 = r_t, group int8, split string),
-groups.json (edges = the G-1 cut points, sizes and mean relevance per group and split), manifest.json.
+groups.json (edges = the G-1 cut points, sizes and mean relevance per group and split),
+plots/relevance_histogram.png (train relevance with the edges), manifest.json.
 
 Resumable: scores are written in parts of `part_size` examples to a work directory next to the output
 (`<out>.parts` by default); a re-run with the same inputs and settings skips the finished parts. The work
@@ -39,6 +40,7 @@ from gdrt_core.errors import GdrtError
 
 GROUPS_FILE = "groups.json"
 TOKEN_GROUPS_FILE = "token_groups.parquet"
+HISTOGRAM_FILE = "relevance_histogram.png"
 STATE_FILE = "state.json"
 REMOVALS = ("drop", "mask")
 GRANULARITIES = ("token", "example")
@@ -331,6 +333,8 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
         with atomic_output_dir(config.out) as tmp:
             pq.write_table(pa.concat_tables(out_tables), tmp / TOKEN_GROUPS_FILE)
             write_json_atomic(tmp / GROUPS_FILE, summary)
+            (tmp / "plots").mkdir()
+            plot_relevance_histogram(summary, pa.concat_tables(out_tables), tmp / "plots" / HISTOGRAM_FILE)
             write_manifest(tmp, "groups", config=to_dict(config), inputs=inputs, groups=summary)
         shutil.rmtree(work, ignore_errors=True)
 
@@ -340,7 +344,34 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
             metrics.update({f"{s}_mean_relevance_g{g}": m for g, m in enumerate(means[s]) if m is not None})
         tracker.log_metrics(metrics)
         tracker.log_artifact(Path(config.out) / GROUPS_FILE)
+        tracker.log_artifact(Path(config.out) / "plots" / HISTOGRAM_FILE, "plots")
     return summary
+
+
+def plot_relevance_histogram(info: dict, table, path: str | os.PathLike) -> None:
+    """Histogram of the train relevance (per token, or per example mean) with the group edges, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = table.column("split").to_numpy(zero_copy_only=False)
+    train = table.filter(split == "train")
+    rel = train.column("relevance").to_numpy()
+    per_example = info.get("granularity") == "example"
+    if per_example:
+        _, first = np.unique(train.column("example_id").to_numpy(), return_index=True)
+        rel = example_means(train.column("example_id").to_numpy(), rel)[first]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(rel, bins=50, color="#4c72b0")
+    for edge in info["edges"]:
+        ax.axvline(edge, color="#c44e52", linestyle="--")
+    ax.set_xlabel("relevance r_t = log p_ref(y_t | no history)" + (", example mean" if per_example else ""))
+    ax.set_ylabel("train examples" if per_example else "train target tokens")
+    ax.set_title(f"relevance with the {info['num_groups']} group edges")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def read_groups(root: str | os.PathLike) -> tuple[dict, object]:

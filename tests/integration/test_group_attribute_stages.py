@@ -74,6 +74,7 @@ def test_group_cli_writes_the_groups_artifact(groups_dir, office_slice, tiny_mod
     assert set(table.column_names) == {"example_id", "position", "token_id", "relevance", "group", "split"}
     assert len(info["edges"]) == 2 and sorted(info["sizes"]) == ["train", "valid"]
     assert not (out.parent / "groups.parts").exists()
+    assert (out / "plots" / "relevance_histogram.png").stat().st_size > 0
     # ids align with the embedded tokenizer's full examples (BOS-prefixed, drop mode)
     tok = load_tokenizer(tiny_model)
     ds = Dataset(office_slice)
