@@ -23,7 +23,10 @@ Summary (summary.json):
   A = sum |Δ instruction_token| + |Δ prefix_token| and H = sum |Δ history_token| (for grad x input:
   per example |instruction| + |prefix| and |history|). aux_share_sequence uses the example-level Δ of the
   instruction and of the history only.
-- profile_by_recency: mean Δ of a history item by its distance from the end (1 = most recent item).
+- profile_by_recency: mean Δ of a history item by its distance from the end (1 = most recent item);
+  profile_by_position: the same by history index (0 = oldest item).
+- profile_by_target_position: mean per-token Δ of the instruction, the prefix and the history by target
+  token index t (0 = the response's first token), the per-token view of (d).
 - counterfactual: the same model re-scored with the history removed (rendered empty) or shuffled. Metrics:
   mean target log-prob per token, and the rank (0 = best) of the target title among the target and
   `num_negatives` catalogue titles sampled per example, by the sum of their log-probs (as the beam search
@@ -350,7 +353,24 @@ def summarize(attributions: Sequence[ExampleAttribution]) -> dict:
         "profile_by_position": {str(k): float(np.mean(v)) for k, v in sorted(by_position.items())},
         "profile_by_recency": {str(k): float(np.mean(v)) for k, v in sorted(by_recency.items())},
         "profile_counts": {str(k): len(v) for k, v in sorted(by_recency.items())},
+        "profile_by_target_position": _target_position_profile(attributions),
     }
+
+
+def _target_position_profile(attributions: Sequence[ExampleAttribution]) -> dict[str, dict[str, float]]:
+    """Mean per-token Δ of the instruction, the generated prefix and the history by target token index t:
+    how the reliance moves from the history to the prefix as the title is written."""
+    longest = max(len(a.logprobs) for a in attributions)
+    out = {}
+    for t in range(longest):
+        rows = [a for a in attributions if len(a.logprobs) > t]
+        out[str(t)] = {
+            "instruction": float(np.mean([a.instruction[t] for a in rows])),
+            "prefix": float(np.mean([a.prefix[t] for a in rows])),
+            "history": float(np.mean([a.history[t] for a in rows])),
+            "count": len(rows),
+        }
+    return out
 
 
 # ------------------------------------------------------------------------------------------- counterfactual

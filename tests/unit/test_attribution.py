@@ -141,6 +141,9 @@ def test_rows_and_summary_from_hand_deltas():
     assert s["profile_by_position"]["0"] == pytest.approx(
         lg(6 / 7) - lg(3 / 4) + lg(12 / 13) - lg(6 / 7), rel=1e-5
     )
+    assert s["profile_by_target_position"]["1"] == pytest.approx(
+        {"instruction": instr[1], "prefix": prefix[1], "history": hist[1], "count": 1}, rel=1e-5
+    )
     rows = {(seg, pos): score for seg, pos, score in a.rows()}
     assert rows[("history", -1)] == pytest.approx(sum(hist), rel=1e-5)
     assert rows[("prefix_token", 1)] == pytest.approx(prefix[1], rel=1e-5)
