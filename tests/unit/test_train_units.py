@@ -1,0 +1,163 @@
+"""Train-stage pieces without a model: weights policy, collator, checkpoint sealing, DeepSpeed configs, config."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from gdrt_core.errors import GdrtError
+from gdrt_core.train.data import NO_GROUP, StepWeights, pad_batch
+from gdrt_core.train.deepspeed import launch_command, needs_launch, zero_config
+from gdrt_core.train.resume import MARKER, checkpoint_problem, latest_valid_checkpoint, seal_checkpoint
+
+
+def test_batch_policy_weights_are_the_closed_form():
+    """L = (1, 2), N = (3, 1), uniform pi, tau 1: w = (e^1, e^2) / (e^1 + e^2) = (0.2689, 0.7311).
+
+    Token coefficients c_g = w_g / N_g = (0.2689 / 3, 0.7311 / 1) = (0.08964, 0.7311).
+    """
+    sw = StepWeights(2, tau=1.0)
+    counts = torch.tensor([3.0, 1.0], dtype=torch.float64)
+    w = sw.weights(counts, torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert w.tolist() == pytest.approx([1 / (1 + math.e), math.e / (1 + math.e)], rel=1e-6)
+    assert sw.token_coefficients(w, counts).tolist() == pytest.approx([0.26894 / 3, 0.73106], rel=1e-4)
+
+
+def test_absent_group_gets_no_weight_and_prior_renormalises():
+    """Group 1 absent (N_1 = 0): w over groups 0 and 2 only; equal losses -> (0.5, 0, 0.5)."""
+    sw = StepWeights(3)
+    w = sw.weights(torch.tensor([2.0, 0.0, 5.0]), torch.tensor([1.5, 9.0, 1.5]))
+    assert w.tolist() == pytest.approx([0.5, 0.0, 0.5])
+
+
+def test_lagged_policy_uses_the_previous_step():
+    """Step 1: nothing seen -> w = pi = (0.5, 0.5). After L = (0, ln 3) with tau 1:
+    w = (1, 3) / 4 = (0.25, 0.75) in step 2, whatever step 2's own losses are."""
+    sw = StepWeights(2, policy="lagged")
+    counts = torch.tensor([1.0, 1.0])
+    assert sw.weights(counts, None).tolist() == pytest.approx([0.5, 0.5])
+    sw.end_step(torch.tensor([0.0, math.log(3.0)]), counts)
+    assert sw.weights(counts, None).tolist() == pytest.approx([0.25, 0.75], rel=1e-6)
+    state = sw.state_dict()
+    again = StepWeights(2, policy="lagged")
+    again.load_state_dict(json.loads(json.dumps(state)))
+    assert again.weights(counts, None).tolist() == pytest.approx([0.25, 0.75], rel=1e-6)
+
+
+def test_lagged_ema_smooths_the_losses():
+    """ema 0.5: v = L1 = (0, 2) after step 1; after L2 = (2, 0): v = 0.5 v + 0.5 L2 = (1, 1) -> w = (0.5, 0.5)."""
+    sw = StepWeights(2, policy="lagged", ema=0.5)
+    counts = torch.tensor([1.0, 1.0])
+    sw.end_step(torch.tensor([0.0, 2.0]), counts)
+    sw.end_step(torch.tensor([2.0, 0.0]), counts)
+    assert sw.weights(counts, None).tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_sft_coefficients_are_one_over_the_whole_batch_count():
+    """SFT: every token weighs 1 / N with N = 3 + 1 = 4 tokens in the whole optimiser batch."""
+    sw = StepWeights(1, objective="sft")
+    counts = torch.tensor([4.0], dtype=torch.float64)
+    assert sw.token_coefficients(sw.weights(counts, None), counts).tolist() == [0.25]
+    assert not sw.needs_lookahead
+
+
+def test_unknown_policy_is_an_error():
+    with pytest.raises(GdrtError, match="batch or lagged"):
+        StepWeights(2, policy="sometimes")
+
+
+def test_pad_batch_right_pads_with_no_group():
+    feats = [
+        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7], "group_ids": [NO_GROUP, 0, 1]},
+        {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [-100, 6], "group_ids": [NO_GROUP, 2]},
+    ]
+    b = pad_batch(feats, pad_token_id=2)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [5, 6, 2]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert b["labels"].tolist()[1] == [-100, 6, -100]
+    assert b["group_ids"].tolist()[1] == [NO_GROUP, 2, NO_GROUP]
+
+
+def _fake_checkpoint(root, step):
+    ckpt = root / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"w" * 64)
+    (ckpt / "optimizer.pt").write_bytes(b"o" * 64)
+    return ckpt
+
+
+def test_sealed_checkpoint_is_valid_and_damage_is_detected(tmp_path):
+    ckpt = _fake_checkpoint(tmp_path, 2)
+    assert "did not finish" in checkpoint_problem(ckpt)
+    seal_checkpoint(ckpt, step=2, extra_state={"history": {}})
+    assert checkpoint_problem(ckpt) is None
+    (ckpt / "optimizer.pt").write_bytes(b"o" * 10)
+    assert "optimizer.pt does not match" in checkpoint_problem(ckpt)
+    (ckpt / "optimizer.pt").unlink()
+    assert "optimizer.pt is missing" in checkpoint_problem(ckpt)
+
+
+def test_latest_valid_checkpoint_skips_and_moves_broken_ones(tmp_path, capsys):
+    good = _fake_checkpoint(tmp_path, 2)
+    seal_checkpoint(good, step=2)
+    _fake_checkpoint(tmp_path, 4)  # half-written: no marker
+    bad = _fake_checkpoint(tmp_path, 6)
+    seal_checkpoint(bad, step=6)
+    (bad / "model.safetensors").write_bytes(b"")  # truncated after sealing
+    assert latest_valid_checkpoint(tmp_path) == good
+    out = capsys.readouterr().out
+    assert "checkpoint-6" in out and "does not match" in out and f"no {MARKER}" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "corrupt-checkpoint-4-0", "corrupt-checkpoint-6-0"]
+
+
+@pytest.mark.parametrize("stage,zero_stage", [("zero2", 2), ("zero3", 3), ("zero3-offload", 3)])
+def test_zero_configs_use_trainer_auto_values(stage, zero_stage):
+    cfg = zero_config(stage)
+    assert cfg["zero_optimization"]["stage"] == zero_stage
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "train_batch_size"):
+        assert cfg[key] == "auto"
+    assert cfg["bf16"]["enabled"] == "auto"
+    if zero_stage == 3:
+        assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ("offload_optimizer" in cfg["zero_optimization"]) == (stage == "zero3-offload")
+    json.dumps(cfg)  # serialisable as a file
+
+
+def test_launch_decision_and_command(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("GDRT_LAUNCHED", raising=False)
+    assert not needs_launch(1, None)
+    assert needs_launch(2, None) and needs_launch(1, "zero2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not needs_launch(2, "zero3")  # already a worker
+    cmd = launch_command(2, ["train", "--out", "x"], port=1234)
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--nnodes=1"] and "--nproc_per_node=2" in cmd
+    assert cmd[-5:] == ["-m", "gdrt_core.cli", "train", "--out", "x"]
+
+
+def test_train_config_from_yaml_and_overrides(tmp_path):
+    from gdrt_core.config import load_config
+    from gdrt_core.train import TrainConfig, validate
+
+    path = tmp_path / "train.yaml"
+    path.write_text("objective: gdrt\ntau: 0.5\nweights: lagged\n")
+    cfg = load_config(TrainConfig, path, ["ema=0.9", "grad_accum=4"], dataset="d", model="m", out="o", groups="g")
+    assert (cfg.objective, cfg.tau, cfg.weights, cfg.ema, cfg.grad_accum) == ("gdrt", 0.5, "lagged", 0.9, 4)
+    validate(cfg)
+    with pytest.raises(GdrtError, match="tau"):
+        validate(load_config(TrainConfig, None, ["tau=0"], dataset="d", model="m", out="o"))
+    with pytest.raises(GdrtError, match="groups"):
+        validate(load_config(TrainConfig, None, ["objective=gdrt"], dataset="d", model="m", out="o"))
+
+
+def test_import_of_the_stage_module_stays_light():
+    import subprocess
+    import sys
+
+    code = "import sys, gdrt_core.train, gdrt_core.train.deepspeed, gdrt_core.train.resume; " \
+           "print(any(m in sys.modules for m in ('torch', 'transformers', 'deepspeed', 'mlflow')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
