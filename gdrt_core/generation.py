@@ -134,9 +134,10 @@ class SharedPromptDecoder:
         self.head_dim = attn.head_dim
         self.groups = attn.num_key_value_groups  # query heads per kv head
         self.scaling = attn.scaling
-        self.prompt_k = [layer.keys for layer in cache.layers]  # [examples, kv_heads, prompt, head_dim] each
+        # keys transposed once ([examples, kv_heads, head_dim, prompt]): the per-step product reads them in order
+        self.prompt_kt = [layer.keys.transpose(2, 3).contiguous() for layer in cache.layers]
         self.prompt_v = [layer.values for layer in cache.layers]
-        dtype = self.prompt_k[0].dtype
+        dtype = self.prompt_v[0].dtype
         self.prompt_bias = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
         self.prompt_bias.masked_fill_(attention_mask == 0, float("-inf"))  # [examples, prompt]
         self.beam_k: list = [None] * len(self.layers)  # [rows, kv_heads, generated, head_dim] each
@@ -158,7 +159,7 @@ class SharedPromptDecoder:
 
     def keep_examples(self, keep) -> None:
         """Drop finished examples from the prompt cache (`keep` = indices of the remaining ones)."""
-        self.prompt_k = [k.index_select(0, keep) for k in self.prompt_k]
+        self.prompt_kt = [k.index_select(0, keep) for k in self.prompt_kt]
         self.prompt_v = [v.index_select(0, keep) for v in self.prompt_v]
         self.prompt_bias = self.prompt_bias.index_select(0, keep)
 
@@ -185,7 +186,7 @@ class SharedPromptDecoder:
             # prompt part: the beams of one example share its prompt keys
             q_by_example = q.reshape(examples, rows_per_example, kv_heads, self.groups, self.head_dim)
             q_by_example = q_by_example.permute(0, 2, 1, 3, 4).reshape(examples, kv_heads, -1, self.head_dim)
-            prompt_scores = torch.matmul(q_by_example, self.prompt_k[i].transpose(2, 3)).float() * self.scaling
+            prompt_scores = torch.matmul(q_by_example, self.prompt_kt[i]).float() * self.scaling
             prompt_scores = prompt_scores + self.prompt_bias[:, None, None, :]  # [examples, kv_heads, beams*groups, prompt]
             prompt_scores = prompt_scores.view(examples, kv_heads, rows_per_example, self.groups, -1)
             prompt_scores = prompt_scores.permute(0, 2, 1, 3, 4).reshape(rows, kv_heads, self.groups, -1)

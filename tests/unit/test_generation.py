@@ -99,6 +99,17 @@ def quick_sft(model, tokenizer, examples, *, steps: int, batch_size: int = 8, lr
     return model.eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: one thread is faster than two on a shared machine (no cross-thread sync per op)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def office(office_dataset):
     from gdrt_core.dataset import Dataset
@@ -122,7 +133,6 @@ def trained_tiny(tokenizer, office):
     torch.manual_seed(0)
     model = build_model(SIZES["tiny"], len(tokenizer), seed=0)
     with torch.random.fork_rng(devices=[]):
-        torch.set_num_threads(1)
         return quick_sft(model, tokenizer, office.examples("train", limit=400), steps=40)
 
 

@@ -1,0 +1,108 @@
+"""`gdrt evaluate` end to end on the Office slice with the embedded tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gdrt_core.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: one thread is faster than two on a shared machine (no cross-thread sync per op)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, office_slice):
+    from gdrt_core.embedded import EmbeddedConfig, run
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    run(EmbeddedConfig(dataset=str(office_slice), out=str(out), size="tiny", seed=0))
+    return out
+
+
+def test_evaluate_writes_the_eval_artifact(tmp_path, office_slice, tiny_model, monkeypatch, capsys):
+    from gdrt_core.artifacts import read_manifest
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.metrics import METRIC_KEYS
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    out = tmp_path / "eval"
+    code = main([
+        "evaluate", "--dataset", str(office_slice), "--model", str(tiny_model), "--out", str(out),
+        "--limit", "5", "--set", "chunk_size=2", "--set", "batch_size=2",
+    ])
+    assert code == 0
+    assert "evaluate test: 5 examples" in capsys.readouterr().out
+
+    manifest = read_manifest(out, "eval")
+    assert set(manifest["files"]) == {"predictions.parquet", "metrics.json", "plots/ranking.png", "plots/exposure.png"}
+    assert manifest["config"]["limit"] == 5 and manifest["config"]["split"] == "test"
+
+    predictions = pq.ParquetFile(out / "predictions.parquet")
+    assert predictions.metadata.num_row_groups == 3  # streamed: one row group per chunk of 2 examples
+    table = predictions.read()
+    assert table.schema == pa.schema([
+        ("example_id", pa.int64()), ("rank", pa.int8()), ("title", pa.string()), ("score", pa.float32()),
+    ])
+    dataset = Dataset(office_slice)
+    test_ids = dataset.split("test").column("example_id").to_pylist()[:5]
+    rows = table.to_pylist()
+    assert len(rows) == 5 * 10
+    catalogue = set(dataset.titles.values())
+    for eid in test_ids:
+        ranking = [r for r in rows if r["example_id"] == eid]
+        assert [r["rank"] for r in ranking] == list(range(10))
+        assert len({r["title"] for r in ranking}) == 10 and all(r["title"] in catalogue for r in ranking)
+        scores = [r["score"] for r in ranking]
+        assert scores == sorted(scores, reverse=True)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == set(METRIC_KEYS)
+    assert metrics["n_examples"] == 5 and metrics["invalid_rate"] == 0.0
+    assert all(0.0 <= metrics[k] <= 1.0 for k in METRIC_KEYS if k not in ("n_examples", "dgu@5", "dgu@10"))
+    for png in ("ranking.png", "exposure.png"):
+        assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_rejects_bad_settings_without_leaving_output(tmp_path, office_slice, tiny_model, monkeypatch, capsys):
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--dataset", str(office_slice), "--model", str(tiny_model), "--out", str(out),
+                 "--limit", "0"])
+    assert code == 2
+    assert "--limit must be positive" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_evaluate_logs_to_mlflow(tmp_path, office_slice, tiny_model, monkeypatch):
+    """One MLflow run named evaluate with the config as params and the metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from gdrt_core.evaluate import EvalConfig, run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "evaluate-test")
+    monkeypatch.delenv("GDRT_TRACKING", raising=False)
+    metrics = run(EvalConfig(dataset=str(office_slice), model=str(tiny_model), out=str(tmp_path / "eval"),
+                             limit=2, plots=False, progress=False))
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("evaluate-test")
+    (mlflow_run,) = client.search_runs([experiment.experiment_id])
+    assert mlflow_run.data.tags["mlflow.runName"] == "evaluate"
+    assert mlflow_run.data.params["limit"] == "2"
+    assert mlflow_run.data.metrics["ndcg_at_10"] == pytest.approx(metrics["ndcg@10"])
+    assert mlflow_run.data.metrics["examples_per_second"] > 0
