@@ -1,14 +1,16 @@
 """Raw Amazon review dumps (2014 and 2018 releases) -> Dataset, streamed.
 
-Reviews are JSON lines (optionally .gz). They are read in blocks of whole lines; each block is parsed
-by pyarrow's JSON reader (only reviewerID, asin and unixReviewTime; other fields are ignored) in a
-small thread pool, and its two string columns are dictionary-encoded at once, so the dump is never
-held as Python objects: what stays in memory is two int32 codes and one int64 time per review, plus
-the distinct ids. A block the fast parser rejects is re-read line by line to name the bad line.
+Reviews are JSON lines (optionally .gz). Worker threads each read a byte range of whole lines
+(`read_line_range`) and parse it with pyarrow's JSON reader (only reviewerID, asin and
+unixReviewTime; other fields are ignored), and dictionary-encode the two id columns at once; the
+block dictionaries are merged into one (`IdCoder`). So the dump is never held as Python objects: what
+stays in memory is two int32 codes and one int64 time per review, plus the distinct ids. A block the
+fast parser rejects is re-read line by line to name the bad line (or to drop it).
 
-Metadata: 2014 lines are Python literals (`{'asin': ..., 'title': ...}`), read with a pattern for
-the two keys (a line where they cannot be found is checked with `ast.literal_eval`); 2018 lines are
-JSON, read like the reviews. The recipe itself (k-core, windows, split) is in `recipe.py`.
+Metadata: 2014 lines are Python literals (`{'asin': ..., 'title': ...}`): RE2 patterns in pyarrow
+find the two literals per block, and only the wanted items, and the lines the patterns cannot vouch
+for (checked with `ast.literal_eval`), reach Python. 2018 lines are JSON, read like the reviews. The
+recipe itself (k-core, windows, split) is in `recipe.py`.
 """
 
 from __future__ import annotations
@@ -242,20 +244,24 @@ class Reviews:
 class IdCoder:
     """Maps the per-block dictionaries of one string column onto one global dictionary.
 
-    Block dictionaries are merged every `merge_every` blocks (pyarrow `unify_dictionaries`, the global
-    dictionary first so its codes stay), which keeps memory at the distinct values plus a few blocks'
-    dictionaries, whatever the number of blocks. Codes are in order of first appearance in the file.
+    Pending block dictionaries are merged (pyarrow `unify_dictionaries`, the global dictionary first so
+    its codes stay) once they hold as many entries as the global dictionary (at least `min_merge`):
+    memory stays within about twice the distinct values, and each value is re-hashed only a logarithmic
+    number of times. Codes are in order of first appearance in the file.
     """
 
-    def __init__(self, merge_every: int = 16):
-        self.merge_every = merge_every
+    def __init__(self, min_merge: int = 1 << 20):
+        self.min_merge = min_merge
         self.dictionary = None  # pa.StringArray of the values seen so far
         self.pending: list = []  # block DictionaryArrays not merged yet
+        self.pending_entries = 0
         self.codes: list[np.ndarray] = []  # int32 codes per merged block
 
     def add(self, block_column) -> None:
         self.pending.append(block_column)
-        if len(self.pending) >= self.merge_every:
+        self.pending_entries += len(block_column.dictionary)
+        known = 0 if self.dictionary is None else len(self.dictionary)
+        if self.pending_entries >= max(known, self.min_merge):
             self.merge()
 
     def merge(self) -> None:
@@ -273,6 +279,7 @@ class IdCoder:
         for chunk in unified.chunks[first:]:
             self.codes.append(chunk.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False))
         self.pending = []
+        self.pending_entries = 0
 
     def finish(self) -> tuple[np.ndarray, object]:
         """(codes [n] int32, distinct values)."""
@@ -458,20 +465,26 @@ def read_meta_2018(path: Path, wanted: set[str], bad: BadRows, threads: int, blo
     return titles
 
 
-def clean_title(raw, config) -> str | None:
-    """The reference's title rule (present, longer than 1 char, ' VHS' stripped) plus HTML unescaping."""
-    if not isinstance(raw, str) or len(raw) < config.min_title_chars:
-        return None
-    title = raw
-    if config.strip_vhs:
-        if title.endswith(" VHS"):
-            title = title[:-4]
-        elif title.endswith(" [VHS]"):
-            title = title[:-6]
-    title = title.strip()
-    if config.unescape_titles:
-        title = html.unescape(title).strip()
-    return title or None
+def clean_titles(raw_titles: list, config) -> list[str | None]:
+    """The reference's title rule (present, at least `min_title_chars` long, ' VHS' stripped, spaces
+    stripped) plus HTML unescaping; None = the item has no usable title."""
+    min_chars, strip_vhs, unescape = config.min_title_chars, config.strip_vhs, config.unescape_titles
+    out: list[str | None] = []
+    for raw in raw_titles:
+        if not isinstance(raw, str) or len(raw) < min_chars:
+            out.append(None)
+            continue
+        title = raw
+        if strip_vhs and "VHS" in title[-6:]:
+            if title.endswith(" VHS"):
+                title = title[:-4]
+            elif title.endswith(" [VHS]"):
+                title = title[:-6]
+        title = title.strip()
+        if unescape and "&" in title:
+            title = html.unescape(title).strip()
+        out.append(title or None)
+    return out
 
 
 def find_meta(source: Path, explicit: str | None) -> Path:
@@ -528,7 +541,7 @@ def curate_raw(config, out_dir: Path, bad: BadRows) -> dict:
         raw_titles = read_meta_2014(meta_path, reviews.asins, bad, config.threads, block_bytes)
     else:
         raw_titles = read_meta_2018(meta_path, set(asins), bad, config.threads, block_bytes)
-    item_titles = [clean_title(raw_titles.get(a), config) for a in asins]  # [num_asins]
+    item_titles = clean_titles([raw_titles.get(a) for a in asins], config)  # [num_asins]
     titled = np.array([t is not None for t in item_titles], dtype=bool)
     lap("read_meta")
 

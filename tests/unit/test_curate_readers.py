@@ -241,16 +241,16 @@ def test_meta_2014_non_utf8_line(tmp_path, capsys):
 @settings(max_examples=100, deadline=None)
 @given(
     blocks=st.lists(st.lists(st.sampled_from(["a", "b", "c", "d", "e", "f"]), max_size=6), min_size=1, max_size=9),
-    merge_every=st.integers(1, 4),
+    min_merge=st.integers(1, 8),
 )
-def test_id_coder_merges_blocks_in_first_appearance_order(blocks, merge_every):
+def test_id_coder_merges_blocks_in_first_appearance_order(blocks, min_merge):
     """Codes equal one dictionary encoding of all values together, whenever the blocks are merged."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from gdrt_core.curate.amazon import IdCoder
 
-    coder = IdCoder(merge_every=merge_every)
+    coder = IdCoder(min_merge=min_merge)
     for block in blocks:
         coder.add(pc.dictionary_encode(pa.array(block, pa.string())))
     codes, dictionary = coder.finish()
@@ -258,3 +258,16 @@ def test_id_coder_merges_blocks_in_first_appearance_order(blocks, merge_every):
     expected = pc.dictionary_encode(pa.array(values, pa.string()))
     assert codes.tolist() == expected.indices.to_pylist()
     assert (dictionary.to_pylist() if dictionary is not None else []) == expected.dictionary.to_pylist()
+
+
+def test_clean_titles_rule():
+    """Reference rule: missing or 1-char titles are none; ' VHS' / ' [VHS]' suffix and spaces stripped;
+    then HTML entities unescaped (a title that is only spaces after that is none)."""
+    from gdrt_core.curate import CurateConfig
+    from gdrt_core.curate.amazon import clean_titles
+
+    config = CurateConfig(source="", format="amazon2014", out="")
+    raw = [None, "A", "Casablanca VHS", "Casablanca [VHS]", "  Pens &amp; Ink  ", "VHS", "  ", 42, "Q&amp;A"]
+    assert clean_titles(raw, config) == [None, None, "Casablanca", "Casablanca", "Pens & Ink", "VHS", None, None, "Q&A"]
+    config.unescape_titles = False
+    assert clean_titles(["Pens &amp; Ink"], config) == ["Pens &amp; Ink"]
