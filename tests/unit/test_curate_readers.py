@@ -271,3 +271,23 @@ def test_clean_titles_rule():
     assert clean_titles(raw, config) == [None, None, "Casablanca", "Casablanca", "Pens & Ink", "VHS", None, None, "Q&A"]
     config.unescape_titles = False
     assert clean_titles(["Pens &amp; Ink"], config) == ["Pens &amp; Ink"]
+
+
+def test_config_from_yaml_and_overrides_lands_in_manifest(tmp_path, capsys):
+    """YAML settings < --set overrides < flags; the resolved config is stored in the manifest."""
+    import json
+
+    from gdrt_core.cli import main
+
+    config = tmp_path / "curate.yaml"
+    config.write_text("k_core: 2\nmax_history: 3\nvalid_fraction: 0.3\ntest_fraction: 0.25\ndomain: toys\n")
+    out = tmp_path / "ds"
+    code = main([
+        "curate", "--source", str(FIXTURES / "amazon2014" / "reviews_Tiny_5.json"), "--format", "amazon2014",
+        "--out", str(out), "--config", str(config), "--set", "valid_fraction=0.25", "--domain", "office",
+    ])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["k_core"] == 2 and manifest["config"]["valid_fraction"] == 0.25
+    assert manifest["domain"] == "office" and manifest["config"]["domain"] == "office"
+    check_tiny_raw(Dataset(out), manifest)
