@@ -27,9 +27,10 @@ directory is removed once the artifact is complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,12 +197,16 @@ def _fingerprint(config: GroupConfig) -> dict:
     }
 
 
+def _work_path(config: GroupConfig) -> Path:
+    return Path(config.work_dir or f"{Path(config.out).absolute()}.parts")
+
+
 def _open_work_dir(config: GroupConfig) -> Path:
     import json
 
     from gdrt_core.artifacts import write_json_atomic
 
-    work = Path(config.work_dir or f"{Path(config.out).absolute()}.parts")
+    work = _work_path(config)
     fingerprint = json.loads(json.dumps(_fingerprint(config)))
     state = work / STATE_FILE
     if work.exists():
@@ -217,10 +222,37 @@ def _open_work_dir(config: GroupConfig) -> Path:
     return work
 
 
+@contextlib.contextmanager
+def _exclusive(work: Path) -> Iterator[None]:
+    """Hold a lock next to the work directory: two runs on the same output would overwrite each other's parts."""
+    lock_path = work.parent / f".{work.name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GdrtError(
+                "another `gdrt group` is writing this output right now",
+                path=str(work),
+                hint="wait for it to finish, or choose another --out",
+            ) from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _write_table_atomic(table, path: Path) -> None:
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
@@ -275,7 +307,8 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
     if config.part_size < 1 or config.batch_size < 1:
         raise GdrtError("part_size and batch_size must be positive")
     ds = Dataset(config.dataset)
-    with stage_run("group", to_dict(config)) as tracker:
+    with stage_run("group", to_dict(config)) as tracker, contextlib.ExitStack() as hold:
+        hold.enter_context(_exclusive(_work_path(config)))
         if model is None or tokenizer is None:
             from gdrt_core.scoring import load_scoring_model
 

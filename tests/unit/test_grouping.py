@@ -284,3 +284,12 @@ def test_config_errors(tmp_path, office_slice, tokenizer):
         _run(tmp_path, office_slice, tokenizer, model, "x", splits=["valid"])
     with pytest.raises(GdrtError, match="history_removal"):
         _run(tmp_path, office_slice, tokenizer, model, "x", history_removal="zero")
+
+
+def test_a_second_run_on_the_same_output_is_refused(tmp_path, office_slice, tokenizer):
+    """Two runs writing the same parts would corrupt each other: the second one stops with a clear error."""
+    model = TableLM(random_table(len(tokenizer)))
+    with grouping._exclusive(tmp_path / "busy.parts"):
+        with pytest.raises(GdrtError, match="another"):
+            _run(tmp_path, office_slice, tokenizer, model, "busy", limit=4)
+    _run(tmp_path, office_slice, tokenizer, model, "busy", limit=4)  # free again once the first is done
