@@ -268,3 +268,31 @@ def test_settings_are_checked(trained_tiny, trie, test_prompts):
     with pytest.raises(ValueError, match="early_stopping"):
         constrained_beam_search(trained_tiny, trie.to_torch(), test_prompts[:1],
                                 BeamSearchSettings(early_stopping="sometimes"))
+
+
+def _tiny_causal_lm(kind: str, vocab_size: int):
+    """Random 2-layer models of other architectures (init std 0.2: peaked, far from ties)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "qwen2":  # q/k/v biases, GQA
+        config = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             initializer_range=0.2, use_sliding_window=False)
+        return Qwen2ForCausalLM(config).eval()
+    config = GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
+                        initializer_range=0.2)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
+def test_other_architectures_match_the_oracle(kind, tokenizer, trie, allowed, test_prompts):
+    """Qwen2 takes the shared-prompt path; GPT-2 (not Llama-family) falls back to the model's forward."""
+    from gdrt_core.generation import SharedPromptDecoder
+
+    model = _tiny_causal_lm(kind, len(tokenizer))
+    assert SharedPromptDecoder.supports(model) == (kind == "qwen2")
+    prompts = test_prompts[:2]
+    settings = BeamSearchSettings()
+    ours = constrained_beam_search(model, trie.to_torch(), prompts, settings, pad_token_id=tokenizer.pad_token_id)
+    assert_same_rankings(ours, hf_reference(model, tokenizer, trie, prompts, settings, allowed))
