@@ -227,3 +227,14 @@ def test_prepare_for_training_full_or_lora(tiny_model_dir):
     assert trainable == total and full.training
     lora = prepare_for_training(load_model(tiny_model_dir, device="cpu"), ModelConfig(lora=True, lora_r=4))
     assert count_parameters(lora)[0] == 3584 // 2  # every LoRA matrix has r rows or columns
+
+
+def test_hub_ids_and_paths_are_told_apart(tmp_path, monkeypatch):
+    from gdrt_core.models import _looks_local
+
+    monkeypatch.chdir(tmp_path)
+    for hub_id in ("gpt2", "Qwen/Qwen2-0.5B", "meta-llama/Meta-Llama-3-8B"):
+        assert not _looks_local(hub_id), hub_id
+    (tmp_path / "gpt2").mkdir()  # a directory of that name in the working directory wins
+    for path in ("gpt2", "./model", "../model", "/abs/model", "~/model", "runs/x/model"):
+        assert _looks_local(path), path
