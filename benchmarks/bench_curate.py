@@ -122,7 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"curate: {wall:.1f} s wall, {args.reviews / wall / 1e6:.2f} M reviews/s, {size / wall / 1e6:.0f} MB/s; "
               f"CPU {cpu:.1f} s ({args.reviews / cpu / 1e6:.2f} M reviews per CPU-second); "
               f"peak RSS {usage.ru_maxrss / 1e6:.2f} GB")
-        print("stage wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items()))
+        steps = [k for k in result["timings"] if not k.endswith(("_cpu", "_peak_rss_gb"))]
+        timings = result["timings"]
+        print("steps (wall s / CPU s / peak RSS GB so far): " + "; ".join(
+            f"{k} {timings[k]:.1f} / {timings[k + '_cpu']:.1f} / {timings[k + '_peak_rss_gb']:.2f}" for k in steps
+        ))
+        parse_cpu = timings["read_reviews_cpu"]
+        rest_cpu = sum(timings[k + "_cpu"] for k in steps if k != "read_reviews")
+        ideal = parse_cpu / max(1, args.threads) + rest_cpu
+        print(f"CPU-bound estimate on {args.threads} idle cores (parse in parallel, rest serial): {ideal:.1f} s, "
+              f"{args.reviews / ideal / 1e6:.2f} M reviews/s")
         print(f"after filtering: {stats['reviews_after_kcore']:,} reviews, {stats['users']:,} users, "
               f"{stats['items']:,} items, {stats['windows']:,} windows -> train {counts['train']:,} / "
               f"valid {counts['valid']:,} / test {counts['test']:,}")
