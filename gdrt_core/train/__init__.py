@@ -63,6 +63,7 @@ class TrainConfig:
     deepspeed: str | None = field(None, help="DeepSpeed ZeRO: zero2 | zero3 | zero3-offload (None = off)")
     num_gpus: int = field(1, help="processes to launch (one per GPU; on CPU, processes over gloo)")
     trust_remote_code: bool = field(False, help="run modelling code shipped with a hub model")
+    cpu_threads: int | None = field(None, help="torch threads when training on CPU (None = torch's default)")
 
 
 def validate(config: TrainConfig) -> None:

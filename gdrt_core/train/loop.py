@@ -222,7 +222,8 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     from gdrt_core.train.resume import latest_valid_checkpoint, read_policy_state
     from gdrt_core.train.trainer import GdrtTrainer
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if config.cpu_threads and not torch.cuda.is_available():
+        torch.set_num_threads(config.cpu_threads)
     dataset = Dataset(config.dataset)
     token_groups, num_groups = None, 1
     if config.objective == "gdrt":

@@ -59,7 +59,8 @@ def test_zero3_lora_adapter_is_complete(tiny, tmp_path, monkeypatch):
     out = tmp_path / "z3lora"
     cfg = TrainConfig(dataset=tiny["dataset"], model=tiny["model"], out=str(out), objective="gdrt",
                       groups=tiny["groups"], deepspeed="zero3", num_gpus=2, max_steps=2, batch_size=2, max_train=8,
-                      valid_size=4, eval_at_start=False, ndcg_every_epoch=False, save_every=0, eval_every=0, lr=1e-2)
+                      valid_size=4, eval_at_start=False, ndcg_every_epoch=False, save_every=0, eval_every=0, lr=1e-2,
+                      cpu_threads=1)
     manifest = run(cfg)
     assert manifest["adapter"] is True
     with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as f:

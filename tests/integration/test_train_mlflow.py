@@ -64,7 +64,7 @@ def _config(tiny, out: Path):
 
     return TrainConfig(dataset=tiny["dataset"], model=tiny["model"], out=str(out), objective="sft", max_steps=3,
                        batch_size=4, max_train=24, valid_size=4, eval_at_start=False, ndcg_every_epoch=False,
-                       eval_every=0, save_every=0, log_every=1)
+                       eval_every=0, save_every=0, log_every=1, cpu_threads=1)
 
 
 def test_logs_to_a_real_server(tiny, tmp_path, mlflow_server, monkeypatch):

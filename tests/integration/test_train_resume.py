@@ -27,7 +27,7 @@ def tiny(tmp_path_factory, office_slice):
 
 SETTINGS = ["max_steps=8", "save_every=2", "keep_checkpoints=3", "eval_every=0", "lora=false", "lr=1e-3",
             "batch_size=4", "grad_accum=2", "max_train=48", "valid_size=4", "eval_at_start=false",
-            "ndcg_every_epoch=false", "weights=lagged", "ema=0.5", "log_every=1"]
+            "ndcg_every_epoch=false", "cpu_threads=1", "weights=lagged", "ema=0.5", "log_every=1"]
 
 
 def command(tiny, out: Path) -> list[str]:

@@ -35,7 +35,7 @@ def test_gdrt_run_writes_model_artifact_and_lowers_valid_loss(tiny, tmp_path, mo
     cfg = TrainConfig(
         dataset=tiny["dataset"], model=tiny["model"], out=str(out), objective="gdrt", groups=tiny["groups"],
         lr=1e-2, max_steps=30, batch_size=8, grad_accum=2, eval_every=15, save_every=15, log_every=5,
-        valid_size=20, lora_target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        valid_size=20, cpu_threads=1, lora_target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
     )
     manifest = run(cfg)
     assert manifest["kind"] == "model" and manifest["objective"] == "gdrt"
@@ -86,7 +86,7 @@ def test_cli_sft_full_finetune(tiny, tmp_path, monkeypatch):
     out = tmp_path / "sft"
     rc = main(["train", "--dataset", tiny["dataset"], "--model", tiny["model"], "--objective", "sft", "--out", str(out),
                "--set", "max_steps=4", "--set", "lora=false", "--set", "eval_every=0", "--set", "save_every=0",
-               "--set", "ndcg_every_epoch=false", "--set", "max_train=32", "--set", "valid_size=8"])
+               "--set", "ndcg_every_epoch=false", "--set", "max_train=32", "--set", "valid_size=8", "--set", "cpu_threads=1"])
     assert rc == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["objective"] == "sft" and saved["lora"] is False and saved["max_steps"] == 4
