@@ -103,9 +103,9 @@ def test_template_words_are_whole_tokens(tiny_model_dir):
 
 
 def test_same_seed_identical_files_in_a_fresh_process(tiny_model_dir, office_dataset, tmp_path):
-    """The CLI in another process (other hash seeds, other thread timing) writes byte-identical files."""
+    """The CLI in another process (other hash seeds, parallel BPE training) writes byte-identical files."""
     again = tmp_path / "again"
-    env = {**os.environ, "PYTHONHASHSEED": "123"}
+    env = {**os.environ, "PYTHONHASHSEED": "123", "TOKENIZERS_PARALLELISM": "true"}  # fixture: sequential BPE
     cmd = [sys.executable, "-m", "gdrt_core.cli", "init-model", "--dataset", str(office_dataset),
            "--out", str(again), "--size", "tiny", "--seed", "0"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
