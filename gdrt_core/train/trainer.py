@@ -76,7 +76,7 @@ class GdrtTrainer(Trainer):
         tokens = 0.0
         for mb in batch_samples:
             labels = mb["labels"][:, 1:]  # [batch, seq-1] the predicted tokens
-            groups = mb[GROUP_KEY][:, 1:][labels != -100]  # [n_targets]
+            groups = self._group_ids(mb)[:, 1:][labels != -100]  # [n_targets]
             counts += torch.bincount(groups.cpu().clamp(min=0), minlength=num_groups)[:num_groups].double()
             tokens += float(mb["attention_mask"].sum())
         sums = self._lookahead_sums(batch_samples) if lookahead else torch.zeros(num_groups, dtype=torch.float64)
@@ -105,10 +105,16 @@ class GdrtTrainer(Trainer):
             inputs = self._prepare_inputs(mb)
             with self.compute_loss_context_manager():
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            logits, labels, groups = shifted(outputs.logits, inputs["labels"], inputs[GROUP_KEY])
+            logits, labels, groups = shifted(outputs.logits, inputs["labels"], self._group_ids(inputs))
             s, _ = group_sums(logits, labels, groups, num_groups=self.step_weights.num_groups)
             sums += s.double().cpu()
         return sums
+
+    def _group_ids(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's group ids [batch, seq]; SFT puts every token in group 0 (the groups do not matter)."""
+        if self.step_weights.objective == "sft" or GROUP_KEY not in batch:
+            return torch.zeros_like(batch["labels"])
+        return batch[GROUP_KEY]
 
     def _set_weights(self, weights: torch.Tensor) -> None:
         self._weights = weights
@@ -136,7 +142,8 @@ class GdrtTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Training: the micro-batch's share of the step objective; evaluation: token-mean cross-entropy."""
-        group_ids = inputs.pop(GROUP_KEY)
+        group_ids = self._group_ids(inputs)
+        inputs.pop(GROUP_KEY, None)
         labels = inputs.pop("labels")
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         logits, labels, group_ids = shifted(outputs.logits, labels, group_ids)  # [batch, seq-1, ...]

@@ -1,0 +1,160 @@
+"""GDRT vs SFT optimiser-step time on the same batches, tokens/s, and the cost of the batch policy's look-ahead.
+
+Runs the real training path (GdrtTrainer, `train_dataset` = Office windows tokenised with the embedded
+tokenizer) for a tiny model and a ~100M-parameter Llama config, and times each optimiser step with a
+callback (median over the timed steps, after warm-up steps). Modes, each on the same data order:
+
+  sft        accumulation 1          the baseline
+  gdrt       accumulation 1          batch policy, weights from the step's own forward (no look-ahead)
+  sft/A      accumulation A          baseline for the split batch
+  lagged/A   accumulation A          weights from the previous step: no extra forward
+  batch/A    accumulation A          exact weights: a no-grad look-ahead forward over the A micro-batches
+
+    .venv/bin/python benchmarks/bench_train.py --sizes tiny,100m --steps 4 --threads 1 --out bench_train.json
+
+The ~100M model is LlamaConfig(hidden 768, 14 layers, 12 heads, intermediate 2048) on the embedded
+tokenizer's vocabulary, randomly initialised (speed does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SIZES = {
+    # name: (LlamaConfig overrides, per-device batch, accumulation for the split modes)
+    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2), 8, 4),
+    "100m": (dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=14, num_attention_heads=12,
+                  num_key_value_heads=12), 2, 2),
+}
+
+
+def build(size: str, vocab: int, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    overrides, _, _ = SIZES[size]
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=True, **overrides)
+    return LlamaForCausalLM(cfg)
+
+
+def time_mode(model_state, size, vocab, features, tok, *, objective, policy, batch, accum, steps, warmup, work):
+    """Median seconds per optimiser step and target+prompt tokens per second for one mode."""
+    from transformers import TrainerCallback
+
+    from gdrt_core.train import TrainConfig
+    from gdrt_core.train.data import StepWeights, TrainCollator
+    from gdrt_core.train.loop import training_arguments
+    from gdrt_core.train.trainer import GdrtTrainer
+
+    model = build(size, vocab)
+    model.load_state_dict(model_state)
+    cfg = TrainConfig(dataset="-", model="-", out=str(work), objective=objective, optim="sgd", lr=1e-4,
+                      scheduler="constant", max_steps=warmup + steps, batch_size=batch, grad_accum=accum,
+                      eval_every=0, save_every=0, log_every=10**6, lora=False, seed=0, max_grad_norm=0.0)
+    args = training_arguments(cfg, Path(work), has_valid=False)
+    args.save_strategy = "no"
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    groups = 4 if objective == "gdrt" else 1
+    trainer = GdrtTrainer(model=model, args=args, train_dataset=features, data_collator=TrainCollator(tok.pad_token_id),
+                          processing_class=tok, step_weights=StepWeights(groups, objective=objective, policy=policy),
+                          callbacks=[Clock()])
+    trainer.train()
+    # on_step_begin fires after the Trainer prefetched the step (and ran the look-ahead): time step ends
+    ends = stamps[1::2]
+    per_step = [b - a for a, b in zip(ends[warmup - 1:-1], ends[warmup:], strict=True)] if warmup else []
+    seconds = statistics.median(per_step)
+    n_examples = batch * accum
+    tokens = sum(len(f["input_ids"]) for f in features[: n_examples * (warmup + steps)]) / (warmup + steps)
+    return seconds, tokens / seconds
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    from gdrt_core.curate import CurateConfig
+    from gdrt_core.curate import run as curate
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.embedded import EmbeddedConfig
+    from gdrt_core.embedded import run as init_model
+    from gdrt_core.models import load_tokenizer
+    from gdrt_core.train.data import build_features
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="tiny,100m")
+    p.add_argument("--steps", type=int, default=4, help="timed optimiser steps per mode")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2, help="rounds over the modes (interleaved, to spread noise)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    curate(CurateConfig(source=str(REPO / "data" / "office"), format="sliding", domain="office", out=str(work / "ds")))
+    init_model(EmbeddedConfig(dataset=str(work / "ds"), out=str(work / "model"), size="tiny"))
+    tok = load_tokenizer(str(work / "model"))
+    vocab = len(tok)
+    features = build_features(Dataset(work / "ds"), "train", tok, limit=256)
+    for f in features:  # stand-in groups: a stable hash of the target token id
+        f["group_ids"] = [zlib.crc32(str(t).encode()) % 4 if g >= 0 else g for t, g in zip(f["input_ids"], f["group_ids"], strict=True)]
+
+    results: dict = {"threads": a.threads, "torch": torch.__version__, "sizes": {}}
+    for size in a.sizes.split(","):
+        _, batch, accum = SIZES[size]
+        model = build(size, vocab)
+        n_params = sum(p.numel() for p in model.parameters())
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        del model
+        modes = {
+            "sft": ("sft", "batch", batch * accum, 1),
+            "gdrt": ("gdrt", "batch", batch * accum, 1),
+            f"sft/{accum}": ("sft", "batch", batch, accum),
+            f"lagged/{accum}": ("gdrt", "lagged", batch, accum),
+            f"batch/{accum}": ("gdrt", "batch", batch, accum),
+        }
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        tps: dict[str, list[float]] = {m: [] for m in modes}
+        for _ in range(a.repeats):
+            for name, (objective, policy, b, acc) in modes.items():
+                sec, tok_s = time_mode(state, size, vocab, features, tok, objective=objective, policy=policy, batch=b,
+                                       accum=acc, steps=a.steps, warmup=a.warmup, work=work / "run")
+                times[name].append(sec)
+                tps[name].append(tok_s)
+                print(f"{size} {name:10s} {sec:8.3f} s/step {tok_s:10.0f} tokens/s", flush=True)
+        med = {m: statistics.median(v) for m, v in times.items()}
+        row = {
+            "params": n_params, "examples_per_step": batch * accum,
+            "seconds_per_step": med, "tokens_per_s": {m: statistics.median(v) for m, v in tps.items()},
+            "gdrt_overhead": med["gdrt"] / med["sft"] - 1.0,
+            "lagged_overhead_split": med[f"lagged/{accum}"] / med[f"sft/{accum}"] - 1.0,
+            "lookahead_cost_split": med[f"batch/{accum}"] / med[f"lagged/{accum}"] - 1.0,
+        }
+        results["sizes"][size] = row
+        print(json.dumps({size: row}, indent=2), flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+if __name__ == "__main__":
+    main()
