@@ -241,6 +241,7 @@ def grad_x_input_attributions(
     example_ids: Sequence[int],
     *,
     pad_token_id: int,
+    bos_token_id: int | None = None,
     batch_size: int = 16,
 ) -> list[ExampleAttribution]:
     """Gradient x input of s (sum of target log-probs) w.r.t. the input embeddings, summed per segment.
@@ -284,7 +285,7 @@ def grad_x_input_attributions(
         for row, i in enumerate(batch):
             ex, r = examples[i], reqs[row]
             attr = per_token[row, length - len(ex.input_ids) :]  # unpadded [seq_i]
-            seg = segment_indices(ex)
+            seg = segment_indices(ex, bos_token_id)
             n = r.num_scored
 
             def at_first(value: float, n: int = n) -> np.ndarray:
@@ -601,7 +602,12 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
                     )
                 else:
                     attributions += grad_x_input_attributions(
-                        model, tokenized, ids, pad_token_id=pad_id, batch_size=config.batch_size
+                        model,
+                        tokenized,
+                        ids,
+                        pad_token_id=pad_id,
+                        bos_token_id=tokenizer.bos_token_id,
+                        batch_size=config.batch_size,
                     )
                 if config.counterfactual:
                     for k, v in counterfactual_scores(
