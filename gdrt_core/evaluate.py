@@ -46,6 +46,7 @@ class EvalConfig:
     chunk_size: int = field(512, help="examples read, length-sorted and written to disk together")
     dtype: str = field("auto", help="auto (float32 on CPU, bfloat16 on a GPU) | float32 | bfloat16 | float16")
     device: str = field("auto", help="auto | cpu | cuda | cuda:N")
+    threads: int | None = field(None, help="torch CPU threads (None = torch's default; 1 is fastest for tiny models)")
     plots: bool = field(True, help="draw plots/ranking.png and plots/exposure.png")
     progress: bool = field(True, help="show a progress bar with examples/s")
 
@@ -138,6 +139,8 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
     from gdrt_core.trie import build_trie
 
     _check(config)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     dataset = Dataset(config.dataset)
     settings = BeamSearchSettings(
         num_beams=config.num_beams, num_return_sequences=config.num_return_sequences or config.num_beams,
