@@ -437,28 +437,38 @@ def _add_meta(titles: dict, asin: str, title, path: Path, line: int, bad: BadRow
         titles[asin] = title
 
 
-def read_meta_2018(path: Path, wanted: set[str], bad: BadRows, threads: int, block_bytes: int) -> dict[str, object]:
-    """{asin: raw title} for the asins in `wanted`, from JSON lines."""
+def read_meta_2018(path: Path, wanted, bad: BadRows, threads: int, block_bytes: int) -> dict[str, object]:
+    """{asin: raw title} for the asins in `wanted` (a pa.StringArray), from JSON lines."""
     import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted_set: set[str] | None = None
 
     def parse(block: bytes):
+        nonlocal wanted_set
         lines = count_lines(block)
         table = _fast_parse(block, ("asin", "title"), (pa.string(), pa.string()))
         if table is not None and table.column(0).null_count == 0 and table.num_rows == lines:
-            asins = table.column(0).to_pylist()
-            return lines, list(range(1, lines + 1)), asins, table.column(1).to_pylist(), []
+            rows = np.flatnonzero(pc.is_in(table.column(0), value_set=wanted).to_numpy(zero_copy_only=False))
+            picked = table.take(pa.array(rows))
+            return lines, (rows + 1).tolist(), picked.column(0).to_pylist(), picked.column(1).to_pylist(), []
         checks = {"asin": _check_id, "title": lambda v: None}
         rows, bad_lines = _slow_lines(block, ("asin", "title"), ("asin",), checks)
+        if wanted_set is None:
+            wanted_set = set(wanted.to_pylist())
+        rows = [(ln, r) for ln, r in rows if r["asin"] in wanted_set]
         return lines, [ln for ln, _ in rows], [r["asin"] for _, r in rows], [r["title"] for _, r in rows], bad_lines
 
     titles: dict[str, object] = {}
     seen_lines = 0
     for lines, line_numbers, asins, raw_titles, bad_lines in parallel_blocks(path, block_bytes, threads, parse):
-        for reason, detail, line in bad_lines:
-            bad.bad(reason, detail, path, seen_lines + line)
-        for line, asin, title in zip(line_numbers, asins, raw_titles, strict=True):
-            if asin in wanted:
-                _add_meta(titles, asin, title, path, seen_lines + line, bad)
+        events = [(line, 0, (a, t)) for line, a, t in zip(line_numbers, asins, raw_titles, strict=True)]
+        events += [(line, 1, (reason, detail)) for reason, detail, line in bad_lines]
+        for line, kind, item in sorted(events, key=lambda e: e[0]):
+            if kind:
+                bad.bad(item[0], item[1], path, seen_lines + line)
+            else:
+                _add_meta(titles, item[0], item[1], path, seen_lines + line, bad)
         seen_lines += lines
     if seen_lines == 0:
         raise GdrtError("empty file: no metadata lines", path=str(path))
@@ -540,7 +550,7 @@ def curate_raw(config, out_dir: Path, bad: BadRows) -> dict:
     if config.format == "amazon2014":
         raw_titles = read_meta_2014(meta_path, reviews.asins, bad, config.threads, block_bytes)
     else:
-        raw_titles = read_meta_2018(meta_path, set(asins), bad, config.threads, block_bytes)
+        raw_titles = read_meta_2018(meta_path, reviews.asins, bad, config.threads, block_bytes)
     item_titles = clean_titles([raw_titles.get(a) for a in asins], config)  # [num_asins]
     titled = np.array([t is not None for t in item_titles], dtype=bool)
     lap("read_meta")
