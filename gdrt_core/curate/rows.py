@@ -65,7 +65,7 @@ def read_text(path: Path, what: str) -> str:
         raise GdrtError(f"{what} is a directory, expected a file", path=str(path)) from None
     if not data.strip():
         raise GdrtError(f"empty file: expected {what}", path=str(path))
-    return data.decode("utf-8", errors="surrogateescape")
+    return data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="surrogateescape")  # no BOM
 
 
 def first_non_utf8_line(text: str) -> int | None:

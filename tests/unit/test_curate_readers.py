@@ -291,3 +291,15 @@ def test_config_from_yaml_and_overrides_lands_in_manifest(tmp_path, capsys):
     assert manifest["config"]["k_core"] == 2 and manifest["config"]["valid_fraction"] == 0.25
     assert manifest["domain"] == "office" and manifest["config"]["domain"] == "office"
     check_tiny_raw(Dataset(out), manifest)
+
+
+def test_sliding_with_bom_and_crlf(tmp_path):
+    """Files saved by spreadsheet tools: a UTF-8 byte order mark and CRLF line ends read the same."""
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "sliding", src)
+    for name in ("train.csv", "valid.csv", "test.csv", "id2name4Rec.json"):
+        path = src / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    ds, _ = curate(tmp_path, src, "sliding")
+    assert rows(ds, "train") == [("1", [1, 2], 3, 100), ("2", [4], 5, 110), ("1", [1, 2, 3], 4, 120), ("3", [2], 6, 130)]
+    assert ds.titles[3] == "Pens &amp; Paper Set"
