@@ -82,7 +82,9 @@ def _new_cache(model):
         return DynamicCache()
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device=None):
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_token_id: int, device: str | torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-align prompts in one batch; position ids count real tokens only (as `generate` does)."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)  # [batch, width]
@@ -94,7 +96,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device=None):
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
 
 
-def _segment_log_softmax(values, segments, num_segments: int):
+def _segment_log_softmax(values: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
     """log_softmax of `values` within each segment (= renormalise each beam over its allowed tokens)."""
     seg_max = torch.full((num_segments,), float("-inf"), dtype=values.dtype, device=values.device)
     seg_max = seg_max.scatter_reduce(0, segments, values, reduce="amax")  # [segments]
@@ -122,7 +124,7 @@ class SharedPromptDecoder:
 
     SUPPORTED = ("llama", "mistral", "qwen2")
 
-    def __init__(self, model, cache, attention_mask):
+    def __init__(self, model, cache, attention_mask: torch.Tensor):
         import sys
 
         self.lm = _unwrap(model)
@@ -157,13 +159,15 @@ class SharedPromptDecoder:
         body = getattr(lm, "model", None)
         return all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
 
-    def keep_examples(self, keep) -> None:
+    def keep_examples(self, keep: torch.Tensor) -> None:
         """Drop finished examples from the prompt cache (`keep` = indices of the remaining ones)."""
         self.prompt_kt = [k.index_select(0, keep) for k in self.prompt_kt]
         self.prompt_v = [v.index_select(0, keep) for v in self.prompt_v]
         self.prompt_bias = self.prompt_bias.index_select(0, keep)
 
-    def step(self, tokens, positions, src_rows, rows_per_example: int):
+    def step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, src_rows: torch.Tensor, rows_per_example: int
+    ) -> torch.Tensor:
         """Logits [rows, vocab] for one new token per beam; beam caches reordered by `src_rows` first."""
         rows = len(tokens)
         examples = rows // rows_per_example

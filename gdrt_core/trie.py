@@ -19,10 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gdrt_core.errors import GdrtError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -69,10 +73,10 @@ class TitleTrie:
             return None
         return self.titles[self.leaf_title_index[node]]
 
-    def leaf_titles(self, leaves) -> list[str]:
+    def leaf_titles(self, leaves: list[int]) -> list[str]:
         return [self.titles[self.leaf_title_index[int(n)]] for n in leaves]
 
-    def to_torch(self, device=None) -> TorchTrie:
+    def to_torch(self, device: str | torch.device | None = None) -> TorchTrie:
         import torch
 
         def t(a: np.ndarray):
@@ -89,13 +93,15 @@ class TorchTrie:
     """`TitleTrie` as tensors on one device, for batched lookups inside the decoding loop."""
 
     eos_token_id: int
-    indptr: object  # torch.LongTensor [num_nodes + 1]
-    child_tokens: object  # torch.LongTensor [num_edges]
-    child_nodes: object  # torch.LongTensor [num_edges]
-    leaf_title_index: object  # torch.LongTensor [num_nodes]
+    indptr: torch.Tensor  # [num_nodes + 1] int64
+    child_tokens: torch.Tensor  # [num_edges] int64
+    child_nodes: torch.Tensor  # [num_edges] int64
+    leaf_title_index: torch.Tensor  # [num_nodes] int64
     trie: TitleTrie
 
-    def expand(self, nodes, active=None):
+    def expand(
+        self, nodes: torch.Tensor, active: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every allowed continuation of every beam, flattened beam-major, tokens ascending.
 
         nodes: [rows] node id per beam; active: optional [rows] bool (inactive beams get no edges).
