@@ -105,8 +105,8 @@ def _split_batches(dataset, split: str, limit: int | None, chunk_size: int):
 
 
 def _check(config: EvalConfig) -> None:
-    if config.num_beams < 1:
-        raise GdrtError(f"num_beams must be positive, got {config.num_beams}", hint="e.g. --num-beams 10")
+    if not 1 <= config.num_beams <= 127:  # ranks are stored as int8
+        raise GdrtError(f"num_beams must be in 1..127, got {config.num_beams}", hint="e.g. --num-beams 10")
     n_return = config.num_return_sequences or config.num_beams
     if not 1 <= n_return <= config.num_beams:
         raise GdrtError(f"num_return_sequences must be in 1..num_beams ({config.num_beams}), got {n_return}")
