@@ -58,7 +58,7 @@ def _batched_reference(model, tokenizer, trie, prompts, allowed, batch_size: int
     eos = tokenizer.eos_token_id
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        input_ids, attention_mask, _ = left_pad(batch, tokenizer.pad_token_id)
+        input_ids, attention_mask, _ = left_pad(batch, tokenizer.pad_token_id, model.device)
         width = input_ids.shape[1]
 
         def allowed_fn(batch_id, sequence, width=width):
@@ -85,12 +85,12 @@ def bench_size(size_name: str, dataset_dir: Path, args, oracle) -> dict:
     dataset = Dataset(dataset_dir)
     examples = [(list(e.history_titles), e.target_title) for e in dataset.examples("train", limit=8)]
     tokenizer = train_tokenizer(tokenizer_corpus(list(dataset.titles.values()), examples), size.vocab)
-    model = build_model(size, len(tokenizer), seed=0)
+    model = build_model(size, len(tokenizer), seed=0).to(args.device)
     started = time.perf_counter()
     oracle.quick_sft(model, tokenizer, dataset.examples("train", limit=2000), steps=args.train_steps)
     train_s = time.perf_counter() - started
     trie = build_trie(tokenizer, dataset.titles)
-    torch_trie = trie.to_torch()
+    torch_trie = trie.to_torch(args.device)
     allowed = oracle.dict_trie(tokenizer, trie.titles)
     prompts = [tokenize_prompt(tokenizer, render(dataset.domain, list(e.history_titles))).input_ids
                for e in dataset.examples("test", limit=args.examples)]
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=60, help="quick SFT steps before timing")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (same for every method)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (float32 either way)")
     parser.add_argument("--dataset", help="a curated Office Dataset dir (default: curate data/office)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     oracle = _oracle_module()
     dataset_dir = _dataset(args.dataset)
     results = [bench_size(s, dataset_dir, args, oracle) for s in args.sizes]
-    print(f"\nCPU: {platform.processor() or platform.machine()}, torch threads {args.threads}, "
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    print(f"\n{args.device}: {device}, torch threads {args.threads}, "
           f"torch {torch.__version__}, batch {args.batch_size}, num_beams 10\n")
     print("| model | params | examples | prompt tokens | reference (ex/s) | reference, batched (ex/s) "
           "| gdrt (ex/s) | gdrt, model forward (ex/s) | speed-up | vs batched | lists differing |")

@@ -46,7 +46,7 @@ def hf_reference(model, tokenizer, trie, prompts, settings: BeamSearchSettings, 
     eos = tokenizer.eos_token_id
     out = []
     for prompt in prompts:
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=model.device)
         start = len(prompt)
 
         def allowed_fn(batch_id, sequence, start=start):
@@ -92,7 +92,8 @@ def quick_sft(model, tokenizer, examples, *, steps: int, batch_size: int = 8, lr
             input_ids[i, : len(x)] = torch.tensor(x.input_ids)
             labels[i, : len(x)] = torch.tensor(x.labels)
             mask[i, : len(x)] = 1
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        device = model.device
+        loss = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
