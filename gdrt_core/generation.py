@@ -11,7 +11,8 @@ the tests compare against), but runs several times faster because:
 - an example leaves the batch as soon as its ranking is final, instead of riding along until the last
   example of the batch is done.
 
-Semantics (transformers >= 4.50 beam search, reproduced step by step):
+Semantics (the vectorised beam search of transformers 5.x, the version pinned in pyproject.toml, reproduced
+step by step; tests/unit/test_generation.py checks it against `generate`):
 
 1. Scores are `log_softmax(logits)` in float32, then disallowed tokens are masked (-inf); with
    `renormalize=True` the allowed log-probs are re-normalised per beam (`renormalize_logits`).
