@@ -9,7 +9,11 @@ the tests compare against), but runs several times faster because:
 - the allowed tokens of all beams of all examples come from one tensor lookup in the CSR trie
   (`TorchTrie.expand`) instead of a Python call per beam per step;
 - an example leaves the batch as soon as its ranking is final, instead of riding along until the last
-  example of the batch is done.
+  example of the batch is done;
+- for Llama-family models (`SharedPromptDecoder`) the prompt's keys/values are stored once per example
+  and only the generated tokens' keys/values follow the beams, so nothing prompt-sized is copied per step.
+  Its attention sums in another order than the model's kernel, so scores can differ in the last bits
+  (rankings are equal unless two titles tie to ~1e-6); `shared_prompt=False` uses the model's forward.
 
 Semantics (the vectorised beam search of transformers 5.x, the version pinned in pyproject.toml, reproduced
 step by step; tests/unit/test_generation.py checks it against `generate`):
