@@ -6,6 +6,7 @@ Eval artifact:
 - predictions.parquet: example_id int64, rank int8 (0 = best), title string, score float32; one row
   per returned title, written row group by row group as batches finish (memory stays bounded);
 - metrics.json: the keys of metrics.METRIC_KEYS (metrics.compute_metrics, the one place of the formulas);
+  the manifest and MLflow also get the extended set (other K, popular share, per-group GP/GH);
 - plots/ranking.png (HR@K and NDCG@K bars) and plots/exposure.png (share of each popularity group in the
   top-5 / top-10 vs in the evaluated histories).
 
@@ -132,7 +133,7 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
     from gdrt_core.artifacts import MANIFEST, atomic_output_dir, write_json_atomic, write_manifest
     from gdrt_core.dataset import Dataset
     from gdrt_core.generation import BeamSearchSettings, rank_prompts
-    from gdrt_core.metrics import TitleCatalogue, compute_metrics, fairness_at_k
+    from gdrt_core.metrics import METRIC_KEYS, TitleCatalogue, compute_metrics, fairness_at_k
     from gdrt_core.prompts import render
     from gdrt_core.tokenization import tokenize_prompt
     from gdrt_core.tracking import stage_run
@@ -205,7 +206,8 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
             if not rankings:
                 raise GdrtError(f"the {config.split} split has no examples to evaluate", path=config.dataset)
             catalogue = TitleCatalogue.from_dataset(dataset)
-            metrics = compute_metrics(rankings, targets, histories, catalogue)
+            extended = compute_metrics(rankings, targets, histories, catalogue, extended=True)
+            metrics = {k: extended[k] for k in METRIC_KEYS}  # metrics.json: the contract's keys only
             write_json_atomic(tmp / METRICS_FILE, metrics)
             if config.plots:
                 exposure = {k: fairness_at_k(rankings, histories, catalogue, k) for k in (5, 10)}
@@ -214,10 +216,10 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
             if (Path(config.model) / MANIFEST).is_file():
                 inputs["model"] = config.model
             write_manifest(
-                tmp, "eval", config=to_dict(config), inputs=inputs, metrics=metrics,
+                tmp, "eval", config=to_dict(config), inputs=inputs, metrics=extended,
                 timing={"seconds": round(elapsed, 3), "examples_per_second": round(len(rankings) / elapsed, 3)},
             )
-        tracker.log_metrics({k: float(v) for k, v in metrics.items()})
+        tracker.log_metrics({k: float(v) for k, v in extended.items()})  # + other K, per-group shares
         tracker.log_metrics({"examples_per_second": len(rankings) / elapsed})
         tracker.log_artifacts(config.out)
     return metrics

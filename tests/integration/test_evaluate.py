@@ -106,3 +106,4 @@ def test_evaluate_logs_to_mlflow(tmp_path, office_slice, tiny_model, monkeypatch
     assert mlflow_run.data.params["limit"] == "2"
     assert mlflow_run.data.metrics["ndcg_at_10"] == pytest.approx(metrics["ndcg@10"])
     assert mlflow_run.data.metrics["examples_per_second"] > 0
+    assert "popular_share_at_10" in mlflow_run.data.metrics and "gh/0" in mlflow_run.data.metrics
