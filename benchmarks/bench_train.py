@@ -35,7 +35,7 @@ SIZES = {
     "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2), 8, 4),
     "100m": (dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=14, num_attention_heads=12,
-                  num_key_value_heads=12), 2, 2),
+                  num_key_value_heads=12), 1, 2),
 }
 
 
@@ -88,6 +88,69 @@ def time_mode(model_state, size, vocab, features, tok, *, objective, policy, bat
     return seconds, tokens / seconds
 
 
+def time_loss_head(features, vocab: int, n_examples: int, reps: int = 20) -> dict[str, float]:
+    """Seconds for the loss computation alone (forward + backward from the logits), SFT vs GDRT.
+
+    The step-level timings on a shared CPU are noisier than the difference being measured; this isolates
+    the only code that differs between the two objectives: group sums, the weights, the surrogate.
+    """
+    import torch
+
+    from gdrt_core.loss import dro_weights, group_losses_from_sums, group_sums
+    from gdrt_core.train.data import pad_batch, shifted
+
+    batch = pad_batch(features[:n_examples], pad_token_id=2)
+    logits_leaf = torch.randn(*batch["input_ids"].shape, vocab, requires_grad=True)  # [batch, seq, vocab]
+    out: dict[str, float] = {}
+    for name in ("sft", "gdrt"):
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            logits, labels, groups = shifted(logits_leaf, batch["labels"], batch["group_ids"])
+            if name == "sft":
+                sums, counts = group_sums(logits, labels, torch.zeros_like(labels), num_groups=1)
+                loss = sums.sum() / counts.sum()
+            else:
+                sums, counts = group_sums(logits, labels, groups, num_groups=4)
+                w = dro_weights(group_losses_from_sums(sums.detach().double(), counts), counts)
+                loss = (w.float() / counts.clamp(min=1) * sums).sum()
+            loss.backward()
+            logits_leaf.grad = None
+            samples.append(time.perf_counter() - start)
+        out[name] = statistics.median(samples)
+    return out
+
+
+def time_lookahead(model_state, size: str, vocab: int, features, batch: int, accum: int, reps: int) -> dict[str, float]:
+    """Seconds of the look-ahead (no-grad forward + group sums over the step's micro-batches) against the
+    step's forward + backward over the same micro-batches, interleaved `reps` times (medians)."""
+    import torch
+
+    from gdrt_core.loss import group_sums
+    from gdrt_core.train.data import pad_batch, shifted
+
+    model = build(size, vocab)
+    model.load_state_dict(model_state)
+    model.train()
+    micro = [pad_batch(features[i * batch:(i + 1) * batch], pad_token_id=2) for i in range(accum)]
+    lookahead, train = [], []
+    for _ in range(reps):
+        start = time.perf_counter()
+        with torch.no_grad():
+            for mb in micro:
+                logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+                group_sums(*shifted(logits, mb["labels"], mb["group_ids"]), num_groups=4)
+        lookahead.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for mb in micro:
+            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+            sums, _ = group_sums(*shifted(logits, mb["labels"], mb["group_ids"]), num_groups=4)
+            sums.sum().backward()
+        model.zero_grad(set_to_none=True)
+        train.append(time.perf_counter() - start)
+    return {"lookahead": statistics.median(lookahead), "forward_backward": statistics.median(train)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
@@ -106,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="rounds over the modes (interleaved, to spread noise)")
     p.add_argument("--out", default=None)
+    p.add_argument("--head-only", action="store_true", help="only the loss-head timing (no training steps)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -132,6 +196,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"lagged/{accum}": ("gdrt", "lagged", batch, accum),
             f"batch/{accum}": ("gdrt", "batch", batch, accum),
         }
+        if a.head_only:
+            head = time_loss_head(features, vocab, batch * accum)
+            look = time_lookahead(state, size, vocab, features, batch, accum, reps=a.repeats)
+            results["sizes"][size] = {"params": n_params, "loss_head_seconds": head, "lookahead_seconds": look,
+                                      "lookahead_share": look["lookahead"] / look["forward_backward"]}
+            print(size, json.dumps(results["sizes"][size]), flush=True)
+            continue
         times: dict[str, list[float]] = {m: [] for m in modes}
         tps: dict[str, list[float]] = {m: [] for m in modes}
         for _ in range(a.repeats):
@@ -149,6 +220,12 @@ def main(argv: list[str] | None = None) -> dict:
             "lagged_overhead_split": med[f"lagged/{accum}"] / med[f"sft/{accum}"] - 1.0,
             "lookahead_cost_split": med[f"batch/{accum}"] / med[f"lagged/{accum}"] - 1.0,
         }
+        head = time_loss_head(features, vocab, batch * accum)
+        row["loss_head_seconds"] = head
+        row["loss_head_overhead_of_step"] = (head["gdrt"] - head["sft"]) / med["sft"]
+        look = time_lookahead(state, size, vocab, features, batch, accum, reps=max(3, a.repeats))
+        row["lookahead_seconds"] = look
+        row["lookahead_share"] = look["lookahead"] / look["forward_backward"]
         results["sizes"][size] = row
         print(json.dumps({size: row}, indent=2), flush=True)
     if a.out:
