@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import io
 import json
-import logging
 import os
 import re
 import sys
@@ -52,33 +52,45 @@ def load_params(config: str | os.PathLike | None, overrides: list[str]) -> dict:
     return params
 
 
-class _StageProgress(logging.Handler):
-    """Turns kfp.local's task log lines into one progress line per stage."""
+class _ProgressLog(io.TextIOBase):
+    """Stands in for stdout while kfp.local runs: everything goes to the log file, and each task's
+    "finished with status" line becomes one progress line on stderr."""
 
-    pattern = re.compile(r"Task '?(?:\x1b\[\d+m)?([\w-]+)(?:\x1b\[0m)?'? finished with status (?:\x1b\[\d+m)?(\w+)")
+    pattern = re.compile(r"Task \W*(?:\x1b\[\d+m)?'?([\w-]+)'?(?:\x1b\[0m)?'? finished with status (?:\x1b\[\d+m)?(\w+)")
 
-    def __init__(self, total: int, stream=sys.stderr):
-        super().__init__()
-        self.total, self.done, self.stream, self.t0 = total, 0, stream, time.time()
-        self.last = self.t0
+    def __init__(self, log, names: dict[str, str], stream=sys.stderr):
+        self.log, self.names, self.total, self.stream = log, names, len(names), stream
+        self.done, self.t0 = 0, time.time()
+        self.last, self.pending = self.t0, ""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        m = self.pattern.search(record.getMessage())
-        if not m:
-            return
-        self.done += 1
-        now = time.time()
-        print(f"[{self.done:2d}/{self.total}] {m.group(1):<24} {m.group(2):<8} {now - self.last:7.1f} s "
-              f"(total {now - self.t0:6.1f} s)", file=self.stream, flush=True)
-        self.last = now
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            m = self.pattern.search(line)
+            if m:
+                self.done += 1
+                now = time.time()
+                print(f"[{self.done:2d}/{self.total}] {self.names.get(m.group(1), m.group(1)):<24} {m.group(2):<8} {now - self.last:7.1f} s "
+                      f"(total {now - self.t0:6.1f} s)", file=self.stream, flush=True)
+                self.last = now
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
 
 
-def _count_tasks(pipeline) -> int:
-    return len(pipeline.pipeline_spec.root.dag.tasks)
+def _display_names(pipeline) -> dict[str, str]:
+    """KFP task name -> its display name (e.g. "train-2" -> "train GDRT")."""
+    return {k: t.task_info.name or k for k, t in pipeline.pipeline_spec.root.dag.tasks.items()}
 
 
 def run(params: dict, out: str | os.PathLike) -> dict:
-    """Run the pipeline locally; returns the report's comparison (rows per model)."""
+    """Run the pipeline locally; returns the report's comparison (rows per model) and its directory."""
     from kfp import local
 
     from pipelines.gdrt_pipeline import build_pipeline
@@ -87,46 +99,30 @@ def run(params: dict, out: str | os.PathLike) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    # the local runner ignores display names and runs the project's image as this Python environment
+    warnings.filterwarnings("ignore", module=r"kfp\.local\..*")
     pipeline = build_pipeline(cluster=False)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp"),
                raise_on_error=True)
-    handler = _StageProgress(_count_tasks(pipeline))
-    kfp_logger = logging.getLogger("kfp")
-    root = logging.getLogger()
-    for lg in (kfp_logger, root):
-        lg.addHandler(handler)
     log_path = out / "pipeline.log"
+    from gdrt_core.tracking import finish_run, start_pipeline_run
+
+    parent = start_pipeline_run(params.get("experiment", "gdrt"), params.get("run_name", "gdrt"),
+                                {k: v for k, v in params.items() if not isinstance(v, dict)})
     try:
-        with open(log_path, "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
-            saved = _quiet_kfp_console()
-            try:
-                result = pipeline(**params)
-            finally:
-                _restore(saved)
+        with open(log_path, "w", encoding="utf-8") as log, \
+                contextlib.redirect_stdout(_ProgressLog(log, _display_names(pipeline))):
+            result = pipeline(**{**params, "parent_run_id": parent})
     except Exception as e:  # a failed stage: show its error, not kfp's traceback
+        finish_run(parent, "FAILED")
         raise GdrtError(f"the pipeline failed: {_last_error(log_path) or e}", path=str(log_path),
                         hint="the stage's full output is in this log") from None
-    finally:
-        for lg in (kfp_logger, root):
-            lg.removeHandler(handler)
+    finish_run(parent, "FINISHED")
     report_dir = Path(result.output.path)
-    return json.loads((report_dir / "comparison.json").read_text(encoding="utf-8"))
-
-
-def _quiet_kfp_console() -> list:
-    """kfp.local logs each task's inputs to the console; keep those in the log file only."""
-    saved = []
-    for lg in (logging.getLogger("kfp"), logging.getLogger()):
-        for h in lg.handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, _StageProgress):
-                saved.append((h, h.level))
-                h.setLevel(logging.CRITICAL + 1)
-    return saved
-
-
-def _restore(saved: list) -> None:
-    for h, level in saved:
-        h.setLevel(level)
+    comparison = json.loads((report_dir / "comparison.json").read_text(encoding="utf-8"))
+    return {**comparison, "report_dir": str(report_dir)}
 
 
 def _last_error(log_path: Path) -> str | None:
@@ -164,7 +160,7 @@ def cli(args: argparse.Namespace) -> None:
     print(format_table(comparison))
     print()
     print(f"finished in {time.time() - t0:.0f} s; artifacts under {out}")
-    print(f"report: {out / 'kfp'} (report.md / report.html of the report step)")
+    print(f"report: {Path(comparison['report_dir']) / 'report.html'}")
     if uri.startswith("sqlite:"):
         print(f"open the runs: mlflow ui --backend-store-uri {uri}")
     else:

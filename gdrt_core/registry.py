@@ -69,8 +69,16 @@ def register_model(model_dir: str, dataset_dir: str, valid_eval_dir: str, *, dom
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(
         experiment_id=experiment_id, run_name="register", tags=tags
     ):
+        import pandas as pd
+        from mlflow.models import infer_signature
+
+        signature = infer_signature(
+            pd.DataFrame({"history": [["title a", "title b"]]}),
+            pd.DataFrame({"recommendations": [["title c"]], "scores": [[-1.0]]}),
+            params={"k": 10},
+        )
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=GdrtRecommenderModel(),
+            name="model", python_model=GdrtRecommenderModel(), signature=signature,
             artifacts={"model": _merged_model_dir(model_dir, tmp), "items": str(Path(dataset_dir) / "items.parquet")},
             model_config={"domain": domain}, pip_requirements=["gdrt"], registered_model_name=name,
         )
@@ -94,7 +102,10 @@ def register_model(model_dir: str, dataset_dir: str, valid_eval_dir: str, *, dom
                             **({"champion_valid_ndcg_at_10": current} if current is not None else {})})
         mlflow.log_params({"registered_model": name, "version": version, "promoted": promote})
         mlflow.set_tag("gdrt.decision", decision)
-    if parent_run_id:
+    if parent_run_id:  # the last step of the pipeline closes its parent run
+        from gdrt_core.tracking import finish_run
+
         client.set_tag(parent_run_id, "gdrt.decision", decision)
+        finish_run(parent_run_id)
     return decision
 

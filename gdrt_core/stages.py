@@ -27,17 +27,11 @@ RUN_NAME_ENV = "GDRT_RUN_NAME"  # the stage's MLflow run name, e.g. "evaluate sf
 
 
 def stage_config(stage: str, settings: dict | None = None, **values: Any):
-    """The stage's config dataclass from `settings` (YAML-like values) and explicit `values`."""
+    """The stage's config dataclass from `settings` (typed values; KFP passes whole numbers as floats, which
+    int settings accept) and explicit `values` (None = keep the setting or default)."""
     module_name, cls_name = STAGES[stage]
     cls = getattr(importlib.import_module(module_name), cls_name)
-    overrides = [f"{k}={_as_override(v)}" for k, v in (settings or {}).items()]
-    return load_config(cls, None, overrides, **values)
-
-
-def _as_override(v: Any) -> str:
-    if isinstance(v, (list, tuple)):
-        return ",".join(str(x) for x in v)
-    return "none" if v is None else str(v)
+    return load_config(cls, None, None, **{**(settings or {}), **{k: v for k, v in values.items() if v is not None}})
 
 
 def scalars(obj: Any, prefix: str = "", limit: int = 200) -> dict[str, Any]:

@@ -143,8 +143,9 @@ def _experiment_id(client, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     location = None
-    if tracking_uri().startswith("sqlite:"):
-        location = (Path.cwd() / "mlartifacts").as_uri()
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):  # artifacts beside the database file
+        location = (Path(uri[len("sqlite:///"):]).absolute().parent / "mlartifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:  # noqa: BLE001 - created concurrently by another stage
@@ -162,7 +163,10 @@ def start_run(run_name: str, *, parent_run_id: str | None = None, tags: dict | N
 
     try:
         client = MlflowClient(tracking_uri=uri)
-        exp_id = _experiment_id(client, experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+        if parent_run_id:  # nested runs live in their parent's experiment
+            exp_id = client.get_run(parent_run_id).info.experiment_id
+        else:
+            exp_id = _experiment_id(client, experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
         all_tags = {"mlflow.runName": run_name, **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -194,8 +198,11 @@ def stage_run(stage: str, config: dict | None = None, *, run_name: str | None = 
     end_run(tracker, "FINISHED")
 
 
-def start_pipeline_run(experiment: str, run_name: str, params: dict | None = None) -> str:
-    """Open the pipeline's parent run and return its id ("" when tracking is off)."""
+def start_pipeline_run(experiment: str, run_name: str, params: dict | None = None, run_id: str = "") -> str:
+    """Open the pipeline's parent run and return its id ("" when tracking is off); `run_id` reuses a run
+    opened by the caller (`gdrt run` opens it itself, so that it can close it as FINISHED or FAILED)."""
+    if run_id:
+        return run_id
     tracker = start_run(run_name, experiment=experiment or None, tags={"gdrt.stage": "pipeline"})
     tracker.log_params(params or {})
     return tracker.run_id or ""
@@ -208,3 +215,8 @@ def open_run(run_id: str) -> Tracker:
     from mlflow.tracking import MlflowClient
 
     return Tracker(MlflowClient(tracking_uri=tracking_uri()), run_id)
+
+
+def finish_run(run_id: str, status: str = "FINISHED") -> None:
+    """Close a run opened elsewhere (the pipeline's parent run, at its last step or by `gdrt run`)."""
+    end_run(open_run(run_id), status)

@@ -62,11 +62,12 @@ def build_pipeline(*, cluster: bool = True, checkpoint_pvc=None):
         eval_settings: dict = {},  # noqa: B006
         valid_eval_settings: dict = {"limit": 500},  # noqa: B006
         attribute_settings: dict = {},  # noqa: B006
+        parent_run_id: str = "",
     ) -> Markdown:
         start = start_tracking(experiment=experiment, run_name=run_name, params={
             "source": source, "domain": domain, "base_model": base_model, "tau": tau, "num_groups": num_groups,
             "prior": prior,
-        }).set_display_name("mlflow: start run")
+        }, run_id=parent_run_id).set_display_name("mlflow: start run")
         parent = start.output
         data = curate(source=source, source_format=source_format, domain=domain, settings=curate_settings,
                       parent_run_id=parent).set_display_name("curate")
@@ -77,7 +78,8 @@ def build_pipeline(*, cluster: bool = True, checkpoint_pvc=None):
             extra = {"groups": groups} if groups is not None else {}
             task = train(dataset=data.outputs["dataset"], base=base.outputs["model"], objective=objective,
                          settings=train_settings, tau=tau, prior=prior, num_groups=num_groups, num_gpus=num_gpus,
-                         deepspeed=deepspeed, parent_run_id=parent, **extra).set_display_name(name)
+                         deepspeed=deepspeed, parent_run_id=parent, run_name=f"train {objective}",
+                         **extra).set_display_name(name)
             if cluster:
                 _gpu_training(task, num_gpus, checkpoint_pvc)
             task.set_caching_options(enable_caching=False)

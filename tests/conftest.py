@@ -52,3 +52,59 @@ def tiny_model_dir(tmp_path_factory, office_dataset) -> Path:
     out = tmp_path_factory.mktemp("tiny_model") / "model"
     run(EmbeddedConfig(dataset=str(office_dataset), out=str(out), size="tiny", seed=0))
     return out
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (free port), stopped at the end of the session."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+        "--workers", "1",
+    ]
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture()
+def office_source_slice(tmp_path) -> Path:
+    """A small `sliding`-format source directory cut from data/office (for whole-pipeline tests)."""
+    import shutil
+
+    out = tmp_path / "office_src"
+    out.mkdir()
+    shutil.copy(OFFICE / "id2name4Rec.json", out / "id2name4Rec.json")
+    for name, n in (("train", 120), ("valid", 16), ("test", 16)):
+        lines = (OFFICE / f"{name}.csv").read_text(encoding="utf-8").splitlines()
+        (out / f"{name}.csv").write_text("\n".join(lines[: n + 1]) + "\n", encoding="utf-8")
+    return out
