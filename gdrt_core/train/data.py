@@ -47,9 +47,7 @@ def load_token_groups(groups_dir: str | Path, split: str = "train") -> tuple[dic
         if "num_groups" in info:
             num_groups = int(info["num_groups"])
         elif "edges" in info:
-            num_groups = len(info["edges"]) + 1 if info["edges"] and not isinstance(info["edges"][0], list) else None
-        elif "sizes" in info:
-            num_groups = len(info["sizes"])
+            num_groups = len(info["edges"]) + 1  # G - 1 cut points
     if num_groups is None:
         num_groups = (max(cols[3]) + 1) if cols[3] else 1
     return lookup, num_groups

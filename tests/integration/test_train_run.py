@@ -92,3 +92,23 @@ def test_cli_sft_full_finetune(tiny, tmp_path, monkeypatch):
     assert saved["objective"] == "sft" and saved["lora"] is False and saved["max_steps"] == 4
     assert (out / "model.safetensors").is_file()
     assert Path(saved["dataset"]) == Path(tiny["dataset"])
+
+
+def test_gdrt_on_the_grouping_stage_output(tiny, tmp_path, monkeypatch):
+    """The real Groups artifact (gdrt_core.grouping) joins onto the training tokens by (example_id, position)."""
+    from gdrt_core.grouping import GroupConfig
+    from gdrt_core.grouping import run as group_run
+    from gdrt_core.train import TrainConfig, run
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    groups = tmp_path / "groups"
+    group_run(GroupConfig(dataset=tiny["dataset"], reference=tiny["model"], out=str(groups), limit=16,
+                          device="cpu"))
+    manifest = run(TrainConfig(dataset=tiny["dataset"], model=tiny["model"], out=str(tmp_path / "m"),
+                               objective="gdrt", groups=str(groups), max_train=16, max_steps=2, batch_size=4,
+                               valid_size=4, eval_at_start=False, ndcg_every_epoch=False, save_every=0,
+                               eval_every=0, log_every=1, cpu_threads=1))
+    assert manifest["num_groups"] == 4
+    history = json.loads((tmp_path / "m" / "trainer_state.json").read_text())["log_history"]
+    logs = [h for h in history if "loss" in h]
+    assert sum(logs[0][f"group_tokens/{g}"] for g in range(4)) > 0
