@@ -23,7 +23,9 @@ def compile_all(out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, pipeline in (("gdrt_pipeline.yaml", build_pipeline(cluster=True)),):
+    from pipelines import resources
+
+    for name, pipeline in (("gdrt_pipeline.yaml", build_pipeline(cluster=True, checkpoint_pvc=resources.CACHE_PVC)),):
         path = out_dir / name
         tmp = path.with_name(f".{path.stem}.tmp.yaml")
         compiler.Compiler().compile(pipeline, str(tmp))

@@ -67,7 +67,7 @@ def build_pipeline(*, cluster: bool = True, checkpoint_pvc=None):
         start = start_tracking(experiment=experiment, run_name=run_name, params={
             "source": source, "domain": domain, "base_model": base_model, "tau": tau, "num_groups": num_groups,
             "prior": prior,
-        }, run_id=parent_run_id).set_display_name("mlflow: start run")
+        }, run_id=parent_run_id).set_display_name("mlflow: start run").set_caching_options(enable_caching=False)
         parent = start.output
         data = curate(source=source, source_format=source_format, domain=domain, settings=curate_settings,
                       parent_run_id=parent).set_display_name("curate")
@@ -102,13 +102,13 @@ def build_pipeline(*, cluster: bool = True, checkpoint_pvc=None):
         rep = report(sft_eval=evals["sft"].outputs["evaluation"], gdrt_eval=evals["gdrt"].outputs["evaluation"],
                      sft_attribution=attributions["sft"].outputs["attribution"],
                      gdrt_attribution=attributions["gdrt"].outputs["attribution"], title=run_name,
-                     parent_run_id=parent).set_display_name("report")
+                     parent_run_id=parent).set_display_name("report").set_caching_options(enable_caching=False)
         valid = evaluate(dataset=data.outputs["dataset"], model=gdrt.outputs["model"], split="valid",
                          settings=valid_eval_settings, parent_run_id=parent, run_name="evaluate gdrt (valid)")
         valid.set_display_name("evaluate GDRT (valid)").set_caching_options(enable_caching=False)
         register(model=gdrt.outputs["model"], dataset=data.outputs["dataset"],
                  valid_eval=valid.outputs["evaluation"], domain=domain,
-                 parent_run_id=parent).set_display_name("register").after(rep)
+                 parent_run_id=parent).set_display_name("register").after(rep).set_caching_options(enable_caching=False)
         return rep.outputs["page"]
 
     return gdrt_pipeline
