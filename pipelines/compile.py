@@ -24,8 +24,10 @@ def compile_all(out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     from pipelines import resources
+    from pipelines.gdrt_pipeline_multinode import build_multinode_pipeline
 
-    for name, pipeline in (("gdrt_pipeline.yaml", build_pipeline(cluster=True, checkpoint_pvc=resources.CACHE_PVC)),):
+    for name, pipeline in (("gdrt_pipeline.yaml", build_pipeline(cluster=True, checkpoint_pvc=resources.CACHE_PVC)),
+                           ("gdrt_pipeline_multinode.yaml", build_multinode_pipeline())):
         path = out_dir / name
         tmp = path.with_name(f".{path.stem}.tmp.yaml")
         compiler.Compiler().compile(pipeline, str(tmp))

@@ -1,0 +1,109 @@
+"""The GDRT pipeline with training on several nodes: the same steps as pipelines/gdrt_pipeline.py, but
+each training is a launcher step (components/train_job) that submits a Kubeflow Trainer TrainJob on the
+DeepSpeed runtime and waits for it.
+
+Multi-node training needs shared storage: the launcher step mounts the ReadWriteMany PVC `shared_pvc` at
+/mnt/gdrt, copies the dataset, base model and groups there, and the TrainJob's nodes mount the same PVC.
+The launcher needs no GPU; its service account must be allowed to create and read TrainJobs.
+"""
+
+from kfp import dsl, kubernetes
+from kfp.dsl import Markdown
+
+from components.attribute.component import attribute
+from components.curate.component import curate
+from components.evaluate.component import evaluate
+from components.group.component import group
+from components.image import IMAGE
+from components.init_model.component import init_model
+from components.register.component import register
+from components.report.component import report
+from components.tracking.component import start_tracking
+from components.train_job.component import train_job
+from pipelines import resources
+
+PIPELINE_NAME = "gdrt-multinode"
+SHARED_MOUNT = "/mnt/gdrt"  # the launcher step's mount of the shared PVC; TrainJob nodes use the same path
+DEFAULT_PVC = resources.CACHE_PVC or "gdrt-cache"
+
+
+def build_multinode_pipeline():
+    """The pipeline function (cluster only: a TrainJob needs Kubernetes)."""
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="GDRT vs SFT fine-tuning, training as multi-node TrainJobs")
+    def gdrt_multinode_pipeline(
+        source: str = "data/office",
+        source_format: str = "sliding",
+        domain: str = "office",
+        base_model: str = "",
+        experiment: str = "gdrt",
+        run_name: str = "gdrt-office",
+        tau: float = 1.0,
+        num_groups: int = 4,
+        prior: str = "uniform",
+        num_nodes: int = 2,
+        gpus_per_node: int = 8,
+        runtime: str = "deepspeed-distributed",
+        train_image: str = IMAGE,
+        shared_pvc: str = DEFAULT_PVC,
+        deepspeed: str = "zero2",
+        eval_split: str = "test",
+        curate_settings: dict = {},  # noqa: B006 - KFP parameter defaults
+        model_settings: dict = {"size": "small"},  # noqa: B006
+        train_settings: dict = {},  # noqa: B006
+        trainjob_settings: dict = {"launcher": "mpi"},  # noqa: B006
+        group_settings: dict = {},  # noqa: B006
+        eval_settings: dict = {},  # noqa: B006
+        valid_eval_settings: dict = {"limit": 500},  # noqa: B006
+        attribute_settings: dict = {},  # noqa: B006
+        parent_run_id: str = "",
+    ) -> Markdown:
+        start = start_tracking(experiment=experiment, run_name=run_name, params={
+            "source": source, "domain": domain, "base_model": base_model, "tau": tau, "num_groups": num_groups,
+            "prior": prior, "num_nodes": num_nodes, "gpus_per_node": gpus_per_node,
+        }, run_id=parent_run_id).set_display_name("mlflow: start run").set_caching_options(enable_caching=False)
+        parent = start.output
+        data = curate(source=source, source_format=source_format, domain=domain, settings=curate_settings,
+                      parent_run_id=parent).set_display_name("curate")
+        base = init_model(dataset=data.outputs["dataset"], base_model=base_model,
+                          settings=model_settings).set_display_name("base model")
+
+        def train_task(objective: str, groups=None, name: str = ""):
+            extra = {"groups": groups} if groups is not None else {}
+            task = train_job(dataset=data.outputs["dataset"], base=base.outputs["model"], objective=objective,
+                             settings=train_settings, tau=tau, prior=prior, num_groups=num_groups,
+                             deepspeed=deepspeed, num_nodes=num_nodes, gpus_per_node=gpus_per_node, runtime=runtime,
+                             image=train_image, pvc_name=shared_pvc, job_settings=trainjob_settings,
+                             run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER, parent_run_id=parent,
+                             run_name=f"train {objective}", **extra).set_display_name(name)
+            kubernetes.mount_pvc(task, pvc_name=shared_pvc, mount_path=SHARED_MOUNT)
+            task.set_caching_options(enable_caching=False)
+            return task
+
+        sft = train_task("sft", name="train SFT (TrainJob)")
+        groups = group(dataset=data.outputs["dataset"], reference=sft.outputs["model"], settings=group_settings,
+                       num_groups=num_groups, parent_run_id=parent).set_display_name("group (reference = SFT)")
+        gdrt = train_task("gdrt", groups=groups.outputs["groups"], name="train GDRT (TrainJob)")
+
+        evals, attributions = {}, {}
+        for label, trained in (("sft", sft), ("gdrt", gdrt)):
+            ev = evaluate(dataset=data.outputs["dataset"], model=trained.outputs["model"], split=eval_split,
+                          settings=eval_settings, parent_run_id=parent, run_name=f"evaluate {label}")
+            ev.set_display_name(f"evaluate {label.upper()}").set_caching_options(enable_caching=False)
+            at = attribute(dataset=data.outputs["dataset"], model=trained.outputs["model"], split=eval_split,
+                           settings=attribute_settings, parent_run_id=parent, run_name=f"attribute {label}",
+                           groups=groups.outputs["groups"]).set_display_name(f"attribute {label.upper()}")
+            evals[label], attributions[label] = ev, at
+        rep = report(sft_eval=evals["sft"].outputs["evaluation"], gdrt_eval=evals["gdrt"].outputs["evaluation"],
+                     sft_attribution=attributions["sft"].outputs["attribution"],
+                     gdrt_attribution=attributions["gdrt"].outputs["attribution"], title=run_name,
+                     parent_run_id=parent).set_display_name("report").set_caching_options(enable_caching=False)
+        valid = evaluate(dataset=data.outputs["dataset"], model=gdrt.outputs["model"], split="valid",
+                         settings=valid_eval_settings, parent_run_id=parent, run_name="evaluate gdrt (valid)")
+        valid.set_display_name("evaluate GDRT (valid)").set_caching_options(enable_caching=False)
+        register(model=gdrt.outputs["model"], dataset=data.outputs["dataset"],
+                 valid_eval=valid.outputs["evaluation"], domain=domain,
+                 parent_run_id=parent).set_display_name("register").after(rep).set_caching_options(enable_caching=False)
+        return rep.outputs["page"]
+
+    return gdrt_multinode_pipeline
