@@ -351,12 +351,18 @@ def run(config: TrainJobConfig, train_settings: dict | None = None, *, dataset: 
 
 def tracking_env(parent_run_id: str = "", run_name: str = "") -> dict[str, str]:
     """MLflow settings the training processes inherit: the server, the parent run, the stage's run name.
-    (An embedded sqlite store is local to one pod: multi-node runs need MLFLOW_TRACKING_URI set.)"""
+    (An embedded sqlite store is local to one pod: multi-node runs need an MLflow server's URI.)"""
     import os
 
     from gdrt_core.stages import PARENT_RUN_ENV, RUN_NAME_ENV
 
-    env = {name: os.environ[name] for name in ("MLFLOW_TRACKING_URI",) if os.environ.get(name)}
+    env = {}
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://", "databricks")):  # a local store would be the launcher pod's own
+        env["MLFLOW_TRACKING_URI"] = uri
+    elif uri:
+        print(f"warning: MLFLOW_TRACKING_URI {uri} is local to this step; the TrainJob's nodes will not log to it",
+              flush=True)
     if parent_run_id:
         env[PARENT_RUN_ENV] = parent_run_id
     if run_name:
