@@ -240,3 +240,46 @@ def test_failed_job_leaves_no_output_model(tmp_path):
     with pytest.raises(GdrtError, match="OOMKilled: node-1"):
         run(config, {}, dataset=str(dataset), model="org/base", out=str(out), run_key="k", client=client)
     assert not out.exists()
+
+
+def test_component_function_on_small_artifacts(tmp_path, monkeypatch):
+    """components/train_job called directly: KFP artifacts in, the TrainJob built from the pipeline's
+    parameters (explicit values win over job_settings), the model and its metadata out."""
+    from kfp.dsl import Dataset, Model
+
+    from components.train_job.component import train_job
+    from gdrt_core import trainjob
+    from gdrt_core.artifacts import write_manifest
+
+    pvc = tmp_path / "pvc"
+    (tmp_path / "dataset").mkdir()
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "base_model.json").write_text('{"model": "org/base-model"}')  # init_model's hub-id reference
+
+    def fake_training(trainer, options):
+        model = pvc / "runs" / "uuid-1-sft" / "model"
+        model.mkdir(parents=True)
+        write_manifest(model, "model", metrics={"train_loss": 2.0})
+
+    client = FakeClient(["Complete"], on_train=fake_training)
+    monkeypatch.setattr(trainjob, "make_client", lambda namespace=None: client)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    model = Model(uri=str(tmp_path / "out"))
+    train_job.python_func(
+        dataset=Dataset(uri=str(tmp_path / "dataset")), base=Model(uri=str(base)), objective="sft", settings={},
+        tau=1.0, prior="uniform", num_groups=4, deepspeed="zero2", num_nodes=3, gpus_per_node=2,
+        runtime="deepspeed-distributed", image="reg/gdrt:1-cuda", pvc_name="team-rwx",
+        job_settings={"num_nodes": 9, "pvc_mount": str(pvc), "poll_s": 1}, run_key="uuid-1", parent_run_id="p9",
+        run_name="train sft", model=model, groups=None,
+    )
+    sub = client.submitted
+    assert sub.trainer.num_nodes == 3 and sub.trainer.image == "reg/gdrt:1-cuda"
+    assert sub.trainer.env["GDRT_PARENT_RUN_ID"] == "p9" and sub.trainer.env["GDRT_RUN_NAME"] == "train sft"
+    assert sub.trainer.env["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+    patch = sub.options[-1].training_runtime_spec.template.spec.replicated_jobs[0].template.spec.template.spec
+    assert patch.volumes[0]["persistentVolumeClaim"]["claimName"] == "team-rwx"
+    cfg = yaml.safe_load((pvc / "runs" / "uuid-1-sft" / "train.yaml").read_text())
+    assert cfg["model"] == "org/base-model" and cfg["deepspeed"] == "zero2" and cfg["objective"] == "sft"
+    assert model.metadata == {"trainjob": "j123", "num_nodes": 3, "gpus_per_node": 2, "metrics.train_loss": 2.0}
+    assert (tmp_path / "out" / "manifest.json").is_file()
