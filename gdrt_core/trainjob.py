@@ -249,13 +249,25 @@ def failure_details(client: Any, name: str, max_events: int = 5) -> str:
 
 def wait_for_trainjob(client: Any, name: str, *, timeout_s: float, poll_s: float,
                       sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
-                      log: Callable[[str], None] = print) -> Any:
+                      log: Callable[[str], None] = print, max_read_errors: int = 5) -> Any:
     """Poll `client.get_job(name)` until Complete; Failed or the timeout is a GdrtError with the status
-    and the job's message. Status changes are logged (a step's log shows the job's progress)."""
+    and the job's message. Status changes are logged (a step's log shows the job's progress); up to
+    `max_read_errors` failed reads in a row are retried."""
     deadline = clock() + timeout_s
     last_status = None
+    errors = 0
     while True:
-        job = client.get_job(name)
+        try:
+            job = client.get_job(name)
+            errors = 0
+        except (RuntimeError, TimeoutError) as e:  # the API server can be briefly unreachable
+            errors += 1
+            if errors >= max_read_errors:
+                raise GdrtError(f"cannot read TrainJob {name} ({e}; {e.__cause__})",
+                                hint=f"check the cluster and `kubectl get trainjob {name}`") from None
+            log(f"TrainJob {name}: status not readable ({e}), retrying")
+            sleep(poll_s)
+            continue
         if job.status != last_status:
             log(f"TrainJob {name}: {job.status}")
             last_status = job.status
@@ -340,7 +352,14 @@ def run(config: TrainJobConfig, train_settings: dict | None = None, *, dataset: 
     command = train_command(config, argv, sorted(env))
     trainer, options = trainjob_request(config, command, env, labels={"app.kubernetes.io/part-of": "gdrt"})
     client = client or make_client(config.namespace)
-    name = client.train(runtime=config.runtime, trainer=trainer, options=options)
+    try:
+        name = client.train(runtime=config.runtime, trainer=trainer, options=options)
+    except (RuntimeError, ValueError, TimeoutError) as e:
+        raise GdrtError(
+            f"cannot submit the TrainJob on runtime {config.runtime!r}: {e}" + (f" ({e.__cause__})" if e.__cause__ else ""),
+            hint="check that the runtime exists and runs custom trainers (kubectl get clustertrainingruntimes) "
+                 "and that the step's service account may create trainjobs.trainer.kubeflow.org",
+        ) from None
     print(f"submitted TrainJob {name}: {config.num_nodes} node(s) x {config.gpus_per_node} GPU(s), "
           f"runtime {config.runtime}, run dir {root}", flush=True)
     wait_for_trainjob(client, name, timeout_s=config.timeout_s, poll_s=config.poll_s)

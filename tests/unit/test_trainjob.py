@@ -283,3 +283,33 @@ def test_component_function_on_small_artifacts(tmp_path, monkeypatch):
     assert cfg["model"] == "org/base-model" and cfg["deepspeed"] == "zero2" and cfg["objective"] == "sft"
     assert model.metadata == {"trainjob": "j123", "num_nodes": 3, "gpus_per_node": 2, "metrics.train_loss": 2.0}
     assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_wait_retries_unreadable_status_then_gives_up():
+    class Flaky(FakeClient):
+        def __init__(self, fail_times):
+            super().__init__(["Complete"])
+            self.fail_times = fail_times
+
+        def get_job(self, name):
+            if self.fail_times:
+                self.fail_times -= 1
+                raise RuntimeError(f"Failed to get TrainJob: team/{name}")
+            return super().get_job(name)
+
+    quiet = {"sleep": lambda s: None, "log": lambda s: None}
+    assert wait_for_trainjob(Flaky(4), "j1", timeout_s=100, poll_s=1, **quiet).status == "Complete"
+    with pytest.raises(GdrtError, match="cannot read TrainJob j1"):
+        wait_for_trainjob(Flaky(5), "j1", timeout_s=100, poll_s=1, **quiet)
+
+
+def test_submission_errors_name_the_runtime_and_what_to_check(tmp_path):
+    class Refusing(FakeClient):
+        def train(self, runtime, trainer, options):
+            raise ValueError(f"CustomTrainer can't be used with {runtime} runtime")
+
+    (tmp_path / "dataset").mkdir()
+    config = TrainJobConfig(image="img", runtime="torchtune-llama", pvc_mount=str(tmp_path / "pvc"))
+    with pytest.raises(GdrtError, match="cannot submit the TrainJob on runtime 'torchtune-llama'.*clustertrainingruntimes"):
+        run(config, {}, dataset=str(tmp_path / "dataset"), model="org/base", out=str(tmp_path / "out"), run_key="k",
+            client=Refusing(["Complete"]))
