@@ -14,6 +14,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   # torch first and pinned (here the local CPU wheel), so that no resolver step picks another build
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".[dev]"
+  DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".[dev,multinode]"
   echo "$want" > "$stamp"
 fi
