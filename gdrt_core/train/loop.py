@@ -133,7 +133,19 @@ def _callbacks(trainer_ref: list, tracker, config: TrainConfig, eval_ndcg) -> li
                 state.log_history.append({"eval_ndcg@10": value, "epoch": state.epoch, "step": state.global_step})
                 tracker.log_metrics({"eval_ndcg@10": value}, step=state.global_step)
 
-    return [SealCheckpoint(), ToMlflow(), ValidNdcg()]
+    class InitialValidLoss(TrainerCallback):
+        """The valid loss before the first step, taken once the model is wrapped (DeepSpeed needs its
+        training engine for this: an inference engine is ZeRO-3 only)."""
+
+        def __init__(self):
+            self.value: float | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            trainer = trainer_ref[0]
+            if config.eval_at_start and state.global_step == 0 and trainer.eval_dataset is not None:
+                self.value = trainer.evaluate()["eval_loss"]
+
+    return [SealCheckpoint(), ToMlflow(), ValidNdcg(), InitialValidLoss()]
 
 
 def _valid_ndcg_fn(config: TrainConfig, dataset_dir: str, work_dir: Path):
@@ -269,13 +281,18 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
         )
         trainer_ref.append(trainer)
         metrics: dict[str, Any] = {}
-        if valid_features and config.eval_at_start and not resume:
-            metrics["eval_loss_initial"] = trainer.evaluate()["eval_loss"]
-            tracker.log_metrics({"eval_loss": metrics["eval_loss_initial"]}, step=0)
         started = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=resume)
+        initial = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "InitialValidLoss")
+        if initial.value is not None:
+            metrics["eval_loss_initial"] = initial.value
         metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
         metrics["train_wall_s"] = time.perf_counter() - started
+        totals = trainer.step_totals  # whole-batch, all-reduced step values (since the start or the resume)
+        if totals["steps"]:
+            metrics["train_loss_sft"] = totals["loss_sft"] / totals["steps"]
+            if config.objective == "gdrt":
+                metrics["train_loss_gdrt"] = totals["loss_gdrt"] / totals["steps"]
         if valid_features:
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         metrics["global_step"] = trainer.state.global_step

@@ -55,6 +55,8 @@ class GdrtTrainer(Trainer):
         self._reduce_at_end = False  # the step's L_g are only known after its last micro-batch
         self._ce_sums = torch.zeros(0)  # [groups] this rank's detached ce sums of the step
         self._stat_buffer: list[dict[str, float]] = []
+        # sums over this process's training steps of the all-reduced step losses (exact on every rank)
+        self.step_totals = {"steps": 0, "loss_sft": 0.0, "loss_gdrt": 0.0}
         self._tokens_since_log = 0.0
         self._last_log_time = time.perf_counter()
 
@@ -137,6 +139,10 @@ class GdrtTrainer(Trainer):
                     stats[f"group_weight/{g}"] = float(self._weights[g])
         sw.end_step(losses, counts)
         self._stat_buffer.append(stats)
+        self.step_totals["steps"] += 1
+        for key in ("loss_sft", "loss_gdrt"):
+            if key in stats:
+                self.step_totals[key] += stats[key]
 
     # ------------------------------------------------------------ the loss
 

@@ -59,10 +59,11 @@ def test_zero3_lora_adapter_is_complete(tiny, tmp_path, monkeypatch):
     out = tmp_path / "z3lora"
     cfg = TrainConfig(dataset=tiny["dataset"], model=tiny["model"], out=str(out), objective="gdrt",
                       groups=tiny["groups"], deepspeed="zero3", num_gpus=2, max_steps=2, batch_size=2, max_train=8,
-                      valid_size=4, eval_at_start=False, ndcg_every_epoch=False, save_every=0, eval_every=0, lr=1e-2,
+                      valid_size=4, ndcg_every_epoch=False, save_every=0, eval_every=0, lr=1e-2,
                       cpu_threads=1)
     manifest = run(cfg)
     assert manifest["adapter"] is True
+    assert "eval_loss_initial" in manifest["metrics"] and "train_loss_gdrt" in manifest["metrics"]
     with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
         lora_b = [f.get_tensor(k) for k in f.keys() if "lora_B" in k]
@@ -71,3 +72,18 @@ def test_zero3_lora_adapter_is_complete(tiny, tmp_path, monkeypatch):
     assert all(0 not in s and len(s) == 2 for s in shapes.values())
     assert any(s == [8, 64] for s in shapes.values())
     assert any(t.abs().sum() > 0 for t in lora_b)  # trained, not the zero init
+
+
+@pytest.mark.slow
+def test_zero2_run_with_valid_loss_and_checkpoints(tiny, tmp_path, monkeypatch):
+    """ZeRO-2 through `run()`: the valid loss before training (taken on the training engine) and sealed
+    checkpoints work as without DeepSpeed."""
+    from gdrt_core.train import TrainConfig, run
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    out = tmp_path / "z2"
+    cfg = TrainConfig(dataset=tiny["dataset"], model=tiny["model"], out=str(out), objective="gdrt",
+                      groups=tiny["groups"], deepspeed="zero2", num_gpus=2, max_steps=4, batch_size=2, grad_accum=2,
+                      max_train=16, valid_size=4, eval_every=2, save_every=2, ndcg_every_epoch=False, cpu_threads=1)
+    metrics = run(cfg)["metrics"]
+    assert metrics["global_step"] == 4 and "eval_loss_initial" in metrics and "eval_loss" in metrics
