@@ -112,3 +112,26 @@ def test_gdrt_on_the_grouping_stage_output(tiny, tmp_path, monkeypatch):
     history = json.loads((tmp_path / "m" / "trainer_state.json").read_text())["log_history"]
     logs = [h for h in history if "loss" in h]
     assert sum(logs[0][f"group_tokens/{g}"] for g in range(4)) > 0
+
+
+def test_groups_from_another_tokenizer_are_a_clear_error(tiny, tmp_path):
+    """A Groups artifact whose token ids differ from this tokenizer's is refused, naming the example."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from gdrt_core.artifacts import atomic_output_dir, write_manifest
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.errors import GdrtError
+    from gdrt_core.models import load_tokenizer
+    from gdrt_core.train.data import build_features, load_token_groups
+
+    table = pq.read_table(Path(tiny["groups"]) / "token_groups.parquet")
+    table = table.set_column(2, "token_id", pc.add(table.column("token_id"), 1))
+    bad = tmp_path / "bad_groups"
+    with atomic_output_dir(bad) as tmp:
+        pq.write_table(table, tmp / "token_groups.parquet")
+        write_manifest(tmp, "groups", config={})
+    lookup, num_groups = load_token_groups(bad)
+    assert num_groups == 4
+    with pytest.raises(GdrtError, match="another tokenizer"):
+        build_features(Dataset(tiny["dataset"]), "train", load_tokenizer(tiny["model"]), token_groups=lookup, limit=2)

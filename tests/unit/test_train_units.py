@@ -161,3 +161,21 @@ def test_import_of_the_stage_module_stays_light():
     code = "import sys, gdrt_core.train, gdrt_core.train.deepspeed, gdrt_core.train.resume; " \
            "print(any(m in sys.modules for m in ('torch', 'transformers', 'deepspeed', 'mlflow')))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_empty_adapter_is_refused(tmp_path):
+    """The ZeRO-3 pitfall: a LoRA save whose tensors were not gathered has zero-size tensors."""
+    from safetensors.torch import save_file
+
+    from gdrt_core.train.loop import check_adapter_not_empty
+
+    save_file({"a.lora_A.weight": torch.ones(8, 64), "a.lora_B.weight": torch.ones(64, 8)},
+              str(tmp_path / "adapter_model.safetensors"))
+    check_adapter_not_empty(tmp_path)
+    save_file({"a.lora_A.weight": torch.ones(8, 64), "a.lora_B.weight": torch.empty(0)},
+              str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(GdrtError, match="adapter is empty"):
+        check_adapter_not_empty(tmp_path)
+    save_file({}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(GdrtError, match="0 tensors"):
+        check_adapter_not_empty(tmp_path)
