@@ -67,13 +67,16 @@ def resolve_device(device: str = "auto") -> str | None:
 
 
 def resolve_dtype(dtype: str = "auto", device: str | None = "cpu"):
-    """torch dtype for `dtype` on `device`: auto = float32 on CPU, bfloat16 on a GPU that supports it."""
+    """torch dtype for `dtype` on `device`: auto = float32 on CPU, bfloat16 on a GPU that supports it.
+
+    device None (a launcher places the model) counts as a GPU when one is visible.
+    """
     import torch
 
     if dtype not in DTYPES:
         raise GdrtError(f"unknown dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
     if dtype == "auto":
-        on_gpu = device is not None and device.startswith("cuda")
+        on_gpu = torch.cuda.is_available() if device is None else device.startswith("cuda")
         if on_gpu and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
