@@ -10,7 +10,8 @@ import pytest
 from gdrt_core.dataset import Dataset, train_popularity
 
 OFFICE = Path(__file__).resolve().parents[2] / "data" / "office"
-PUBLISHED_SAMPLE = Path("/work/shared/data/LBR/data/Office/train_10000.csv")
+# the published 10,000-window sample, in the shared data folder beside the checkout when there is one
+PUBLISHED_SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "LBR" / "data" / "Office" / "train_10000.csv"
 
 
 def test_office_counts(office_dataset):
