@@ -154,3 +154,25 @@ def test_small_size_is_the_documented_one():
 def test_manifest_config_is_the_resolved_config(tiny_model_dir):
     manifest = json.loads((tiny_model_dir / "manifest.json").read_text())
     assert set(manifest["config"]) == {"dataset", "out", "size", "seed", "vocab_size", "prompt_examples"}
+
+
+def test_history_tokens_cover_each_title(tiny_model_dir, office_dataset):
+    """GPT-2 splitting never joins letters or digits with the quotes around a title, but a punctuation run
+    may cross it ('(30072)' + '",' gives the token ')",'), and that token is the title's (tokenization.py
+    rule 2). So the tokens of history position i decode to title i plus, at most, quotes, a comma, spaces."""
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.models import load_tokenizer
+    from gdrt_core.prompts import render
+    from gdrt_core.tokenization import HISTORY, tokenize_example
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    exact = 0
+    for e in Dataset(office_dataset).examples("train", limit=40):
+        ex = tokenize_example(tokenizer, render("office", list(e.history_titles), e.target_title))
+        for pos, title in enumerate(e.history_titles):
+            ids = [t for t, r, p in zip(ex.input_ids, ex.role, ex.history_pos, strict=True) if r == HISTORY and p == pos]
+            text = tokenizer.decode(ids)
+            assert title in text
+            assert set(text.replace(title, "", 1)) <= set(' ",'), (title, text)
+            exact += text == title
+    assert exact > 0
