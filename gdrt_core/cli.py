@@ -95,7 +95,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--domain", default=None, help="prompt domain (default: the model's training domain)")
     p.add_argument("--dataset", default=None, help="Dataset artifact with the catalogue (default: the model's own)")
+    for name, subparser in sub.choices.items():
+        epilog = settings_help(name)
+        if epilog:
+            subparser.epilog = epilog
+            subparser.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
+
+
+def settings_help(stage: str) -> str:
+    """The stage's settings (config dataclass fields with defaults and help), for `gdrt <stage> --help`."""
+    import dataclasses
+
+    from gdrt_core.stages import STAGES
+
+    if stage not in STAGES:
+        return ""
+    module_name, cls_name = STAGES[stage]
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    lines = ["settings (in --config FILE.yaml, or --set key=value):"]
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f" = {f.default!r}"
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f" = {f.default_factory()!r}"
+        else:
+            value = " (required)"
+        lines.append(f"  {f.name}{value}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)
 
 
 # subcommand -> module implementing `cli(args)`
