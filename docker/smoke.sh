@@ -6,6 +6,9 @@
 #
 # Exit codes: 0 the quickstart finished; 1 a build or a stage failed (its logs are printed);
 # 2 no Docker engine (or no compose) is available here, nothing was run.
+# Environment: DOCKER (the docker CLI, default docker), GDRT_BUILD_ARGS (extra `docker build` arguments,
+# e.g. "--build-arg OFFLINE=1"), GDRT_COMPOSE_OVERRIDE (an extra compose file, e.g. site images),
+# GDRT_MLFLOW_PORT (host port of MLflow, default 5000), KEEP=1 (leave the stack running).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -14,20 +17,24 @@ image=${GDRT_IMAGE:-gdrt/gdrt:0.1.0}
 experiment=${GDRT_EXPERIMENT:-gdrt-compose}
 export GDRT_IMAGE=$image GDRT_EXPERIMENT=$experiment
 
-if ! command -v docker >/dev/null 2>&1 || ! docker info >/dev/null 2>&1; then
+docker=${DOCKER:-docker}
+if ! command -v "$docker" >/dev/null 2>&1 || ! "$docker" info >/dev/null 2>&1; then
   echo "smoke.sh: no Docker engine available here (docker info failed${DOCKER_HOST:+ for DOCKER_HOST=$DOCKER_HOST});" \
        "nothing was built or run. Start Docker (or point DOCKER_HOST at an engine) and run it again." >&2
   exit 2
 fi
-if docker compose version >/dev/null 2>&1; then
-  compose=(docker compose)
+if "$docker" compose version >/dev/null 2>&1; then
+  compose=("$docker" compose)
 elif command -v docker-compose >/dev/null 2>&1; then
   compose=(docker-compose)
 else
   echo "smoke.sh: no Docker Compose (neither 'docker compose' nor 'docker-compose'); install the compose plugin." >&2
   exit 2
 fi
-dc() { "${compose[@]}" -p "$project" -f docker-compose.yml "$@"; }
+files=(-f docker-compose.yml)
+[ -n "${GDRT_COMPOSE_OVERRIDE:-}" ] && files+=(-f "$GDRT_COMPOSE_OVERRIDE")
+dc() { "${compose[@]}" -p "$project" "${files[@]}" "$@"; }
+read -r -a build_args <<< "${GDRT_BUILD_ARGS:-}"
 
 cleanup() {
   local rc=$?
@@ -44,23 +51,24 @@ cleanup() {
 trap cleanup EXIT
 
 t0=$(date +%s)
-echo "== building $image (docker/Dockerfile) and the MLflow server image"
-DOCKER_BUILDKIT=1 docker build -f Dockerfile --target gdrt -t "$image" ..
-dc build mlflow
+echo "== building $image and ${GDRT_MLFLOW_IMAGE:-gdrt/mlflow:0.1.0} (docker/Dockerfile, BuildKit)"
+export DOCKER_BUILDKIT=1
+"$docker" build "${build_args[@]}" -f Dockerfile --target gdrt -t "$image" ..
+"$docker" build "${build_args[@]}" -f Dockerfile --target mlflow -t "${GDRT_MLFLOW_IMAGE:-gdrt/mlflow:0.1.0}" ..
 
 echo "== the compose quickstart (docker compose up): curate -> init-model -> train sft -> group -> train gdrt -> evaluate/attribute"
 # up -d returns once every stage has been started, waiting on each depends_on condition; a failed stage
 # makes it fail ("didn't complete successfully"). Then wait for the last stages to exit.
-dc up -d
+dc up -d --no-build
 last=(evaluate-sft evaluate-gdrt attribute-sft attribute-gdrt)
 for svc in "${last[@]}"; do
   cid=$(dc ps -q -a "$svc")
   [ -n "$cid" ] || { echo "smoke.sh: service $svc was never created" >&2; exit 1; }
-  code=$(docker wait "$cid")
+  code=$("$docker" wait "$cid")
   [ "$code" = 0 ] || { echo "smoke.sh: $svc exited with $code" >&2; exit 1; }
 done
 for svc in curate init-model train-sft group train-gdrt "${last[@]}"; do
-  code=$(docker inspect -f '{{.State.ExitCode}}' "$(dc ps -q -a "$svc")")
+  code=$("$docker" inspect -f '{{.State.ExitCode}}' "$(dc ps -q -a "$svc")")
   [ "$code" = 0 ] || { echo "smoke.sh: $svc exited with $code" >&2; exit 1; }
 done
 echo "== finished in $(( $(date +%s) - t0 )) s; MLflow runs of experiment '$experiment':"

@@ -269,6 +269,13 @@ def test_mlflow_and_postgres(compose):
     assert s["mlflow"]["build"]["target"] == "mlflow"
 
 
+def test_images_built_from_the_checkout_are_not_pulled(compose):
+    """gdrt/gdrt and gdrt/mlflow are names anyone could publish: by default compose builds them here."""
+    for name, svc in compose["services"].items():
+        if "build" in svc:
+            assert svc.get("pull_policy") == "build", f"{name} would try a registry before building"
+
+
 # -------------------------------------------------------------------------------------------- Dockerfiles
 
 
