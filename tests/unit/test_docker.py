@@ -276,6 +276,34 @@ def test_images_built_from_the_checkout_are_not_pulled(compose):
             assert svc.get("pull_policy") == "build", f"{name} would try a registry before building"
 
 
+def _paths_after(command: str, text: str) -> set[str]:
+    """Absolute paths named by every `command ...` in the Dockerfile (continuation lines joined)."""
+    joined = text.replace("\\\n", " ")
+    return {
+        w
+        for m in re.finditer(rf"{command}\s+([^&;\n]*)", joined)
+        for w in m.group(1).split()
+        if w.startswith("/")
+    }
+
+
+def test_named_volume_mount_points_belong_to_the_image_user(compose):
+    """A new named volume copies the owner of its mount point from the image: every one the non-root
+    stages write to must exist in the image, owned by gdrt (else hub downloads or outputs fail)."""
+    for name, svc in compose["services"].items():
+        if not svc.get("build"):
+            continue
+        text = (REPO / svc["build"]["dockerfile"]).read_text(encoding="utf-8")
+        created, owned = _paths_after("mkdir -p", text), _paths_after("chown (?:-R )?gdrt:gdrt", text)
+        for target, source in mounts(svc).items():
+            if source.startswith((".", "/", "$")):
+                continue  # a bind mount from the host
+            assert target in created, f"{name}: {target} is not created in {svc['build']['dockerfile']}"
+            assert any(target == p or target.startswith(p + "/") for p in owned), (
+                f"{name}: {target} not owned by gdrt"
+            )
+
+
 # -------------------------------------------------------------------------------------------- Dockerfiles
 
 
