@@ -36,6 +36,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _umask_mode(mode: int) -> int:
+    """`mode` as the process umask would leave it (mkstemp/mkdtemp use 0600/0700 regardless)."""
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to `path` via a temporary file and an atomic rename."""
     path = Path(path)
@@ -45,6 +52,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=True, default=str)
             f.write("\n")
+        os.chmod(tmp, _umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -63,6 +71,7 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = True) -> Iter
         raise GdrtError("output directory already exists", path=str(out), hint="choose another --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, _umask_mode(0o777))  # readable by other users (e.g. other containers' stages) as usual
     try:
         yield tmp
         if out.exists():
