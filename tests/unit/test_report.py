@@ -47,19 +47,3 @@ def test_report_artifact(tmp_path):
     read_manifest(out, "report")
     assert json.loads((out / "comparison.json").read_text())["rows"][1]["aux_share"] == 0.6
 
-
-def test_artifacts_get_ordinary_permissions(tmp_path):
-    """Atomic outputs are created with mkdtemp/mkstemp (0700/0600); the finished ones follow the umask."""
-    import os
-    import stat
-
-    old = os.umask(0o022)
-    try:
-        out = tmp_path / "a"
-        with atomic_output_dir(out) as tmp:
-            write_json_atomic(tmp / "x.json", {})
-            write_manifest(tmp, "eval")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(out.stat().st_mode) == 0o755
-    assert stat.S_IMODE((out / "manifest.json").stat().st_mode) == 0o644
