@@ -10,12 +10,13 @@ token's group, N_g the number of tokens of group g, S_g = sum_{i: g(i)=g} ce_i, 
 The last line is what makes the objective exact under gradient accumulation and data parallelism: with
 w and N computed once on the whole optimiser batch, `weighted_token_loss` is linear in the tokens, so its
 gradients summed over micro-batches (and ranks) equal the gradient of `gdrt_loss` on the whole batch.
-One optimiser step, for the trainer:
+One optimiser step (gdrt_core.train.data.StepWeights holds the policy):
 
     batch policy:  (S_g, N_g) = sum over micro-batches of `group_sums` (no-grad look-ahead)
-                   -> `all_reduce_group_totals` -> `batch_step_weights`
+                   -> `all_reduce_group_totals` -> w = `dro_weights(group_losses_from_sums(S, N), N, ...)`
     lagged policy: N_g = sum of `group_token_counts` (data only) -> `all_reduce_group_totals`
-                   -> `lagged_step_weights(GroupLossEMA)`; after the step `GroupLossEMA.update(S/N, N)`
+                   -> w = `dro_weights(GroupLossEMA.losses_for_weights(), N, ...)`; after the step
+                   `GroupLossEMA.update(S/N, N)`
     then for each micro-batch: backward of world_size * `weighted_token_loss(..., w, N)` (DDP averages
     gradients over ranks; no division by the accumulation steps).
 
@@ -333,45 +334,6 @@ def all_reduce_group_totals(sums: torch.Tensor, counts: torch.Tensor) -> tuple[t
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     num_groups = sums.shape[0]
     return packed[:num_groups].to(sums.dtype), packed[num_groups:].round().to(counts.dtype)
-
-
-@dataclass
-class StepWeights:
-    """What one optimiser step needs to weight its tokens: fixed for all its micro-batches and ranks."""
-
-    weights: torch.Tensor  # [G] w_g, 0 for groups absent from the step's batch
-    group_counts: torch.Tensor  # [G] N_g of the whole optimiser batch (all micro-batches, all ranks)
-    group_losses: torch.Tensor  # [G] the L_g the weights were computed from
-    objective: torch.Tensor  # [] L_GDRT of those L_g (the step's GDRT loss for the `batch` policy)
-
-
-def batch_step_weights(
-    sums: torch.Tensor, counts: torch.Tensor, *, prior: Prior = "uniform", tau: float = 1.0
-) -> StepWeights:
-    """`batch` policy: the exact closed form on the whole optimiser batch, from its look-ahead totals
-    (S_g, N_g summed over micro-batches and all-reduced over ranks)."""
-    losses = group_losses_from_sums(sums.detach(), counts)
-    return StepWeights(
-        weights=dro_weights(losses, counts, prior, tau),
-        group_counts=counts,
-        group_losses=losses,
-        objective=dro_objective(losses, counts, prior, tau).detach(),
-    )
-
-
-def lagged_step_weights(
-    tracker: GroupLossEMA, counts: torch.Tensor, *, prior: Prior = "uniform", tau: float = 1.0
-) -> StepWeights:
-    """`lagged` policy: weights from the previous steps' (optionally EMA-smoothed) group losses, over the
-    groups present in this step's batch (counts from `group_token_counts`, all-reduced). No extra forward;
-    after the step, feed the step's whole-batch group losses to `tracker.update`."""
-    losses = tracker.losses_for_weights().to(counts.device)
-    return StepWeights(
-        weights=dro_weights(losses, counts, prior, tau),
-        group_counts=counts,
-        group_losses=losses,
-        objective=dro_objective(losses, counts, prior, tau).detach(),
-    )
 
 
 # --- lagged weights: an exponential moving average of the group losses --------------------------------

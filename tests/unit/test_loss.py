@@ -16,14 +16,12 @@ from gdrt_core.errors import GdrtError
 from gdrt_core.loss import (
     GroupLossEMA,
     all_reduce_group_totals,
-    batch_step_weights,
     dro_objective,
     dro_weights,
     gdrt_loss,
     group_losses_from_sums,
     group_sums,
     group_token_counts,
-    lagged_step_weights,
     sft_loss,
     token_cross_entropy,
     weighted_token_loss,
@@ -340,13 +338,13 @@ def test_group_token_counts_need_no_forward():
     assert group_token_counts(labels, groups, num_groups=2).tolist() == [3, 1]
 
 
-def test_batch_step_weights_match_gdrt_loss_on_the_whole_batch():
+def test_batch_weights_match_gdrt_loss_on_the_whole_batch():
     weight, features, labels, groups = tiny_model_batch()
     loss, stats = gdrt_loss(features @ weight, labels, groups, num_groups=3, tau=0.7)
     sums, counts = group_sums(features @ weight, labels, groups, num_groups=3)
-    step = batch_step_weights(sums, counts, tau=0.7)
-    torch.testing.assert_close(step.weights, stats.weights)
-    assert step.objective.item() == approx(loss.item())
+    losses = group_losses_from_sums(sums, counts)
+    torch.testing.assert_close(dro_weights(losses, counts, "uniform", 0.7), stats.weights)
+    assert dro_objective(losses, counts, "uniform", 0.7).item() == approx(loss.item())
 
 
 def test_lagged_weights_by_hand_and_split_invariance():
@@ -355,19 +353,19 @@ def test_lagged_weights_by_hand_and_split_invariance():
     in the tokens: its gradient summed over a 4-way split equals its gradient on the whole batch."""
     tracker = GroupLossEMA(3)
     tracker.update(torch.tensor([LN2, 3 * LN2, 0.0]), torch.tensor([5, 5, 0]))
-    step = lagged_step_weights(tracker, torch.tensor([4, 2, 0]), tau=1.0)
-    assert step.weights.tolist() == approx([0.2, 0.8, 0.0])
+    weights = dro_weights(tracker.losses_for_weights(), torch.tensor([4, 2, 0]), "uniform", 1.0)
+    assert weights.tolist() == approx([0.2, 0.8, 0.0])
 
     weight, features, labels, groups = tiny_model_batch()
     tracker.update(torch.tensor([0.0, 0.0, 1.7]), torch.tensor([0, 0, 1]))
     counts = group_token_counts(labels, groups, num_groups=3)
-    step = lagged_step_weights(tracker, counts, prior="size", tau=0.5)
+    weights = dro_weights(tracker.losses_for_weights(), counts, "size", 0.5)
     w_full = weight.clone().requires_grad_(True)
-    weighted_token_loss(features @ w_full, labels, groups, step.weights, counts).backward()
+    weighted_token_loss(features @ w_full, labels, groups, weights, counts).backward()
     w_split = weight.clone().requires_grad_(True)
     for k in range(0, 8, 2):
         p = slice(k, k + 2)
-        weighted_token_loss(features[p] @ w_split, labels[p], groups[p], step.weights, counts).backward()
+        weighted_token_loss(features[p] @ w_split, labels[p], groups[p], weights, counts).backward()
     torch.testing.assert_close(w_split.grad, w_full.grad, rtol=1e-9, atol=1e-12)
 
 
@@ -388,15 +386,15 @@ def _data_parallel_worker(rank: int, world_size: int, init_file: str, out_file: 
     sums = sum(t[0] for t in totals)
     counts = sum(t[1] for t in totals)
     sums, counts = all_reduce_group_totals(sums, counts)
-    step = batch_step_weights(sums, counts, prior="size", tau=0.4)
+    losses = group_losses_from_sums(sums, counts)
+    weights = dro_weights(losses, counts, "size", 0.4)
+    objective = dro_objective(losses, counts, "size", 0.4)
     for p in parts:
-        (
-            world_size * weighted_token_loss(features[p] @ w, labels[p], groups[p], step.weights, counts)
-        ).backward()
+        (world_size * weighted_token_loss(features[p] @ w, labels[p], groups[p], weights, counts)).backward()
     dist.all_reduce(w.grad, op=dist.ReduceOp.SUM)
     w.grad /= world_size
     if rank == 0:
-        torch.save({"grad": w.grad, "objective": step.objective, "counts": counts}, out_file)
+        torch.save({"grad": w.grad, "objective": objective, "counts": counts}, out_file)
     dist.destroy_process_group()
 
 
@@ -471,9 +469,11 @@ def test_tiny_llama_accumulation_with_per_micro_batch_padding():
     parts = [pad(range(k, k + 2)) for k in range(0, 8, 2)]
     with torch.no_grad():
         totals = [group_sums(logits_of(i, a), lab, g, num_groups=3) for i, a, lab, g in parts]
-    step = batch_step_weights(sum(t[0] for t in totals), sum(t[1] for t in totals), tau=0.5)
+    sums, counts = sum(t[0] for t in totals), sum(t[1] for t in totals)
+    losses = group_losses_from_sums(sums, counts)
+    weights = dro_weights(losses, counts, "uniform", 0.5)
     for i, a, lab, g in parts:
-        weighted_token_loss(logits_of(i, a), lab, g, step.weights, step.group_counts).backward()
-    assert step.objective.item() == approx(loss.item())
+        weighted_token_loss(logits_of(i, a), lab, g, weights, counts).backward()
+    assert dro_objective(losses, counts, "uniform", 0.5).item() == approx(loss.item())
     for full, p in zip(full_grads, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, full, rtol=1e-7, atol=1e-10)
