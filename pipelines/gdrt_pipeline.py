@@ -38,6 +38,32 @@ def _gpu_training(task: dsl.PipelineTask, num_gpus, checkpoint_pvc) -> dsl.Pipel
     return task
 
 
+def evaluate_report_register(data, groups, sft, gdrt, *, parent, eval_split, eval_settings, valid_eval_settings,
+                             attribute_settings, run_name, domain) -> dsl.PipelineTask:
+    """The steps after training, shared by the single-node and multi-node pipelines: evaluate and attribute
+    both models, the report, the GDRT valid evaluation and the registry step. Returns the report task."""
+    evals, attributions = {}, {}
+    for label, trained in (("sft", sft), ("gdrt", gdrt)):
+        ev = evaluate(dataset=data.outputs["dataset"], model=trained.outputs["model"], split=eval_split,
+                      settings=eval_settings, parent_run_id=parent, run_name=f"evaluate {label}")
+        ev.set_display_name(f"evaluate {label.upper()}").set_caching_options(enable_caching=False)
+        at = attribute(dataset=data.outputs["dataset"], model=trained.outputs["model"], split=eval_split,
+                       settings=attribute_settings, parent_run_id=parent, run_name=f"attribute {label}",
+                       groups=groups.outputs["groups"]).set_display_name(f"attribute {label.upper()}")
+        evals[label], attributions[label] = ev, at
+    rep = report(sft_eval=evals["sft"].outputs["evaluation"], gdrt_eval=evals["gdrt"].outputs["evaluation"],
+                 sft_attribution=attributions["sft"].outputs["attribution"],
+                 gdrt_attribution=attributions["gdrt"].outputs["attribution"], title=run_name,
+                 parent_run_id=parent).set_display_name("report").set_caching_options(enable_caching=False)
+    valid = evaluate(dataset=data.outputs["dataset"], model=gdrt.outputs["model"], split="valid",
+                     settings=valid_eval_settings, parent_run_id=parent, run_name="evaluate gdrt (valid)")
+    valid.set_display_name("evaluate GDRT (valid)").set_caching_options(enable_caching=False)
+    register(model=gdrt.outputs["model"], dataset=data.outputs["dataset"],
+             valid_eval=valid.outputs["evaluation"], domain=domain,
+             parent_run_id=parent).set_display_name("register").after(rep).set_caching_options(enable_caching=False)
+    return rep
+
+
 def build_pipeline(*, cluster: bool = True, checkpoint_pvc=None):
     """The pipeline function. cluster=False leaves out the Kubernetes settings (the local runner)."""
 
@@ -90,25 +116,11 @@ def build_pipeline(*, cluster: bool = True, checkpoint_pvc=None):
                        num_groups=num_groups, parent_run_id=parent).set_display_name("group (reference = SFT)")
         gdrt = train_task("gdrt", groups=groups.outputs["groups"], name="train GDRT")
 
-        evals, attributions = {}, {}
-        for label, trained in (("sft", sft), ("gdrt", gdrt)):
-            ev = evaluate(dataset=data.outputs["dataset"], model=trained.outputs["model"], split=eval_split,
-                          settings=eval_settings, parent_run_id=parent, run_name=f"evaluate {label}")
-            ev.set_display_name(f"evaluate {label.upper()}").set_caching_options(enable_caching=False)
-            at = attribute(dataset=data.outputs["dataset"], model=trained.outputs["model"], split=eval_split,
-                           settings=attribute_settings, parent_run_id=parent, run_name=f"attribute {label}",
-                           groups=groups.outputs["groups"]).set_display_name(f"attribute {label.upper()}")
-            evals[label], attributions[label] = ev, at
-        rep = report(sft_eval=evals["sft"].outputs["evaluation"], gdrt_eval=evals["gdrt"].outputs["evaluation"],
-                     sft_attribution=attributions["sft"].outputs["attribution"],
-                     gdrt_attribution=attributions["gdrt"].outputs["attribution"], title=run_name,
-                     parent_run_id=parent).set_display_name("report").set_caching_options(enable_caching=False)
-        valid = evaluate(dataset=data.outputs["dataset"], model=gdrt.outputs["model"], split="valid",
-                         settings=valid_eval_settings, parent_run_id=parent, run_name="evaluate gdrt (valid)")
-        valid.set_display_name("evaluate GDRT (valid)").set_caching_options(enable_caching=False)
-        register(model=gdrt.outputs["model"], dataset=data.outputs["dataset"],
-                 valid_eval=valid.outputs["evaluation"], domain=domain,
-                 parent_run_id=parent).set_display_name("register").after(rep).set_caching_options(enable_caching=False)
+        rep = evaluate_report_register(
+            data, groups, sft, gdrt, parent=parent, eval_split=eval_split, eval_settings=eval_settings,
+            valid_eval_settings=valid_eval_settings, attribute_settings=attribute_settings, run_name=run_name,
+            domain=domain,
+        )
         return rep.outputs["page"]
 
     return gdrt_pipeline

@@ -10,17 +10,14 @@ The launcher needs no GPU; its service account must be allowed to create and rea
 from kfp import dsl, kubernetes
 from kfp.dsl import Markdown
 
-from components.attribute.component import attribute
 from components.curate.component import curate
-from components.evaluate.component import evaluate
 from components.group.component import group
 from components.image import IMAGE
 from components.init_model.component import init_model
-from components.register.component import register
-from components.report.component import report
 from components.tracking.component import start_tracking
 from components.train_job.component import train_job
 from pipelines import resources
+from pipelines.gdrt_pipeline import evaluate_report_register
 
 PIPELINE_NAME = "gdrt-multinode"
 SHARED_MOUNT = "/mnt/gdrt"  # the launcher step's mount of the shared PVC; TrainJob nodes use the same path
@@ -85,25 +82,11 @@ def build_multinode_pipeline():
                        num_groups=num_groups, parent_run_id=parent).set_display_name("group (reference = SFT)")
         gdrt = train_task("gdrt", groups=groups.outputs["groups"], name="train GDRT (TrainJob)")
 
-        evals, attributions = {}, {}
-        for label, trained in (("sft", sft), ("gdrt", gdrt)):
-            ev = evaluate(dataset=data.outputs["dataset"], model=trained.outputs["model"], split=eval_split,
-                          settings=eval_settings, parent_run_id=parent, run_name=f"evaluate {label}")
-            ev.set_display_name(f"evaluate {label.upper()}").set_caching_options(enable_caching=False)
-            at = attribute(dataset=data.outputs["dataset"], model=trained.outputs["model"], split=eval_split,
-                           settings=attribute_settings, parent_run_id=parent, run_name=f"attribute {label}",
-                           groups=groups.outputs["groups"]).set_display_name(f"attribute {label.upper()}")
-            evals[label], attributions[label] = ev, at
-        rep = report(sft_eval=evals["sft"].outputs["evaluation"], gdrt_eval=evals["gdrt"].outputs["evaluation"],
-                     sft_attribution=attributions["sft"].outputs["attribution"],
-                     gdrt_attribution=attributions["gdrt"].outputs["attribution"], title=run_name,
-                     parent_run_id=parent).set_display_name("report").set_caching_options(enable_caching=False)
-        valid = evaluate(dataset=data.outputs["dataset"], model=gdrt.outputs["model"], split="valid",
-                         settings=valid_eval_settings, parent_run_id=parent, run_name="evaluate gdrt (valid)")
-        valid.set_display_name("evaluate GDRT (valid)").set_caching_options(enable_caching=False)
-        register(model=gdrt.outputs["model"], dataset=data.outputs["dataset"],
-                 valid_eval=valid.outputs["evaluation"], domain=domain,
-                 parent_run_id=parent).set_display_name("register").after(rep).set_caching_options(enable_caching=False)
+        rep = evaluate_report_register(
+            data, groups, sft, gdrt, parent=parent, eval_split=eval_split, eval_settings=eval_settings,
+            valid_eval_settings=valid_eval_settings, attribute_settings=attribute_settings, run_name=run_name,
+            domain=domain,
+        )
         return rep.outputs["page"]
 
     return gdrt_multinode_pipeline
