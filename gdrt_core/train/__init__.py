@@ -121,9 +121,15 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
         finally:
             os.unlink(cfg_path)
         return read_manifest(config.out, "model", verify=False)
-    from gdrt_core.train.loop import train
+    from gdrt_core.train.loop import finish_distributed, train
 
-    return train(config)
+    try:
+        result = train(config)
+    except BaseException:
+        finish_distributed(wait=False)
+        raise
+    finish_distributed(wait=True)
+    return result
 
 
 def cli(args: argparse.Namespace) -> None:

@@ -34,6 +34,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def finish_distributed(*, wait: bool) -> None:
+    """Leave the process group cleanly: every rank waits for rank 0 to finish writing the artifact, then
+    the group is torn down (a worker exiting with the group still alive can abort at interpreter shutdown)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def _broadcast(value: Any) -> Any:
     import torch.distributed as dist
 
