@@ -90,6 +90,9 @@ def validate(config: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "num_gpus"):
         if getattr(config, name) < 1:
             raise GdrtError(f"{name} must be >= 1, got {getattr(config, name)}", path="train config")
+    if config.select_best and (config.save_every == 0) != (config.eval_every == 0):
+        raise GdrtError("select_best needs eval_every and save_every both per epoch (0) or both in steps",
+                        path="train config", hint="e.g. --set eval_every=0 --set save_every=0")
     if config.select_best and config.save_every and config.eval_every and config.save_every % config.eval_every:
         raise GdrtError("select_best needs save_every to be a multiple of eval_every", path="train config")
 

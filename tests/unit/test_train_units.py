@@ -179,3 +179,19 @@ def test_empty_adapter_is_refused(tmp_path):
     save_file({}, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(GdrtError, match="0 tensors"):
         check_adapter_not_empty(tmp_path)
+
+
+def test_select_best_needs_matching_eval_and_save_cadence():
+    """select_best compares checkpoints by their valid loss: evaluation and saving must happen together."""
+    from gdrt_core.config import load_config
+    from gdrt_core.train import TrainConfig, validate
+
+    def cfg(*sets):
+        return load_config(TrainConfig, None, ["select_best=true", *sets], dataset="d", model="m", out="o")
+
+    validate(cfg("eval_every=0", "save_every=0"))
+    validate(cfg("eval_every=50", "save_every=100"))
+    with pytest.raises(GdrtError, match="both per epoch"):
+        validate(cfg("eval_every=0", "save_every=200"))
+    with pytest.raises(GdrtError, match="multiple of eval_every"):
+        validate(cfg("eval_every=30", "save_every=100"))
