@@ -38,6 +38,16 @@ def _gpu_training(task: dsl.PipelineTask, num_gpus, checkpoint_pvc) -> dsl.Pipel
     return task
 
 
+def sft_group_gdrt(data, train_task, *, group_settings, num_groups, parent, name_suffix: str = ""):
+    """Train SFT, group target tokens with it as the reference, train GDRT on those groups.
+    `train_task(objective, groups=None, name=...)` makes the training step (single- or multi-node)."""
+    sft = train_task("sft", name=f"train SFT{name_suffix}")
+    groups = group(dataset=data.outputs["dataset"], reference=sft.outputs["model"], settings=group_settings,
+                   num_groups=num_groups, parent_run_id=parent).set_display_name("group (reference = SFT)")
+    gdrt = train_task("gdrt", groups=groups.outputs["groups"], name=f"train GDRT{name_suffix}")
+    return sft, groups, gdrt
+
+
 def evaluate_report_register(data, groups, sft, gdrt, *, parent, eval_split, eval_settings, valid_eval_settings,
                              attribute_settings, run_name, domain) -> dsl.PipelineTask:
     """The steps after training, shared by the single-node and multi-node pipelines: evaluate and attribute
@@ -111,10 +121,8 @@ def build_pipeline(*, cluster: bool = True, checkpoint_pvc=None):
             task.set_caching_options(enable_caching=False)
             return task
 
-        sft = train_task("sft", name="train SFT")
-        groups = group(dataset=data.outputs["dataset"], reference=sft.outputs["model"], settings=group_settings,
-                       num_groups=num_groups, parent_run_id=parent).set_display_name("group (reference = SFT)")
-        gdrt = train_task("gdrt", groups=groups.outputs["groups"], name="train GDRT")
+        sft, groups, gdrt = sft_group_gdrt(data, train_task, group_settings=group_settings, num_groups=num_groups,
+                                           parent=parent)
 
         rep = evaluate_report_register(
             data, groups, sft, gdrt, parent=parent, eval_split=eval_split, eval_settings=eval_settings,

@@ -11,13 +11,12 @@ from kfp import dsl, kubernetes
 from kfp.dsl import Markdown
 
 from components.curate.component import curate
-from components.group.component import group
 from components.image import IMAGE
 from components.init_model.component import init_model
 from components.tracking.component import start_tracking
 from components.train_job.component import train_job
 from pipelines import resources
-from pipelines.gdrt_pipeline import evaluate_report_register
+from pipelines.gdrt_pipeline import evaluate_report_register, sft_group_gdrt
 
 PIPELINE_NAME = "gdrt-multinode"
 SHARED_MOUNT = "/mnt/gdrt"  # the launcher step's mount of the shared PVC; TrainJob nodes use the same path
@@ -77,10 +76,8 @@ def build_multinode_pipeline():
             task.set_caching_options(enable_caching=False)
             return task
 
-        sft = train_task("sft", name="train SFT (TrainJob)")
-        groups = group(dataset=data.outputs["dataset"], reference=sft.outputs["model"], settings=group_settings,
-                       num_groups=num_groups, parent_run_id=parent).set_display_name("group (reference = SFT)")
-        gdrt = train_task("gdrt", groups=groups.outputs["groups"], name="train GDRT (TrainJob)")
+        sft, groups, gdrt = sft_group_gdrt(data, train_task, group_settings=group_settings, num_groups=num_groups,
+                                           parent=parent, name_suffix=" (TrainJob)")
 
         rep = evaluate_report_register(
             data, groups, sft, gdrt, parent=parent, eval_split=eval_split, eval_settings=eval_settings,
