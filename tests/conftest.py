@@ -108,3 +108,21 @@ def office_source_slice(tmp_path) -> Path:
         lines = (OFFICE / f"{name}.csv").read_text(encoding="utf-8").splitlines()
         (out / f"{name}.csv").write_text("\n".join(lines[: n + 1]) + "\n", encoding="utf-8")
     return out
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llama():
+    """Build a small random LlamaForCausalLM in eval mode: make_tiny_llama(vocab_size, **config overrides)."""
+
+    def make(vocab_size: int, seed: int = 0, **overrides):
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        config = {
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 64, **overrides,
+        }
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **config)).eval()
+
+    return make

@@ -174,20 +174,8 @@ def test_counterfactual_summary_hand_computed():
 
 
 @pytest.fixture(scope="module")
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=16,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
+def tiny_llama(make_tiny_llama):
+    return make_tiny_llama(16)
 
 
 def test_grad_x_input_on_a_tiny_llama(tiny_llama):
@@ -324,25 +312,13 @@ def test_bad_settings_are_errors(tmp_path, office_slice, tokenizer):
     assert not (tmp_path / "x").exists()
 
 
-def test_counterfactual_shared_prompt_matches_separate_sequences(office_slice, tokenizer):
+def test_counterfactual_shared_prompt_matches_separate_sequences(office_slice, tokenizer, make_tiny_llama):
     """The KV-cache path (each prompt once, titles continue it) gives the numbers of scoring every
     prompt + title as its own sequence; the same seed gives the same negatives and shuffles."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from gdrt_core.attribution import counterfactual_inputs, counterfactual_scores
     from gdrt_core.dataset import Dataset
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = make_tiny_llama(len(tokenizer), max_position_embeddings=1024)
     ds = Dataset(office_slice)
     examples = ds.examples("test", 3)
     titles = sorted(set(ds.titles.values()))

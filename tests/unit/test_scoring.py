@@ -116,20 +116,8 @@ def test_request_validation():
 
 
 @pytest.fixture(scope="module")
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
+def tiny_llama(make_tiny_llama):
+    return make_tiny_llama(50)
 
 
 def test_llama_without_hidden_matches_plain_forward(tiny_llama):
