@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="working directory for artifacts (default: runs/<timestamp>)")
 
+    p = sub.add_parser("sweep", help="run variants of a pipeline config (seeds, ablations), shared stages once")
+    p.add_argument("sweep", help="sweep file (YAML: config, experiment, set, variants)")
+    p.add_argument("--out", default=None, help="working directory (default: runs/<sweep file name>)")
+    p.add_argument("--jobs", type=int, default=1, help="stages run at the same time (processes)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="pipeline parameter for every variant (after the sweep file's own `set`)")
+    p.add_argument("--only", nargs="+", metavar="VARIANT", help="run these variants only")
+    p.add_argument("--dry-run", action="store_true", help="print the stage graph and exit")
+
     p = sub.add_parser("recommend", help="top-K recommendations from a model dir or models:/ URI")
     p.add_argument("--model", required=True)
     p.add_argument("--history", nargs="+", help="history titles, oldest first")
@@ -135,6 +144,7 @@ HANDLERS = {
     "evaluate": "gdrt_core.evaluate",
     "run": "gdrt_core.local_run",
     "recommend": "gdrt_core.recommend",
+    "sweep": "gdrt_core.sweep",
 }
 
 

@@ -104,6 +104,30 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     data[parts[-1]] = value
 
 
+def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
+    """A YAML file holding a mapping ({} when empty); missing file, bad YAML or a non-mapping is a GdrtError."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise GdrtError(f"{what} not found", path=str(path)) from None
+    except yaml.YAMLError as e:
+        raise GdrtError(f"invalid YAML: {e}", path=str(path)) from None
+    if not isinstance(loaded, dict):
+        raise GdrtError(f"the {what} must hold a mapping", path=str(path))
+    return loaded
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    """`key=value` (from --set) as (key, raw value)."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise GdrtError(f"override {item!r} is not of the form key=value", path="--set")
+    return key.strip(), value
+
+
 def load_config(
     cls: type[T],
     path: str | os.PathLike | None = None,
@@ -118,25 +142,14 @@ def load_config(
     data: dict = {}
     source = str(path) if path else "<command line>"
     if path:
-        import yaml
-
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise GdrtError("config file not found", path=str(path)) from None
-        except yaml.YAMLError as e:
-            raise GdrtError(f"invalid YAML: {e}", path=str(path)) from None
+        loaded = read_yaml(path)
         if section is not None:
             loaded = loaded.get(section, {}) or {}
-        if not isinstance(loaded, dict):
-            raise GdrtError("the config file must hold a mapping of settings", path=str(path))
+            if not isinstance(loaded, dict):
+                raise GdrtError(f"section {section!r} must hold a mapping of settings", path=str(path))
         data.update(loaded)
     for item in overrides or []:
-        if "=" not in item:
-            raise GdrtError(f"override {item!r} is not of the form key=value", path="--set")
-        k, v = item.split("=", 1)
-        _set_dotted(data, k.strip(), v)
+        _set_dotted(data, *parse_override(item))
     for k, v in explicit.items():
         if v is not None:
             _set_dotted(data, k, v)

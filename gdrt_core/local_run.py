@@ -31,19 +31,14 @@ def load_params(config: str | os.PathLike | None, overrides: list[str]) -> dict:
     """Pipeline parameters from the YAML file, then `key=value` overrides (YAML-typed values)."""
     import yaml
 
+    from gdrt_core.config import parse_override, read_yaml
+
     params: dict = {}
     path = Path(config) if config else DEFAULT_CONFIG
     if config or path.is_file():
-        try:
-            params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise GdrtError("pipeline config not found", path=str(path)) from None
-        except yaml.YAMLError as e:
-            raise GdrtError(f"invalid YAML: {e}", path=str(path)) from None
+        params = read_yaml(path, "pipeline config")
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise GdrtError(f"override {item!r} is not of the form key=value", path="--set")
+        key, value = parse_override(item)
         target = params
         *parents, last = key.split(".")
         for p in parents:

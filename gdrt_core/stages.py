@@ -22,6 +22,29 @@ STAGES: dict[str, tuple[str, str]] = {
     "attribute": ("gdrt_core.attribution", "AttributeConfig"),
     "evaluate": ("gdrt_core.evaluate", "EvalConfig"),
 }
+# The pipeline's parameters and their defaults (pipelines/gdrt_pipeline.py takes its defaults from here;
+# `gdrt sweep` fills what a config leaves out from here, without importing kfp).
+PIPELINE_DEFAULTS: dict[str, Any] = {
+    "source": "data/office",
+    "source_format": "sliding",
+    "domain": "office",
+    "base_model": "",
+    "experiment": "gdrt",
+    "run_name": "gdrt-office",
+    "tau": 1.0,
+    "num_groups": 4,
+    "prior": "uniform",
+    "num_gpus": 1,
+    "deepspeed": "zero2",
+    "eval_split": "test",
+    "curate_settings": {},
+    "model_settings": {"size": "small"},
+    "train_settings": {},
+    "group_settings": {},
+    "eval_settings": {},
+    "valid_eval_settings": {"limit": 500},
+    "attribute_settings": {},
+}
 PARENT_RUN_ENV = "GDRT_PARENT_RUN_ID"
 RUN_NAME_ENV = "GDRT_RUN_NAME"  # the stage's MLflow run name, e.g. "evaluate sft"
 

@@ -15,6 +15,7 @@ from components.register.component import register
 from components.report.component import report
 from components.tracking.component import start_tracking
 from components.train.component import train
+from gdrt_core.stages import PIPELINE_DEFAULTS as D
 from pipelines import resources
 
 PIPELINE_NAME = "gdrt"
@@ -79,25 +80,25 @@ def build_pipeline(*, cluster: bool = True, checkpoint_pvc=None):
 
     @dsl.pipeline(name=PIPELINE_NAME, description="GDRT vs SFT fine-tuning of an LLM recommender")
     def gdrt_pipeline(
-        source: str = "data/office",
-        source_format: str = "sliding",
-        domain: str = "office",
-        base_model: str = "",
-        experiment: str = "gdrt",
-        run_name: str = "gdrt-office",
-        tau: float = 1.0,
-        num_groups: int = 4,
-        prior: str = "uniform",
-        num_gpus: int = 1,
-        deepspeed: str = "zero2",
-        eval_split: str = "test",
-        curate_settings: dict = {},  # noqa: B006 - KFP parameter defaults
-        model_settings: dict = {"size": "small"},  # noqa: B006
-        train_settings: dict = {},  # noqa: B006
-        group_settings: dict = {},  # noqa: B006
-        eval_settings: dict = {},  # noqa: B006
-        valid_eval_settings: dict = {"limit": 500},  # noqa: B006
-        attribute_settings: dict = {},  # noqa: B006
+        source: str = D["source"],
+        source_format: str = D["source_format"],
+        domain: str = D["domain"],
+        base_model: str = D["base_model"],
+        experiment: str = D["experiment"],
+        run_name: str = D["run_name"],
+        tau: float = D["tau"],
+        num_groups: int = D["num_groups"],
+        prior: str = D["prior"],
+        num_gpus: int = D["num_gpus"],
+        deepspeed: str = D["deepspeed"],
+        eval_split: str = D["eval_split"],
+        curate_settings: dict = D["curate_settings"],
+        model_settings: dict = D["model_settings"],
+        train_settings: dict = D["train_settings"],
+        group_settings: dict = D["group_settings"],
+        eval_settings: dict = D["eval_settings"],
+        valid_eval_settings: dict = D["valid_eval_settings"],
+        attribute_settings: dict = D["attribute_settings"],
         parent_run_id: str = "",
     ) -> Markdown:
         start = start_tracking(experiment=experiment, run_name=run_name, params={

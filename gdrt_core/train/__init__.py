@@ -85,6 +85,7 @@ def validate(config: TrainConfig) -> None:
         raise GdrtError(f"ema must be in [0, 1), got {config.ema}", path="train config")
     if config.deepspeed is not None and config.deepspeed not in STAGES:
         raise GdrtError(f"deepspeed {config.deepspeed!r} is unknown", hint=f"use one of {', '.join(STAGES)}")
+    config.bf16 = str(config.bf16).lower()  # YAML / --set give a boolean for true and false
     if config.bf16 not in ("auto", "true", "false"):
         raise GdrtError(f"bf16 {config.bf16!r} is not auto, true or false", path="train config")
     for name in ("batch_size", "grad_accum", "num_gpus"):

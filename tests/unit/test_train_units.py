@@ -195,3 +195,16 @@ def test_select_best_needs_matching_eval_and_save_cadence():
         validate(cfg("eval_every=0", "save_every=200"))
     with pytest.raises(GdrtError, match="multiple of eval_every"):
         validate(cfg("eval_every=30", "save_every=100"))
+
+
+@pytest.mark.parametrize("value, expected", [("false", "false"), ("False", "false"), ("TRUE", "true"), ("auto", "auto")])
+def test_bf16_accepts_yaml_booleans(value, expected):
+    """`--set train_settings.bf16=false` arrives as a YAML boolean; it means the setting "false"."""
+    from gdrt_core.config import load_config
+    from gdrt_core.train import TrainConfig, validate
+
+    cfg = load_config(TrainConfig, None, [f"bf16={value}"], dataset="d", model="m", out="o")
+    validate(cfg)
+    assert cfg.bf16 == expected
+    with pytest.raises(GdrtError, match="bf16 'maybe'"):
+        validate(load_config(TrainConfig, None, ["bf16=maybe"], dataset="d", model="m", out="o"))

@@ -1,0 +1,488 @@
+"""`gdrt sweep`: many variants of one pipeline config (seeds, ablations), run with the pipeline's wiring.
+
+A sweep file names a pipeline config (the YAML `gdrt run` takes) and variants, each a set of overrides:
+
+    config: office.yaml              # relative to the sweep file
+    experiment: gdrt-office-sweep    # MLflow experiment of the sweep's runs
+    set: {train_settings.epochs: 3}  # overrides every variant gets
+    variants:
+      seed42: {pool: default}
+      seed43: {pool: default, set: {train_settings.seed: 43, model_settings.seed: 1}}
+      tau100: {set: {tau: 100}}
+      ref-base: {reference: base}    # group with the base model instead of SFT
+
+Each variant is the pipeline's graph: curate -> base model -> train SFT -> group (reference = SFT, or the
+base model) -> train GDRT -> evaluate both on `eval_split` -> attribute both -> report, plus GDRT on
+valid. The stages run through `stages.run_stage`, with the same inputs and settings as the pipeline's
+components. A stage that several variants share (same stage, settings and inputs: the SFT model of an
+ablation that changes only GDRT, say) runs once. Independent stages run in parallel, one process each
+(`--jobs`). A finished stage is not run again: re-running the same command after a crash resumes.
+Nothing is registered: a sweep compares configurations, it does not promote a model.
+
+Results: <out>/results.json (per variant: overrides, the SFT and GDRT rows, GDRT's valid metrics),
+<out>/results.md (per-variant table, and the variants of one `pool` as mean ± std) and <out>/results.png
+(NDCG@10, MGU@5 and the auxiliary share per pool, error bars = std). With tracking on,
+one parent MLflow run per sweep, the stages nested under it, and one summary run per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gdrt_core.errors import GdrtError
+
+REFERENCES = ("sft", "base")
+
+
+@dataclass
+class Variant:
+    name: str
+    params: dict  # the pipeline parameters, defaults filled in
+    overrides: dict  # what this variant sets (sweep-wide and its own), for the tables and MLflow
+    pool: str
+    reference: str = "sft"
+
+
+@dataclass
+class Node:
+    key: str
+    stage: str  # curate | init-model | train | group | evaluate | attribute | report
+    label: str
+    settings: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)  # plain arguments of run_stage
+    inputs: dict = field(default_factory=dict)  # argument -> key of the node whose output it takes
+
+    @property
+    def dirname(self) -> str:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.label).strip("-").lower()
+        return f"{slug}-{self.key[:8]}"
+
+
+@dataclass
+class Plan:
+    nodes: dict[str, Node]  # in dependency order
+    roles: dict[str, dict[str, str]]  # variant -> role -> node key
+    variants: dict[str, Variant]
+
+
+def _set_dotted(params: dict, key: str, value: Any, where: str) -> None:
+    from gdrt_core.stages import PIPELINE_DEFAULTS
+
+    *parents, last = key.split(".")
+    if key.split(".")[0] not in PIPELINE_DEFAULTS:
+        raise GdrtError(f"unknown pipeline parameter {key.split('.')[0]!r} (known: "
+                        f"{', '.join(PIPELINE_DEFAULTS)})", path=where)
+    target = params
+    for p in parents:
+        target = target.setdefault(p, {})
+        if not isinstance(target, dict):
+            raise GdrtError(f"{key!r}: {p!r} is not a settings dict", path=where)
+    target[last] = value
+
+
+def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[str] | None = None
+               ) -> tuple[str, dict[str, Variant]]:
+    """(experiment, variants) from a sweep file; `overrides` (key=value) apply to every variant."""
+    import yaml
+
+    from gdrt_core.config import parse_override, read_yaml
+    from gdrt_core.local_run import load_params
+    from gdrt_core.stages import PIPELINE_DEFAULTS
+
+    path = Path(path)
+    spec = read_yaml(path, "sweep file")
+    unknown = set(spec) - {"config", "experiment", "set", "variants"}
+    if unknown:
+        raise GdrtError(f"unknown keys {sorted(unknown)} (known: config, experiment, set, variants)", path=str(path))
+    if not spec.get("config"):
+        raise GdrtError("`config` (the pipeline config the variants start from) is missing", path=str(path))
+    variants_spec = spec.get("variants") or {}
+    if not isinstance(variants_spec, dict) or not variants_spec:
+        raise GdrtError("`variants` must map at least one variant name to its settings", path=str(path))
+    config_path = (path.parent / spec["config"]) if not Path(spec["config"]).is_absolute() else Path(spec["config"])
+    base = {**copy.deepcopy(PIPELINE_DEFAULTS), **load_params(config_path, [])}
+    common = dict(spec.get("set") or {})
+    for item in overrides:
+        key, value = parse_override(item)
+        common[key] = yaml.safe_load(value)
+    if only:
+        missing = [v for v in only if v not in variants_spec]
+        if missing:
+            raise GdrtError(f"no variant {missing} (variants: {', '.join(variants_spec)})", path=str(path))
+    variants: dict[str, Variant] = {}
+    for name, vspec in variants_spec.items():
+        if only and name not in only:
+            continue
+        vspec = vspec or {}
+        where = f"{path}: variant {name}"
+        unknown = set(vspec) - {"set", "pool", "reference"}
+        if unknown:
+            raise GdrtError(f"unknown keys {sorted(unknown)} (known: set, pool, reference)", path=where)
+        reference = vspec.get("reference", "sft")
+        if reference not in REFERENCES:
+            raise GdrtError(f"reference {reference!r} is not one of {REFERENCES}", path=where)
+        params = copy.deepcopy(base)
+        own = {**common, **(vspec.get("set") or {})}
+        for key, value in own.items():
+            _set_dotted(params, key, value, where)
+        variants[str(name)] = Variant(str(name), params, own, str(vspec.get("pool", name)), reference)
+    return spec.get("experiment") or base.get("experiment") or "gdrt", variants
+
+
+def _key(stage: str, settings: dict, values: dict, inputs: dict) -> str:
+    blob = json.dumps({"stage": stage, "settings": settings, "values": values, "inputs": inputs},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def plan(variants: dict[str, Variant]) -> Plan:
+    """The stage graph of all variants, shared stages merged (pure: no file is touched)."""
+    nodes: dict[str, Node] = {}
+    roles: dict[str, dict[str, str]] = {}
+
+    def add(stage: str, label: str, settings: dict | None = None, values: dict | None = None,
+            inputs: dict | None = None) -> str:
+        settings, values, inputs = dict(settings or {}), dict(values or {}), dict(inputs or {})
+        key = _key(stage, settings, values, inputs)
+        if key not in nodes:
+            nodes[key] = Node(key, stage, label, settings, values, inputs)
+        return key
+
+    for name, v in variants.items():
+        p = v.params
+        data = add("curate", f"curate {p['domain']}", p["curate_settings"],
+                   {"source": p["source"], "format": p["source_format"], "domain": p["domain"]})
+        base = add("init-model", f"base model {p['domain']}", p["model_settings"],
+                   {"base_model": p["base_model"]}, {"dataset": data})
+        train_values = {"num_gpus": p["num_gpus"], "deepspeed": p["deepspeed"] or None}
+        sft = add("train", f"train sft {name}", p["train_settings"], {**train_values, "objective": "sft"},
+                  {"dataset": data, "model": base})
+        reference = sft if v.reference == "sft" else base
+        groups = add("group", f"group {name}", p["group_settings"], {"num_groups": p["num_groups"]},
+                     {"dataset": data, "reference": reference})
+        gdrt = add("train", f"train gdrt {name}", p["train_settings"],
+                   {**train_values, "objective": "gdrt", "tau": p["tau"], "prior": p["prior"],
+                    "num_groups": p["num_groups"]},
+                   {"dataset": data, "model": base, "groups": groups})
+        role = {"data": data, "base": base, "sft": sft, "groups": groups, "gdrt": gdrt}
+        for label, model in (("sft", sft), ("gdrt", gdrt)):
+            role[f"eval_{label}"] = add("evaluate", f"evaluate {label} {name}", p["eval_settings"],
+                                        {"split": p["eval_split"]}, {"dataset": data, "model": model})
+            role[f"attr_{label}"] = add("attribute", f"attribute {label} {name}", p["attribute_settings"],
+                                        {"split": p["eval_split"]},
+                                        {"dataset": data, "model": model, "groups": groups})
+        role["valid_gdrt"] = add("evaluate", f"evaluate gdrt valid {name}", p["valid_eval_settings"],
+                                 {"split": "valid"}, {"dataset": data, "model": gdrt})
+        role["report"] = add("report", f"report {name}", {}, {"title": f"{p['run_name']} {name}"},
+                             {"sft_eval": role["eval_sft"], "gdrt_eval": role["eval_gdrt"],
+                              "sft_attr": role["attr_sft"], "gdrt_attr": role["attr_gdrt"]})
+        roles[name] = role
+    return Plan(nodes, roles, variants)
+
+
+def node_dir(out: Path, node: Node) -> Path:
+    return out / "stages" / node.dirname
+
+
+def done_path(out: Path, node: Node) -> Path:
+    """Written (atomically) once the node's stage has finished: its scalars and wall seconds."""
+    return out / "stages" / f"{node.dirname}.done.json"
+
+
+def node_spec(plan_: Plan, key: str, out: Path) -> dict:
+    """What the node's process needs: the stage, its settings and values, its inputs as paths."""
+    node = plan_.nodes[key]
+    return {"key": key, "stage": node.stage, "label": node.label, "settings": node.settings,
+            "values": node.values, "out": str(node_dir(out, node)), "done": str(done_path(out, node)),
+            "inputs": {name: str(node_dir(out, plan_.nodes[k])) for name, k in node.inputs.items()}}
+
+
+def run_spec(spec: dict) -> dict:
+    """Run one node's stage in this process, as the pipeline's component for that stage would."""
+    from gdrt_core.artifacts import write_json_atomic
+    from gdrt_core.stages import model_source, prepare_base_model, run_report, run_stage
+
+    t0 = time.time()
+    stage, inputs, out = spec["stage"], spec["inputs"], spec["out"]
+    if stage == "init-model":
+        result = prepare_base_model(spec["values"]["base_model"], spec["settings"], dataset=inputs["dataset"], out=out)
+    elif stage == "report":
+        result = run_report([("SFT", inputs["sft_eval"], inputs["sft_attr"]),
+                             ("GDRT", inputs["gdrt_eval"], inputs["gdrt_attr"])], out=out,
+                            title=spec["values"]["title"])
+    else:
+        values = {name: model_source(path) if name in ("model", "reference") else path
+                  for name, path in inputs.items()}
+        result = run_stage(stage, {**spec["settings"], "run_name": spec["label"]}, **spec["values"], **values,
+                           out=out)
+    write_json_atomic(spec["done"], {"label": spec["label"], "seconds": round(time.time() - t0, 1),
+                                     "result": result})
+    return result
+
+
+STAGE_RANK = {"curate": 0, "init-model": 0, "train": 0, "group": 0, "attribute": 1, "evaluate": 1, "report": 2}
+
+
+def execute(plan_: Plan, out: Path, jobs: int = 1, *, env: dict | None = None, stream=sys.stderr) -> dict[str, str]:
+    """Run the plan's unfinished nodes, `jobs` processes at a time, inputs first; returns {key: status}
+    (done | failed | skipped). A failed node skips what depends on it; the rest goes on."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    nodes = plan_.nodes
+    status = {k: "done" for k, n in nodes.items() if done_path(out, n).is_file()}
+    pending = [k for k in nodes if k not in status]
+    order = {k: i for i, k in enumerate(nodes)}
+    total, finished, t_start = len(pending), 0, time.time()
+    print(f"gdrt sweep: {len(nodes)} stages for {len(plan_.variants)} variants, {len(status)} already done, "
+          f"{total} to run, {jobs} at a time; logs in {out / 'logs'}", file=stream, flush=True)
+    running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    previous = _stop_on_sigterm()
+
+    def report(key: str, state: str, seconds: float) -> None:
+        nonlocal finished
+        finished += 1
+        print(f"[{finished:3d}/{total}] {nodes[key].label:<34} {state:<8} {seconds:7.1f} s "
+              f"(total {time.time() - t_start:7.1f} s)", file=stream, flush=True)
+
+    try:
+        while pending or running:
+            for key in list(pending):  # in dependency order, so skips propagate in one pass
+                deps = nodes[key].inputs.values()
+                if any(status.get(d) in ("failed", "skipped") for d in deps):
+                    status[key] = "skipped"
+                    pending.remove(key)
+                    report(key, "SKIPPED", 0.0)
+            ready = sorted((k for k in pending if all(status.get(d) == "done" for d in nodes[k].inputs.values())),
+                           key=lambda k: (STAGE_RANK[nodes[k].stage], order[k]))
+            for key in ready[: max(0, jobs - len(running))]:
+                pending.remove(key)
+                spec_path = out / "logs" / f"{nodes[key].dirname}.spec.json"
+                spec_path.write_text(json.dumps(node_spec(plan_, key, out), indent=2, default=str), encoding="utf-8")
+                log = open(out / "logs" / f"{nodes[key].dirname}.log", "ab")  # noqa: SIM115 - closed when it ends
+                child_env = {**os.environ, **(env or {}), "GDRT_RUN_NAME": nodes[key].label, "PYTHONUNBUFFERED": "1"}
+                proc = subprocess.Popen([sys.executable, "-m", "gdrt_core.sweep", "--node", str(spec_path)],
+                                        stdout=log, stderr=subprocess.STDOUT, env=child_env)
+                running[key] = (proc, time.time(), log)
+            for key, (proc, t0, log) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                log.close()
+                del running[key]
+                ok = rc == 0 and done_path(out, nodes[key]).is_file()
+                status[key] = "done" if ok else "failed"
+                report(key, "SUCCESS" if ok else f"FAILED ({rc})", time.time() - t0)
+                if not ok:
+                    print(f"    see {out / 'logs' / (nodes[key].dirname + '.log')}: {_last_line(out, nodes[key])}",
+                          file=stream, flush=True)
+            if not ready or len(running) >= jobs:
+                time.sleep(0.2)
+    except BaseException:
+        for proc, _, _log in running.values():
+            proc.terminate()
+        for proc, _, log in running.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return status
+
+
+def _stop_on_sigterm():
+    """SIGTERM (a scheduler's stop, `kill`) stops the sweep like Ctrl-C: running stages are terminated and
+    the results so far are written. Returns the previous handler (None off the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _last_line(out: Path, node: Node) -> str:
+    path = out / "logs" / f"{node.dirname}.log"
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    return lines[-1] if lines else "(empty log)"
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def model_row(out: Path, plan_: Plan, role: dict, label: str) -> dict:
+    """One model's row from whatever of its stages finished: test metrics, aux share, train s/epoch."""
+    from gdrt_core.results import train_s_per_epoch
+
+    nodes = plan_.nodes
+    row: dict[str, Any] = {"model": label.upper()}
+    if done_path(out, nodes[role[f"eval_{label}"]]).is_file():
+        row.update(_read_json(node_dir(out, nodes[role[f"eval_{label}"]]) / "metrics.json") or {})
+    attr = _read_json(node_dir(out, nodes[role[f"attr_{label}"]]) / "summary.json") \
+        if done_path(out, nodes[role[f"attr_{label}"]]).is_file() else None
+    row["aux_share"] = (attr or {}).get("aux_share")
+    if done_path(out, nodes[role[label]]).is_file():
+        row["train_s_per_epoch"] = train_s_per_epoch(node_dir(out, nodes[role[label]]))
+    return row
+
+
+def collect(plan_: Plan, out: Path) -> dict:
+    """Per variant: its overrides, reference, pool, the SFT and GDRT rows, GDRT's valid metrics, and the
+    keys of its SFT and GDRT trainings (shared trainings have the same key)."""
+    results = {}
+    for name, role in plan_.roles.items():
+        v = plan_.variants[name]
+        valid_node = plan_.nodes[role["valid_gdrt"]]
+        results[name] = {
+            "overrides": v.overrides, "reference": v.reference, "pool": v.pool,
+            "sft": model_row(out, plan_, role, "sft"), "gdrt": model_row(out, plan_, role, "gdrt"),
+            "gdrt_valid": _read_json(node_dir(out, valid_node) / "metrics.json")
+            if done_path(out, valid_node).is_file() else None,
+            "sft_key": role["sft"], "gdrt_key": role["gdrt"],
+        }
+    return results
+
+
+def pooled_rows(results: dict) -> dict[str, list[dict]]:
+    """{'<pool> SFT' / '<pool> GDRT': rows}: the variants of a pool pooled; an SFT training shared with
+    an earlier pool (the same model) is not listed again."""
+    pooled: dict[str, list[dict]] = {}
+    seen_sft: set[str] = set()
+    for pool in dict.fromkeys(r["pool"] for r in results.values()):
+        members = [r for r in results.values() if r["pool"] == pool]
+        sft_rows = {r["sft_key"]: r["sft"] for r in members}
+        if not set(sft_rows) <= seen_sft:
+            pooled[f"{pool} SFT"] = list(sft_rows.values())
+            seen_sft |= set(sft_rows)
+        pooled[f"{pool} GDRT"] = [r["gdrt"] for r in members]
+    return pooled
+
+
+def results_markdown(results: dict, title: str) -> str:
+    from gdrt_core.results import COLUMNS, markdown
+
+    lines = [f"# {title}", "", "## Variants pooled (mean ± sample std over the variants of a pool)", "",
+             markdown(pooled_rows(results)), "", "## Every variant", "",
+             "| variant | overrides | reference | model | " + " | ".join(h for h, _ in COLUMNS) + " | valid NDCG@10 |",
+             "| --- | --- | --- | --- | " + " | ".join("---:" for _ in COLUMNS) + " | ---: |"]
+    for name, r in results.items():
+        overrides = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "—"
+        for label in ("sft", "gdrt"):
+            row = r[label]
+            cells = [f"{row[k]:.0f}" if k == "train_s_per_epoch" and isinstance(row.get(k), (int, float))
+                     else f"{row[k]:.4f}" if isinstance(row.get(k), (int, float)) else "—" for _, k in COLUMNS]
+            valid = (r["gdrt_valid"] or {}).get("ndcg@10") if label == "gdrt" else None
+            valid_cell = f"{valid:.4f}" if isinstance(valid, (int, float)) else "—"
+            lines.append(f"| {name} | {overrides} | {r['reference']} | {label.upper()} | " + " | ".join(cells)
+                         + f" | {valid_cell} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _log_variants(parent: str, experiment: str, results: dict, out: Path, plan_: Plan) -> None:
+    """One MLflow run per variant under the sweep's parent run: overrides as params, test metrics."""
+    from gdrt_core.config import flatten
+    from gdrt_core.tracking import end_run, start_run
+
+    for name, r in results.items():
+        tracker = start_run(name, parent_run_id=parent, experiment=experiment, tags={"gdrt.stage": "sweep variant"})
+        tracker.log_params({**flatten(r["overrides"]), "reference": r["reference"], "pool": r["pool"]})
+        metrics = {}
+        for label in ("sft", "gdrt"):
+            metrics.update({f"{label}_{k}": v for k, v in r[label].items() if isinstance(v, (int, float))})
+        metrics.update({f"gdrt_valid_{k}": v for k, v in (r["gdrt_valid"] or {}).items() if isinstance(v, (int, float))})
+        tracker.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()})
+        report = plan_.nodes[plan_.roles[name]["report"]]
+        if done_path(out, report).is_file():
+            tracker.log_artifacts(node_dir(out, report), "report")
+        end_run(tracker)
+
+
+def run(sweep_file: str, out: str | os.PathLike, *, jobs: int = 1, overrides: list[str] = (),
+        only: list[str] | None = None, dry_run: bool = False, stream=sys.stderr) -> dict:
+    """Plan, run and collect a sweep; returns the per-variant results (written to <out>/results.*)."""
+    from gdrt_core.artifacts import write_json_atomic
+    from gdrt_core.tracking import finish_run, start_pipeline_run, tracking_enabled
+
+    experiment, variants = load_sweep(sweep_file, list(overrides), only)
+    plan_ = plan(variants)
+    out = Path(out)
+    if dry_run:
+        for key, node in plan_.nodes.items():
+            users = [n for n, role in plan_.roles.items() if key in role.values()]
+            deps = ", ".join(plan_.nodes[k].label for k in node.inputs.values()) or "—"
+            print(f"{node.label:<34} <- {deps}   (variants: {', '.join(users)})", file=stream)
+        return {}
+    parent = ""
+    if tracking_enabled():
+        parent = start_pipeline_run(experiment, f"sweep {Path(sweep_file).stem}",
+                                    {"sweep": str(sweep_file), "variants": ",".join(variants), "out": str(out)})
+    status: dict[str, str] = {}
+    try:
+        status = execute(plan_, out, jobs, env={"GDRT_PARENT_RUN_ID": parent} if parent else None, stream=stream)
+    finally:
+        results = collect(plan_, out)
+        write_json_atomic(out / "results.json", results)
+        tmp = out / ".results.md.tmp"
+        tmp.write_text(results_markdown(results, f"gdrt sweep {Path(sweep_file).name}"), encoding="utf-8")
+        os.replace(tmp, out / "results.md")
+        pooled = pooled_rows(results)
+        if any(isinstance(r.get("ndcg@10"), float) for rows in pooled.values() for r in rows):
+            from gdrt_core.results import plot
+
+            plot(pooled, out / "results.png")
+        failed = [plan_.nodes[k].label for k, s in status.items() if s != "done"]
+        if parent:
+            _log_variants(parent, experiment, results, out, plan_)
+            finish_run(parent, "FAILED" if failed or len(status) < len(plan_.nodes) else "FINISHED")
+    if failed:
+        raise GdrtError(f"{len(failed)} stage(s) failed or were skipped: {', '.join(failed[:6])}"
+                        + (" ..." if len(failed) > 6 else ""), path=str(out / "logs"),
+                        hint="fix the cause and run the same command again: finished stages are kept")
+    return results
+
+
+def cli(args: argparse.Namespace) -> None:
+    if not args.dry_run:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    out = Path(args.out or Path("runs") / Path(args.sweep).stem)
+    results = run(args.sweep, out, jobs=args.jobs, overrides=args.overrides, only=args.only or None,
+                  dry_run=args.dry_run)
+    if results:
+        print((out / "results.md").read_text(encoding="utf-8"))
+        print(f"results: {out / 'results.md'} and {out / 'results.json'}")
+
+
+def _node_main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    try:
+        run_spec(spec)
+    except GdrtError as e:
+        print(f"gdrt sweep: {spec['label']}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--node":
+        sys.exit(_node_main(sys.argv[2]))
+    sys.exit("usage: python -m gdrt_core.sweep --node SPEC.json (internal; use `gdrt sweep`)")

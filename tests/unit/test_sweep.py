@@ -1,0 +1,121 @@
+"""gdrt sweep: the sweep file, the shared-stage plan, pooling, and failure handling (no model is trained)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import yaml
+
+from gdrt_core import results, sweep
+from gdrt_core.errors import GdrtError
+
+
+def _write(tmp_path, variants, **extra):
+    config = {"source": "data/office", "tau": 1.0, "num_groups": 4, "train_settings": {"epochs": 1, "seed": 42},
+              "model_settings": {"size": "tiny", "seed": 0}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    spec = {"config": "cfg.yaml", "variants": variants, **extra}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return tmp_path / "sweep.yaml"
+
+
+def test_load_sweep_fills_defaults_and_merges_overrides(tmp_path):
+    path = _write(tmp_path, {"a": {"pool": "p"}, "b": {"pool": "p", "set": {"train_settings.seed": 7}},
+                             "t": {"set": {"tau": 100, "train_settings.epochs": 2}}, "r": {"reference": "base"}},
+                  set={"train_settings.epochs": 3}, experiment="exp")
+    experiment, variants = sweep.load_sweep(path, ["num_groups=8"])
+    assert experiment == "exp"
+    assert list(variants) == ["a", "b", "t", "r"]
+    a, b, t, r = variants.values()
+    assert a.params["valid_eval_settings"] == {"limit": 500}  # pipeline default filled in
+    assert a.params["train_settings"] == {"epochs": 3, "seed": 42} and a.params["num_groups"] == 8
+    assert b.params["train_settings"] == {"epochs": 3, "seed": 7} and b.pool == "p"
+    assert t.params["train_settings"]["epochs"] == 2 and t.params["tau"] == 100 and t.pool == "t"
+    assert r.reference == "base" and a.reference == "sft"
+    assert t.overrides == {"train_settings.epochs": 2, "num_groups": 8, "tau": 100}
+
+
+@pytest.mark.parametrize("variants, extra, message", [
+    ({"a": {"set": {"tua": 1}}}, {}, "unknown pipeline parameter 'tua'"),
+    ({"a": {"sett": {}}}, {}, "unknown keys ['sett']"),
+    ({"a": {"reference": "sft2"}}, {}, "reference 'sft2'"),
+    ({}, {}, "`variants` must map"),
+    ({"a": {}}, {"runs": 1}, "unknown keys ['runs']"),
+])
+def test_load_sweep_errors_name_the_problem(tmp_path, variants, extra, message):
+    path = _write(tmp_path, variants, **extra)
+    with pytest.raises(GdrtError) as e:
+        sweep.load_sweep(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_load_sweep_only_and_missing_file(tmp_path):
+    path = _write(tmp_path, {"a": {}, "b": {}})
+    assert list(sweep.load_sweep(path, only=["b"])[1]) == ["b"]
+    with pytest.raises(GdrtError, match=r"no variant \['c'\]"):
+        sweep.load_sweep(path, only=["c"])
+    with pytest.raises(GdrtError, match="sweep file not found"):
+        sweep.load_sweep(tmp_path / "nope.yaml")
+
+
+def test_plan_shares_identical_stages_and_wires_the_reference(tmp_path):
+    path = _write(tmp_path, {"a": {}, "t": {"set": {"tau": 100}}, "g": {"set": {"num_groups": 2}},
+                             "s": {"set": {"train_settings.seed": 7}}, "r": {"reference": "base"}})
+    p = sweep.plan(sweep.load_sweep(path)[1])
+    roles = p.roles
+    # the ablations change GDRT only: one SFT training for a, t, g, r; another for the seed variant
+    assert roles["a"]["sft"] == roles["t"]["sft"] == roles["g"]["sft"] == roles["r"]["sft"] != roles["s"]["sft"]
+    assert roles["a"]["groups"] == roles["t"]["groups"] != roles["g"]["groups"]
+    assert len({roles[v]["gdrt"] for v in roles}) == 5
+    assert p.nodes[roles["r"]["groups"]].inputs["reference"] == roles["r"]["base"]
+    assert p.nodes[roles["a"]["groups"]].inputs["reference"] == roles["a"]["sft"]
+    assert p.nodes[roles["t"]["gdrt"]].values["tau"] == 100
+    assert "tau" not in p.nodes[roles["a"]["sft"]].values  # SFT does not depend on the GDRT knobs
+    trains = [n for n in p.nodes.values() if n.stage == "train"]
+    assert len(trains) == 2 + 5
+    order = list(p.nodes)
+    for key, node in p.nodes.items():  # inputs come first
+        assert all(order.index(dep) < order.index(key) for dep in node.inputs.values())
+    assert len({n.dirname for n in p.nodes.values()}) == len(p.nodes)
+
+
+def test_pooled_rows_count_a_shared_sft_training_once():
+    row = lambda v: {"ndcg@10": v}  # noqa: E731
+    res = {
+        "s42": {"pool": "default", "sft_key": "k42", "sft": row(0.1), "gdrt": row(0.2)},
+        "s43": {"pool": "default", "sft_key": "k43", "sft": row(0.3), "gdrt": row(0.4)},
+        "tau": {"pool": "tau", "sft_key": "k42", "sft": row(0.1), "gdrt": row(0.5)},
+    }
+    pooled = sweep.pooled_rows(res)
+    assert list(pooled) == ["default SFT", "default GDRT", "tau GDRT"]
+    mean, std, n = results.summarize([r["ndcg@10"] for r in pooled["default SFT"]])
+    assert n == 2 and mean == pytest.approx(0.2) and std == pytest.approx(math.sqrt(0.02))
+    table = results.markdown(pooled, columns=(("NDCG@10", "ndcg@10"),))
+    assert "| default SFT | 2 | 0.2000 ± 0.1414 |" in table and "| tau GDRT | 1 | 0.5000 |" in table
+
+
+def test_summarize_and_train_seconds(tmp_path):
+    assert results.summarize([None, "x", True]) == (None, None, 0)
+    assert results.summarize([2.0, None]) == (2.0, None, 1)
+    (tmp_path / "train_metrics.json").write_text(json.dumps({"train_runtime": 90.0, "epoch": 3.0}))
+    assert results.train_s_per_epoch(tmp_path) == 30.0
+    assert results.train_s_per_epoch(tmp_path / "missing") is None
+
+
+def test_failed_stage_skips_its_dependents_and_keeps_the_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    config = {"source": str(tmp_path / "no-such-source"), "model_settings": {"size": "tiny"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"config": "cfg.yaml", "variants": {"a": {}}}))
+    stream = io.StringIO()
+    with pytest.raises(GdrtError, match="11 stage"):
+        sweep.run(str(tmp_path / "sweep.yaml"), tmp_path / "out", stream=stream)
+    log = stream.getvalue()
+    assert "curate office" in log and "FAILED" in log and log.count("SKIPPED") == 10
+    assert "see " in log  # the failing stage's log is named
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["a"]["sft"] == {"model": "SFT", "aux_share": None}
+    assert not list((tmp_path / "out" / "stages").glob("*.done.json"))
