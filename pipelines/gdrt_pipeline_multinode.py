@@ -15,6 +15,7 @@ from components.image import IMAGE
 from components.init_model.component import init_model
 from components.tracking.component import start_tracking
 from components.train_job.component import train_job
+from gdrt_core.stages import PIPELINE_DEFAULTS as D
 from pipelines import resources
 from pipelines.gdrt_pipeline import evaluate_report_register, sft_group_gdrt
 
@@ -28,30 +29,30 @@ def build_multinode_pipeline():
 
     @dsl.pipeline(name=PIPELINE_NAME, description="GDRT vs SFT fine-tuning, training as multi-node TrainJobs")
     def gdrt_multinode_pipeline(
-        source: str = "data/office",
-        source_format: str = "sliding",
-        domain: str = "office",
-        base_model: str = "",
-        experiment: str = "gdrt",
-        run_name: str = "gdrt-office",
-        tau: float = 1.0,
-        num_groups: int = 4,
-        prior: str = "uniform",
+        source: str = D["source"],
+        source_format: str = D["source_format"],
+        domain: str = D["domain"],
+        base_model: str = D["base_model"],
+        experiment: str = D["experiment"],
+        run_name: str = D["run_name"],
+        tau: float = D["tau"],
+        num_groups: int = D["num_groups"],
+        prior: str = D["prior"],
         num_nodes: int = 2,
         gpus_per_node: int = 8,
         runtime: str = "deepspeed-distributed",
         train_image: str = IMAGE,
         shared_pvc: str = DEFAULT_PVC,
-        deepspeed: str = "zero2",
-        eval_split: str = "test",
-        curate_settings: dict = {},  # noqa: B006 - KFP parameter defaults
-        model_settings: dict = {"size": "small"},  # noqa: B006
-        train_settings: dict = {},  # noqa: B006
+        deepspeed: str = D["deepspeed"],
+        eval_split: str = D["eval_split"],
+        curate_settings: dict = D["curate_settings"],
+        model_settings: dict = D["model_settings"],
+        train_settings: dict = D["train_settings"],
         trainjob_settings: dict = {"launcher": "mpi"},  # noqa: B006
-        group_settings: dict = {},  # noqa: B006
-        eval_settings: dict = {},  # noqa: B006
-        valid_eval_settings: dict = {"limit": 500},  # noqa: B006
-        attribute_settings: dict = {},  # noqa: B006
+        group_settings: dict = D["group_settings"],
+        eval_settings: dict = D["eval_settings"],
+        valid_eval_settings: dict = D["valid_eval_settings"],
+        attribute_settings: dict = D["attribute_settings"],
         parent_run_id: str = "",
     ) -> Markdown:
         start = start_tracking(experiment=experiment, run_name=run_name, params={
