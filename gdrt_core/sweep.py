@@ -232,7 +232,8 @@ def run_spec(spec: dict) -> dict:
     return result
 
 
-STAGE_RANK = {"curate": 0, "init-model": 0, "train": 0, "group": 0, "attribute": 1, "evaluate": 1, "report": 2}
+# trainings first (everything waits on them), then the cheap evaluations, then the attributions
+STAGE_RANK = {"curate": 0, "init-model": 0, "train": 0, "group": 0, "evaluate": 1, "attribute": 2, "report": 3}
 
 
 def execute(plan_: Plan, out: Path, jobs: int = 1, *, env: dict | None = None, stream=sys.stderr) -> dict[str, str]:
