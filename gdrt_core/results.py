@@ -65,8 +65,11 @@ def plot(pooled: dict[str, list[dict]], path: str | Path, panels=PLOT_PANELS) ->
     import matplotlib.pyplot as plt
 
     labels = list(pooled)
-    width = max(10.0, 0.55 * len(labels) * len(panels))
-    fig, axes = plt.subplots(1, len(panels), figsize=(width, 3.6))
+    panels = [(title, key) for title, key in panels  # a metric nobody has (e.g. no attribution yet) is left out
+              if any(summarize([r.get(key) for r in rows])[0] is not None for rows in pooled.values())] or panels[:1]
+    width = max(3.5 * len(panels), 0.55 * len(labels) * len(panels))
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 3.6), squeeze=False)
+    axes = axes[0]
     palette = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c",
                "#ccb974", "#64b5cd"]
     for ax, (title, key) in zip(axes, panels, strict=True):

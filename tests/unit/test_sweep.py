@@ -119,3 +119,17 @@ def test_failed_stage_skips_its_dependents_and_keeps_the_results(tmp_path, monke
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["a"]["sft"] == {"model": "SFT", "aux_share": None}
     assert not list((tmp_path / "out" / "stages").glob("*.done.json"))
+
+
+def test_plot_leaves_out_a_metric_no_model_has(tmp_path):
+    pooled = {"SFT": [{"ndcg@10": 0.03, "mgu@5": 0.1}], "GDRT": [{"ndcg@10": 0.02, "mgu@5": 0.12},
+                                                              {"ndcg@10": 0.04, "mgu@5": 0.08}]}
+    results.plot(pooled, tmp_path / "p.png")
+    from PIL import Image
+
+    with Image.open(tmp_path / "p.png") as image:  # two panels: narrower than the three-panel figure
+        two_wide = image.size[0]
+    pooled["SFT"][0]["aux_share"] = 0.8
+    results.plot(pooled, tmp_path / "q.png")
+    with Image.open(tmp_path / "q.png") as image:
+        assert image.size[0] > two_wide
