@@ -63,11 +63,12 @@ class Node:
     settings: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)  # plain arguments of run_stage
     inputs: dict = field(default_factory=dict)  # argument -> key of the node whose output it takes
+    dirname: str = ""  # <label slug>-<key prefix>; an earlier sweep's name for the same key is adopted
 
-    @property
-    def dirname(self) -> str:
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.label).strip("-").lower()
-        return f"{slug}-{self.key[:8]}"
+    def __post_init__(self):
+        if not self.dirname:
+            slug = re.sub(r"[^A-Za-z0-9]+", "-", self.label).strip("-").lower()
+            self.dirname = f"{slug}-{self.key[:8]}"
 
 
 @dataclass
@@ -190,6 +191,28 @@ def plan(variants: dict[str, Variant]) -> Plan:
                               "sft_attr": role["attr_sft"], "gdrt_attr": role["attr_gdrt"]})
         roles[name] = role
     return Plan(nodes, roles, variants)
+
+
+def adopt_existing(plan_: Plan, out: Path) -> None:
+    """Find each node's earlier output by its key, whatever it was named after: a stage first run by a
+    sweep over other variants (or another `--only`) carries another variant's name. Finished stages win
+    over unfinished directories."""
+    stages = out / "stages"
+    if not stages.is_dir():
+        return
+    finished, started = {}, {}
+    for path in stages.iterdir():
+        if path.name.startswith("."):
+            continue
+        if path.name.endswith(".done.json"):
+            name = path.name[: -len(".done.json")]
+            finished.setdefault(name.rsplit("-", 1)[-1], name)
+        elif path.is_dir():
+            started.setdefault(path.name.rsplit("-", 1)[-1], path.name)
+    for node in plan_.nodes.values():
+        name = finished.get(node.key[:8]) or started.get(node.key[:8])
+        if name:
+            node.dirname = name
 
 
 def node_dir(out: Path, node: Node) -> Path:
@@ -427,6 +450,7 @@ def run(sweep_file: str, out: str | os.PathLike, *, jobs: int = 1, overrides: li
     experiment, variants = load_sweep(sweep_file, list(overrides), only)
     plan_ = plan(variants)
     out = Path(out)
+    adopt_existing(plan_, out)
     if dry_run:
         for key, node in plan_.nodes.items():
             users = [n for n, role in plan_.roles.items() if key in role.values()]

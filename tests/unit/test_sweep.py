@@ -133,3 +133,22 @@ def test_plot_leaves_out_a_metric_no_model_has(tmp_path):
     results.plot(pooled, tmp_path / "q.png")
     with Image.open(tmp_path / "q.png") as image:
         assert image.size[0] > two_wide
+
+
+def test_a_stage_run_under_another_variant_name_is_found_by_its_key(tmp_path):
+    path = _write(tmp_path, {"a": {}, "t": {"set": {"tau": 100}}})
+    full = sweep.plan(sweep.load_sweep(path)[1])
+    sft = full.nodes[full.roles["a"]["sft"]]
+    assert sft.dirname.startswith("train-sft-a-")
+    out = tmp_path / "out"
+    sweep.node_dir(out, sft).mkdir(parents=True)
+    sweep.done_path(out, sft).write_text("{}")
+    (out / "stages" / f"train-sft-t-{sft.key[:8]}").mkdir()  # an unfinished run of the same stage, other name
+
+    only_t = sweep.plan(sweep.load_sweep(path, only=["t"])[1])
+    t_sft = only_t.nodes[only_t.roles["t"]["sft"]]
+    assert t_sft.key == sft.key and t_sft.dirname.startswith("train-sft-t-")
+    sweep.adopt_existing(only_t, out)
+    assert t_sft.dirname == sft.dirname and sweep.done_path(out, t_sft).is_file()
+    gdrt = only_t.nodes[only_t.roles["t"]["gdrt"]]
+    assert gdrt.dirname.startswith("train-gdrt-t-")  # nothing earlier: keeps its own name
