@@ -11,6 +11,15 @@ Eval artifact:
   top-5 / top-10 vs in the evaluated histories).
 
 The split is read in chunks; inside a chunk prompts are batched by similar length (less padding).
+
+Popularity baselines instead of a model (`--model baseline:...`): every example gets the same ranking,
+the titles counted most often (a title counts the sum of its ids), with the count as score. They load no
+model and write the same artifact. They are the reference a recommender must beat to show that it uses
+the history at all:
+
+- `baseline:most-popular`: by training interactions (items.parquet `popularity`);
+- `baseline:most-popular-valid`: by the targets of the valid split, the period just before test (only
+  meaningful for `--split test`: on valid it reads its own answers).
 """
 
 from __future__ import annotations
@@ -29,12 +38,13 @@ from gdrt_core.errors import GdrtError
 PREDICTIONS_FILE = "predictions.parquet"
 METRICS_FILE = "metrics.json"
 PLOTS_DIR = "plots"
+BASELINES = ("baseline:most-popular", "baseline:most-popular-valid")
 
 
 @dataclass
 class EvalConfig:
     dataset: str = field(help="Dataset artifact directory")
-    model: str = field(help="model directory or hub id (a PEFT adapter directory works too)")
+    model: str = field(help=f"model directory or hub id (a PEFT adapter directory works too), or one of {', '.join(BASELINES)}")
     out: str = field(help="output Eval directory")
     split: str = field("test", help="split to evaluate: train | valid | test")
     limit: int | None = field(None, help="evaluate only the first N examples of the split (quick looks)")
@@ -105,6 +115,28 @@ def _split_batches(dataset, split: str, limit: int | None, chunk_size: int):
         yield total, batch
 
 
+def most_popular_titles(titles: dict[int, str], counts: dict[int, int], n: int) -> list[tuple[str, int]]:
+    """The n titles counted most often, as (title, count), most first. A title's count is the sum over its
+    item ids (hits are title-level); ties go to the alphabetically first title, so the ranking is
+    deterministic. Ids missing from `counts` count 0."""
+    per_title: dict[str, int] = {}
+    for item, title in titles.items():
+        per_title[title] = per_title.get(title, 0) + int(counts.get(item, 0))
+    return sorted(per_title.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
+def baseline_counts(dataset, name: str) -> dict[int, int]:
+    """Item id -> count for the popularity baseline `name` (one of BASELINES)."""
+    if name == "baseline:most-popular":
+        items = dataset.items
+        return dict(zip(items.column("item_id").to_pylist(), items.column("popularity").to_pylist(), strict=True))
+    if name == "baseline:most-popular-valid":
+        from collections import Counter
+
+        return dict(Counter(dataset.split("valid").column("target").to_pylist()))
+    raise GdrtError(f"unknown baseline {name!r}", hint=f"one of {', '.join(BASELINES)}")
+
+
 def _check(config: EvalConfig) -> None:
     if not 1 <= config.num_beams <= 127:  # ranks are stored as int8
         raise GdrtError(f"num_beams must be in 1..127, got {config.num_beams}", hint="e.g. --num-beams 10")
@@ -132,7 +164,7 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
 
     from gdrt_core.artifacts import MANIFEST, atomic_output_dir, write_json_atomic, write_manifest
     from gdrt_core.dataset import Dataset
-    from gdrt_core.generation import BeamSearchSettings, rank_prompts
+    from gdrt_core.generation import BeamSearchSettings, Ranking, rank_prompts
     from gdrt_core.metrics import METRIC_KEYS, TitleCatalogue, compute_metrics, fairness_at_k
     from gdrt_core.prompts import render
     from gdrt_core.tokenization import tokenize_prompt
@@ -151,18 +183,35 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
         ("example_id", pa.int64()), ("rank", pa.int8()), ("title", pa.string()), ("score", pa.float32()),
     ])
     with stage_run("evaluate", to_dict(config)) as tracker:
-        if model is None or tokenizer is None:
-            from gdrt_core.models import ModelConfig, load_model_and_tokenizer
-
-            model, tokenizer = load_model_and_tokenizer(
-                config.model, ModelConfig(dtype=config.dtype, device=config.device, padding_side="left"),
-                merge_adapter=True,  # a LoRA adapter folded into the weights: plain, faster forward passes
-            )
-        model.eval()
-        device = next(model.parameters()).device
         titles = dataset.titles
-        trie = build_trie(tokenizer, titles).to_torch(device)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        n_return = config.num_return_sequences or config.num_beams
+        if config.model.startswith("baseline:"):
+            top = most_popular_titles(titles, baseline_counts(dataset, config.model), n_return)
+            fixed = Ranking([t for t, _ in top], [float(c) for _, c in top], [])
+
+            def rank_chunk(hist_lists, on_batch):
+                on_batch(len(hist_lists))
+                return [fixed] * len(hist_lists)
+        else:
+            if model is None or tokenizer is None:
+                from gdrt_core.models import ModelConfig, load_model_and_tokenizer
+
+                model, tokenizer = load_model_and_tokenizer(
+                    config.model, ModelConfig(dtype=config.dtype, device=config.device, padding_side="left"),
+                    merge_adapter=True,  # a LoRA adapter folded into the weights: plain, faster forward passes
+                )
+            model.eval()
+            trie = build_trie(tokenizer, titles).to_torch(next(model.parameters()).device)
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+            def rank_chunk(hist_lists, on_batch):
+                prompts = [
+                    tokenize_prompt(tokenizer, render(dataset.domain, [titles[h] for h in hist])).input_ids
+                    for hist in hist_lists
+                ]
+                with torch.inference_mode():
+                    return rank_prompts(model, trie, prompts, settings, batch_size=config.batch_size,
+                                        pad_token_id=pad_id, on_batch=on_batch)
 
         rankings: list[list[str]] = []
         targets: list[str] = []
@@ -178,16 +227,7 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
                                    disable=not config.progress)
                     ids = batch.column("example_id").to_numpy()
                     hist_col = batch.column("history")
-                    hist_lists = hist_col.to_pylist()
-                    prompts = [
-                        tokenize_prompt(tokenizer, render(dataset.domain, [titles[h] for h in hist])).input_ids
-                        for hist in hist_lists
-                    ]
-                    with torch.inference_mode():
-                        chunk_rankings = rank_prompts(
-                            model, trie, prompts, settings, batch_size=config.batch_size, pad_token_id=pad_id,
-                            on_batch=bar.update,
-                        )
+                    chunk_rankings = rank_chunk(hist_col.to_pylist(), bar.update)
                     rows = {"example_id": [], "rank": [], "title": [], "score": []}
                     for eid, ranking in zip(ids.tolist(), chunk_rankings, strict=True):
                         rankings.append(ranking.titles)

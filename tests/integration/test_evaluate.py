@@ -107,3 +107,40 @@ def test_evaluate_logs_to_mlflow(tmp_path, office_slice, tiny_model, monkeypatch
     assert mlflow_run.data.metrics["ndcg_at_10"] == pytest.approx(metrics["ndcg@10"])
     assert mlflow_run.data.metrics["examples_per_second"] > 0
     assert "popular_share_at_10" in mlflow_run.data.metrics and "gh/0" in mlflow_run.data.metrics
+
+
+def test_popularity_baselines_rank_without_a_model(tmp_path, office_slice, monkeypatch, capsys):
+    """baseline:most-popular(-valid) give every example the same ranking (most_popular_titles, tested by
+    hand in tests/unit/test_metrics.py), and the metrics are computed exactly as for a model."""
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.evaluate import baseline_counts, most_popular_titles
+    from gdrt_core.metrics import TitleCatalogue, compute_metrics
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    dataset = Dataset(office_slice)
+    titles = dataset.titles
+    test = dataset.split("test").to_pylist()
+    valid_targets = dataset.split("valid").column("target").to_pylist()
+    assert baseline_counts(dataset, "baseline:most-popular-valid") == {
+        t: valid_targets.count(t) for t in set(valid_targets)
+    }
+    for name in ("baseline:most-popular", "baseline:most-popular-valid"):
+        out = tmp_path / name.split(":")[1]
+        assert main(["evaluate", "--dataset", str(office_slice), "--model", name, "--out", str(out),
+                     "--num-beams", "5"]) == 0
+        expected = most_popular_titles(titles, baseline_counts(dataset, name), 5)
+        table = pq.read_table(out / "predictions.parquet").to_pylist()
+        assert len(table) == 5 * len(test)
+        for eid in {r["example_id"] for r in table}:  # every example, the same five titles and scores
+            assert [(r["title"], r["score"]) for r in table if r["example_id"] == eid] == [
+                (t, float(c)) for t, c in expected
+            ]
+        want = compute_metrics([[t for t, _ in expected]] * len(test), [titles[r["target"]] for r in test],
+                               [r["history"] for r in test], TitleCatalogue.from_dataset(dataset))
+        got = json.loads((out / "metrics.json").read_text())
+        assert got == pytest.approx({k: want[k] for k in got})
+
+    assert main(["evaluate", "--dataset", str(office_slice), "--model", "baseline:random",
+                 "--out", str(tmp_path / "bad")]) != 0
+    assert "unknown baseline 'baseline:random'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

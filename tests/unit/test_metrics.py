@@ -220,3 +220,13 @@ def test_catalogue_from_the_office_dataset(office_dataset):
     assert len(shared) == 3
     for title, ids in shared.items():
         assert popularity[cat.item_of_title[title]] == max(popularity[i] for i in ids)
+
+
+def test_most_popular_titles_sums_ids_of_a_title_and_breaks_ties_by_title():
+    from gdrt_core.evaluate import most_popular_titles
+
+    titles = {1: "Pen", 2: "Ink", 3: "Pen", 4: "Binder", 5: "Apple", 6: "Desk"}
+    counts = {1: 2, 2: 3, 3: 2, 4: 3, 5: 1}  # Pen = 2 + 2 = 4 beats Ink 3; Binder ties Ink, comes first
+    assert most_popular_titles(titles, counts, 3) == [("Pen", 4), ("Binder", 3), ("Ink", 3)]
+    # an id without a count counts 0, and n larger than the catalogue returns all titles
+    assert most_popular_titles(titles, counts, 10)[-2:] == [("Apple", 1), ("Desk", 0)]
