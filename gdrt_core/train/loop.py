@@ -63,6 +63,21 @@ def _use_bf16(setting: str) -> bool:
     return setting == "true"
 
 
+def weights_dtype(config: TrainConfig) -> str:
+    """The dtype the model's weights are loaded (and kept) in.
+
+    bf16 full fine-tuning keeps float32 weights: the Trainer's autocast computes in bfloat16, and the
+    optimiser updates float32 master weights. In bfloat16 weights (8 mantissa bits) an update smaller than
+    about 1/256 of the weight rounds away, and training stalls (docs/benchmarks.md, "bf16 master weights").
+    The weights are bfloat16 only where something else keeps the float32 copy or nothing updates them:
+    DeepSpeed (its bf16 optimiser holds float32 master partitions) and LoRA (the base is frozen; PEFT keeps
+    the adapters in float32).
+    """
+    if not _use_bf16(config.bf16):
+        return "float32"
+    return "bfloat16" if config.lora or config.deepspeed else "float32"
+
+
 def training_arguments(config: TrainConfig, work_dir: Path, *, has_valid: bool):
     """TrainingArguments from the TrainConfig (the one place where the Trainer's knobs are set)."""
     import torch
@@ -203,7 +218,7 @@ def _prepare_model(config: TrainConfig):
     from gdrt_core.models import ModelConfig, load_model, load_tokenizer, prepare_for_training
 
     model_cfg = ModelConfig(
-        dtype="bfloat16" if _use_bf16(config.bf16) else "float32", device="none",
+        dtype=weights_dtype(config), device="none",
         trust_remote_code=config.trust_remote_code, lora=config.lora, lora_r=config.lora_r,
         lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         lora_target_modules=list(config.lora_target_modules),

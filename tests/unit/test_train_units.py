@@ -208,3 +208,34 @@ def test_bf16_accepts_yaml_booleans(value, expected):
     assert cfg.bf16 == expected
     with pytest.raises(GdrtError, match="bf16 'maybe'"):
         validate(load_config(TrainConfig, None, ["bf16=maybe"], dataset="d", model="m", out="o"))
+
+
+@pytest.mark.parametrize("sets, expected", [
+    (["bf16=false", "lora=false"], "float32"),
+    (["bf16=true", "lora=false"], "float32"),  # full fine-tuning: float32 master weights, bf16 autocast
+    (["bf16=true", "lora=true"], "bfloat16"),  # frozen base; PEFT keeps the adapters in float32
+    (["bf16=true", "lora=false", "deepspeed=zero2"], "bfloat16"),  # DeepSpeed's bf16 optimiser: fp32 masters
+    (["bf16=false", "lora=true"], "float32"),
+])
+def test_weights_dtype_keeps_float32_masters_for_full_fine_tuning(sets, expected):
+    from gdrt_core.config import load_config
+    from gdrt_core.train import TrainConfig
+    from gdrt_core.train.loop import weights_dtype
+
+    assert weights_dtype(load_config(TrainConfig, None, sets, dataset="d", model="m", out="o")) == expected
+
+
+def test_lora_adapters_stay_float32_on_a_bfloat16_base():
+    """What weights_dtype relies on for LoRA: the trainable adapter tensors are float32 on a bf16 base."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gdrt_core.models import ModelConfig, prepare_for_training
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = prepare_for_training(model, ModelConfig(dtype="bfloat16", device="none", lora=True, lora_r=2))
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trainable == {torch.float32} and frozen == {torch.bfloat16}
