@@ -32,8 +32,7 @@ MODES = {"fp32": ("false", None), "bf16": ("true", None), "bf16-weights": ("true
 
 
 def train_once(dataset: str, model: str, mode: str, steps: int, args, work: Path) -> dict:
-    from gdrt_core.train import TrainConfig, run
-    from gdrt_core.train import loop
+    from gdrt_core.train import TrainConfig, loop, run
 
     bf16, forced_dtype = MODES[mode]
     cfg = TrainConfig(
