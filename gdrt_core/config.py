@@ -97,11 +97,15 @@ def from_dict(cls: type[T], data: dict, *, source: str = "<config>", prefix: str
         raise GdrtError(f"incomplete config: {e}", path=source) from None
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    for p in parts[:-1]:
+def set_dotted(data: dict, key: str, value: Any, where: str | None = None) -> None:
+    """data[a][b][c] = value for key "a.b.c", creating the dicts on the way; a parent that holds a value
+    other than a dict is a GdrtError naming the key (and `where`, the file or flag it came from)."""
+    *parents, last = key.split(".")
+    for p in parents:
         data = data.setdefault(p, {})
-    data[parts[-1]] = value
+        if not isinstance(data, dict):
+            raise GdrtError(f"{key!r}: {p!r} is not a settings dict", path=where)
+    data[last] = value
 
 
 def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
@@ -149,10 +153,10 @@ def load_config(
                 raise GdrtError(f"section {section!r} must hold a mapping of settings", path=str(path))
         data.update(loaded)
     for item in overrides or []:
-        _set_dotted(data, *parse_override(item))
+        set_dotted(data, *parse_override(item), where=source)
     for k, v in explicit.items():
         if v is not None:
-            _set_dotted(data, k, v)
+            set_dotted(data, k, v, where=source)
     return from_dict(cls, data, source=source)
 
 

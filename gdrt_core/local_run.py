@@ -31,7 +31,7 @@ def load_params(config: str | os.PathLike | None, overrides: list[str]) -> dict:
     """Pipeline parameters from the YAML file, then `key=value` overrides (YAML-typed values)."""
     import yaml
 
-    from gdrt_core.config import parse_override, read_yaml
+    from gdrt_core.config import parse_override, read_yaml, set_dotted
 
     params: dict = {}
     path = Path(config) if config else DEFAULT_CONFIG
@@ -39,11 +39,7 @@ def load_params(config: str | os.PathLike | None, overrides: list[str]) -> dict:
         params = read_yaml(path, "pipeline config")
     for item in overrides:
         key, value = parse_override(item)
-        target = params
-        *parents, last = key.split(".")
-        for p in parents:
-            target = target.setdefault(p, {})
-        target[last] = yaml.safe_load(value)
+        set_dotted(params, key, yaml.safe_load(value), where=f"--set {item}")
     return params
 
 

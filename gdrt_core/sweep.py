@@ -78,19 +78,15 @@ class Plan:
     variants: dict[str, Variant]
 
 
-def _set_dotted(params: dict, key: str, value: Any, where: str) -> None:
+def _set_param(params: dict, key: str, value: Any, where: str) -> None:
+    """A pipeline parameter (dotted into its settings dict); an unknown parameter name is an error."""
+    from gdrt_core.config import set_dotted
     from gdrt_core.stages import PIPELINE_DEFAULTS
 
-    *parents, last = key.split(".")
     if key.split(".")[0] not in PIPELINE_DEFAULTS:
         raise GdrtError(f"unknown pipeline parameter {key.split('.')[0]!r} (known: "
                         f"{', '.join(PIPELINE_DEFAULTS)})", path=where)
-    target = params
-    for p in parents:
-        target = target.setdefault(p, {})
-        if not isinstance(target, dict):
-            raise GdrtError(f"{key!r}: {p!r} is not a settings dict", path=where)
-    target[last] = value
+    set_dotted(params, key, value, where)
 
 
 def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[str] | None = None
@@ -137,7 +133,7 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[st
         params = copy.deepcopy(base)
         own = {**common, **(vspec.get("set") or {})}
         for key, value in own.items():
-            _set_dotted(params, key, value, where)
+            _set_param(params, key, value, where)
         variants[str(name)] = Variant(str(name), params, own, str(vspec.get("pool", name)), reference)
     return spec.get("experiment") or base.get("experiment") or "gdrt", variants
 

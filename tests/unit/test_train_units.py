@@ -239,3 +239,19 @@ def test_lora_adapters_stay_float32_on_a_bfloat16_base():
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     assert trainable == {torch.float32} and frozen == {torch.bfloat16}
+
+
+def test_set_dotted_creates_settings_dicts_and_names_a_bad_parent():
+    """One helper sets a.b.c for `--set` in stage configs, `gdrt run` and `gdrt sweep`."""
+    from gdrt_core.config import load_config, set_dotted
+    from gdrt_core.train import TrainConfig
+
+    data = {"train_settings": {"epochs": 3}}
+    set_dotted(data, "train_settings.lr", 0.01)
+    set_dotted(data, "group_settings.batch_size", 8)
+    assert data == {"train_settings": {"epochs": 3, "lr": 0.01}, "group_settings": {"batch_size": 8}}
+    with pytest.raises(GdrtError, match="'tau.x': 'tau' is not a settings dict") as e:
+        set_dotted({"tau": 1.0}, "tau.x", 2, where="sweep.yaml")
+    assert "sweep.yaml" in str(e.value)
+    with pytest.raises(GdrtError, match="'lora' is not a settings dict"):
+        load_config(TrainConfig, None, ["lora=true", "lora.r=4"], dataset="d", model="m", out="o")
