@@ -18,8 +18,8 @@ model and write the same artifact. They are the reference a recommender must bea
 the history at all:
 
 - `baseline:most-popular`: by training interactions (items.parquet `popularity`);
-- `baseline:most-popular-valid`: by the targets of the valid split, the period just before test (only
-  meaningful for `--split test`: on valid it reads its own answers).
+- `baseline:most-popular-valid`: by the targets of the valid split, the period just before test (refused
+  on `--split valid`, where it would read its own answers).
 """
 
 from __future__ import annotations
@@ -147,6 +147,9 @@ def _check(config: EvalConfig) -> None:
         raise GdrtError(f"--limit must be positive, got {config.limit}")
     if config.batch_size < 1 or config.chunk_size < 1:
         raise GdrtError("batch_size and chunk_size must be positive")
+    if config.model == "baseline:most-popular-valid" and config.split == "valid":
+        raise GdrtError("baseline:most-popular-valid ranks by the valid split's targets; it cannot be evaluated "
+                        "on valid", hint="use --split test, or baseline:most-popular")
     if config.early_stopping not in (True, False, "never"):
         raise GdrtError(f"early_stopping must be true, false or never, got {config.early_stopping!r}")
 

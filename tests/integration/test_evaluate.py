@@ -143,4 +143,7 @@ def test_popularity_baselines_rank_without_a_model(tmp_path, office_slice, monke
     assert main(["evaluate", "--dataset", str(office_slice), "--model", "baseline:random",
                  "--out", str(tmp_path / "bad")]) != 0
     assert "unknown baseline 'baseline:random'" in capsys.readouterr().err
+    assert main(["evaluate", "--dataset", str(office_slice), "--model", "baseline:most-popular-valid",
+                 "--split", "valid", "--out", str(tmp_path / "bad")]) != 0
+    assert "cannot be evaluated on valid" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
