@@ -5,7 +5,7 @@ and prints the valid loss after the same number of optimiser steps:
 
   fp32            bf16=false                 float32 weights and compute
   bf16            bf16=true                  bf16 autocast, float32 master weights (what `gdrt train` does)
-  bf16-weights    bf16=true, weights in bf16 the weights themselves in bfloat16: an AdamW step smaller than
+  bf16-weights    bf16=true, weights in bf16 the weights themselves in bfloat16: an AdamW step below half
                                              the bfloat16 spacing of a weight (1/128 at 1.0) rounds away
 
     .venv/bin/gdrt curate --source data/office --format sliding --domain office --out /tmp/ds
