@@ -187,9 +187,8 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
     ])
     with stage_run("evaluate", to_dict(config)) as tracker:
         titles = dataset.titles
-        n_return = config.num_return_sequences or config.num_beams
         if config.model.startswith("baseline:"):
-            top = most_popular_titles(titles, baseline_counts(dataset, config.model), n_return)
+            top = most_popular_titles(titles, baseline_counts(dataset, config.model), settings.num_return_sequences)
             fixed = Ranking([t for t, _ in top], [float(c) for _, c in top], [])
 
             def rank_chunk(hist_lists, on_batch):

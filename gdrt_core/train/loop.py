@@ -67,7 +67,7 @@ def weights_dtype(config: TrainConfig) -> str:
     """The dtype the model's weights are loaded (and kept) in.
 
     bf16 full fine-tuning keeps float32 weights: the Trainer's autocast computes in bfloat16, and the
-    optimiser updates float32 master weights. In bfloat16 weights (8 mantissa bits) an update smaller than
+    optimiser updates float32 master weights. In bfloat16 weights (8 bits of precision) an update smaller than
     about 1/256 of the weight rounds away, and training stalls (docs/benchmarks.md, "bf16 master weights").
     The weights are bfloat16 only where something else keeps the float32 copy or nothing updates them:
     DeepSpeed (its bf16 optimiser holds float32 master partitions) and LoRA (the base is frozen; PEFT keeps
