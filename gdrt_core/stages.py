@@ -86,25 +86,49 @@ def run_stage(stage: str, settings: dict | None = None, *, parent_run_id: str = 
     return scalars(result if isinstance(result, dict) else {})
 
 
-def base_model_source(base_model: str, embedded_dir: str) -> str:
-    """The model training starts from: the given hub id / path, else the embedded default model."""
-    return base_model.strip() or embedded_dir
-
-
 REFERENCE_FILE = "base_model.json"
+BASE_MODEL_FORMS = "'' or embedded[:tiny|small], pretrained:NAME, gguf:FILE, a model directory or a hub id"
+
+
+def base_model_settings(base_model: str, settings: dict | None = None) -> dict | None:
+    """The init-model settings that `base_model` asks for, or None when it names a directory / hub id.
+
+    ''                     -> the embedded default model, `settings` as given (size, seed)
+    embedded:tiny|small    -> the embedded model of that size
+    pretrained:smollm2-135m -> a pretrained backbone from the package index (gdrt_core.pretrained)
+    gguf:/path/model.gguf  -> a local GGUF file, converted
+    """
+    value = base_model.strip()
+    settings = dict(settings or {})
+    kind, sep, arg = value.partition(":")
+    if not value or value == "embedded":
+        return settings
+    if sep and kind == "embedded":
+        return {**settings, "size": arg}
+    if sep and kind in ("pretrained", "gguf"):
+        if not arg.strip():
+            from gdrt_core.errors import GdrtError
+
+            raise GdrtError(f"base_model {value!r} names no {kind} model", hint=f"use one of {BASE_MODEL_FORMS}")
+        return {k: v for k, v in settings.items() if k not in ("size", "seed", "vocab_size", "prompt_examples")} | {
+            kind: arg.strip()
+        }
+    return None
 
 
 def prepare_base_model(base_model: str, settings: dict | None = None, *, dataset: str, out: str) -> dict:
-    """The training start point as a directory: the embedded default model built for `dataset`, or (when
-    `base_model` names a hub id or path) a small reference file pointing at it."""
+    """The training start point as a directory: the embedded default model built for `dataset`, a pretrained
+    backbone / converted GGUF (`pretrained:NAME`, `gguf:FILE`), or (when `base_model` names a hub id or path)
+    a small reference file pointing at it."""
     from gdrt_core.artifacts import atomic_output_dir, write_json_atomic
 
-    if base_model.strip():
+    init_settings = base_model_settings(base_model, settings)
+    if init_settings is None:
         with atomic_output_dir(out) as tmp:
             write_json_atomic(tmp / REFERENCE_FILE, {"model": base_model.strip()})
         return {"base_model": base_model.strip()}
-    result = run_stage("init-model", settings, dataset=dataset, out=out)
-    return {"base_model": "embedded", **result}
+    result = run_stage("init-model", init_settings, dataset=dataset, out=out)
+    return {"base_model": base_model.strip() or "embedded", **result}
 
 
 def model_source(path: str) -> str:

@@ -6,7 +6,9 @@ from components.image import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def init_model(dataset: Input[Dataset], base_model: str, settings: dict, model: Output[Model]):
-    """The embedded default model for the dataset, built only when no base model is given."""
+    """The base model: the embedded default model built for the dataset ('' or embedded:tiny|small), a pretrained
+    backbone from the package index (pretrained:smollm2-135m), a converted GGUF file (gguf:FILE), or a reference
+    to a model directory / hub id."""
     from gdrt_core.stages import prepare_base_model
 
     model.metadata.update(prepare_base_model(base_model, settings, dataset=dataset.path, out=model.path))
