@@ -137,6 +137,56 @@ def baseline_counts(dataset, name: str) -> dict[int, int]:
     raise GdrtError(f"unknown baseline {name!r}", hint=f"one of {', '.join(BASELINES)}")
 
 
+class SampleNdcg:
+    """NDCG@10 of a model on a fixed sample of a split, for model selection during training.
+
+    The prompts, targets and trie are built once (the tokenizer does not change while training); each call
+    ranks the sample with the evaluation's constrained beam search (`generation.rank_prompts`, default
+    settings: 10 beams, sum of log-probs) and scores it with `metrics.target_rank` / `metrics.ndcg`, so the
+    number equals `gdrt evaluate --split SPLIT --limit N`'s ndcg@10 for the same model. Errors propagate: a
+    selection metric that cannot be computed must not pass for 0.0.
+    """
+
+    def __init__(self, dataset, tokenizer, *, split: str = "valid", limit: int, batch_size: int = 16):
+        from gdrt_core.prompts import render
+        from gdrt_core.tokenization import tokenize_prompt
+        from gdrt_core.trie import build_trie
+
+        titles = dataset.titles
+        examples = list(dataset.examples(split, limit))
+        if not examples:
+            raise GdrtError(f"the {split} split has no examples for NDCG@10", path=str(dataset.root))
+        self.prompts = [tokenize_prompt(tokenizer, render(dataset.domain, list(e.history_titles))).input_ids
+                        for e in examples]  # [examples] token ids
+        self.targets = [e.target_title for e in examples]
+        self.trie = build_trie(tokenizer, titles)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.batch_size = batch_size
+        self._device_trie = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __call__(self, model) -> float:
+        import torch
+
+        from gdrt_core.generation import BeamSearchSettings, rank_prompts
+        from gdrt_core.metrics import ndcg, target_rank
+
+        device = next(model.parameters()).device
+        if self._device_trie is None or self._device_trie.indptr.device != device:
+            self._device_trie = self.trie.to_torch(device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                rankings = rank_prompts(model, self._device_trie, self.prompts, BeamSearchSettings(),
+                                        batch_size=self.batch_size, pad_token_id=self.pad_token_id)
+        finally:
+            model.train(was_training)
+        return ndcg([target_rank(r.titles, t) for r, t in zip(rankings, self.targets, strict=True)], 10)
+
+
 def _check(config: EvalConfig) -> None:
     if not 1 <= config.num_beams <= 127:  # ranks are stored as int8
         raise GdrtError(f"num_beams must be in 1..127, got {config.num_beams}", hint="e.g. --num-beams 10")

@@ -51,7 +51,10 @@ class TrainConfig:
     save_every: int = field(50, help="write a checkpoint every N optimiser steps (0 = once per epoch)")
     keep_checkpoints: int = field(2, help="checkpoints kept in <out>/checkpoints while training")
     log_every: int = field(10, help="log loss / group stats / tokens/s every N optimiser steps")
-    select_best: bool = field(False, help="finish with the checkpoint of the lowest valid loss (never test)")
+    select_best: bool | str = field(
+        False, help="finish with the checkpoint of the best valid metric, never test: false | valid_loss (= true) | "
+        "valid_ndcg@10 (NDCG@10 of the first valid_size valid windows at every epoch end)"
+    )
     eval_at_start: bool = field(True, help="evaluate the valid loss before training (stored in train_metrics.json)")
     ndcg_every_epoch: bool = field(True, help="valid NDCG@10 on the valid sample at each epoch end")
     lora: bool = field(True, help="train LoRA adapters (False = full fine-tuning)")
@@ -64,6 +67,23 @@ class TrainConfig:
     num_gpus: int = field(1, help="processes to launch (one per GPU; on CPU, processes over gloo)")
     trust_remote_code: bool = field(False, help="run modelling code shipped with a hub model")
     cpu_threads: int | None = field(None, help="torch threads when training on CPU (None = torch's default)")
+
+
+# select_best value -> (Trainer metric name without the eval_ prefix, greater is better)
+SELECTION_METRICS = {"valid_loss": ("loss", False), "valid_ndcg@10": ("ndcg@10", True)}
+
+
+def selection_metric(value: bool | str) -> str:
+    """The select_best setting as none | valid_loss | valid_ndcg@10 (true = valid_loss, false = none)."""
+    text = str(value).strip().lower()
+    if value is True or text == "true":
+        return "valid_loss"
+    if value is False or text in ("false", "none", ""):
+        return "none"
+    if text not in SELECTION_METRICS:
+        raise GdrtError(f"select_best {value!r} is unknown", path="train config",
+                        hint=f"use false, {', '.join(SELECTION_METRICS)} (true = valid_loss)")
+    return text
 
 
 def validate(config: TrainConfig) -> None:
@@ -91,10 +111,21 @@ def validate(config: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "num_gpus"):
         if getattr(config, name) < 1:
             raise GdrtError(f"{name} must be >= 1, got {getattr(config, name)}", path="train config")
-    if config.select_best and (config.save_every == 0) != (config.eval_every == 0):
+    config.select_best = selection_metric(config.select_best)
+    selecting = config.select_best != "none"
+    if config.select_best == "valid_ndcg@10":
+        if config.eval_every or config.save_every:
+            raise GdrtError("select_best valid_ndcg@10 is evaluated at epoch ends: it needs eval_every 0 and "
+                            "save_every 0", path="train config", hint="--set eval_every=0 --set save_every=0")
+        if config.valid_size < 1:
+            raise GdrtError("select_best valid_ndcg@10 needs valid windows (valid_size >= 1)", path="train config")
+        if config.deepspeed in ("zero3", "zero3-offload"):
+            raise GdrtError("select_best valid_ndcg@10 ranks on one process, which ZeRO-3's sharded weights do not "
+                            "allow", path="train config", hint="use zero2, or select_best valid_loss")
+    if selecting and (config.save_every == 0) != (config.eval_every == 0):
         raise GdrtError("select_best needs eval_every and save_every both per epoch (0) or both in steps",
                         path="train config", hint="e.g. --set eval_every=0 --set save_every=0")
-    if config.select_best and config.save_every and config.eval_every and config.save_every % config.eval_every:
+    if selecting and config.save_every and config.eval_every and config.save_every % config.eval_every:
         raise GdrtError("select_best needs save_every to be a multiple of eval_every", path="train config")
 
 

@@ -83,8 +83,10 @@ def training_arguments(config: TrainConfig, work_dir: Path, *, has_valid: bool):
     import torch
     from transformers import TrainingArguments
 
+    from gdrt_core.train import SELECTION_METRICS, selection_metric
     from gdrt_core.train.deepspeed import zero_config
 
+    metric, greater_is_better = SELECTION_METRICS.get(selection_metric(config.select_best), ("loss", False))
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     eval_strategy = ("steps" if config.eval_every else "epoch") if has_valid else "no"
     kwargs: dict[str, Any] = {}
@@ -113,9 +115,9 @@ def training_arguments(config: TrainConfig, work_dir: Path, *, has_valid: bool):
         eval_strategy=eval_strategy,
         save_strategy="steps" if config.save_every else "epoch",
         save_total_limit=config.keep_checkpoints,
-        load_best_model_at_end=config.select_best and has_valid,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
+        load_best_model_at_end=config.select_best != "none" and has_valid,
+        metric_for_best_model=metric,
+        greater_is_better=greater_is_better,
         remove_unused_columns=False,  # the group ids must reach compute_loss
         prediction_loss_only=True,
         report_to="none",  # MLflow goes through gdrt_core.tracking (rank 0, retried, never fatal)
@@ -128,7 +130,7 @@ def training_arguments(config: TrainConfig, work_dir: Path, *, has_valid: bool):
     )
 
 
-def _callbacks(trainer_ref: list, tracker, config: TrainConfig, eval_ndcg) -> list:
+def _callbacks(trainer_ref: list, tracker, config: TrainConfig) -> list:
     """Seal checkpoints (marker + hashes), forward logs to MLflow, valid NDCG@10 at epoch ends."""
     from transformers import TrainerCallback
 
@@ -151,13 +153,13 @@ def _callbacks(trainer_ref: list, tracker, config: TrainConfig, eval_ndcg) -> li
                                     step=state.global_step)
 
     class ValidNdcg(TrainerCallback):
+        """The side metric at epoch ends (selection by valid_ndcg@10 computes it inside evaluate instead)."""
+
         def on_epoch_end(self, args, state, control, **kwargs):
-            if eval_ndcg is None:
+            trainer = trainer_ref[0]
+            if trainer.valid_ndcg is None or trainer.ndcg_in_evaluate:
                 return
-            value = eval_ndcg(trainer_ref[0])
-            if value is not None and state.is_world_process_zero:
-                state.log_history.append({"eval_ndcg@10": value, "epoch": state.epoch, "step": state.global_step})
-                tracker.log_metrics({"eval_ndcg@10": value}, step=state.global_step)
+            trainer.log({"eval_ndcg@10": trainer.valid_ndcg_value()})  # -> log_history and ToMlflow
 
     class InitialValidLoss(TrainerCallback):
         """The valid loss before the first step, taken once the model is wrapped (DeepSpeed needs its
@@ -174,44 +176,23 @@ def _callbacks(trainer_ref: list, tracker, config: TrainConfig, eval_ndcg) -> li
     return [SealCheckpoint(), ToMlflow(), ValidNdcg(), InitialValidLoss()]
 
 
-def _valid_ndcg_fn(config: TrainConfig, dataset_dir: str, work_dir: Path):
-    """Valid NDCG@10 on the valid sample through the evaluate stage (its beam search, trie and metrics).
+def _valid_ndcg(config: TrainConfig, dataset, tokenizer):
+    """The valid NDCG@10 scorer (evaluate.SampleNdcg on the first valid_size windows), or None when off.
 
-    Rank 0 only, so not under ZeRO-3 (its parameters are sharded: every rank would have to take part).
+    Ranking runs on rank 0 only, so not under ZeRO-3 (its parameters are sharded: every rank would have to
+    take part); validate() refuses select_best valid_ndcg@10 there.
     """
-    if not config.ndcg_every_epoch or config.valid_size <= 0:
+    from gdrt_core.evaluate import SampleNdcg
+
+    wanted = config.ndcg_every_epoch or config.select_best == "valid_ndcg@10"
+    if not wanted or config.valid_size <= 0:
         return None
     if config.deepspeed in ("zero3", "zero3-offload"):
         log.warning("valid NDCG@10 during training is off under ZeRO-3; run gdrt evaluate --split valid")
         return None
-    try:
-        from gdrt_core.evaluate import EvalConfig
-        from gdrt_core.evaluate import run as evaluate_run
-    except ImportError:  # pragma: no cover - the evaluate stage is part of the package
+    if not dataset.split("valid").num_rows:
         return None
-
-    def compute(trainer) -> float | None:
-        if not _is_main():
-            return None
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        was_training = model.training
-        previous = os.environ.get("GDRT_TRACKING")
-        os.environ["GDRT_TRACKING"] = "off"  # a side metric of this run, not an evaluate run of its own
-        try:
-            cfg = EvalConfig(dataset=dataset_dir, model=config.model, out=str(work_dir / "valid-eval"), split="valid",
-                             limit=config.valid_size, plots=False, progress=False)
-            return float(evaluate_run(cfg, model=model, tokenizer=trainer.processing_class)["ndcg@10"])
-        except Exception as e:  # noqa: BLE001 - a side metric never stops training
-            log.warning("valid NDCG@10 failed: %s", e)
-            return None
-        finally:
-            if previous is None:
-                os.environ.pop("GDRT_TRACKING", None)
-            else:
-                os.environ["GDRT_TRACKING"] = previous
-            model.train(was_training)
-
-    return compute
+    return SampleNdcg(dataset, tokenizer, split="valid", limit=config.valid_size, batch_size=config.batch_size)
 
 
 def _prepare_model(config: TrainConfig):
@@ -303,7 +284,9 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
             model=model, args=args, train_dataset=train_features,
             eval_dataset=valid_features or None, data_collator=TrainCollator(tokenizer.pad_token_id),
             processing_class=tokenizer, step_weights=step_weights,
-            callbacks=_callbacks(trainer_ref, tracker, config, _valid_ndcg_fn(config, config.dataset, work_dir)),
+            valid_ndcg=_valid_ndcg(config, dataset, tokenizer),
+            ndcg_in_evaluate=config.select_best == "valid_ndcg@10",
+            callbacks=_callbacks(trainer_ref, tracker, config),
         )
         trainer_ref.append(trainer)
         metrics: dict[str, Any] = {}
@@ -320,12 +303,20 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
             if config.objective == "gdrt":
                 metrics["train_loss_gdrt"] = totals["loss_gdrt"] / totals["steps"]
         if valid_features:
-            metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+            final = trainer.evaluate()  # the kept model: the best checkpoint when selecting
+            metrics["eval_loss"] = final["eval_loss"]
+            if "eval_ndcg@10" in final:
+                metrics["eval_ndcg@10"] = final["eval_ndcg@10"]
         metrics["global_step"] = trainer.state.global_step
         metrics["num_train_examples"] = len(train_features)
-        ndcg = [h["eval_ndcg@10"] for h in trainer.state.log_history if "eval_ndcg@10" in h]
+        ndcg = [(h["step"], h["eval_ndcg@10"]) for h in trainer.state.log_history if "eval_ndcg@10" in h]
         if ndcg:
-            metrics["eval_ndcg@10"] = ndcg[-1]
+            metrics.setdefault("eval_ndcg@10", ndcg[-1][1])
+            metrics["valid_ndcg_curve"] = [{"step": s, "ndcg@10": v} for s, v in ndcg]
+        if config.select_best != "none":
+            metrics["selected_by"] = config.select_best
+            metrics["best_checkpoint_step"] = _checkpoint_step(trainer.state.best_model_checkpoint)
+            metrics["best_metric"] = trainer.state.best_metric
 
         final_dir = work_dir / "final"
         trainer.save_model(str(final_dir))  # collective under ZeRO-3: every rank takes part
@@ -355,6 +346,14 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
                             step=trainer.state.global_step)
         tracker.log_artifacts(out, "model")
     return manifest
+
+
+def _checkpoint_step(path: str | None) -> int | None:
+    """The step of a `checkpoint-<step>` directory (None when no checkpoint was selected)."""
+    if not path:
+        return None
+    name = Path(path).name
+    return int(name.rsplit("-", 1)[1]) if name.startswith("checkpoint-") else None
 
 
 def _point_adapter_at_base(model_dir: Path, base: str) -> None:

@@ -43,9 +43,14 @@ class GdrtTrainer(Trainer):
     # compute_loss returns the micro-batch's share of the whole step's loss: never divide it again
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, step_weights: StepWeights, **kwargs: Any):
+    def __init__(self, *args: Any, step_weights: StepWeights, valid_ndcg=None, ndcg_in_evaluate: bool = False,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.step_weights = step_weights
+        # valid NDCG@10 scorer (evaluate.SampleNdcg) or None; with ndcg_in_evaluate every evaluate() reports
+        # eval_ndcg@10 next to eval_loss, which is what selection by valid_ndcg@10 reads
+        self.valid_ndcg = valid_ndcg
+        self.ndcg_in_evaluate = ndcg_in_evaluate and valid_ndcg is not None
         self._coef: torch.Tensor | None = None  # [groups] c_g = w_g / N_g of the current step
         self._weights: torch.Tensor | None = None  # [groups] w_g of the current step
         self._counts = torch.zeros(0)  # [groups] whole-batch N_g of the current step
@@ -59,6 +64,27 @@ class GdrtTrainer(Trainer):
         self.step_totals = {"steps": 0, "loss_sft": 0.0, "loss_gdrt": 0.0}
         self._tokens_since_log = 0.0
         self._last_log_time = time.perf_counter()
+
+    # ------------------------------------------------------------------------------ valid NDCG@10
+
+    def valid_ndcg_value(self) -> float:
+        """NDCG@10 of the current model on the valid sample: ranked on rank 0, the same number on every rank."""
+        import torch.distributed as dist
+
+        box = [None]
+        if self.is_world_process_zero():
+            with self.autocast_smart_context_manager():
+                box[0] = float(self.valid_ndcg(self.accelerator.unwrap_model(self.model)))
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        metrics = super().evaluate(*args, **kwargs)
+        if self.ndcg_in_evaluate:
+            metrics["eval_ndcg@10"] = self.valid_ndcg_value()
+            self.log({"eval_ndcg@10": metrics["eval_ndcg@10"]})
+        return metrics
 
     # ------------------------------------------------------------ step preparation (the look-ahead)
 

