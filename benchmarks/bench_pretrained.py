@@ -29,6 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GDRT_TRACKING", "off")  # a measurement, not a run to keep
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -86,7 +86,7 @@ def _set_param(params: dict, key: str, value: Any, where: str) -> None:
     if key.split(".")[0] not in PIPELINE_DEFAULTS:
         raise GdrtError(f"unknown pipeline parameter {key.split('.')[0]!r} (known: "
                         f"{', '.join(PIPELINE_DEFAULTS)})", path=where)
-    set_dotted(params, key, value, where)
+    set_dotted(params, key, copy.deepcopy(value), where)  # a mapping shared by variants must not be mutated
 
 
 def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[str] | None = None

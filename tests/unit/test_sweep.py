@@ -82,6 +82,18 @@ def test_plan_shares_identical_stages_and_wires_the_reference(tmp_path):
     assert len({n.dirname for n in p.nodes.values()}) == len(p.nodes)
 
 
+def test_a_settings_mapping_in_the_common_set_is_not_shared_between_variants(tmp_path):
+    """`set: {train_settings: {...}}` for every variant, then `train_settings.seed` per variant: each seed gets
+    its own training (the mapping was one object, mutated by every variant, so all seeds trained alike)."""
+    path = _write(tmp_path, {"s42": {}, "s43": {"set": {"train_settings.seed": 43}},
+                             "s44": {"set": {"train_settings.seed": 44}}},
+                  set={"train_settings": {"epochs": 2, "seed": 42}})
+    variants = sweep.load_sweep(path)[1]
+    assert [v.params["train_settings"]["seed"] for v in variants.values()] == [42, 43, 44]
+    roles = sweep.plan(variants).roles
+    assert len({roles[v]["sft"] for v in roles}) == 3 and len({roles[v]["gdrt"] for v in roles}) == 3
+
+
 def test_pooled_rows_count_a_shared_sft_training_once():
     row = lambda v: {"ndcg@10": v}  # noqa: E731
     res = {
