@@ -23,6 +23,7 @@ touches the network. The weights are de-quantised 4-bit weights, not the origina
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -303,8 +304,34 @@ def _normalise_tokenizer_config(path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+@contextlib.contextmanager
+def _cache_lock(cache: Path):
+    """One process at a time fills the cache (fetch, extract, convert); the others wait, then find it done."""
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _intact(directory: Path, facts: dict) -> bool:
+    """Every converted file is there with the sha256 recorded when it was written."""
+    files = facts.get("files") or {}
+    return set(files) >= set(CONVERTED_FILES) and all(
+        (directory / name).is_file() and sha256_file(directory / name) == digest for name, digest in files.items()
+    )
+
+
 def converted_dir(model: PretrainedModel, cache: Path | None = None) -> tuple[Path, dict]:
-    """The converted model in the cache (converting it once), and its facts."""
+    """The converted model in the cache (converting it once), and its facts.
+
+    The cached files are checked against the sha256s recorded at conversion; a changed or missing file means
+    a new conversion. Concurrent callers are serialised by a lock file in the cache.
+    """
     import json
 
     import transformers
@@ -312,27 +339,28 @@ def converted_dir(model: PretrainedModel, cache: Path | None = None) -> tuple[Pa
     cache = cache or cache_dir()
     target = cache / "models" / f"{model.name}-{model.gguf_sha256[:12]}-transformers-{transformers.__version__}"
     facts_file = target / "gdrt-conversion.json"
-    if facts_file.is_file() and all((target / f).is_file() for f in CONVERTED_FILES):
-        return target, json.loads(facts_file.read_text(encoding="utf-8"))
-    source = gguf_path(model, cache)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(_mkdtemp(target.parent, f".{target.name}-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache follows the umask like any directory
-    try:
-        facts = convert_gguf(source, tmp)
-        (tmp / "gdrt-conversion.json").write_text(json.dumps(facts, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if target.exists():  # a half-written directory from an interrupted run, or a concurrent conversion
-            shutil.rmtree(target, ignore_errors=True)
+    with _cache_lock(cache):
+        if facts_file.is_file():
+            facts = json.loads(facts_file.read_text(encoding="utf-8"))
+            if _intact(target, facts):
+                return target, facts
+        source = gguf_path(model, cache)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(_mkdtemp(target.parent, f".{target.name}-"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache follows the umask like any directory
         try:
+            facts = convert_gguf(source, tmp)
+            facts["files"] = {name: sha256_file(tmp / name) for name in CONVERTED_FILES}
+            (tmp / "gdrt-conversion.json").write_text(json.dumps(facts, indent=2, sort_keys=True) + "\n",
+                                                      encoding="utf-8")
+            if target.exists():  # a damaged or half-written conversion
+                shutil.rmtree(target)
             os.replace(tmp, target)
-        except OSError:
-            if not facts_file.is_file():  # someone else finished first: theirs is as good as ours
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target, json.loads(facts_file.read_text(encoding="utf-8"))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target, facts
 
 
 def provenance(model: PretrainedModel) -> dict:
@@ -363,7 +391,7 @@ def install(name: str, out_dir: str | os.PathLike) -> dict:
     for item in sorted(source.iterdir()):
         if item.is_file() and item.name != "gdrt-conversion.json":
             shutil.copyfile(item, out_dir / item.name)
-    return {"pretrained": provenance(model), **facts}
+    return {"pretrained": provenance(model), **{k: v for k, v in facts.items() if k != "files"}}
 
 
 def main(argv: list[str] | None = None) -> int:

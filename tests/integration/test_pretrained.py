@@ -276,3 +276,36 @@ def test_gemma3_270m_converts_and_keeps_token_roles_exact(tmp_path, office_datas
     assert backbone["architecture"] == "Gemma3ForCausalLM" and backbone["num_parameters"] == 268_098_176
     assert len(backbone["pretrained"]["packages"]) == 4
     check_response_boundary(load_tokenizer(out), office_titles_with_entities(office_dataset), "office")
+
+
+def test_converted_cache_is_verified_and_filled_once(tmp_path, monkeypatch):
+    """The cached conversion is reused while its files match their recorded sha256s, converted again when one
+    changed, and two processes' worth of concurrent callers convert once (a lock file in the cache)."""
+    import threading
+
+    from gdrt_core import pretrained
+
+    calls = []
+
+    def fake_convert(source, out_dir):
+        calls.append(source)
+        for name in pretrained.CONVERTED_FILES:
+            (Path(out_dir) / name).write_text(f"{name} v{len(calls)}")
+        return {"architecture": "LlamaForCausalLM"}
+
+    monkeypatch.setattr(pretrained, "convert_gguf", fake_convert)
+    monkeypatch.setattr(pretrained, "gguf_path", lambda model, cache: Path("/nonexistent/model.gguf"))
+    spec = pretrained.get_pretrained("smollm2-135m")
+    cache = tmp_path / "cache"
+    threads = [threading.Thread(target=pretrained.converted_dir, args=(spec, cache)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    directory, facts = pretrained.converted_dir(spec, cache)
+    assert len(calls) == 1 and set(facts["files"]) == set(pretrained.CONVERTED_FILES)
+    (directory / "model.safetensors").write_text("tampered")
+    directory, _ = pretrained.converted_dir(spec, cache)
+    assert len(calls) == 2 and (directory / "model.safetensors").read_text() == "model.safetensors v2"
+    assert not [p for p in (cache / "models").iterdir() if p.name.startswith(".")]  # no temporary left
