@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gdrt_core.errors import GdrtError
+from gdrt_core.errors import GdrtError, filesystem_error
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -60,17 +60,77 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         raise
 
 
+def check_output(
+    out: str | os.PathLike, kind: str, *, inputs: dict[str, str | os.PathLike | None] | None = None,
+    keep: tuple[str, ...] = (),
+) -> None:
+    """Refuse, before any work, an output path whose replacement would destroy something.
+
+    The output must not be one of the `inputs` ({what: path}; paths that do not exist, such as hub ids,
+    are skipped), contain one, or lie inside an input directory. An existing output must be an artifact
+    of the same `kind` (it is replaced once the new one is complete), an empty directory, or a directory
+    holding only the entries named in `keep` (train's checkpoints of an interrupted run).
+    """
+    target = Path(out).absolute().resolve()
+    hint = "choose another --out"
+    for what, given in (inputs or {}).items():
+        if not given or not Path(given).expanduser().exists():
+            continue
+        source = Path(given).expanduser().absolute().resolve()
+        if source == target:
+            raise GdrtError(f"the output is the {what} input: writing it would delete the {what}", path=str(out),
+                            hint=hint)
+        if target in source.parents:
+            raise GdrtError(f"the output directory contains the {what} input {given}: replacing it would delete "
+                            f"the {what}", path=str(out), hint=hint)
+        if source in target.parents:
+            raise GdrtError(f"the output lies inside the {what} input {given}: writing it would change the {what}",
+                            path=str(out), hint=hint)
+    if not (target.exists() or target.is_symlink()):
+        return
+    hint = (f"gdrt replaces only an earlier {kind} artifact: choose another --out, or move this one away "
+            "yourself")
+    if not target.is_dir():
+        raise GdrtError(f"the output exists and is a file, not a {kind} artifact directory", path=str(out), hint=hint)
+    manifest = target / MANIFEST
+    if manifest.is_file():
+        try:
+            found = json.loads(manifest.read_text(encoding="utf-8")).get("kind")
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if found != kind:
+            raise GdrtError(f"the output directory holds {'a ' + found if isinstance(found, str) else 'an unreadable'}"
+                            f" artifact, not a {kind}: it would be deleted", path=str(out), hint=hint)
+        return
+    entries = sorted(p.name for p in target.iterdir())
+    others = [e for e in entries if e not in keep]
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise GdrtError(f"the output directory exists and is not a {kind} artifact (no {MANIFEST}; it holds "
+                        f"{shown}): it would be deleted", path=str(out), hint=hint)
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_output_dir(
+    out: str | os.PathLike, *, overwrite: bool = True, kind: str | None = None,
+    inputs: dict[str, str | os.PathLike | None] | None = None, keep: tuple[str, ...] = (),
+) -> Iterator[Path]:
     """Yield a temporary directory next to `out`; on success it replaces `out`, on failure it is removed.
 
-    An existing `out` is replaced only after the new one is complete (overwrite=True), or refused.
+    An existing `out` is replaced only after the new one is complete (overwrite=True), or refused. With
+    `kind`, `check_output` runs first: an input, or a directory that is not a `kind` artifact, is never
+    replaced (stages also call it before their work).
     """
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise GdrtError("output directory already exists", path=str(out), hint="choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if kind is not None:
+        check_output(out, kind, inputs=inputs, keep=keep)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise filesystem_error(e, out.parent) from None
     os.chmod(tmp, _umask_mode(0o777))  # readable by other users (e.g. other containers' stages) as usual
     try:
         yield tmp
@@ -84,6 +144,32 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = True) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike, command: str) -> Iterator[None]:
+    """Hold a lock next to `path` (`.<name>.lock`) while a stage writes it: two runs on the same output
+    would pick up and overwrite each other's work (parts, checkpoints). A second run is a GdrtError."""
+    path = Path(path).absolute()
+    lock_path = path.parent / f".{path.name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GdrtError(f"another `{command}` is writing this output right now", path=str(path),
+                            hint="wait for it to finish, or choose another --out") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _rows(path: Path) -> int | None:
@@ -106,6 +192,18 @@ def describe_files(root: str | os.PathLike, names: list[str] | None = None) -> d
 
 def manifest_hash(artifact_dir: str | os.PathLike) -> str:
     return sha256_file(Path(artifact_dir) / MANIFEST)
+
+
+def input_identity(source: str | os.PathLike) -> dict:
+    """What identifies an input's content, cheaply: an artifact's manifest hash (its manifest lists every
+    file's sha256); for another local directory, its weight files' names, sizes and times; else the name
+    (a hub id). Used to tell whether resumable work (parts, checkpoints) was made from the same inputs."""
+    path = Path(source).expanduser()
+    if (path / MANIFEST).is_file():
+        return {"manifest_sha256": manifest_hash(path)}
+    if path.is_dir():
+        return {"weights": sorted([p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in path.glob("*.safetensors"))}
+    return {"name": str(source)}
 
 
 def write_manifest(

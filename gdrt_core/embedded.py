@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from gdrt_core.config import field, load_config, to_dict
+from gdrt_core.config import check_config, field, load_config, to_dict
 from gdrt_core.errors import GdrtError
 
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
@@ -44,10 +44,10 @@ MAX_POSITIONS = 2048  # RoPE: no parameters; Office prompts are ~350 tokens, the
 class EmbeddedConfig:
     dataset: str = field(help="Dataset artifact whose titles and domain train the tokenizer")
     out: str = field(help="output model directory")
-    size: str = field("small", help="tiny (tests) | small (the main job)")
-    seed: int = field(0, help="seed of the random weights")
-    vocab_size: int | None = field(None, help="BPE vocabulary size (default: by size, 2048 tiny / 4096 small)")
-    prompt_examples: int = field(8, help="train windows rendered with every domain wording for the tokenizer corpus")
+    size: str = field("small", choices=tuple(SIZES), help="tiny (tests) | small (the main job)")
+    seed: int = field(0, ge=0, le=2**32 - 1, help="seed of the random weights")
+    vocab_size: int | None = field(None, ge=512, le=2**31 - 1, help="BPE vocabulary size (default: by size, 2048 tiny / 4096 small; at least 256 bytes + merges)")
+    prompt_examples: int = field(8, ge=0, help="train windows rendered with every domain wording for the tokenizer corpus")
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -124,17 +124,16 @@ def build_model(size: ModelSize, vocab_size: int, seed: int):
 
 def run(config: EmbeddedConfig) -> dict:
     """Build tokenizer + model for `config.dataset` into `config.out`; returns the manifest."""
-    from gdrt_core.artifacts import atomic_output_dir, write_manifest
+    from gdrt_core.artifacts import atomic_output_dir, check_output, write_manifest
     from gdrt_core.dataset import Dataset
     from gdrt_core.models import count_parameters
     from gdrt_core.tokenization import check_response_boundary
 
-    if config.size not in SIZES:
-        raise GdrtError(f"unknown model size {config.size!r}", hint=f"use one of {', '.join(SIZES)}")
+    check_config(config, "init-model config")
+    guard = {"kind": "model", "inputs": {"dataset": config.dataset}}
+    check_output(config.out, **guard)
     size = SIZES[config.size]
     vocab_target = config.vocab_size or size.vocab
-    if vocab_target < 512:
-        raise GdrtError(f"vocab_size {vocab_target} is too small", hint="use at least 512 (256 bytes + merges)")
     dataset = Dataset(config.dataset)
     examples = [(list(e.history_titles), e.target_title) for e in dataset.examples("train", limit=config.prompt_examples)]
     titles = list(dataset.titles.values())
@@ -144,7 +143,7 @@ def run(config: EmbeddedConfig) -> dict:
     check_response_boundary(tokenizer, titles[:200])
     model = build_model(size, len(tokenizer), config.seed)
     _, n_params = count_parameters(model)
-    with atomic_output_dir(config.out) as tmp:
+    with atomic_output_dir(config.out, **guard) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         return write_manifest(

@@ -139,8 +139,17 @@ def format_table(comparison: dict) -> str:
     return "\n".join(lines)
 
 
+def config_source(config: str | os.PathLike | None, overrides: list[str]) -> str:
+    """How a pipeline config is named in error messages: its file, and the --set overrides if any."""
+    path = str(config) if config else str(DEFAULT_CONFIG)
+    return path + (f" with --set {' --set '.join(overrides)}" if overrides else "")
+
+
 def cli(args: argparse.Namespace) -> None:
+    from gdrt_core.stages import check_pipeline_params
+
     params = load_params(args.config, args.overrides)
+    check_pipeline_params(params, config_source(args.config, args.overrides))
     out = Path(args.out or Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     print(f"gdrt run: pipeline on {params.get('source', 'data/office')} -> {out} (KFP log: {out / 'pipeline.log'})",
           file=sys.stderr)

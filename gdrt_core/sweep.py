@@ -96,7 +96,7 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[st
 
     from gdrt_core.config import parse_override, read_yaml
     from gdrt_core.local_run import load_params
-    from gdrt_core.stages import PIPELINE_DEFAULTS
+    from gdrt_core.stages import PIPELINE_DEFAULTS, check_pipeline_params
 
     path = Path(path)
     spec = read_yaml(path, "sweep file")
@@ -134,6 +134,7 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[st
         own = {**common, **(vspec.get("set") or {})}
         for key, value in own.items():
             _set_param(params, key, value, where)
+        check_pipeline_params(params, where)  # every variant's every stage, before the first stage runs
         variants[str(name)] = Variant(str(name), params, own, str(vspec.get("pool", name)), reference)
     return spec.get("experiment") or base.get("experiment") or "gdrt", variants
 
