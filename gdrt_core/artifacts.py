@@ -72,6 +72,7 @@ def check_output(
     holding only the entries named in `keep` (train's checkpoints of an interrupted run).
     """
     target = Path(out).absolute().resolve()
+    a_kind = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
     hint = "choose another --out"
     for what, given in (inputs or {}).items():
         if not given or not Path(given).expanduser().exists():
@@ -91,7 +92,7 @@ def check_output(
     hint = (f"gdrt replaces only an earlier {kind} artifact: choose another --out, or move this one away "
             "yourself")
     if not target.is_dir():
-        raise GdrtError(f"the output exists and is a file, not a {kind} artifact directory", path=str(out), hint=hint)
+        raise GdrtError(f"the output exists and is a file, not {a_kind} artifact directory", path=str(out), hint=hint)
     manifest = target / MANIFEST
     if manifest.is_file():
         try:
@@ -100,13 +101,13 @@ def check_output(
             found = None
         if found != kind:
             raise GdrtError(f"the output directory holds {'a ' + found if isinstance(found, str) else 'an unreadable'}"
-                            f" artifact, not a {kind}: it would be deleted", path=str(out), hint=hint)
+                            f" artifact, not {a_kind}: it would be deleted", path=str(out), hint=hint)
         return
     entries = sorted(p.name for p in target.iterdir())
     others = [e for e in entries if e not in keep]
     if others:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-        raise GdrtError(f"the output directory exists and is not a {kind} artifact (no {MANIFEST}; it holds "
+        raise GdrtError(f"the output directory exists and is not {a_kind} artifact (no {MANIFEST}; it holds "
                         f"{shown}): it would be deleted", path=str(out), hint=hint)
 
 
@@ -257,13 +258,47 @@ def read_manifest(root: str | os.PathLike, kind: str, *, verify: bool = True) ->
             path=str(path), hint="re-create the artifact with this version of gdrt",
         )
     if verify:
-        for name, info in manifest.get("files", {}).items():
-            f = root / name
-            if not f.is_file():
-                raise GdrtError(f"file {name!r} listed in the manifest is missing", path=str(root))
-            if sha256_file(f) != info.get("sha256"):
-                raise GdrtError(
-                    f"file {name!r} does not match its sha256 in the manifest (modified or corrupt)",
-                    path=str(root), hint="re-create the artifact",
-                )
+        verify_files(root, manifest)
     return manifest
+
+
+def verify_files(root: str | os.PathLike, manifest: dict | None = None) -> None:
+    """Every file the manifest lists exists and matches its sha256 (a GdrtError naming the file otherwise)."""
+    root = Path(root)
+    if manifest is None:
+        try:
+            manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise GdrtError(f"the manifest cannot be read ({e})", path=str(root / MANIFEST)) from None
+    for name, info in manifest.get("files", {}).items():
+        f = root / name
+        if not f.is_file():
+            raise GdrtError(f"file {name!r} listed in the manifest is missing", path=str(root))
+        if sha256_file(f) != info.get("sha256"):
+            raise GdrtError(
+                f"file {name!r} does not match its sha256 in the manifest (modified or corrupt)",
+                path=str(root), hint="re-create the artifact",
+            )
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why a .safetensors file cannot be loaded (truncated, not safetensors), read from its header alone;
+    None when its size matches what the header describes."""
+    import struct
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated or empty ({size} bytes)"
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            return f"truncated: its header says {length} header bytes, the file has {size}"
+        try:
+            header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "not a safetensors file (unreadable header)"
+    if 8 + length + end != size:
+        return f"truncated or corrupt: the header describes {8 + length + end} bytes, the file has {size}"
+    return None
