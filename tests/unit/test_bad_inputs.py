@@ -564,3 +564,93 @@ def test_read_only_parent_is_a_message(tmp_path):
             pass
     finally:
         ro.chmod(0o755)
+
+
+# ------------------------------------------------------------------ faults: resume and the train lock
+
+
+def _train_config(tmp_path, *sets):
+    from gdrt_core.train import TrainConfig
+
+    return load_config(TrainConfig, None, list(sets), dataset=str(tmp_path / "ds"), model="org/model",
+                       out=str(tmp_path / "out"))
+
+
+def _checkpoint_of(config, step: int = 2) -> Path:
+    from gdrt_core.config import to_dict
+    from gdrt_core.train import CHECKPOINTS, train_inputs
+    from gdrt_core.train.resume import run_fingerprint, seal_checkpoint
+
+    ckpt = Path(config.out) / CHECKPOINTS / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    seal_checkpoint(ckpt, step=step, run=run_fingerprint(to_dict(config), train_inputs(config)))
+    return ckpt
+
+
+@pytest.mark.parametrize("changed, named", [
+    (["lr=0.002"], "config lr: 0.0001 -> 0.002"),
+    (["objective=gdrt", "groups=g"], "config objective: 'sft' -> 'gdrt'"),
+    (["max_steps=9"], "config max_steps: None -> 9"),
+])
+def test_resume_refuses_checkpoints_of_other_settings(tmp_path, changed, named):
+    from gdrt_core.train import run
+
+    ckpt = _checkpoint_of(_train_config(tmp_path))
+    before = sorted(p.name for p in ckpt.iterdir())
+    with pytest.raises(GdrtError) as e:
+        run(_train_config(tmp_path, *changed))
+    assert "checkpoint-2 was written by a training run with other settings or inputs" in str(e.value)
+    assert named in str(e.value)
+    assert sorted(p.name for p in ckpt.iterdir()) == before  # nothing touched
+
+
+def test_resume_refuses_checkpoints_of_another_dataset(tmp_path):
+    from gdrt_core.train import run
+    from gdrt_core.train.resume import check_same_run
+
+    ds = _artifact(tmp_path / "ds", "dataset")
+    config = _train_config(tmp_path)
+    _checkpoint_of(config)
+    (ds / "manifest.json").write_text((ds / "manifest.json").read_text().replace('"created"', '"created2"'))
+    with pytest.raises(GdrtError, match="inputs dataset"):
+        run(_train_config(tmp_path))
+    marker = Path(config.out) / "checkpoints" / "checkpoint-2" / "gdrt_complete.json"
+    info = json.loads(marker.read_text())
+    info.pop("run")  # a checkpoint of an older gdrt
+    marker.write_text(json.dumps(info))
+    with pytest.raises(GdrtError, match="does not record its settings"):
+        check_same_run(Path(config.out) / "checkpoints", {"config": {}, "inputs": {}})
+
+
+def test_settings_that_do_not_change_the_result_may_change_on_resume(tmp_path):
+    from gdrt_core.config import to_dict
+    from gdrt_core.train import CHECKPOINTS, train_inputs
+    from gdrt_core.train.resume import check_same_run, run_fingerprint
+
+    _checkpoint_of(_train_config(tmp_path))
+    config = _train_config(tmp_path, "log_every=1", "cpu_threads=2", "keep_checkpoints=5")
+    check_same_run(Path(config.out) / CHECKPOINTS, run_fingerprint(to_dict(config), train_inputs(config)))
+
+
+def test_a_second_train_on_the_same_out_is_refused(tmp_path):
+    from gdrt_core.artifacts import exclusive
+    from gdrt_core.train import run
+
+    config = _train_config(tmp_path)
+    with exclusive(config.out, "gdrt train"):
+        with pytest.raises(GdrtError, match="another `gdrt train` is writing this output right now"):
+            run(config)
+    assert not Path(config.out).exists()
+
+
+def test_unsealed_checkpoints_are_removed_after_a_write_error(tmp_path):
+    from gdrt_core.train.resume import MARKER, remove_unsealed
+
+    work = tmp_path / "checkpoints"
+    for step, sealed in ((2, True), (4, False)):
+        (work / f"checkpoint-{step}").mkdir(parents=True)
+        if sealed:
+            (work / f"checkpoint-{step}" / MARKER).write_text("{}")
+    remove_unsealed(work)
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint-2"]
