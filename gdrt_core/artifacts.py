@@ -60,6 +60,26 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         raise
 
 
+def check_not_input(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse an output path (file or directory) that is one of the `inputs` ({what: path}; paths that do not
+    exist, such as hub ids, are skipped), contains one, or lies inside an input directory."""
+    target = Path(out).absolute().resolve()
+    hint = "choose another --out"
+    for what, given in inputs.items():
+        if not given or not Path(given).expanduser().exists():
+            continue
+        source = Path(given).expanduser().absolute().resolve()
+        if source == target:
+            raise GdrtError(f"the output is an input (the {what}): writing it would delete it", path=str(out),
+                            hint=hint)
+        if target in source.parents:
+            raise GdrtError(f"the output directory contains an input (the {what}, {given}): replacing it would "
+                            "delete it", path=str(out), hint=hint)
+        if source in target.parents:
+            raise GdrtError(f"the output lies inside an input (the {what}, {given}): writing it would change it",
+                            path=str(out), hint=hint)
+
+
 def check_output(
     out: str | os.PathLike, kind: str, *, inputs: dict[str, str | os.PathLike | None] | None = None,
     keep: tuple[str, ...] = (),
@@ -71,22 +91,9 @@ def check_output(
     of the same `kind` (it is replaced once the new one is complete), an empty directory, or a directory
     holding only the entries named in `keep` (train's checkpoints of an interrupted run).
     """
+    check_not_input(out, inputs or {})
     target = Path(out).absolute().resolve()
     a_kind = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
-    hint = "choose another --out"
-    for what, given in (inputs or {}).items():
-        if not given or not Path(given).expanduser().exists():
-            continue
-        source = Path(given).expanduser().absolute().resolve()
-        if source == target:
-            raise GdrtError(f"the output is the {what} input: writing it would delete the {what}", path=str(out),
-                            hint=hint)
-        if target in source.parents:
-            raise GdrtError(f"the output directory contains the {what} input {given}: replacing it would delete "
-                            f"the {what}", path=str(out), hint=hint)
-        if source in target.parents:
-            raise GdrtError(f"the output lies inside the {what} input {given}: writing it would change the {what}",
-                            path=str(out), hint=hint)
     if not (target.exists() or target.is_symlink()):
         return
     hint = (f"gdrt replaces only an earlier {kind} artifact: choose another --out, or move this one away "

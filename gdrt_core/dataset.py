@@ -63,6 +63,19 @@ class Dataset:
         t = self.items
         return dict(zip(t.column("item_id").to_pylist(), t.column("pop_group").to_pylist(), strict=True))
 
+    def num_rows(self, name: str) -> int:
+        """Rows of a split, from the parquet footer (nothing else is read)."""
+        import pyarrow.parquet as pq
+
+        if name not in SPLITS:
+            raise GdrtError(f"unknown split {name!r}", hint=f"use one of {', '.join(SPLITS)}")
+        return pq.ParquetFile(self.root / f"{name}.parquet").metadata.num_rows
+
+    def require_examples(self, name: str, purpose: str) -> None:
+        """A GdrtError naming the dataset when the split is empty (checked before any model is loaded)."""
+        if not self.num_rows(name):
+            raise GdrtError(f"the {name} split has no examples {purpose}", path=str(self.root))
+
     def split(self, name: str):
         """The split as a pyarrow Table."""
         import pyarrow.parquet as pq

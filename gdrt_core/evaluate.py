@@ -172,6 +172,7 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     dataset = Dataset(config.dataset)
+    dataset.require_examples(config.split, "to evaluate")
     settings = BeamSearchSettings(
         num_beams=config.num_beams, num_return_sequences=config.num_return_sequences or config.num_beams,
         length_penalty=config.length_penalty, early_stopping=config.early_stopping, renormalize=config.renormalize,
@@ -239,8 +240,6 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
                 if bar is not None:
                     bar.close()
             elapsed = time.perf_counter() - started
-            if not rankings:
-                raise GdrtError(f"the {config.split} split has no examples to evaluate", path=config.dataset)
             catalogue = TitleCatalogue.from_dataset(dataset)
             extended = compute_metrics(rankings, targets, histories, catalogue, extended=True)
             metrics = {k: extended[k] for k in METRIC_KEYS}  # metrics.json: the contract's keys only

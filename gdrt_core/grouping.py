@@ -273,6 +273,7 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
     guard = {"kind": "groups", "inputs": {"dataset": config.dataset, "reference": config.reference}}
     check_output(config.out, **guard)
     ds = Dataset(config.dataset)
+    ds.require_examples("train", "to fit the group edges on")
     with stage_run("group", to_dict(config)) as tracker, contextlib.ExitStack() as hold:
         hold.enter_context(exclusive(_work_path(config), "gdrt group"))
         if model is None or tokenizer is None:
@@ -287,8 +288,6 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
         tables = {
             s: pa.concat_tables([pq.read_table(p) for p in paths]) for s, paths in parts.items() if paths
         }
-        if "train" not in tables:
-            raise GdrtError("the train split has no examples to fit the group edges on", path=config.dataset)
         binned: dict[str, np.ndarray] = {}
         for s, t in tables.items():
             rel = t.column("relevance").to_numpy()

@@ -156,14 +156,18 @@ def cli(args: argparse.Namespace) -> None:
         raise GdrtError("give either --history TITLE ... or --input histories.parquet")
     if args.k < 1:
         raise GdrtError(f"--k must be positive, got {args.k}")
+    if args.domain is not None:
+        from gdrt_core.prompts import get_domain
+
+        get_domain(args.domain)
     if args.history:
         check_histories([args.history], where="--history")
     else:
         if not args.out:
             raise GdrtError("--input needs --out (the parquet file to write the recommendations to)")
-        if Path(args.out).absolute().resolve() == Path(args.input).absolute().resolve():
-            raise GdrtError("--out is the --input file: writing it would replace the input", path=args.out,
-                            hint="choose another --out")
+        from gdrt_core.artifacts import check_not_input
+
+        check_not_input(args.out, {"--input file": args.input, "model": args.model, "dataset": args.dataset})
         if Path(args.out).is_dir():
             raise GdrtError("--out is a directory, expected a parquet file path", path=args.out)
         histories = read_histories(args.input)

@@ -123,12 +123,14 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
     import contextlib
 
     from gdrt_core.artifacts import check_output, exclusive
+    from gdrt_core.dataset import Dataset
     from gdrt_core.tracking import is_rank_zero
     from gdrt_core.train.deepspeed import LAUNCHED_ENV
     from gdrt_core.train.resume import check_same_run, run_fingerprint
 
     validate(config)
     check_output(config.out, "model", inputs=train_inputs(config), keep=(CHECKPOINTS,))
+    Dataset(config.dataset).require_examples("train", "to train on")  # (its files checked against the manifest)
     first_process = is_rank_zero() and not os.environ.get(LAUNCHED_ENV)  # not a worker of our own launch
     with exclusive(config.out, "gdrt train") if first_process else contextlib.nullcontext():
         if first_process:

@@ -278,8 +278,6 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     train_features = build_features(dataset, "train", tokenizer, token_groups=token_groups,
                                     limit=config.max_train, groups_path=str(config.groups))
     valid_features = build_features(dataset, "valid", tokenizer, limit=config.valid_size)
-    if not train_features:
-        raise GdrtError("the train split is empty", path=str(config.dataset))
 
     out = Path(config.out).absolute()
     work_dir = out / CHECKPOINTS

@@ -166,6 +166,21 @@ def test_every_stage_setting_is_range_checked_when_resolved(stage, setting, expe
     assert "<command line>" in str(e.value)
 
 
+@pytest.mark.parametrize("args, problem", [
+    (["sweep", "pipelines/sweeps/office.yaml", "--jobs", "0"], "--jobs must be >= 1, got 0"),
+    (["sweep", "pipelines/sweeps/office.yaml", "--jobs", "-2", "--dry-run"], "--jobs must be >= 1, got -2"),
+    (["recommend", "--model", "m", "--history", "a", "--k", "0"], "--k must be positive, got 0"),
+    (["recommend", "--model", "m", "--history", "a", "--domain", "furniture"], "unknown domain 'furniture'"),
+])
+def test_command_flags_outside_their_range(tmp_path, monkeypatch, capsys, args, problem):
+    from gdrt_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert problem in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 def test_the_error_names_the_config_file_and_the_setting_help(tmp_path):
     from gdrt_core.train import TrainConfig
 
@@ -233,6 +248,41 @@ def test_gdrt_run_checks_the_whole_pipeline_config_before_its_first_stage(tmp_pa
     assert not (tmp_path / "r").exists()
 
 
+def test_gdrt_run_checks_local_paths_before_its_first_stage(tmp_path, monkeypatch, capsys):
+    from gdrt_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text("source: no/such/dir\n")
+    assert main(["run", "--config", str(config), "--out", "r"]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: the source data 'no/such/dir' does not exist" in err
+    (tmp_path / "src").mkdir()
+    assert main(["run", "--config", str(config), "--set", "source=src", "--set", "base_model=./no-model", "--out", "r"]) == 2
+    assert "the base model directory './no-model' does not exist" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["run.yaml", "src"]
+
+
+@pytest.mark.parametrize("stage, args, problem", [
+    ("evaluate", ["--model", "MODEL", "--out", "ev", "--split", "valid"], "the valid split has no examples to evaluate"),
+    ("group", ["--reference", "MODEL", "--out", "gr"], "the train split has no examples to fit the group edges on"),
+    ("train", ["--model", "MODEL", "--out", "tr"], "the train split has no examples to train on"),
+])
+def test_an_empty_split_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, stage, args, problem):
+    from gdrt_core.artifacts import atomic_output_dir
+    from gdrt_core.cli import main
+    from gdrt_core.dataset import write_dataset
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    with atomic_output_dir(tmp_path / "ds") as tmp:
+        write_dataset(tmp, titles={1: "a", 2: "b"}, splits={}, domain="office")
+    (tmp_path / "MODEL").mkdir()  # never loaded: the empty split is found first
+    assert main([stage, "--dataset", "ds", *args]) == 2
+    assert problem in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["MODEL", "ds"]
+
+
 def test_a_base_model_makes_the_model_settings_irrelevant():
     from gdrt_core.stages import check_pipeline_params
 
@@ -270,16 +320,16 @@ def test_out_that_is_contains_or_lies_inside_an_input_is_refused(tmp_path):
 
     ds = _artifact(tmp_path / "work" / "ds", "dataset")
     for out, problem in [
-        (ds, "the output is the dataset input"),
-        (tmp_path / "work", "contains the dataset input"),
-        (tmp_path, "contains the dataset input"),
-        (ds / "inner", "lies inside the dataset input"),
-        (tmp_path / "work" / "." / "ds", "the output is the dataset input"),
+        (ds, "the output is an input \\(the dataset\\)"),
+        (tmp_path / "work", "contains an input \\(the dataset"),
+        (tmp_path, "contains an input \\(the dataset"),
+        (ds / "inner", "lies inside an input \\(the dataset"),
+        (tmp_path / "work" / "." / "ds", "the output is an input \\(the dataset\\)"),
     ]:
         with pytest.raises(GdrtError, match=problem):
             check_output(out, "eval", inputs={"dataset": ds})
     os.symlink(ds, tmp_path / "link")
-    with pytest.raises(GdrtError, match="the output is the dataset input"):
+    with pytest.raises(GdrtError, match="the output is an input \\(the dataset\\)"):
         check_output(tmp_path / "link", "eval", inputs={"dataset": ds})
     check_output(tmp_path / "new", "eval", inputs={"dataset": ds, "model": "org/hub-id", "groups": None})
 
@@ -466,7 +516,11 @@ def test_recommend_input_files_are_checked_before_the_model_loads(tmp_path, caps
     assert "--history: history 0, title 1 is empty" in capsys.readouterr().err
     assert main(["recommend", "--model", "m", "--input", str(tmp_path / "ints.parquet"),
                  "--out", str(tmp_path / "ints.parquet")]) == 2
-    assert "--out is the --input file" in capsys.readouterr().err
+    assert "the output is an input (the --input file)" in capsys.readouterr().err
+    (tmp_path / "model").mkdir()
+    assert main(["recommend", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "ints.parquet"),
+                 "--out", str(tmp_path / "model" / "model.safetensors")]) == 2
+    assert "lies inside an input (the model" in capsys.readouterr().err
     assert not (tmp_path / "recs.parquet").exists()
 
 
@@ -570,8 +624,13 @@ def test_read_only_parent_is_a_message(tmp_path):
 
 
 def _train_config(tmp_path, *sets):
+    from gdrt_core.artifacts import atomic_output_dir
+    from gdrt_core.dataset import write_dataset
     from gdrt_core.train import TrainConfig
 
+    if not (tmp_path / "ds").exists():
+        with atomic_output_dir(tmp_path / "ds") as tmp:
+            write_dataset(tmp, titles={1: "a", 2: "b"}, splits=_splits(), domain="office")
     return load_config(TrainConfig, None, list(sets), dataset=str(tmp_path / "ds"), model="org/model",
                        out=str(tmp_path / "out"))
 
@@ -609,8 +668,8 @@ def test_resume_refuses_checkpoints_of_another_dataset(tmp_path):
     from gdrt_core.train import run
     from gdrt_core.train.resume import check_same_run
 
-    ds = _artifact(tmp_path / "ds", "dataset")
     config = _train_config(tmp_path)
+    ds = tmp_path / "ds"
     _checkpoint_of(config)
     (ds / "manifest.json").write_text((ds / "manifest.json").read_text().replace('"created"', '"created2"'))
     with pytest.raises(GdrtError, match="inputs dataset"):
