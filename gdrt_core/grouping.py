@@ -201,6 +201,13 @@ def _work_path(config: GroupConfig) -> Path:
     return Path(config.work_dir or f"{Path(config.out).absolute()}.parts")
 
 
+def check_work_dir(work: Path) -> None:
+    """The work directory is ours to delete: absent, empty, or holding a group run's parts (its state file)."""
+    if work.exists() and not (work / STATE_FILE).is_file() and (not work.is_dir() or any(work.iterdir())):
+        raise GdrtError(f"the work directory exists and is not a `gdrt group` work directory (no {STATE_FILE}): "
+                        "it would be deleted", path=str(work), hint="choose another work_dir, or remove it yourself")
+
+
 def _open_work_dir(config: GroupConfig) -> Path:
     import json
 
@@ -210,6 +217,7 @@ def _open_work_dir(config: GroupConfig) -> Path:
     fingerprint = json.loads(json.dumps(_fingerprint(config)))
     state = work / STATE_FILE
     if work.exists():
+        check_work_dir(work)
         try:
             previous = json.loads(state.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -265,13 +273,23 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from gdrt_core.artifacts import MANIFEST, atomic_output_dir, check_output, exclusive, write_json_atomic, write_manifest
+    from gdrt_core.artifacts import (
+        MANIFEST,
+        atomic_output_dir,
+        check_not_input,
+        check_output,
+        exclusive,
+        write_json_atomic,
+        write_manifest,
+    )
     from gdrt_core.dataset import Dataset
     from gdrt_core.tracking import stage_run
 
     check_config(config, "group config")
     guard = {"kind": "groups", "inputs": {"dataset": config.dataset, "reference": config.reference}}
     check_output(config.out, **guard)
+    check_not_input(_work_path(config), guard["inputs"])
+    check_work_dir(_work_path(config))
     ds = Dataset(config.dataset)
     ds.require_examples("train", "to fit the group edges on")
     with stage_run("group", to_dict(config)) as tracker, contextlib.ExitStack() as hold:

@@ -372,6 +372,20 @@ def test_curate_never_deletes_what_out_names(tmp_path, monkeypatch, capsys, out)
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("work", ["notes", ".", "ds"])
+def test_group_never_deletes_a_work_dir_that_is_not_its_own(tmp_path, monkeypatch, capsys, work):
+    from gdrt_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _artifact(tmp_path / "ds", "dataset")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert main(["group", "--dataset", "ds", "--reference", "m", "--out", "gr", "--set", f"work_dir={work}"]) == 2
+    assert "gdrt group: error:" in capsys.readouterr().err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
 def test_atomic_output_dir_with_a_kind_refuses_before_replacing(tmp_path):
     from gdrt_core.artifacts import atomic_output_dir
 
