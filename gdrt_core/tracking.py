@@ -8,8 +8,8 @@
 - Only rank 0 logs (RANK / LOCAL_RANK environment variables); other ranks get a tracker that does nothing.
 - A server that cannot be reached when a stage starts is an error naming the URI (before any work). Once the
   stage runs, logging never makes it wait: calls are queued and sent by a background thread, a failing call
-  is retried in the background until the server is back, and the stage's end waits at most
-  GDRT_TRACKING_FLUSH_S seconds (default 120) for the queue, then sets the run's status and reports what
+  is retried in the background until the server is back, and the stage's end waits for the queue (at most
+  GDRT_TRACKING_FLUSH_S seconds, default 120, of failing calls), then sets the run's status and reports what
   was not logged. Tracking never kills training, and everything logged is on disk in the artifact first.
 - The MLflow client's own HTTP retries are bounded (MLFLOW_HTTP_REQUEST_MAX_RETRIES=2, _BACKOFF_FACTOR=1,
   _TIMEOUT=30 unless set): a dead server fails a call in seconds, not minutes.
@@ -118,8 +118,9 @@ class Tracker:
     """Logs to one MLflow run without ever making the caller wait: every call is queued and sent, in order,
     by one background thread. A call that fails (server down or failing) is retried in the background with
     a growing pause (up to 30 s) until it succeeds; one the server refuses as invalid (4xx) is dropped with a
-    warning. `close` (the stage's end) waits at most GDRT_TRACKING_FLUSH_S seconds for the queue, then reports
-    what was not logged. Nothing here raises."""
+    warning. `close` (the stage's end) waits for the queue while the server takes the calls (a long upload is
+    not cut short), but at most GDRT_TRACKING_FLUSH_S seconds of failing calls, then reports what was not
+    logged. Nothing here raises."""
 
     def __init__(self, client=None, run_id: str | None = None):
         self.client = client
@@ -128,6 +129,7 @@ class Tracker:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._failing_since: float | None = None  # monotonic time of the first failure since the last success
         self.dropped: list[str] = []
 
     @property
@@ -161,6 +163,8 @@ class Tracker:
                     log.warning("MLflow refused %s, not logged: %s", what, e)
                     self.dropped.append(what)
                 else:
+                    if self._failing_since is None:
+                        self._failing_since = time.monotonic()
                     if not warned:
                         log.warning("MLflow call (%s) failed, retrying in the background: %s", what, e)
                         warned = True
@@ -169,20 +173,24 @@ class Tracker:
                     time.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX_S)
                     continue
-            delay, warned = RETRY_FIRST_S, False
+            delay, warned, self._failing_since = RETRY_FIRST_S, False, None
             with self._cond:
                 if self._pending and self._pending[0][1] is call:  # (close() may have emptied the queue)
                     self._pending.popleft()
                 self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> list[str]:
-        """Wait (at most `timeout` s, default GDRT_TRACKING_FLUSH_S) for the queued calls; returns those left."""
+        """Wait for the queued calls while the server takes them, giving up once calls have been failing for
+        `timeout` s (default GDRT_TRACKING_FLUSH_S) of this wait; returns the calls left."""
         if timeout is None:
             timeout = float(os.environ.get(FLUSH_ENV, DEFAULT_FLUSH_S))
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
         with self._cond:
-            while self._pending and (left := deadline - time.monotonic()) > 0:
-                self._cond.wait(min(left, 1.0))
+            while self._pending:
+                failing = self._failing_since
+                if failing is not None and time.monotonic() - max(failing, started) >= timeout:
+                    break
+                self._cond.wait(min(max(timeout, 0.01), 0.2))
             return [what for what, _ in self._pending]
 
     def close(self, timeout: float | None = None) -> list[str]:

@@ -84,6 +84,18 @@ def test_a_server_that_stays_down_costs_at_most_the_flush_bound_and_is_reported(
     assert client.calls == []
 
 
+def test_a_slow_but_working_server_gets_everything_however_long_it_takes(monkeypatch):
+    """The bound is on failing calls, not on a long upload: nothing is cut short while the server works."""
+    monkeypatch.setenv(tracking.FLUSH_ENV, "0.2")
+    client = FakeClient(delay=0.15)
+    tracker = tracking.Tracker(client, "run")
+    for step in range(4):
+        tracker.log_metrics({"loss": 1.0}, step=step)
+    tracker.log_artifacts("/tmp/model", "model")
+    assert tracker.terminate("FINISHED") == []
+    assert [c[0] for c in client.calls] == ["batch"] * 4 + ["artifacts", "status"]
+
+
 def test_a_call_the_server_refuses_is_dropped_and_the_rest_goes_on(capsys):
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
