@@ -549,7 +549,13 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from gdrt_core.artifacts import MANIFEST, atomic_output_dir, check_output, write_json_atomic, write_manifest
+    from gdrt_core.artifacts import (
+        MANIFEST,
+        atomic_output_dir,
+        check_output,
+        write_json_atomic,
+        write_manifest,
+    )
     from gdrt_core.dataset import Dataset
     from gdrt_core.prompts import render
     from gdrt_core.scoring import pad_id_of

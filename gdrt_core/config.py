@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
-from collections.abc import Callable
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from gdrt_core.errors import GdrtError
@@ -77,9 +78,8 @@ def _value_problem(value: Any, meta: dict) -> str | None:
         if "choices" in meta and value not in meta["choices"]:
             return "must be " + range_text({"choices": meta["choices"]})
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        for key, ok in (("ge", lambda a, b: a >= b), ("gt", lambda a, b: a > b),
-                        ("le", lambda a, b: a <= b), ("lt", lambda a, b: a < b)):
-            if key in meta and number and not ok(value, meta[key]):
+        for key in ("ge", "gt", "le", "lt"):
+            if key in meta and number and not getattr(operator, key)(value, meta[key]):
                 return "must be " + range_text({k: meta[k] for k in ("ge", "gt", "le", "lt") if k in meta})
     if "check" in meta:
         return meta["check"](value)
@@ -91,11 +91,16 @@ def check_setting(cls: type, name: str, value: Any, key: str, source: str) -> An
     range (a pipeline parameter that a stage receives as this setting); returns the typed value."""
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     typed = _coerce(value, typing.get_type_hints(cls)[name], key, source)
-    problem = None if typed is None else _value_problem(typed, f.metadata)
-    if problem is not None:
-        raise GdrtError(f"setting {key}={typed!r} is invalid: {problem}", path=source,
-                        hint=f"{key}: {f.metadata.get('help', '')}")
+    if typed is not None:
+        _check_value(key, typed, f.metadata, source)
     return typed
+
+
+def _check_value(key: str, value: Any, meta: dict, source: str) -> None:
+    problem = _value_problem(value, meta)
+    if problem is not None:
+        raise GdrtError(f"setting {key}={value!r} is invalid: {problem}", path=source,
+                        hint=f"{key}: {meta.get('help', '')}".rstrip(": "))
 
 
 def check_config(cfg: Any, source: str = "<config>", prefix: str = "") -> None:
@@ -109,10 +114,7 @@ def check_config(cfg: Any, source: str = "<config>", prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             check_config(value, source, f"{prefix}{f.name}.")
             continue
-        problem = _value_problem(value, f.metadata)
-        if problem is not None:
-            raise GdrtError(f"setting {prefix}{f.name}={value!r} is invalid: {problem}", path=source,
-                            hint=f"{prefix}{f.name}: {f.metadata.get('help', '')}".rstrip(": "))
+        _check_value(f"{prefix}{f.name}", value, f.metadata, source)
     own_check = getattr(cfg, "check", None)
     if callable(own_check):
         own_check(source)

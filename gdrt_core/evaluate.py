@@ -157,7 +157,13 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from gdrt_core.artifacts import MANIFEST, atomic_output_dir, check_output, write_json_atomic, write_manifest
+    from gdrt_core.artifacts import (
+        MANIFEST,
+        atomic_output_dir,
+        check_output,
+        write_json_atomic,
+        write_manifest,
+    )
     from gdrt_core.dataset import Dataset
     from gdrt_core.generation import BeamSearchSettings, Ranking, rank_prompts
     from gdrt_core.metrics import METRIC_KEYS, TitleCatalogue, compute_metrics, fairness_at_k

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from gdrt_core.dataset import ITEM_ID_RANGE, TIMESTAMP_RANGE, range_problem
+from gdrt_core.dataset import ITEM_ID_RANGE, range_problem
 from gdrt_core.errors import GdrtError
 
 BAD_ROW_HINT = "fix the row, or pass --on-bad-rows drop to skip bad rows"

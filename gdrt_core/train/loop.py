@@ -257,9 +257,14 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     from gdrt_core.artifacts import atomic_output_dir, write_json_atomic, write_manifest
     from gdrt_core.dataset import Dataset
     from gdrt_core.tracking import stage_run
-    from gdrt_core.train.data import StepWeights, TrainCollator, build_features, load_token_groups
     from gdrt_core.train import train_inputs
-    from gdrt_core.train.resume import latest_valid_checkpoint, read_policy_state, remove_unsealed, run_fingerprint
+    from gdrt_core.train.data import StepWeights, TrainCollator, build_features, load_token_groups
+    from gdrt_core.train.resume import (
+        latest_valid_checkpoint,
+        read_policy_state,
+        remove_unsealed,
+        run_fingerprint,
+    )
     from gdrt_core.train.trainer import GdrtTrainer
 
     if config.cpu_threads and not torch.cuda.is_available():

@@ -363,7 +363,7 @@ def test_curate_never_deletes_what_out_names(tmp_path, monkeypatch, capsys, out)
     from gdrt_core.cli import main
 
     monkeypatch.chdir(tmp_path)
-    src = _copy_sliding(tmp_path)
+    _copy_sliding(tmp_path)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     before = sorted(str(p) for p in tmp_path.rglob("*"))
@@ -515,7 +515,7 @@ def test_recommend_input_files_are_checked_before_the_model_loads(tmp_path, caps
         "nohistory.parquet": (pa.table({"titles": [["a"]]}), "has no `history` column"),
         "empty.parquet": (pa.table({"history": [["Desk Lamp", ""]]}), "history 0, title 1 is empty"),
     }
-    for name, (table, problem) in cases.items():
+    for name, (table, _) in cases.items():
         pq.write_table(table, tmp_path / name)
     (tmp_path / "garbage.parquet").write_text("not parquet")
     cases["garbage.parquet"] = (None, "cannot read the --input as parquet")
