@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gdrt_core.errors import GdrtError
+from gdrt_core.errors import GdrtError, filesystem_error
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -60,17 +60,85 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         raise
 
 
+def check_not_input(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse an output path (file or directory) that is one of the `inputs` ({what: path}; paths that do not
+    exist, such as hub ids, are skipped), contains one, or lies inside an input directory."""
+    target = Path(out).absolute().resolve()
+    hint = "choose another --out"
+    for what, given in inputs.items():
+        if not given or not Path(given).expanduser().exists():
+            continue
+        source = Path(given).expanduser().absolute().resolve()
+        if source == target:
+            raise GdrtError(f"the output is an input (the {what}): writing it would delete it", path=str(out),
+                            hint=hint)
+        if target in source.parents:
+            raise GdrtError(f"the output directory contains an input (the {what}, {given}): replacing it would "
+                            "delete it", path=str(out), hint=hint)
+        if source in target.parents:
+            raise GdrtError(f"the output lies inside an input (the {what}, {given}): writing it would change it",
+                            path=str(out), hint=hint)
+
+
+def check_output(
+    out: str | os.PathLike, kind: str, *, inputs: dict[str, str | os.PathLike | None] | None = None,
+    keep: tuple[str, ...] = (),
+) -> None:
+    """Refuse, before any work, an output path whose replacement would destroy something.
+
+    The output must not be one of the `inputs` ({what: path}; paths that do not exist, such as hub ids,
+    are skipped), contain one, or lie inside an input directory. An existing output must be an artifact
+    of the same `kind` (it is replaced once the new one is complete), an empty directory, or a directory
+    holding only the entries named in `keep` (train's checkpoints of an interrupted run).
+    """
+    check_not_input(out, inputs or {})
+    target = Path(out).absolute().resolve()
+    a_kind = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+    if not (target.exists() or target.is_symlink()):
+        return
+    hint = (f"gdrt replaces only an earlier {kind} artifact: choose another --out, or move this one away "
+            "yourself")
+    if not target.is_dir():
+        raise GdrtError(f"the output exists and is a file, not {a_kind} artifact directory", path=str(out), hint=hint)
+    manifest = target / MANIFEST
+    if manifest.is_file():
+        try:
+            found = json.loads(manifest.read_text(encoding="utf-8")).get("kind")
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if found != kind:
+            raise GdrtError(f"the output directory holds {'a ' + found if isinstance(found, str) else 'an unreadable'}"
+                            f" artifact, not {a_kind}: it would be deleted", path=str(out), hint=hint)
+        return
+    entries = sorted(p.name for p in target.iterdir())
+    others = [e for e in entries if e not in keep]
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise GdrtError(f"the output directory exists and is not {a_kind} artifact (no {MANIFEST}; it holds "
+                        f"{shown}): it would be deleted", path=str(out), hint=hint)
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_output_dir(
+    out: str | os.PathLike, *, overwrite: bool = True, kind: str | None = None,
+    inputs: dict[str, str | os.PathLike | None] | None = None, keep: tuple[str, ...] = (),
+) -> Iterator[Path]:
     """Yield a temporary directory next to `out`; on success it replaces `out`, on failure it is removed.
 
-    An existing `out` is replaced only after the new one is complete (overwrite=True), or refused.
+    An existing `out` is replaced only after the new one is complete (overwrite=True), or refused. With
+    `kind`, `check_output` runs first: an input, or a directory that is not a `kind` artifact, is never
+    replaced (stages also call it before their work).
     """
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise GdrtError("output directory already exists", path=str(out), hint="choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if kind is not None:
+        check_output(out, kind, inputs=inputs, keep=keep)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise filesystem_error(e, out.parent) from None
     os.chmod(tmp, _umask_mode(0o777))  # readable by other users (e.g. other containers' stages) as usual
     try:
         yield tmp
@@ -84,6 +152,32 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = True) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike, command: str) -> Iterator[None]:
+    """Hold a lock next to `path` (`.<name>.lock`) while a stage writes it: two runs on the same output
+    would pick up and overwrite each other's work (parts, checkpoints). A second run is a GdrtError."""
+    path = Path(path).absolute()
+    lock_path = path.parent / f".{path.name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GdrtError(f"another `{command}` is writing this output right now", path=str(path),
+                            hint="wait for it to finish, or choose another --out") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _rows(path: Path) -> int | None:
@@ -106,6 +200,18 @@ def describe_files(root: str | os.PathLike, names: list[str] | None = None) -> d
 
 def manifest_hash(artifact_dir: str | os.PathLike) -> str:
     return sha256_file(Path(artifact_dir) / MANIFEST)
+
+
+def input_identity(source: str | os.PathLike) -> dict:
+    """What identifies an input's content, cheaply: an artifact's manifest hash (its manifest lists every
+    file's sha256); for another local directory, its weight files' names, sizes and times; else the name
+    (a hub id). Used to tell whether resumable work (parts, checkpoints) was made from the same inputs."""
+    path = Path(source).expanduser()
+    if (path / MANIFEST).is_file():
+        return {"manifest_sha256": manifest_hash(path)}
+    if path.is_dir():
+        return {"weights": sorted([p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in path.glob("*.safetensors"))}
+    return {"name": str(source)}
 
 
 def write_manifest(
@@ -159,13 +265,47 @@ def read_manifest(root: str | os.PathLike, kind: str, *, verify: bool = True) ->
             path=str(path), hint="re-create the artifact with this version of gdrt",
         )
     if verify:
-        for name, info in manifest.get("files", {}).items():
-            f = root / name
-            if not f.is_file():
-                raise GdrtError(f"file {name!r} listed in the manifest is missing", path=str(root))
-            if sha256_file(f) != info.get("sha256"):
-                raise GdrtError(
-                    f"file {name!r} does not match its sha256 in the manifest (modified or corrupt)",
-                    path=str(root), hint="re-create the artifact",
-                )
+        verify_files(root, manifest)
     return manifest
+
+
+def verify_files(root: str | os.PathLike, manifest: dict | None = None) -> None:
+    """Every file the manifest lists exists and matches its sha256 (a GdrtError naming the file otherwise)."""
+    root = Path(root)
+    if manifest is None:
+        try:
+            manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise GdrtError(f"the manifest cannot be read ({e})", path=str(root / MANIFEST)) from None
+    for name, info in manifest.get("files", {}).items():
+        f = root / name
+        if not f.is_file():
+            raise GdrtError(f"file {name!r} listed in the manifest is missing", path=str(root))
+        if sha256_file(f) != info.get("sha256"):
+            raise GdrtError(
+                f"file {name!r} does not match its sha256 in the manifest (modified or corrupt)",
+                path=str(root), hint="re-create the artifact",
+            )
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why a .safetensors file cannot be loaded (truncated, not safetensors), read from its header alone;
+    None when its size matches what the header describes."""
+    import struct
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated or empty ({size} bytes)"
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            return f"truncated: its header says {length} header bytes, the file has {size}"
+        try:
+            header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "not a safetensors file (unreadable header)"
+    if 8 + length + end != size:
+        return f"truncated or corrupt: the header describes {8 + length + end} bytes, the file has {size}"
+    return None

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gdrt_core.config import field, load_config, to_dict
+from gdrt_core.config import DTYPES, check_config, device_problem, field, load_config, to_dict
 from gdrt_core.errors import GdrtError
 
 METHODS = ("ablation", "grad_x_input")
@@ -60,11 +60,11 @@ class AttributeConfig:
     dataset: str = field(help="Dataset artifact directory")
     model: str = field(help="model dir or hub id to diagnose")
     out: str = field(help="output Attribution directory")
-    split: str = field("test", help="split to attribute: train | valid | test")
-    limit: int | None = field(None, help="attribute at most this many examples (None = the whole split)")
-    method: str = field("ablation", help="ablation (feature ablation, default) | grad_x_input")
+    split: str = field("test", choices=("train", "valid", "test"), help="split to attribute: train | valid | test")
+    limit: int | None = field(None, ge=1, help="attribute at most this many examples (None = the whole split)")
+    method: str = field("ablation", choices=METHODS, help="ablation (feature ablation, default) | grad_x_input")
     baseline: str = field(
-        "neutral",
+        "neutral", choices=BASELINES,
         help="ablation baseline: neutral (replace by a neutral token) | attention (hide from attention)",
     )
     neutral_token: str | None = field(
@@ -72,17 +72,17 @@ class AttributeConfig:
     )
     counterfactual: bool = field(True, help="also re-score with the history removed and shuffled")
     num_negatives: int = field(
-        9, help="catalogue titles sampled per example to rank the target against (0 = no ranking)"
+        9, ge=0, help="catalogue titles sampled per example to rank the target against (0 = no ranking)"
     )
-    seed: int = field(0, help="seed for the negatives and the shuffled histories")
+    seed: int = field(0, ge=0, le=2**32 - 1, help="seed for the negatives and the shuffled histories")
     groups: str | None = field(
         None, help="Groups artifact: draw its relevance histogram with the group edges"
     )
-    batch_size: int = field(16, help="sequences per forward pass")
-    max_batch_tokens: int | None = field(None, help="cap on padded tokens per forward pass (None = no cap)")
-    chunk_size: int = field(256, help="examples scored together (bounds memory; one progress step each)")
-    device: str = field("auto", help="auto | cpu | cuda | cuda:N")
-    dtype: str = field("auto", help="auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16")
+    batch_size: int = field(16, ge=1, help="sequences per forward pass")
+    max_batch_tokens: int | None = field(None, ge=1, help="cap on padded tokens per forward pass (None = no cap)")
+    chunk_size: int = field(256, ge=1, help="examples scored together (bounds memory; one progress step each)")
+    device: str = field("auto", check=device_problem, help="auto | cpu | cuda | cuda:N")
+    dtype: str = field("auto", choices=DTYPES, help="auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16")
     progress: bool = field(True, help="show a progress bar")
 
 
@@ -549,17 +549,23 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from gdrt_core.artifacts import MANIFEST, atomic_output_dir, write_json_atomic, write_manifest
+    from gdrt_core.artifacts import (
+        MANIFEST,
+        atomic_output_dir,
+        check_output,
+        write_json_atomic,
+        write_manifest,
+    )
     from gdrt_core.dataset import Dataset
     from gdrt_core.prompts import render
     from gdrt_core.scoring import pad_id_of
     from gdrt_core.tokenization import tokenize_example
     from gdrt_core.tracking import stage_run
 
-    if config.method not in METHODS:
-        raise GdrtError(f"method must be one of {METHODS}, got {config.method!r}")
-    if config.baseline not in BASELINES:
-        raise GdrtError(f"baseline must be one of {BASELINES}, got {config.baseline!r}")
+    check_config(config, "attribute config")
+    guard = {"kind": "attribution",
+             "inputs": {"dataset": config.dataset, "model": config.model, "groups": config.groups}}
+    check_output(config.out, **guard)
     if config.groups is not None:
         from gdrt_core.artifacts import read_manifest
 
@@ -655,7 +661,7 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
             inputs["model"] = config.model
         if config.groups is not None:
             inputs["groups"] = config.groups
-        with atomic_output_dir(config.out) as tmp:
+        with atomic_output_dir(config.out, **guard) as tmp:
             pq.write_table(table, tmp / ATTRIBUTIONS_FILE)
             write_json_atomic(tmp / SUMMARY_FILE, summary)
             write_plots(summary, tmp / "plots", config.groups)

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from gdrt_core.errors import GdrtError
+from gdrt_core.errors import GdrtError, filesystem_error
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -161,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     except GdrtError as e:
         print(f"gdrt {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a full or read-only output file system: the path and the cause, no traceback
+        error = filesystem_error(e)
+        if not isinstance(error, GdrtError):
+            raise
+        print(f"gdrt {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print(f"gdrt {args.command}: interrupted", file=sys.stderr)
         return 130

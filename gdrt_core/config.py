@@ -1,15 +1,21 @@
 """Typed stage configs: dataclasses filled from a YAML file, then `key=value` overrides, then CLI flags.
 
-Each stage defines a dataclass whose fields carry their help text in `metadata["help"]`. The resolved
+Each stage defines a dataclass whose fields carry their help text in `metadata["help"]` and their valid
+range (`choices`, `ge` / `gt` / `le` / `lt`, a `check` function). `load_config` checks every field when the
+config is resolved, before any work: a float must be finite, a value must lie in its range, and the
+dataclass's own `check(source)` method (rules that involve several fields) must pass. The resolved
 config (`to_dict`) goes into the artifact's manifest and into MLflow params.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import os
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from gdrt_core.errors import GdrtError
@@ -17,12 +23,101 @@ from gdrt_core.errors import GdrtError
 T = TypeVar("T")
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str, **kw: Any) -> Any:  # noqa: A002
-    """A dataclass field with its help string (shown by `gdrt <stage> --help` and in docs)."""
+def field(
+    default: Any = dataclasses.MISSING, *, help: str,  # noqa: A002
+    choices: tuple | list | None = None, ge: float | None = None, gt: float | None = None,
+    le: float | None = None, lt: float | None = None, check: Callable[[Any], str | None] | None = None,
+    **kw: Any,
+) -> Any:
+    """A dataclass field with its help string (shown by `gdrt <stage> --help` and in docs) and its range.
+
+    choices: the allowed values (for a list field: of each element); ge / gt / le / lt: bounds of a
+    number; check: a function of the value returning what is wrong with it, or None. None values (an
+    optional setting left unset) are not checked; float values must always be finite.
+    """
+    meta: dict[str, Any] = {"help": help}
+    for name, value in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("check", check)):
+        if value is not None:
+            meta[name] = tuple(value) if name == "choices" else value
     if isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # the `dtype` setting of the stages that load a model
+
+
+def device_problem(device: str) -> str | None:
+    """A `device` setting other than auto, cpu, cuda or cuda:N."""
+    if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return None
+    return "must be auto, cpu, cuda or cuda:N"
+
+
+def range_text(meta: dict) -> str:
+    """The valid range of a field as words ("one of a, b", ">= 1 and <= 127"), "" when unrestricted."""
+    parts = []
+    if "choices" in meta:
+        parts.append("one of " + ", ".join(str(c) for c in meta["choices"]))
+    for key, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if key in meta:
+            parts.append(f"{op} {meta[key]}")
+    return " and ".join(parts)
+
+
+def _value_problem(value: Any, meta: dict) -> str | None:
+    """What is wrong with one value of a field (None: nothing)."""
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            if (problem := _value_problem(v, {k: m for k, m in meta.items() if k != "check"})) is not None:
+                return f"element {v!r}: {problem}"
+    else:
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        if "choices" in meta and value not in meta["choices"]:
+            return "must be " + range_text({"choices": meta["choices"]})
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        for key in ("ge", "gt", "le", "lt"):
+            if key in meta and number and not getattr(operator, key)(value, meta[key]):
+                return "must be " + range_text({k: meta[k] for k in ("ge", "gt", "le", "lt") if k in meta})
+    if "check" in meta:
+        return meta["check"](value)
+    return None
+
+
+def check_setting(cls: type, name: str, value: Any, key: str, source: str) -> Any:
+    """One value for field `name` of config class `cls`, read as the field's type and checked against its
+    range (a pipeline parameter that a stage receives as this setting); returns the typed value."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    typed = _coerce(value, typing.get_type_hints(cls)[name], key, source)
+    if typed is not None:
+        _check_value(key, typed, f.metadata, source)
+    return typed
+
+
+def _check_value(key: str, value: Any, meta: dict, source: str) -> None:
+    problem = _value_problem(value, meta)
+    if problem is not None:
+        raise GdrtError(f"setting {key}={value!r} is invalid: {problem}", path=source,
+                        hint=f"{key}: {meta.get('help', '')}".rstrip(": "))
+
+
+def check_config(cfg: Any, source: str = "<config>", prefix: str = "") -> None:
+    """Check every field of a config dataclass against its range, then the dataclass's own `check(source)`
+    (rules across fields). The first problem is a GdrtError naming the setting, its value, the file or
+    command line it came from, and what it means."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue
+        if dataclasses.is_dataclass(value):
+            check_config(value, source, f"{prefix}{f.name}.")
+            continue
+        _check_value(f"{prefix}{f.name}", value, f.metadata, source)
+    own_check = getattr(cfg, "check", None)
+    if callable(own_check):
+        own_check(source)
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -54,6 +149,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise GdrtError(f"{key}: expected a list, got {value!r}", path=source)
         inner = args[0] if args else str
         return [_coerce(v, inner, key, source) for v in value]
+    if tp in (bool, int, float, str) and isinstance(value, (dict, list, tuple)):
+        raise GdrtError(f"{key}: expected a single {tp.__name__} value, got {value!r}", path=source,
+                        hint=f"{key} is not a section of settings" if isinstance(value, dict) else None)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -92,19 +190,33 @@ def from_dict(cls: type[T], data: dict, *, source: str = "<config>", prefix: str
         )
     kwargs = {k: _coerce(v, hints[k], prefix + k, source) for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
     except TypeError as e:
         raise GdrtError(f"incomplete config: {e}", path=source) from None
+    if not prefix:  # nested dataclasses are checked with their parent
+        check_config(cfg, source)
+    return cfg
 
 
 def set_dotted(data: dict, key: str, value: Any, where: str | None = None) -> None:
     """data[a][b][c] = value for key "a.b.c", creating the dicts on the way; a parent that holds a value
-    other than a dict is a GdrtError naming the key (and `where`, the file or flag it came from)."""
+    other than a dict is a GdrtError naming the key (and `where`, the file or flag it came from).
+
+    A mapping set onto a mapping is merged into it key by key (a flag never drops the --set entries of the
+    same section); a single value set onto a section of settings is a GdrtError naming both."""
     *parents, last = key.split(".")
     for p in parents:
         data = data.setdefault(p, {})
         if not isinstance(data, dict):
             raise GdrtError(f"{key!r}: {p!r} is not a settings dict", path=where)
+    if isinstance(data.get(last), dict):
+        if not isinstance(value, dict):
+            inner = ", ".join(f"{key}.{k}" for k in data[last])
+            raise GdrtError(f"{key!r} is given both as a single value ({value!r}) and as a section ({inner})",
+                            path=where, hint=f"{key} is not a section of settings: drop the {inner} setting(s)")
+        for k, v in value.items():
+            set_dotted(data[last], str(k), v, where)
+        return
     data[last] = value
 
 

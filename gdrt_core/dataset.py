@@ -16,6 +16,18 @@ from gdrt_core.artifacts import read_manifest
 from gdrt_core.errors import GdrtError
 
 SPLITS = ("train", "valid", "test")
+# the ranges of the stored integer columns: item ids (item_id, history, target) are int32, timestamps int64
+ITEM_ID_RANGE = (-(2**31), 2**31 - 1)
+TIMESTAMP_RANGE = (-(2**63), 2**63 - 1)
+
+
+def range_problem(value: int, what: str, bounds: tuple[int, int]) -> str | None:
+    """Why an integer does not fit its stored column (None when it fits)."""
+    low, high = bounds
+    if low <= value <= high:
+        return None
+    bits = 32 if bounds == ITEM_ID_RANGE else 64
+    return f"{what} {value} is outside the range of the int{bits} column ({low}..{high})"
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,19 @@ class Dataset:
     def pop_groups(self) -> dict[int, int]:
         t = self.items
         return dict(zip(t.column("item_id").to_pylist(), t.column("pop_group").to_pylist(), strict=True))
+
+    def num_rows(self, name: str) -> int:
+        """Rows of a split, from the parquet footer (nothing else is read)."""
+        import pyarrow.parquet as pq
+
+        if name not in SPLITS:
+            raise GdrtError(f"unknown split {name!r}", hint=f"use one of {', '.join(SPLITS)}")
+        return pq.ParquetFile(self.root / f"{name}.parquet").metadata.num_rows
+
+    def require_examples(self, name: str, purpose: str) -> None:
+        """A GdrtError naming the dataset when the split is empty (checked before any model is loaded)."""
+        if not self.num_rows(name):
+            raise GdrtError(f"the {name} split has no examples {purpose}", path=str(self.root))
 
     def split(self, name: str):
         """The split as a pyarrow Table."""
@@ -125,6 +150,9 @@ def write_dataset(
     pyarrow Table, or an iterable of record batches (written as they come, for large datasets).
     Popularity is the number of train interactions (`train_popularity`), unless `popularity` is given
     (a writer that knows the interactions exactly, e.g. the raw-dump recipe, passes its own counts).
+
+    Checked before it is written (GdrtError): every item id fits the int32 columns, every value its
+    column's type, and every history and target id is one of the items.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -134,9 +162,15 @@ def write_dataset(
 
     get_domain(domain)
     out_dir = Path(out_dir)
+    ids = sorted(titles)
+    for i in (ids[:1] + ids[-1:]):
+        if not isinstance(i, int) or (problem := range_problem(i, "item id", ITEM_ID_RANGE)) is not None:
+            raise GdrtError(problem or f"item id {i!r} is not an integer", path=str(out_dir),
+                            hint="item ids are stored as int32")
+    known = pa.array(ids, pa.int32())
+    tables = {name: _split_table(name, splits.get(name), known) for name in SPLITS}
     pop = popularity if popularity is not None else train_popularity(titles, splits.get("train", {}))
     groups = popularity_groups(pop, num_pop_groups)
-    ids = sorted(titles)
     items = pa.table(
         {
             "item_id": pa.array(ids, pa.int32()),
@@ -149,14 +183,9 @@ def write_dataset(
     pq.write_table(items, out_dir / "items.parquet")
     counts = {"items": len(ids)}
     for name in SPLITS:
-        cols = splits.get(name)
-        if cols is None or isinstance(cols, dict):
-            cols = cols or {k: [] for k, _ in SPLIT_SCHEMA_FIELDS}
-            table = pa.table({k: cols[k] for k, _ in SPLIT_SCHEMA_FIELDS}, schema=split_schema())
-        elif isinstance(cols, pa.Table):
-            table = cols.select([k for k, _ in SPLIT_SCHEMA_FIELDS]).cast(split_schema())
-        else:
-            counts[name] = _write_batches(out_dir / f"{name}.parquet", cols)
+        table = tables[name]
+        if table is None:  # record batches, checked and written as they come
+            counts[name] = _write_batches(out_dir / f"{name}.parquet", splits[name], name, known)
             continue
         pq.write_table(table, out_dir / f"{name}.parquet")
         counts[name] = table.num_rows
@@ -166,17 +195,68 @@ def write_dataset(
     )
 
 
-def _write_batches(path: Path, batches) -> int:
-    """Stream record batches (split columns) into one parquet file; returns the row count."""
+def _typed_split(name: str, cols) -> object:
+    """Split columns (dict of lists, or a pyarrow Table / RecordBatch) as a table of the split schema;
+    a missing column, a null, or a value that does not fit its column's type is a GdrtError."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     schema = split_schema()
-    rows = 0
-    with pq.ParquetWriter(path, schema) as writer:
-        for batch in batches:
-            table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    try:
+        if isinstance(cols, dict):
+            table = pa.table({k: cols[k] for k in schema.names}, schema=schema)
+        else:
+            table = pa.Table.from_batches([cols]) if isinstance(cols, pa.RecordBatch) else cols
             table = table.select(schema.names).cast(schema)
+    except KeyError as e:
+        raise GdrtError(f"the {name} split has no column {e}", hint=f"columns: {', '.join(schema.names)}") from None
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError) as e:
+        raise GdrtError(f"the {name} split has a value that does not fit its column type ({e})",
+                        hint=f"schema: {', '.join(f'{n} {t}' for n, t in SPLIT_SCHEMA_FIELDS)}") from None
+    for column in schema.names:
+        if table.column(column).null_count:
+            raise GdrtError(f"the {name} split has an empty (null) {column}")
+    return table
+
+
+def _check_item_ids(name: str, table, known, first_row: int = 0) -> None:
+    """Every target and history id of the split is one of the items (else every later stage would fail)."""
+    import pyarrow.compute as pc
+
+    history = table.column("history")
+    for column, values, rows in (
+        ("target", table.column("target"), None),
+        ("history", pc.list_flatten(history), pc.list_parent_indices(history)),
+    ):
+        missing = pc.invert(pc.is_in(values, value_set=known))
+        if len(values) and pc.any(missing).as_py():
+            index = pc.index(missing, True).as_py()
+            row = first_row + (index if rows is None else rows[index].as_py())
+            raise GdrtError(f"the {name} split, row {row}: {column} item id {values[index].as_py()} is not one of "
+                            "the items", hint="every history and target id must have a title in the items")
+
+
+def _split_table(name: str, cols, known):
+    """The split as a checked table, or None for an iterable of record batches (checked while written)."""
+    import pyarrow as pa
+
+    if cols is None:
+        cols = {k: [] for k, _ in SPLIT_SCHEMA_FIELDS}
+    if not isinstance(cols, (dict, pa.Table)):
+        return None
+    table = _typed_split(name, cols)
+    _check_item_ids(name, table, known)
+    return table
+
+
+def _write_batches(path: Path, batches, name: str, known) -> int:
+    """Stream record batches (split columns) into one parquet file, each checked; returns the row count."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    with pq.ParquetWriter(path, split_schema()) as writer:
+        for batch in batches:
+            table = _typed_split(name, batch)
+            _check_item_ids(name, table, known, first_row=rows)
             writer.write_table(table)
             rows += table.num_rows
     return rows

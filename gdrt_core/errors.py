@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class GdrtError(Exception):
     """A user-facing error. The CLI prints the message and exits with code 2.
@@ -26,3 +29,17 @@ class GdrtError(Exception):
         if hint:
             text += f" ({hint})"
         super().__init__(text)
+
+
+# errors of the file system an output is written to (not of a missing or unreadable input)
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM}
+
+
+def filesystem_error(e: OSError, where: str | os.PathLike | None = None) -> GdrtError | OSError:
+    """A GdrtError naming the path and the cause (disk full, read-only, no permission) for an OSError of
+    writing an output; any other OSError is returned unchanged (raise it as it is)."""
+    if e.errno not in OUTPUT_ERRNOS:
+        return e
+    path = e.filename or where
+    return GdrtError(f"cannot write: {e.strerror or e}", path=None if path is None else str(path),
+                     hint="free space, or choose an output directory you can write to")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gdrt_core.config import field, load_config, to_dict
+from gdrt_core.config import DTYPES, check_config, device_problem, field, load_config, to_dict
 from gdrt_core.errors import GdrtError
 
 PREDICTIONS_FILE = "predictions.parquet"
@@ -46,20 +46,29 @@ class EvalConfig:
     dataset: str = field(help="Dataset artifact directory")
     model: str = field(help=f"model directory or hub id (a PEFT adapter directory works too), or one of {', '.join(BASELINES)}")
     out: str = field(help="output Eval directory")
-    split: str = field("test", help="split to evaluate: train | valid | test")
-    limit: int | None = field(None, help="evaluate only the first N examples of the split (quick looks)")
-    num_beams: int = field(10, help="beams of the constrained beam search (= ranking length)")
-    num_return_sequences: int | None = field(None, help="titles returned per example (default: num_beams)")
+    split: str = field("test", choices=("train", "valid", "test"), help="split to evaluate: train | valid | test")
+    limit: int | None = field(None, ge=1, help="evaluate only the first N examples of the split (quick looks)")
+    num_beams: int = field(10, ge=1, le=127, help="beams of the constrained beam search (= ranking length; ranks are int8)")
+    num_return_sequences: int | None = field(None, ge=1, le=127, help="titles returned per example (default: num_beams)")
     length_penalty: float = field(0.0, help="0.0: rank by the sum of log-probs; 1.0: by the per-token mean")
-    early_stopping: bool | str = field(False, help="transformers' beam-search stopping rule: false | true | never")
+    early_stopping: bool | str = field(False, choices=(True, False, "never"), help="transformers' beam-search stopping rule: false | true | never")
     renormalize: bool = field(False, help="re-normalise log-probs over the allowed tokens at each step")
-    batch_size: int = field(16, help="examples per beam-search batch (x num_beams rows per forward)")
-    chunk_size: int = field(512, help="examples read, length-sorted and written to disk together")
-    dtype: str = field("auto", help="auto (float32 on CPU, bfloat16 on a GPU) | float32 | bfloat16 | float16")
-    device: str = field("auto", help="auto | cpu | cuda | cuda:N")
-    threads: int | None = field(None, help="torch CPU threads (None = torch's default; 1 is fastest for tiny models)")
+    batch_size: int = field(16, ge=1, help="examples per beam-search batch (x num_beams rows per forward)")
+    chunk_size: int = field(512, ge=1, help="examples read, length-sorted and written to disk together")
+    dtype: str = field("auto", choices=DTYPES, help="auto (float32 on CPU, bfloat16 on a GPU) | float32 | bfloat16 | float16")
+    device: str = field("auto", check=device_problem, help="auto | cpu | cuda | cuda:N")
+    threads: int | None = field(None, ge=1, help="torch CPU threads (None = torch's default; 1 is fastest for tiny models)")
     plots: bool = field(True, help="draw plots/ranking.png and plots/exposure.png")
     progress: bool = field(True, help="show a progress bar with examples/s")
+
+    def check(self, source: str) -> None:
+        n_return = self.num_return_sequences or self.num_beams
+        if n_return > self.num_beams:
+            raise GdrtError(f"setting num_return_sequences={n_return} is invalid: must be <= num_beams "
+                            f"({self.num_beams})", path=source)
+        if self.model == "baseline:most-popular-valid" and self.split == "valid":
+            raise GdrtError("baseline:most-popular-valid ranks by the valid split's targets; it cannot be "
+                            "evaluated on valid", path=source, hint="use --split test, or baseline:most-popular")
 
 
 class _Ragged(Sequence):
@@ -187,23 +196,6 @@ class SampleNdcg:
         return ndcg([target_rank(r.titles, t) for r, t in zip(rankings, self.targets, strict=True)], 10)
 
 
-def _check(config: EvalConfig) -> None:
-    if not 1 <= config.num_beams <= 127:  # ranks are stored as int8
-        raise GdrtError(f"num_beams must be in 1..127, got {config.num_beams}", hint="e.g. --num-beams 10")
-    n_return = config.num_return_sequences or config.num_beams
-    if not 1 <= n_return <= config.num_beams:
-        raise GdrtError(f"num_return_sequences must be in 1..num_beams ({config.num_beams}), got {n_return}")
-    if config.limit is not None and config.limit < 1:
-        raise GdrtError(f"--limit must be positive, got {config.limit}")
-    if config.batch_size < 1 or config.chunk_size < 1:
-        raise GdrtError("batch_size and chunk_size must be positive")
-    if config.model == "baseline:most-popular-valid" and config.split == "valid":
-        raise GdrtError("baseline:most-popular-valid ranks by the valid split's targets; it cannot be evaluated "
-                        "on valid", hint="use --split test, or baseline:most-popular")
-    if config.early_stopping not in (True, False, "never"):
-        raise GdrtError(f"early_stopping must be true, false or never, got {config.early_stopping!r}")
-
-
 def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
     """Rank the split's examples, write the Eval artifact, log to MLflow; returns the metrics.
 
@@ -215,7 +207,13 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from gdrt_core.artifacts import MANIFEST, atomic_output_dir, write_json_atomic, write_manifest
+    from gdrt_core.artifacts import (
+        MANIFEST,
+        atomic_output_dir,
+        check_output,
+        write_json_atomic,
+        write_manifest,
+    )
     from gdrt_core.dataset import Dataset
     from gdrt_core.generation import BeamSearchSettings, Ranking, rank_prompts
     from gdrt_core.metrics import METRIC_KEYS, TitleCatalogue, compute_metrics, fairness_at_k
@@ -224,10 +222,13 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
     from gdrt_core.tracking import stage_run
     from gdrt_core.trie import build_trie
 
-    _check(config)
+    check_config(config, "evaluate config")
+    guard = {"kind": "eval", "inputs": {"dataset": config.dataset, "model": config.model}}
+    check_output(config.out, **guard)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     dataset = Dataset(config.dataset)
+    dataset.require_examples(config.split, "to evaluate")
     settings = BeamSearchSettings(
         num_beams=config.num_beams, num_return_sequences=config.num_return_sequences or config.num_beams,
         length_penalty=config.length_penalty, early_stopping=config.early_stopping, renormalize=config.renormalize,
@@ -269,7 +270,7 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
         targets: list[str] = []
         histories = _Ragged()
         started = time.perf_counter()
-        with atomic_output_dir(config.out) as tmp:
+        with atomic_output_dir(config.out, **guard) as tmp:
             writer = pq.ParquetWriter(tmp / PREDICTIONS_FILE, schema)
             bar = None
             try:
@@ -295,8 +296,6 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
                 if bar is not None:
                     bar.close()
             elapsed = time.perf_counter() - started
-            if not rankings:
-                raise GdrtError(f"the {config.split} split has no examples to evaluate", path=config.dataset)
             catalogue = TitleCatalogue.from_dataset(dataset)
             extended = compute_metrics(rankings, targets, histories, catalogue, extended=True)
             metrics = {k: extended[k] for k in METRIC_KEYS}  # metrics.json: the contract's keys only

@@ -30,13 +30,13 @@ import argparse
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from gdrt_core.config import field, load_config, to_dict
+from gdrt_core.config import DTYPES, check_config, device_problem, field, load_config, to_dict
 from gdrt_core.errors import GdrtError
 
 GROUPS_FILE = "groups.json"
@@ -45,6 +45,8 @@ HISTOGRAM_FILE = "relevance_histogram.png"
 STATE_FILE = "state.json"
 REMOVALS = ("drop", "mask")
 GRANULARITIES = ("token", "example")
+SPLITS = ("train", "valid", "test")
+MAX_GROUPS = 128  # group ids are stored as int8 (0..127)
 
 
 @dataclass
@@ -54,24 +56,29 @@ class GroupConfig:
         help="reference model p_ref: a model dir (the SFT model in the pipeline) or hub id"
     )
     out: str = field(help="output Groups directory")
-    num_groups: int = field(4, help="number of quantile groups G")
+    num_groups: int = field(4, ge=1, le=MAX_GROUPS, help=f"number of quantile groups G (group ids are int8: at most {MAX_GROUPS})")
     history_removal: str = field(
-        "drop", help="drop: render with an empty history | mask: hide history tokens from attention"
+        "drop", choices=REMOVALS, help="drop: render with an empty history | mask: hide history tokens from attention"
     )
-    granularity: str = field("token", help="token: bin each r_t | example: bin the mean r_t of each example")
+    granularity: str = field("token", choices=GRANULARITIES, help="token: bin each r_t | example: bin the mean r_t of each example")
     splits: list[str] = field(
-        ["train", "valid"], help="splits to score (train is required: edges are fitted on it)"
+        ["train", "valid"], choices=SPLITS, help="splits to score (train is required: edges are fitted on it)"
     )
-    limit: int | None = field(None, help="score at most this many examples per split (quick runs)")
-    batch_size: int = field(16, help="sequences per forward pass")
-    max_batch_tokens: int | None = field(None, help="cap on padded tokens per forward pass (None = no cap)")
-    part_size: int = field(1024, help="examples per resumable part file")
+    limit: int | None = field(None, ge=1, help="score at most this many examples per split (quick runs)")
+    batch_size: int = field(16, ge=1, help="sequences per forward pass")
+    max_batch_tokens: int | None = field(None, ge=1, help="cap on padded tokens per forward pass (None = no cap)")
+    part_size: int = field(1024, ge=1, help="examples per resumable part file")
     work_dir: str | None = field(
         None, help="where finished parts are kept until the stage completes (default <out>.parts)"
     )
-    device: str = field("auto", help="auto | cpu | cuda | cuda:N")
-    dtype: str = field("auto", help="auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16")
+    device: str = field("auto", check=device_problem, help="auto | cpu | cuda | cuda:N")
+    dtype: str = field("auto", choices=DTYPES, help="auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16")
     progress: bool = field(True, help="show a progress bar")
+
+    def check(self, source: str) -> None:
+        if "train" not in self.splits:
+            raise GdrtError("setting splits must include train (the group edges are fitted on it)", path=source,
+                            hint="e.g. splits=[train, valid]")
 
 
 # ------------------------------------------------------------------------------------------- pure maths
@@ -177,20 +184,13 @@ def score_part(model, tokenizer, domain: str, examples: Sequence, config: GroupC
 
 def _fingerprint(config: GroupConfig) -> dict:
     """What the finished parts depend on: a change in any of these starts the parts afresh."""
-    from gdrt_core.artifacts import MANIFEST, manifest_hash
+    from gdrt_core.artifacts import input_identity, manifest_hash
 
     ref = Path(config.reference)
-    ref_id = manifest_hash(ref) if (ref / MANIFEST).is_file() else None
-    ref_weights = (
-        sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in ref.glob("*.safetensors"))
-        if ref.is_dir()
-        else []
-    )
     return {
         "dataset_manifest": manifest_hash(config.dataset),
         "reference": str(ref.absolute()) if ref.exists() else config.reference,
-        "reference_manifest": ref_id,
-        "reference_weights": ref_weights,
+        "reference_content": input_identity(ref),
         "history_removal": config.history_removal,
         "limit": config.limit,
         "part_size": config.part_size,
@@ -199,6 +199,13 @@ def _fingerprint(config: GroupConfig) -> dict:
 
 def _work_path(config: GroupConfig) -> Path:
     return Path(config.work_dir or f"{Path(config.out).absolute()}.parts")
+
+
+def check_work_dir(work: Path) -> None:
+    """The work directory is ours to delete: absent, empty, or holding a group run's parts (its state file)."""
+    if work.exists() and not (work / STATE_FILE).is_file() and (not work.is_dir() or any(work.iterdir())):
+        raise GdrtError(f"the work directory exists and is not a `gdrt group` work directory (no {STATE_FILE}): "
+                        "it would be deleted", path=str(work), hint="choose another work_dir, or remove it yourself")
 
 
 def _open_work_dir(config: GroupConfig) -> Path:
@@ -210,6 +217,7 @@ def _open_work_dir(config: GroupConfig) -> Path:
     fingerprint = json.loads(json.dumps(_fingerprint(config)))
     state = work / STATE_FILE
     if work.exists():
+        check_work_dir(work)
         try:
             previous = json.loads(state.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -220,33 +228,6 @@ def _open_work_dir(config: GroupConfig) -> Path:
     if not state.exists():
         write_json_atomic(state, fingerprint)
     return work
-
-
-@contextlib.contextmanager
-def _exclusive(work: Path) -> Iterator[None]:
-    """Hold a lock next to the work directory: two runs on the same output would overwrite each other's parts."""
-    lock_path = work.parent / f".{work.name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            yield
-            return
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise GdrtError(
-                "another `gdrt group` is writing this output right now",
-                path=str(work),
-                hint="wait for it to finish, or choose another --out",
-            ) from None
-        try:
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                lock_path.unlink()
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_table_atomic(table, path: Path) -> None:
@@ -292,23 +273,27 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from gdrt_core.artifacts import MANIFEST, atomic_output_dir, write_json_atomic, write_manifest
+    from gdrt_core.artifacts import (
+        MANIFEST,
+        atomic_output_dir,
+        check_not_input,
+        check_output,
+        exclusive,
+        write_json_atomic,
+        write_manifest,
+    )
     from gdrt_core.dataset import Dataset
     from gdrt_core.tracking import stage_run
 
-    if config.granularity not in GRANULARITIES:
-        raise GdrtError(f"granularity must be one of {GRANULARITIES}, got {config.granularity!r}")
-    if config.history_removal not in REMOVALS:
-        raise GdrtError(f"history_removal must be one of {REMOVALS}, got {config.history_removal!r}")
-    if "train" not in config.splits:
-        raise GdrtError(
-            "splits must include train (the group edges are fitted on it)", hint="e.g. splits=[train, valid]"
-        )
-    if config.part_size < 1 or config.batch_size < 1:
-        raise GdrtError("part_size and batch_size must be positive")
+    check_config(config, "group config")
+    guard = {"kind": "groups", "inputs": {"dataset": config.dataset, "reference": config.reference}}
+    check_output(config.out, **guard)
+    check_not_input(_work_path(config), guard["inputs"])
+    check_work_dir(_work_path(config))
     ds = Dataset(config.dataset)
+    ds.require_examples("train", "to fit the group edges on")
     with stage_run("group", to_dict(config)) as tracker, contextlib.ExitStack() as hold:
-        hold.enter_context(_exclusive(_work_path(config)))
+        hold.enter_context(exclusive(_work_path(config), "gdrt group"))
         if model is None or tokenizer is None:
             from gdrt_core.scoring import load_scoring_model
 
@@ -321,8 +306,6 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
         tables = {
             s: pa.concat_tables([pq.read_table(p) for p in paths]) for s, paths in parts.items() if paths
         }
-        if "train" not in tables:
-            raise GdrtError("the train split has no examples to fit the group edges on", path=config.dataset)
         binned: dict[str, np.ndarray] = {}
         for s, t in tables.items():
             rel = t.column("relevance").to_numpy()
@@ -363,7 +346,7 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
         inputs = {"dataset": config.dataset}
         if (Path(config.reference) / MANIFEST).is_file():
             inputs["reference"] = config.reference
-        with atomic_output_dir(config.out) as tmp:
+        with atomic_output_dir(config.out, **guard) as tmp:
             pq.write_table(pa.concat_tables(out_tables), tmp / TOKEN_GROUPS_FILE)
             write_json_atomic(tmp / GROUPS_FILE, summary)
             (tmp / "plots").mkdir()

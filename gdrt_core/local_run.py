@@ -139,8 +139,38 @@ def format_table(comparison: dict) -> str:
     return "\n".join(lines)
 
 
+def check_local_inputs(params: dict, source: str) -> None:
+    """Before the first stage of a local run: the whole config (`stages.check_pipeline_params`), and the local
+    paths it names (the source data, a base model given as a path) exist on this machine."""
+    from gdrt_core.models import _looks_local
+    from gdrt_core.stages import PIPELINE_DEFAULTS, check_pipeline_params
+
+    check_pipeline_params(params, source)
+    data = str(params.get("source", PIPELINE_DEFAULTS["source"]))
+    if not Path(data).expanduser().exists():
+        raise GdrtError(f"the source data {data!r} does not exist (relative to {Path.cwd()})", path=source,
+                        hint="set `source:` in the config or --set source=PATH")
+    base = str(params.get("base_model") or "").strip()
+    kind, sep, arg = base.partition(":")
+    if sep and kind == "gguf" and not Path(arg.strip()).expanduser().is_file():
+        raise GdrtError(f"the GGUF file {arg.strip()!r} of base_model does not exist", path=source,
+                        hint="set `base_model: gguf:/path/to/model.gguf`")
+    if sep and kind in ("embedded", "pretrained", "gguf"):
+        return
+    if base and _looks_local(base) and not Path(base).expanduser().exists():
+        raise GdrtError(f"the base model directory {base!r} does not exist", path=source,
+                        hint="set `base_model:` to a model directory or a hub id, or leave it empty")
+
+
+def config_source(config: str | os.PathLike | None, overrides: list[str]) -> str:
+    """How a pipeline config is named in error messages: its file, and the --set overrides if any."""
+    path = str(config) if config else str(DEFAULT_CONFIG)
+    return path + (f" with --set {' --set '.join(overrides)}" if overrides else "")
+
+
 def cli(args: argparse.Namespace) -> None:
     params = load_params(args.config, args.overrides)
+    check_local_inputs(params, config_source(args.config, args.overrides))
     out = Path(args.out or Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     print(f"gdrt run: pipeline on {params.get('source', 'data/office')} -> {out} (KFP log: {out / 'pipeline.log'})",
           file=sys.stderr)

@@ -135,7 +135,8 @@ def adapter_base(adapter_dir: str | os.PathLike) -> str:
 
 
 def _check_local_model_dir(path: Path) -> None:
-    """Clear errors for a local model directory that from_pretrained would reject obscurely."""
+    """Clear errors for a local model directory that from_pretrained would reject obscurely; a gdrt Model
+    artifact's files must match their sha256 in its manifest, and every safetensors file must be whole."""
     if not path.exists():
         raise GdrtError(
             "model directory does not exist", path=str(path),
@@ -150,6 +151,7 @@ def _check_local_model_dir(path: Path) -> None:
                 f"the adapter directory has no {ADAPTER_WEIGHTS}" + (f" (found {', '.join(found)})" if found else ""),
                 path=str(path), hint="only safetensors weights are loaded; re-save the adapter with safetensors",
             )
+        _check_model_files(path)
         return
     if not (path / "config.json").is_file():
         raise GdrtError(
@@ -164,6 +166,18 @@ def _check_local_model_dir(path: Path) -> None:
             path=str(path),
             hint="convert it: load it once with transformers and save_pretrained(dir, safe_serialization=True)",
         )
+    _check_model_files(path)
+
+
+def _check_model_files(path: Path) -> None:
+    """A gdrt Model artifact's files match their sha256 in its manifest; every safetensors file is whole."""
+    from gdrt_core.artifacts import MANIFEST, safetensors_problem, verify_files
+
+    if (path / MANIFEST).is_file():
+        verify_files(path)
+    for weights in sorted(path.glob("*.safetensors")):
+        if (problem := safetensors_problem(weights)) is not None:
+            raise GdrtError(f"the weights file is {problem}", path=str(weights), hint="copy or re-create the model")
 
 
 def _hub_error(what: str, id_or_dir: str, err: Exception, trust_remote_code: bool) -> GdrtError:

@@ -38,21 +38,21 @@ class Recommender:
     @classmethod
     def load(cls, model_dir: str | os.PathLike, *, items: str | os.PathLike | None = None,
              domain: str | None = None, device: str = "auto") -> Recommender:
-        """Load a model directory; the catalogue and domain default to the dataset it was trained on."""
+        """Load a model directory; the catalogue and domain default to the dataset it was trained on (its
+        files checked against their sha256, as every stage checks its inputs)."""
         import pyarrow.parquet as pq
 
+        from gdrt_core.dataset import Dataset
         from gdrt_core.models import ModelConfig, load_model_and_tokenizer
 
-        if items is None or domain is None:
-            dataset_dir = trained_dataset(model_dir)
-            if items is None:
-                items = Path(dataset_dir) / "items.parquet"
+        if items is None:
+            dataset = Dataset(trained_dataset(model_dir))
+            titles, domain = dataset.titles, domain or dataset.domain
+        else:
             if domain is None:
-                from gdrt_core.dataset import Dataset
-
-                domain = Dataset(dataset_dir, verify=False).domain
-        table = pq.read_table(items, columns=["item_id", "title"])
-        titles = dict(zip(table.column("item_id").to_pylist(), table.column("title").to_pylist(), strict=True))
+                domain = Dataset(trained_dataset(model_dir)).domain
+            table = pq.read_table(items, columns=["item_id", "title"])
+            titles = dict(zip(table.column("item_id").to_pylist(), table.column("title").to_pylist(), strict=True))
         model, tokenizer = load_model_and_tokenizer(
             model_dir, ModelConfig(device=device, padding_side="left"), merge_adapter=True
         )
@@ -67,12 +67,53 @@ class Recommender:
 
         if k < 1:
             raise GdrtError(f"k must be positive, got {k}")
+        check_histories(histories)
         prompts = [tokenize_prompt(self.tokenizer, render(self.domain, list(h))).input_ids for h in histories]
         settings = BeamSearchSettings(num_beams=k, num_return_sequences=k)
         with torch.inference_mode():
             rankings = rank_prompts(self.model, self.trie, prompts, settings, batch_size=self.batch_size,
                                     pad_token_id=self.pad_id)
         return [Recommendation(list(r.titles), [float(s) for s in r.scores]) for r in rankings]
+
+
+def check_histories(histories, where: str | None = None) -> None:
+    """Every history is a list of non-empty title strings (curate refuses empty titles: none can match)."""
+    for row, history in enumerate(histories):
+        if isinstance(history, str) or not isinstance(history, (list, tuple)):
+            raise GdrtError(f"history {row} is {type(history).__name__} {history!r}, not a list of titles",
+                            path=where, hint="each history is a list of item titles, oldest first")
+        for position, title in enumerate(history):
+            if not isinstance(title, str):
+                raise GdrtError(f"history {row}, title {position} is {type(title).__name__} {title!r}, not a string",
+                                path=where, hint="each history is a list of item titles, oldest first")
+            if not title.strip():
+                raise GdrtError(f"history {row}, title {position} is empty", path=where,
+                                hint="give each item's title text")
+
+
+def read_histories(path: str) -> list:
+    """The `history` column of a parquet file: a list of title strings per row (checked, before any model
+    is loaded)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not Path(path).is_file():
+        raise GdrtError("the --input file does not exist" if not Path(path).exists() else "the --input is not a file",
+                        path=path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise GdrtError(f"cannot read the --input as parquet ({e})", path=path) from None
+    if "history" not in table.column_names:
+        raise GdrtError("the input has no `history` column (a list of titles per row)", path=path)
+    kind = table.schema.field("history").type
+    if not ((pa.types.is_list(kind) or pa.types.is_large_list(kind))
+            and (pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type))):
+        raise GdrtError(f"the `history` column holds {kind}, not a list of title strings", path=path,
+                        hint="write each history as a list of item titles, oldest first")
+    histories = table.column("history").to_pylist()
+    check_histories(histories, where=path)
+    return histories
 
 
 def trained_dataset(model_dir: str | os.PathLike) -> str:
@@ -93,25 +134,43 @@ def load_recommender(model: str, *, dataset: str | None = None, domain: str | No
     if model.startswith(("models:/", "runs:/")):
         import mlflow
 
-        from gdrt_core.tracking import tracking_uri
+        from gdrt_core.tracking import reachable_uri, tracking_uri
 
-        mlflow.set_tracking_uri(tracking_uri())
+        mlflow.set_tracking_uri(reachable_uri())  # a dead server: an error naming it in seconds, not minutes
         try:
             loaded = mlflow.pyfunc.load_model(model)
         except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; the user needs the URI and cause
             raise GdrtError(f"cannot load {model} from MLflow at {tracking_uri()}: {e}") from None
         return loaded.unwrap_python_model().recommender
-    items = str(Path(dataset) / "items.parquet") if dataset else None
-    if domain is None and dataset:
+    items = None
+    if dataset:
         from gdrt_core.dataset import Dataset
 
-        domain = Dataset(dataset, verify=False).domain
+        checked = Dataset(dataset)  # its files against their sha256: a modified catalogue is refused
+        items, domain = str(checked.root / "items.parquet"), domain or checked.domain
     return Recommender.load(model, items=items, domain=domain)
 
 
 def cli(args: argparse.Namespace) -> None:
     if bool(args.history) == bool(args.input):
         raise GdrtError("give either --history TITLE ... or --input histories.parquet")
+    if args.k < 1:
+        raise GdrtError(f"--k must be positive, got {args.k}")
+    if args.domain is not None:
+        from gdrt_core.prompts import get_domain
+
+        get_domain(args.domain)
+    if args.history:
+        check_histories([args.history], where="--history")
+    else:
+        if not args.out:
+            raise GdrtError("--input needs --out (the parquet file to write the recommendations to)")
+        from gdrt_core.artifacts import check_not_input
+
+        check_not_input(args.out, {"--input file": args.input, "model": args.model, "dataset": args.dataset})
+        if Path(args.out).is_dir():
+            raise GdrtError("--out is a directory, expected a parquet file path", path=args.out)
+        histories = read_histories(args.input)
     rec = load_recommender(args.model, dataset=getattr(args, "dataset", None), domain=args.domain)
     if args.history:
         (result,) = rec.recommend([args.history], k=args.k)
@@ -121,12 +180,8 @@ def cli(args: argparse.Namespace) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not args.out:
-        raise GdrtError("--input needs --out (the parquet file to write the recommendations to)")
     table = pq.read_table(args.input)
-    if "history" not in table.column_names:
-        raise GdrtError("the input has no `history` column (a list of titles per row)", path=args.input)
-    results = rec.recommend(table.column("history").to_pylist(), k=args.k)
+    results = rec.recommend(histories, k=args.k)
     out = table.append_column("recommendations", pa.array([r.titles for r in results])).append_column(
         "scores", pa.array([r.scores for r in results], pa.list_(pa.float32()))
     )

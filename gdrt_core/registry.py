@@ -47,13 +47,12 @@ def register_model(model_dir: str, dataset_dir: str, valid_eval_dir: str, *, dom
     from mlflow.tracking import MlflowClient
 
     from gdrt_core.pyfunc import GdrtRecommenderModel
-    from gdrt_core.tracking import check_reachable, tracking_uri
+    from gdrt_core.tracking import reachable_uri
 
     read_manifest(valid_eval_dir, "eval")
     metrics = json.loads((Path(valid_eval_dir) / "metrics.json").read_text(encoding="utf-8"))
     candidate = float(metrics["ndcg@10"])
-    uri = tracking_uri()
-    check_reachable(uri)
+    uri = reachable_uri()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     name = model_name(domain)

@@ -92,7 +92,9 @@ def run(results: list[ModelResult], out: str | os.PathLike, *, title: str = "GDR
         for r in rows if r["model"] != baseline
     }
     comparison = {"rows": rows, "baseline": baseline, "relative_change": changes, "columns": columns}
-    with atomic_output_dir(out) as tmp:
+    inputs = {f"{r.label} evaluation": r.eval_dir for r in results}
+    inputs.update({f"{r.label} attribution": r.attribution_dir for r in results if r.attribution_dir})
+    with atomic_output_dir(out, kind="report", inputs=inputs) as tmp:
         (tmp / "plots").mkdir()
         _bar_plot(rows, [c for c in columns if c != "coverage@10"], tmp / "plots" / "comparison.png")
         md = [f"# {title}", "", markdown_table(rows, columns), ""]

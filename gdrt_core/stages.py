@@ -57,6 +57,68 @@ def stage_config(stage: str, settings: dict | None = None, **values: Any):
     return load_config(cls, None, None, **{**(settings or {}), **{k: v for k, v in values.items() if v is not None}})
 
 
+# pipeline parameter -> (stage, setting) that receives it
+PARAMETER_SETTINGS: dict[str, tuple[str, str]] = {
+    "source_format": ("curate", "format"), "domain": ("curate", "domain"), "tau": ("train", "tau"),
+    "num_groups": ("group", "num_groups"), "prior": ("train", "prior"), "num_gpus": ("train", "num_gpus"),
+    "eval_split": ("evaluate", "split"),
+}
+
+
+def check_pipeline_params(params: dict, source: str) -> None:
+    """Check a whole pipeline config before its first stage: every parameter known and in its range, every
+    stage's settings (curate, base model, both trainings, group, the evaluations, attribution) resolved into
+    the stage's config exactly as the pipeline will pass them. Touches no file; `source` names the config."""
+    from gdrt_core.config import check_setting, from_dict
+    from gdrt_core.errors import GdrtError
+
+    unknown = sorted(set(params) - set(PIPELINE_DEFAULTS))
+    if unknown:
+        raise GdrtError(f"unknown pipeline parameter(s) {', '.join(unknown)}", path=source,
+                        hint=f"known: {', '.join(PIPELINE_DEFAULTS)}")
+    p = {**PIPELINE_DEFAULTS, **params}
+    for key, (stage, setting) in PARAMETER_SETTINGS.items():
+        module_name, cls_name = STAGES[stage]
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        p[key] = check_setting(cls, setting, p[key], key, source)
+    for key in PIPELINE_DEFAULTS:
+        if key.endswith("_settings") and not isinstance(p[key] or {}, dict):
+            raise GdrtError(f"{key} must be a mapping of the stage's settings, got {p[key]!r}", path=source)
+    deepspeed = p["deepspeed"] or None
+    stages = [
+        ("curate_settings", "curate", {"source": p["source"], "format": p["source_format"], "domain": p["domain"],
+                                       "out": "<dataset>"}),
+        ("train_settings", "train", {"dataset": "<dataset>", "model": "<base model>", "out": "<model>",
+                                     "objective": "sft", "num_gpus": p["num_gpus"], "deepspeed": deepspeed}),
+        ("train_settings", "train", {"dataset": "<dataset>", "model": "<base model>", "out": "<model>",
+                                     "objective": "gdrt", "groups": "<groups>", "tau": p["tau"], "prior": p["prior"],
+                                     "num_groups": p["num_groups"], "num_gpus": p["num_gpus"], "deepspeed": deepspeed}),
+        ("group_settings", "group", {"dataset": "<dataset>", "reference": "<sft model>", "out": "<groups>",
+                                     "num_groups": p["num_groups"]}),
+        ("eval_settings", "evaluate", {"dataset": "<dataset>", "model": "<model>", "out": "<eval>",
+                                       "split": p["eval_split"]}),
+        ("valid_eval_settings", "evaluate", {"dataset": "<dataset>", "model": "<model>", "out": "<eval>",
+                                             "split": "valid"}),
+        ("attribute_settings", "attribute", {"dataset": "<dataset>", "model": "<model>", "out": "<attribution>",
+                                             "split": p["eval_split"]}),
+    ]
+    try:
+        init_settings = base_model_settings(str(p["base_model"] or ""), dict(p["model_settings"] or {}))
+    except GdrtError as e:
+        raise GdrtError(str(e), path=source) from None
+    if init_settings is not None:  # the base model step runs init-model with these settings
+        stages.append(("model_settings", "init-model", {"dataset": "<dataset>", "out": "<base model>"}))
+    for section, stage, values in stages:
+        module_name, cls_name = STAGES[stage]
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        section_settings = init_settings if section == "model_settings" else p[section]
+        settings = {k: v for k, v in dict(section_settings or {}).items() if k != "run_name"}
+        try:
+            from_dict(cls, {**settings, **values}, source=f"{section} (the {stage} stage)")
+        except GdrtError as e:
+            raise GdrtError(str(e), path=source) from None
+
+
 def scalars(obj: Any, prefix: str = "", limit: int = 200) -> dict[str, Any]:
     """The numbers and short strings of a (nested) result, flattened: what fits in KFP metadata."""
     out: dict[str, Any] = {}

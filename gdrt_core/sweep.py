@@ -96,7 +96,7 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[st
 
     from gdrt_core.config import parse_override, read_yaml
     from gdrt_core.local_run import load_params
-    from gdrt_core.stages import PIPELINE_DEFAULTS
+    from gdrt_core.stages import PIPELINE_DEFAULTS, check_pipeline_params
 
     path = Path(path)
     spec = read_yaml(path, "sweep file")
@@ -134,6 +134,7 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[st
         own = {**common, **(vspec.get("set") or {})}
         for key, value in own.items():
             _set_param(params, key, value, where)
+        check_pipeline_params(params, where)  # every variant's every stage, before the first stage runs
         variants[str(name)] = Variant(str(name), params, own, str(vspec.get("pool", name)), reference)
     return spec.get("experiment") or base.get("experiment") or "gdrt", variants
 
@@ -483,6 +484,8 @@ def run(sweep_file: str, out: str | os.PathLike, *, jobs: int = 1, overrides: li
 
 
 def cli(args: argparse.Namespace) -> None:
+    if args.jobs < 1:
+        raise GdrtError(f"--jobs must be >= 1, got {args.jobs}", path="--jobs")
     if not args.dry_run:
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     out = Path(args.out or Path("runs") / Path(args.sweep).stem)

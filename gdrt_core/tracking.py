@@ -7,20 +7,28 @@
   Experiment: `MLFLOW_EXPERIMENT_NAME` or "gdrt".
 - Only rank 0 logs (RANK / LOCAL_RANK environment variables); other ranks get a tracker that does nothing.
 - A server that cannot be reached when a stage starts is an error naming the URI (before any work). Once the
-  stage runs, a failing log call is retried and then dropped with a warning: tracking never kills training,
-  and everything logged is on disk in the artifact first.
+  stage runs, logging never makes it wait: calls are queued and sent by a background thread, a failing call
+  is retried in the background until the server is back, and the stage's end waits for the queue (at most
+  GDRT_TRACKING_FLUSH_S seconds, default 120, of failing calls), then sets the run's status and reports what
+  was not logged. Tracking never kills training, and everything logged is on disk in the artifact first.
+- The MLflow client's own HTTP retries are bounded (MLFLOW_HTTP_REQUEST_MAX_RETRIES=2, _BACKOFF_FACTOR=1,
+  _TIMEOUT=30 unless set): a dead server fails a call in seconds, not minutes.
 - Params are flattened ("a.b") and cut to MLflow's limits (key 250 chars, value 6000 chars, 100 per call).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,28 +84,134 @@ def clean_params(params: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def _retry(fn, *args, attempts: int = 3, delay: float = 1.0, **kwargs) -> Any:
-    for i in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - tracking must never kill the stage
-            if i == attempts - 1:
-                log.warning("MLflow call %s failed after %d attempts, skipped: %s", getattr(fn, "__name__", fn), attempts, e)
-                return None
-            time.sleep(delay * (2**i))
-    return None
+# bounded MLflow client retries (its defaults, 7 retries with backoff factor 2 and a 120 s timeout per
+# request, hold a caller for minutes when the server is down); values the user sets win
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+FLUSH_ENV = "GDRT_TRACKING_FLUSH_S"  # how long a stage's end waits for MLflow calls still queued
+DEFAULT_FLUSH_S = 120.0
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # background retry backoff
+
+
+def bound_http_retries() -> None:
+    """Limit the MLflow client's HTTP retries and timeouts for this process (unless the user set them)."""
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
+
+
+def reachable_uri() -> str:
+    """The tracking URI, after its health check (a GdrtError naming it when it does not answer), with the
+    client's HTTP retries bounded: every direct use of the MLflow client starts here."""
+    uri = tracking_uri()
+    check_reachable(uri)
+    bound_http_retries()
+    return uri
+
+
+def _permanent(error: Exception) -> bool:
+    """A call the server refused as invalid (HTTP 4xx): retrying cannot help, unlike an outage."""
+    code = getattr(error, "get_http_status_code", lambda: None)()
+    return isinstance(code, int) and 400 <= code < 500
 
 
 class Tracker:
-    """Logs to one MLflow run. Every call is retried and never raises."""
+    """Logs to one MLflow run without ever making the caller wait: every call is queued and sent, in order,
+    by one background thread. A call that fails (server down or failing) is retried in the background with
+    a growing pause (up to 30 s) until it succeeds; one the server refuses as invalid (4xx) is dropped with a
+    warning. `close` (the stage's end) waits for the queue while the server takes the calls (a long upload is
+    not cut short), but at most GDRT_TRACKING_FLUSH_S seconds of failing calls, then reports what was not
+    logged. Nothing here raises."""
 
     def __init__(self, client=None, run_id: str | None = None):
         self.client = client
         self.run_id = run_id
+        self._pending: deque[tuple[str, Callable[[], Any]]] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._failing_since: float | None = None  # monotonic time of the first failure since the last success
+        self.dropped: list[str] = []
 
     @property
     def active(self) -> bool:
         return self.client is not None and self.run_id is not None
+
+    def _send(self, what: str, fn: Callable, *args: Any, **kwargs: Any) -> None:
+        if not self.active or self._closed:
+            return
+        with self._cond:
+            self._pending.append((what, functools.partial(fn, *args, **kwargs)))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="gdrt-mlflow", daemon=True)
+                self._thread.start()
+                _OPEN.add(self)
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        delay, warned = RETRY_FIRST_S, False
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                what, call = self._pending[0]
+            try:
+                call()
+            except Exception as e:  # noqa: BLE001 - tracking must never kill the stage
+                if _permanent(e):
+                    log.warning("MLflow refused %s, not logged: %s", what, e)
+                    self.dropped.append(what)
+                else:
+                    if self._failing_since is None:
+                        self._failing_since = time.monotonic()
+                    if not warned:
+                        log.warning("MLflow call (%s) failed, retrying in the background: %s", what, e)
+                        warned = True
+                    if self._closed and not self._pending:
+                        return
+                    time.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_S)
+                    continue
+            delay, warned, self._failing_since = RETRY_FIRST_S, False, None
+            with self._cond:
+                if self._pending and self._pending[0][1] is call:  # (close() may have emptied the queue)
+                    self._pending.popleft()
+                self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> list[str]:
+        """Wait for the queued calls while the server takes them, giving up once calls have been failing for
+        `timeout` s (default GDRT_TRACKING_FLUSH_S) of this wait; returns the calls left."""
+        if timeout is None:
+            timeout = float(os.environ.get(FLUSH_ENV, DEFAULT_FLUSH_S))
+        started = time.monotonic()
+        with self._cond:
+            while self._pending:
+                failing = self._failing_since
+                if failing is not None and time.monotonic() - max(failing, started) >= timeout:
+                    break
+                self._cond.wait(min(max(timeout, 0.01), 0.2))
+            return [what for what, _ in self._pending]
+
+    def close(self, timeout: float | None = None) -> list[str]:
+        """Flush, stop the sender, and report (stderr) what MLflow did not get; returns it."""
+        unsent = self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._pending.clear()
+            self._cond.notify_all()
+        _OPEN.discard(self)
+        lost = unsent + self.dropped
+        if lost:
+            import sys
+
+            counts: dict[str, int] = {}
+            for what in lost:
+                counts[what] = counts.get(what, 0) + 1
+            print(f"gdrt: warning: MLflow at {tracking_uri()} did not log {len(lost)} call(s) of run {self.run_id} "
+                  f"({', '.join(f'{n} x {w}' for w, n in counts.items())}); the stage's outputs on disk hold "
+                  "everything", file=sys.stderr, flush=True)
+        return lost
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.active:
@@ -106,7 +220,7 @@ class Tracker:
 
         items = [Param(k, v) for k, v in clean_params(params).items()]
         for i in range(0, len(items), MAX_PARAMS_PER_CALL):
-            _retry(self.client.log_batch, self.run_id, params=items[i : i + MAX_PARAMS_PER_CALL])
+            self._send("params", self.client.log_batch, self.run_id, params=items[i : i + MAX_PARAMS_PER_CALL])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.active:
@@ -120,22 +234,40 @@ class Tracker:
             if isinstance(v, (int, float)) and v == v  # skip NaN
         ]
         for i in range(0, len(items), 1000):
-            _retry(self.client.log_batch, self.run_id, metrics=items[i : i + 1000])
+            self._send("metrics", self.client.log_batch, self.run_id, metrics=items[i : i + 1000])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if not self.active:
             return
         from mlflow.entities import RunTag
 
-        _retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._send("tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.active:
-            _retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
+            self._send(f"artifact {Path(path).name}", self.client.log_artifact, self.run_id, str(path),
+                       artifact_path)
 
     def log_artifacts(self, directory: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.active:
-            _retry(self.client.log_artifacts, self.run_id, str(directory), artifact_path)
+            self._send(f"artifacts {Path(directory).name}", self.client.log_artifacts, self.run_id, str(directory),
+                       artifact_path)
+
+    def terminate(self, status: str = "FINISHED") -> list[str]:
+        """Queue the run's final status and close: the status is set once everything before it was sent."""
+        if self.active:
+            self._send(f"run status {status}", self.client.set_terminated, self.run_id, status)
+        return self.close()
+
+
+_OPEN: set[Tracker] = set()
+
+
+@atexit.register
+def _flush_open_trackers() -> None:
+    """Trackers on runs opened elsewhere (no status to set) still send what they queued, within the bound."""
+    for tracker in list(_OPEN):
+        tracker.close()
 
 
 def _experiment_id(client, name: str) -> str:
@@ -157,8 +289,7 @@ def start_run(run_name: str, *, parent_run_id: str | None = None, tags: dict | N
     """Create a run (nested under `parent_run_id` if given); raise GdrtError if the store is unreachable."""
     if not (tracking_enabled() and is_rank_zero()):
         return Tracker()
-    uri = tracking_uri()
-    check_reachable(uri)
+    uri = reachable_uri()
     from mlflow.tracking import MlflowClient
 
     try:
@@ -179,8 +310,8 @@ def start_run(run_name: str, *, parent_run_id: str | None = None, tags: dict | N
 
 
 def end_run(tracker: Tracker, status: str = "FINISHED") -> None:
-    if tracker.active:
-        _retry(tracker.client.set_terminated, tracker.run_id, status)
+    """Set the run's status after everything queued before it (bounded wait; what is left is reported)."""
+    tracker.terminate(status)
 
 
 @contextlib.contextmanager
@@ -212,6 +343,7 @@ def open_run(run_id: str) -> Tracker:
     """A tracker on an existing run (e.g. the pipeline's parent run)."""
     if not (run_id and tracking_enabled() and is_rank_zero()):
         return Tracker()
+    bound_http_retries()
     from mlflow.tracking import MlflowClient
 
     return Tracker(MlflowClient(tracking_uri=tracking_uri()), run_id)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gdrt_core.config import field, to_dict
+from gdrt_core.config import check_config, field, to_dict
 from gdrt_core.errors import GdrtError
 
 TRAINER_CONTAINER = "node"  # the trainer container of the Kubeflow Trainer runtimes (launcher and node jobs)
@@ -51,10 +51,10 @@ SDK_HINT = "install the optional extra: pip install 'gdrt[multinode]' (the kubef
 class TrainJobConfig:
     image: str = field(help="container image of the training nodes (the project's CUDA image)")
     runtime: str = field("deepspeed-distributed", help="Kubeflow Trainer (Cluster)TrainingRuntime name")
-    launcher: str = field("mpi", help="mpi (DeepSpeed/MPI runtimes: mpirun starts one torchrun per node) | "
+    launcher: str = field("mpi", choices=LAUNCHERS, help="mpi (DeepSpeed/MPI runtimes: mpirun starts one torchrun per node) | "
                                       "torch (torch-distributed runtime: torchrun reads PET_* variables)")
-    num_nodes: int = field(2, help="training nodes (pods)")
-    gpus_per_node: int = field(8, help="GPUs per node; one training process per GPU")
+    num_nodes: int = field(2, ge=1, help="training nodes (pods)")
+    gpus_per_node: int = field(8, ge=1, help="GPUs per node; one training process per GPU")
     cpu_per_node: str = field("8", help="CPU request/limit per node ('' = the runtime's)")
     memory_per_node: str = field("64G", help="memory request/limit per node ('' = the runtime's)")
     pvc_name: str = field("gdrt-cache", help="ReadWriteMany PVC shared by the launcher step and every node")
@@ -62,29 +62,28 @@ class TrainJobConfig:
     shm_size: str = field("16Gi", help="memory-backed /dev/shm per node (NCCL and data loaders need it)")
     toleration: str = field("nvidia.com/gpu", help="taint key tolerated by the nodes ('' = none)")
     namespace: str | None = field(None, help="namespace of the TrainJob (None = the step's own namespace)")
-    master_port: int = field(29500, help="rendezvous port of rank 0 (launcher mpi)")
-    timeout_s: int = field(172800, help="fail the step (and deadline the TrainJob) after this many seconds")
-    poll_s: int = field(30, help="seconds between status checks")
+    master_port: int = field(29500, ge=1, le=65535, help="rendezvous port of rank 0 (launcher mpi)")
+    timeout_s: int = field(172800, ge=1, help="fail the step (and deadline the TrainJob) after this many seconds")
+    poll_s: int = field(30, ge=1, help="seconds between status checks")
     env: dict[str, str] = field({}, help="extra environment variables of the training processes")
+
+    def check(self, source: str) -> None:
+        """The rules across settings and the ones a range cannot say."""
+        if self.poll_s >= self.timeout_s:
+            raise GdrtError(f"poll_s ({self.poll_s}) must be below timeout_s ({self.timeout_s})", path=source)
+        if not self.image.strip():
+            raise GdrtError("image is empty", path=source, hint="set the project image (GDRT_IMAGE when compiling)")
+        if not self.pvc_name.strip():
+            raise GdrtError("pvc_name is empty", path=source,
+                            hint="multi-node training needs a ReadWriteMany PVC shared by every node")
+        if not self.pvc_mount.startswith("/"):
+            raise GdrtError(f"pvc_mount {self.pvc_mount!r} is not an absolute path", path=source)
 
 
 def validate(config: TrainJobConfig) -> None:
-    """Errors that can be found before anything is copied or submitted."""
-    where = "train_job config"
-    if config.launcher not in LAUNCHERS:
-        raise GdrtError(f"launcher {config.launcher!r} is unknown", path=where, hint=f"use one of {', '.join(LAUNCHERS)}")
-    for name in ("num_nodes", "gpus_per_node", "timeout_s", "poll_s"):
-        if getattr(config, name) < 1:
-            raise GdrtError(f"{name} must be >= 1, got {getattr(config, name)}", path=where)
-    if config.poll_s >= config.timeout_s:
-        raise GdrtError(f"poll_s ({config.poll_s}) must be below timeout_s ({config.timeout_s})", path=where)
-    if not config.image.strip():
-        raise GdrtError("image is empty", path=where, hint="set the project image (GDRT_IMAGE when compiling)")
-    if not config.pvc_name.strip():
-        raise GdrtError("pvc_name is empty", path=where,
-                        hint="multi-node training needs a ReadWriteMany PVC shared by every node")
-    if not config.pvc_mount.startswith("/"):
-        raise GdrtError(f"pvc_mount {config.pvc_mount!r} is not an absolute path", path=where)
+    """Errors that can be found before anything is copied or submitted: every setting in its range, and
+    the rules across settings."""
+    check_config(config, "train_job config")
 
 
 # ----------------------------------------------------------------------------------------- command

@@ -9,52 +9,53 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from gdrt_core.config import field, load_config, to_dict
+from gdrt_core.config import check_config, field, load_config, to_dict
 
 FORMATS = ("sliding", "d3", "amazon2014", "amazon2018")
+
+
+def _domain_problem(name: str) -> str | None:
+    from gdrt_core.prompts import DOMAINS
+
+    return None if name in DOMAINS else f"unknown domain (use one of {', '.join(DOMAINS)})"
 
 
 @dataclass
 class CurateConfig:
     source: str = field(help="source directory (sliding, d3) or raw review file (amazon2014/2018)")
-    format: str = field(help="sliding | d3 | amazon2014 | amazon2018")
+    format: str = field(choices=FORMATS, help="sliding | d3 | amazon2014 | amazon2018")
     out: str = field(help="output Dataset directory")
-    domain: str = field("generic", help="prompt wording: office, toys, books, clothing, games, cds, generic")
+    domain: str = field("generic", check=_domain_problem, help="prompt wording: office, toys, books, clothing, games, cds, generic")
     meta: str | None = field(None, help="amazon2014/2018 metadata file (default: meta_*.json[.gz] next to the reviews)")
     name: str | None = field(None, help="d3: the dataset file stem when the source holds several")
     train_file: str | None = field(None, help="sliding: training file (default train.csv, else the largest train_<N>.csv)")
-    max_history: int = field(10, help="longest history kept per window")
-    max_train: int | None = field(None, help="sample at most this many training windows (None = all)")
-    seed: int = field(42, help="sampling seed")
+    max_history: int = field(10, ge=1, help="longest history kept per window")
+    max_train: int | None = field(None, ge=1, help="sample at most this many training windows (None = all)")
+    seed: int = field(42, ge=0, le=2**32 - 1, help="sampling seed")
     carve_size: int | None = field(
-        None, help="windows carved from the latest train for a missing valid/test split (None = size of the other)",
+        None, ge=1, help="windows carved from the latest train for a missing valid/test split (None = size of the other)",
     )
-    on_bad_rows: str = field("error", help="error: stop at the first bad row; drop: skip and count bad rows")
-    num_pop_groups: int = field(5, help="equal-size popularity groups of items (fairness metrics)")
-    k_core: int = field(5, help="raw: iterative k-core, every user and item keeps >= k interactions")
+    on_bad_rows: str = field("error", choices=("error", "drop"), help="error: stop at the first bad row; drop: skip and count bad rows")
+    num_pop_groups: int = field(5, ge=1, le=127, help="equal-size popularity groups of items (fairness metrics; int8)")
+    k_core: int = field(5, ge=1, help="raw: iterative k-core, every user and item keeps >= k interactions")
     window_rule: str = field(
-        "bigrec", help="raw: bigrec = targets from position min(max_history, n-1) on (LLM4Rec); all = every target",
+        "bigrec", choices=("bigrec", "all"), help="raw: bigrec = targets from position min(max_history, n-1) on (LLM4Rec); all = every target",
     )
-    valid_fraction: float = field(0.1, help="raw: share of windows (latest by target time but test) for valid")
-    test_fraction: float = field(0.1, help="raw: share of the latest windows for test")
-    min_title_chars: int = field(2, help="raw: items whose stripped title is shorter are dropped as untitled")
+    valid_fraction: float = field(0.1, ge=0, lt=1, help="raw: share of windows (latest by target time but test) for valid")
+    test_fraction: float = field(0.1, ge=0, lt=1, help="raw: share of the latest windows for test")
+    min_title_chars: int = field(2, ge=0, help="raw: items whose stripped title is shorter are dropped as untitled")
     unescape_titles: bool = field(True, help="raw: unescape HTML entities in titles (&amp; -> &)")
     strip_vhs: bool = field(True, help="raw: strip a trailing ' VHS' / ' [VHS]' from titles, as the reference")
-    threads: int = field(2, help="raw: parser threads")
-    block_mb: int = field(32, help="raw: bytes per parsed block (MiB); memory grows with threads * block")
+    threads: int = field(2, ge=1, help="raw: parser threads")
+    block_mb: int = field(32, ge=1, le=1024, help="raw: bytes per parsed block (MiB); memory grows with threads * block")
 
+    def check(self, source: str) -> None:
+        from gdrt_core.errors import GdrtError
 
-def _check(config: CurateConfig) -> None:
-    from gdrt_core.errors import GdrtError
-    from gdrt_core.prompts import get_domain
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise GdrtError(f"settings valid_fraction={self.valid_fraction} and test_fraction={self.test_fraction} "
+                            "leave no training windows", path=source, hint="their sum must be below 1")
 
-    if config.format not in FORMATS:
-        raise GdrtError(f"unknown format {config.format!r}", hint=f"use one of {', '.join(FORMATS)}")
-    get_domain(config.domain)
-    if config.max_history < 1:
-        raise GdrtError(f"max_history must be >= 1, not {config.max_history}", path="config")
-    if config.max_train is not None and config.max_train < 1:
-        raise GdrtError(f"max_train must be >= 1, not {config.max_train}", path="config")
 
 
 def run(config: CurateConfig) -> dict:
@@ -62,15 +63,17 @@ def run(config: CurateConfig) -> dict:
 
     Nothing is written to `config.out` unless the whole stage succeeds.
     """
-    from gdrt_core.artifacts import atomic_output_dir
+    from gdrt_core.artifacts import atomic_output_dir, check_output
     from gdrt_core.curate.rows import BadRows
 
-    _check(config)
+    check_config(config, "curate config")
+    guard = {"kind": "dataset", "inputs": {"source": config.source, "meta": config.meta}}
+    check_output(config.out, **guard)
     bad = BadRows(config.on_bad_rows)
     if config.format in ("amazon2014", "amazon2018"):
         from gdrt_core.curate.amazon import curate_raw
 
-        with atomic_output_dir(config.out) as tmp:
+        with atomic_output_dir(config.out, **guard) as tmp:
             return curate_raw(config, tmp, bad)
     if config.format == "sliding":
         from gdrt_core.curate.sliding import read_sliding
@@ -83,7 +86,7 @@ def run(config: CurateConfig) -> dict:
     final, split_report, popularity = complete_splits(config, titles, splits)
     from gdrt_core.dataset import write_dataset
 
-    with atomic_output_dir(config.out) as tmp:
+    with atomic_output_dir(config.out, **guard) as tmp:
         return write_dataset(
             tmp, titles=titles, splits=final, domain=config.domain, config=to_dict(config),
             recipe={"format": config.format, **report, "splits": split_report, "bad_rows": bad.report()},

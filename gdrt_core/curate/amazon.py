@@ -20,6 +20,7 @@ import functools
 import gzip
 import html
 import json
+import math
 import os
 import resource
 import time
@@ -33,6 +34,7 @@ import numpy as np
 
 from gdrt_core.curate import recipe
 from gdrt_core.curate.rows import BadRows
+from gdrt_core.dataset import TIMESTAMP_RANGE, range_problem
 from gdrt_core.errors import GdrtError
 
 REVIEW_FIELDS = ("reviewerID", "asin", "unixReviewTime")
@@ -162,9 +164,12 @@ def _check_id(value) -> str | None:
 
 
 def _check_time(value) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    """unixReviewTime must be an integer (NaN, Infinity and fractions are not) that fits the int64 column."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"unixReviewTime {value!r} is not an integer"
-    return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return f"unixReviewTime {value!r} is not an integer"
+    return range_problem(int(value), "unixReviewTime", TIMESTAMP_RANGE)
 
 
 def parse_review_block(block: bytes) -> ParsedBlock:

@@ -20,6 +20,7 @@ from gdrt_core.curate.rows import (
     read_text,
     read_windows,
 )
+from gdrt_core.dataset import ITEM_ID_RANGE, TIMESTAMP_RANGE
 from gdrt_core.errors import GdrtError
 
 D3_COLUMNS = ("user_id", "history_item_id", "item_id", "timestamp")
@@ -59,7 +60,7 @@ def read_info(path: Path, bad: BadRows) -> dict[int, str]:
             continue
         title, raw_id = line.rsplit("\t", 1)
         try:
-            item_id = parse_int(raw_id, "item id")
+            item_id = parse_int(raw_id, "item id", ITEM_ID_RANGE)
         except ValueError as e:
             bad.bad("malformed row", str(e), path, lineno)
             continue
@@ -76,7 +77,8 @@ def parse_d3_row(row: dict[str, str]) -> tuple[str, list[int], int, int]:
     if not user:
         raise ValueError("user_id is empty")
     history = parse_int_list(row["history_item_id"])
-    return user, history, parse_int(row["item_id"], "item_id"), parse_int(row["timestamp"], "timestamp")
+    return (user, history, parse_int(row["item_id"], "item_id", ITEM_ID_RANGE),
+            parse_int(row["timestamp"], "timestamp", TIMESTAMP_RANGE))
 
 
 def read_d3(config, bad: BadRows) -> tuple[dict[int, str], dict[str, dict[str, list] | None], dict]:

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from gdrt_core.dataset import ITEM_ID_RANGE, range_problem
 from gdrt_core.errors import GdrtError
 
 BAD_ROW_HINT = "fix the row, or pass --on-bad-rows drop to skip bad rows"
@@ -116,7 +117,7 @@ def csv_rows(path: Path, required: tuple[str, ...], bad: BadRows) -> Iterator[tu
 
 
 def parse_int_list(text: str) -> list[int]:
-    """'[1, 2, 3]' -> [1, 2, 3] (a Python/JSON list of integers); ValueError otherwise."""
+    """'[1, 2, 3]' -> [1, 2, 3] (a Python/JSON list of int32 item ids); ValueError otherwise."""
     s = text.strip()
     if len(s) < 2 or s[0] != "[" or s[-1] != "]":
         raise ValueError(f"expected a list of item ids like [1, 2, 3], got {text[:60]!r}")
@@ -124,16 +125,24 @@ def parse_int_list(text: str) -> list[int]:
     if not inner:
         return []
     try:
-        return [int(x) for x in inner.split(",")]
+        ids = [int(x) for x in inner.split(",")]
     except ValueError:
         raise ValueError(f"expected a list of integer item ids, got {text[:60]!r}") from None
+    for i in ids:
+        if (problem := range_problem(i, "item id", ITEM_ID_RANGE)) is not None:
+            raise ValueError(problem)
+    return ids
 
 
-def parse_int(text: str, what: str) -> int:
+def parse_int(text: str, what: str, bounds: tuple[int, int]) -> int:
+    """An integer that fits its stored column (`bounds`: ITEM_ID_RANGE or TIMESTAMP_RANGE); ValueError otherwise."""
     try:
-        return int(text.strip())
+        value = int(text.strip())
     except ValueError:
         raise ValueError(f"{what} {text[:40]!r} is not an integer") from None
+    if (problem := range_problem(value, what, bounds)) is not None:
+        raise ValueError(problem)
+    return value
 
 
 def empty_columns() -> dict[str, list]:

@@ -29,6 +29,7 @@ from gdrt_core.curate.rows import (
     read_text,
     read_windows,
 )
+from gdrt_core.dataset import ITEM_ID_RANGE, TIMESTAMP_RANGE
 from gdrt_core.errors import GdrtError
 
 TITLE_FILES = ("id2name4Rec.json", "id2name.json")
@@ -71,9 +72,9 @@ def read_titles(path: Path, bad: BadRows) -> dict[int, str]:
     for key, value in top:
         line = functools.partial(line_of_key, text, key)
         try:
-            item_id = int(key)
-        except ValueError:
-            bad.bad("malformed row", f"item id {key!r} is not an integer", path, line)
+            item_id = parse_int(key, "item id", ITEM_ID_RANGE)
+        except ValueError as e:
+            bad.bad("malformed row", str(e), path, line)
             continue
         title = checked_title(item_id, value, path, line, bad)
         if title is not None:
@@ -111,7 +112,7 @@ def parse_sliding_row(row: dict[str, str]) -> tuple[str, list[int], int, int]:
     user = row["user_id"].strip()
     if not user:
         raise ValueError("user_id is empty")
-    return user, ids[:-1], ids[-1], parse_int(row["timestamp"], "timestamp")
+    return user, ids[:-1], ids[-1], parse_int(row["timestamp"], "timestamp", TIMESTAMP_RANGE)
 
 
 def read_sliding(config, bad: BadRows) -> tuple[dict[int, str], dict[str, dict[str, list] | None], dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gdrt_core.config import to_dict
-from gdrt_core.errors import GdrtError
+from gdrt_core.errors import GdrtError, filesystem_error
 from gdrt_core.train import CHECKPOINTS, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def training_arguments(config: TrainConfig, work_dir: Path, *, has_valid: bool):
     )
 
 
-def _callbacks(trainer_ref: list, tracker, config: TrainConfig) -> list:
+def _callbacks(trainer_ref: list, tracker, config: TrainConfig, run: dict) -> list:
     """Seal checkpoints (marker + hashes), forward logs to MLflow, valid NDCG@10 at epoch ends."""
     from transformers import TrainerCallback
 
@@ -142,8 +142,9 @@ def _callbacks(trainer_ref: list, tracker, config: TrainConfig) -> list:
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
-                    seal_checkpoint(ckpt, step=state.global_step,
-                                    extra_state=trainer_ref[0].step_weights.state_dict())
+                    trainer = trainer_ref[0]
+                    seal_checkpoint(ckpt, step=state.global_step, run=run,
+                                    extra_state={**trainer.step_weights.state_dict(), "step_totals": trainer.step_totals})
             _barrier()
 
     class ToMlflow(TrainerCallback):
@@ -237,8 +238,14 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     from gdrt_core.artifacts import atomic_output_dir, write_json_atomic, write_manifest
     from gdrt_core.dataset import Dataset
     from gdrt_core.tracking import stage_run
+    from gdrt_core.train import train_inputs
     from gdrt_core.train.data import StepWeights, TrainCollator, build_features, load_token_groups
-    from gdrt_core.train.resume import latest_valid_checkpoint, read_policy_state
+    from gdrt_core.train.resume import (
+        latest_valid_checkpoint,
+        read_policy_state,
+        remove_unsealed,
+        run_fingerprint,
+    )
     from gdrt_core.train.trainer import GdrtTrainer
 
     if config.cpu_threads and not torch.cuda.is_available():
@@ -257,8 +264,6 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     train_features = build_features(dataset, "train", tokenizer, token_groups=token_groups,
                                     limit=config.max_train, groups_path=str(config.groups))
     valid_features = build_features(dataset, "valid", tokenizer, limit=config.valid_size)
-    if not train_features:
-        raise GdrtError("the train split is empty", path=str(config.dataset))
 
     out = Path(config.out).absolute()
     work_dir = out / CHECKPOINTS
@@ -271,8 +276,8 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
         work_dir.mkdir(parents=True, exist_ok=True)
         resume = latest_valid_checkpoint(work_dir)
     resume = _broadcast(str(resume) if resume else None)
+    state = read_policy_state(resume) if resume else None
     if resume:
-        state = read_policy_state(resume)
         if state is not None:
             step_weights.load_state_dict(state)
         if _is_main():
@@ -286,19 +291,27 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
             processing_class=tokenizer, step_weights=step_weights,
             valid_ndcg=_valid_ndcg(config, dataset, tokenizer),
             ndcg_in_evaluate=config.select_best == "valid_ndcg@10",
-            callbacks=_callbacks(trainer_ref, tracker, config),
+            callbacks=_callbacks(trainer_ref, tracker, config, run_fingerprint(to_dict(config), train_inputs(config))),
         )
         trainer_ref.append(trainer)
+        if state is not None and "step_totals" in state:  # the sums of the steps before the resume
+            trainer.step_totals.update(state["step_totals"])
         metrics: dict[str, Any] = {}
         started = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=resume)
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        except OSError as e:  # a full or read-only disk: no unfinished checkpoint is left behind
+            if _is_main():
+                remove_unsealed(work_dir)
+            raise filesystem_error(e, work_dir) from None
         initial = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "InitialValidLoss")
         if initial.value is not None:
             metrics["eval_loss_initial"] = initial.value
         metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
         metrics["train_wall_s"] = time.perf_counter() - started
-        totals = trainer.step_totals  # whole-batch, all-reduced step values (since the start or the resume)
+        totals = trainer.step_totals  # whole-batch, all-reduced step values of the whole run (resumes included)
         if totals["steps"]:
+            metrics["train_loss"] = totals["loss"] / totals["steps"]  # the Trainer's counts only since a resume
             metrics["train_loss_sft"] = totals["loss_sft"] / totals["steps"]
             if config.objective == "gdrt":
                 metrics["train_loss_gdrt"] = totals["loss_gdrt"] / totals["steps"]
@@ -327,7 +340,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
         inputs = {"dataset": config.dataset}
         if config.groups:
             inputs["groups"] = config.groups
-        with atomic_output_dir(out) as tmp:
+        with atomic_output_dir(out, kind="model", inputs=train_inputs(config), keep=(CHECKPOINTS,)) as tmp:
             for p in final_dir.iterdir():
                 if p.is_file() and p.name != "training_args.bin":
                     shutil.copy2(p, tmp / p.name)

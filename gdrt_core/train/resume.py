@@ -25,8 +25,53 @@ STATE = "gdrt_state.json"  # the weights policy state (lagged losses, EMA)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-def seal_checkpoint(checkpoint: str | os.PathLike, *, step: int, extra_state: dict[str, Any] | None = None) -> None:
-    """Write the policy state, then the marker listing every file of the checkpoint with its sha256."""
+# settings that may change between a run and its resume: they do not change what is computed
+RESUME_FREE = ("dataset", "model", "groups", "out", "cpu_threads", "log_every", "keep_checkpoints",
+               "ndcg_every_epoch", "eval_at_start")
+
+
+def run_fingerprint(config: dict[str, Any], inputs: dict[str, str | None]) -> dict[str, Any]:
+    """What a checkpoint belongs to: the resolved settings (but RESUME_FREE) and the inputs' content."""
+    from gdrt_core.artifacts import input_identity
+
+    return {
+        "config": {k: v for k, v in config.items() if k not in RESUME_FREE},
+        "inputs": {name: input_identity(path) for name, path in inputs.items() if path},
+    }
+
+
+def check_same_run(work_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> None:
+    """Refuse to resume from checkpoints written with other settings or inputs, naming what changed."""
+    from gdrt_core.errors import GdrtError
+
+    for step, path in reversed(list_checkpoints(work_dir)):
+        try:
+            recorded = json.loads((path / MARKER).read_text(encoding="utf-8")).get("run")
+        except (OSError, ValueError, AttributeError):
+            continue  # an unfinished checkpoint: set aside later, never loaded
+        if recorded == json.loads(json.dumps(fingerprint)):
+            continue
+        if recorded is None:
+            changed = ["the checkpoint does not record its settings (written by an older gdrt)"]
+        else:
+            changed = [
+                f"{section} {key}: {recorded[section].get(key)!r} -> {fingerprint[section].get(key)!r}"
+                for section in ("config", "inputs")
+                for key in sorted(set(recorded.get(section, {})) | set(fingerprint[section]))
+                if recorded.get(section, {}).get(key) != json.loads(json.dumps(fingerprint[section].get(key)))
+            ]
+        raise GdrtError(
+            f"checkpoint-{step} was written by a training run with other settings or inputs, so resuming would "
+            f"mix two runs ({'; '.join(changed[:6])})", path=str(path),
+            hint="re-run with the checkpoint's settings to resume it, or choose another --out (or delete "
+                 f"{Path(work_dir)}) to start afresh",
+        )
+
+
+def seal_checkpoint(checkpoint: str | os.PathLike, *, step: int, extra_state: dict[str, Any] | None = None,
+                    run: dict[str, Any] | None = None) -> None:
+    """Write the policy state, then the marker listing every file of the checkpoint with its sha256 (and the
+    run's fingerprint: what a resume must match)."""
     root = Path(checkpoint)
     if extra_state is not None:
         write_json_atomic(root / STATE, extra_state)
@@ -35,7 +80,7 @@ def seal_checkpoint(checkpoint: str | os.PathLike, *, step: int, extra_state: di
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != MARKER and not p.name.startswith(".")
     }
-    write_json_atomic(root / MARKER, {"step": step, "files": files})
+    write_json_atomic(root / MARKER, {"step": step, "files": files, "run": run})
 
 
 def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
@@ -87,6 +132,15 @@ def latest_valid_checkpoint(work_dir: str | os.PathLike, *, quarantine: bool = T
         log.warning(msg)
         print(f"gdrt train: {msg}", flush=True)
     return chosen
+
+
+def remove_unsealed(work_dir: str | os.PathLike) -> None:
+    """Delete checkpoints whose save never finished (no marker), e.g. after the disk filled up."""
+    import shutil
+
+    for _step, path in list_checkpoints(work_dir):
+        if not (path / MARKER).is_file():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def read_policy_state(checkpoint: str | os.PathLike) -> dict[str, Any] | None:

@@ -61,7 +61,8 @@ class GdrtTrainer(Trainer):
         self._ce_sums = torch.zeros(0)  # [groups] this rank's detached ce sums of the step
         self._stat_buffer: list[dict[str, float]] = []
         # sums over this process's training steps of the all-reduced step losses (exact on every rank)
-        self.step_totals = {"steps": 0, "loss_sft": 0.0, "loss_gdrt": 0.0}
+        # (saved in every checkpoint and restored on resume, so that the means cover the whole run)
+        self.step_totals = {"steps": 0, "loss": 0.0, "loss_sft": 0.0, "loss_gdrt": 0.0}
         self._tokens_since_log = 0.0
         self._last_log_time = time.perf_counter()
 
@@ -166,6 +167,8 @@ class GdrtTrainer(Trainer):
         sw.end_step(losses, counts)
         self._stat_buffer.append(stats)
         self.step_totals["steps"] += 1
+        # the loss the Trainer optimises (= its `loss` log): sum_g c_g * ce-sum_g over the whole batch
+        self.step_totals["loss"] += float((self._coef.detach().double().cpu() * sums.double()).sum())
         for key in ("loss_sft", "loss_gdrt"):
             if key in stats:
                 self.step_totals[key] += stats[key]

@@ -83,7 +83,7 @@ def test_evaluate_rejects_bad_settings_without_leaving_output(tmp_path, office_s
     code = main(["evaluate", "--dataset", str(office_slice), "--model", str(tiny_model), "--out", str(out),
                  "--limit", "0"])
     assert code == 2
-    assert "--limit must be positive" in capsys.readouterr().err
+    assert "setting limit=0 is invalid: must be >= 1" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.iterdir())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -65,6 +66,11 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny, tmp_path):
     victim = ckpt4 / "optimizer.pt"
     victim.write_bytes(victim.read_bytes()[:100])
 
+    changed = subprocess.run([*command(tiny, killed), "--set", "lr=5e-4"], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert changed.returncode == 2 and "config lr: 0.001 -> 0.0005" in changed.stderr, changed.stderr[-2000:]
+    assert "Traceback" not in changed.stderr
+
     rerun = subprocess.run(command(tiny, killed), env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "skipping checkpoint" in rerun.stdout and "checkpoint-4" in rerun.stdout
@@ -81,3 +87,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] - b[k]).abs().max() < 1e-5, k
+    # the means of train_metrics.json cover the whole run, not only the steps since the resume
+    resumed, uninterrupted = (json.loads((d / "train_metrics.json").read_text()) for d in (killed, straight))
+    for key in ("train_loss", "train_loss_sft", "train_loss_gdrt", "global_step"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-5), key

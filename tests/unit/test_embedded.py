@@ -136,7 +136,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(office_dataset, tmp_path):
     out = tmp_path / "model"
     assert main(["init-model", "--dataset", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert not out.exists() and os.listdir(tmp_path) == []
-    with pytest.raises(GdrtError, match="unknown model size 'huge'"):
+    with pytest.raises(GdrtError, match="size='huge' is invalid: must be one of tiny, small"):
         run(EmbeddedConfig(dataset=str(office_dataset), out=str(out), size="huge"))
     assert not out.exists()
 

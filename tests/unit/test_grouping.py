@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gdrt_core import grouping
+from gdrt_core.artifacts import exclusive
 from gdrt_core.dataset import Dataset
 from gdrt_core.errors import GdrtError
 from gdrt_core.grouping import GroupConfig, assign_groups, example_means, fit_edges, history_removed_requests
@@ -289,7 +290,7 @@ def test_config_errors(tmp_path, office_slice, tokenizer):
 def test_a_second_run_on_the_same_output_is_refused(tmp_path, office_slice, tokenizer):
     """Two runs writing the same parts would corrupt each other: the second one stops with a clear error."""
     model = TableLM(random_table(len(tokenizer)))
-    with grouping._exclusive(tmp_path / "busy.parts"):
+    with exclusive(tmp_path / "busy.parts", "gdrt group"):
         with pytest.raises(GdrtError, match="another"):
             _run(tmp_path, office_slice, tokenizer, model, "busy", limit=4)
     _run(tmp_path, office_slice, tokenizer, model, "busy", limit=4)  # free again once the first is done

@@ -178,8 +178,9 @@ def test_wait_times_out_with_the_last_status():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"launcher": "slurm"}, "launcher 'slurm' is unknown"),
-    ({"num_nodes": 0}, "num_nodes must be >= 1"),
+    ({"launcher": "slurm"}, "launcher='slurm' is invalid: must be one of mpi, torch"),
+    ({"num_nodes": 0}, "num_nodes=0 is invalid: must be >= 1"),
+    ({"master_port": 70000}, "master_port=70000 is invalid"),
     ({"pvc_name": ""}, "ReadWriteMany PVC"),
     ({"pvc_mount": "mnt"}, "not an absolute path"),
     ({"poll_s": 60, "timeout_s": 60}, "must be below timeout_s"),
