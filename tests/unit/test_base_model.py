@@ -39,6 +39,6 @@ def test_hub_id_is_a_reference_and_unknown_pretrained_fails_before_writing(tmp_p
     assert prepare_base_model("org/model", {}, dataset=str(tmp_path), out=str(out)) == {"base_model": "org/model"}
     assert json.loads((out / REFERENCE_FILE).read_text()) == {"model": "org/model"}
     assert model_source(str(out)) == "org/model"
-    with pytest.raises(GdrtError, match="unknown pretrained backbone 'nope'"):
+    with pytest.raises(GdrtError, match="pretrained='nope' is invalid: must be one of smollm2-135m, gemma3-270m"):
         prepare_base_model("pretrained:nope", {}, dataset=str(tmp_path), out=str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()
