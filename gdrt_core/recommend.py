@@ -93,8 +93,9 @@ def load_recommender(model: str, *, dataset: str | None = None, domain: str | No
     if model.startswith(("models:/", "runs:/")):
         import mlflow
 
-        from gdrt_core.tracking import tracking_uri
+        from gdrt_core.tracking import client, tracking_uri
 
+        client(tracking_uri(), registry=True)  # a fresh file-based store is created once, under its lock
         mlflow.set_tracking_uri(tracking_uri())
         try:
             loaded = mlflow.pyfunc.load_model(model)

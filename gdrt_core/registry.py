@@ -44,18 +44,17 @@ def register_model(model_dir: str, dataset_dir: str, valid_eval_dir: str, *, dom
                    parent_run_id: str = "") -> str:
     """Log + register the model; returns the decision text ("champion: version N ..." / "kept ...")."""
     import mlflow
-    from mlflow.tracking import MlflowClient
-
     from gdrt_core.pyfunc import GdrtRecommenderModel
     from gdrt_core.tracking import check_reachable, tracking_uri
+    from gdrt_core.tracking import client as tracking_client
 
     read_manifest(valid_eval_dir, "eval")
     metrics = json.loads((Path(valid_eval_dir) / "metrics.json").read_text(encoding="utf-8"))
     candidate = float(metrics["ndcg@10"])
     uri = tracking_uri()
     check_reachable(uri)
+    client = tracking_client(uri, registry=True)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
     name = model_name(domain)
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "gdrt"
     if parent_run_id:
