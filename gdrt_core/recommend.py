@@ -67,12 +67,27 @@ class Recommender:
 
         if k < 1:
             raise GdrtError(f"k must be positive, got {k}")
+        check_history_text(histories)
         prompts = [tokenize_prompt(self.tokenizer, render(self.domain, list(h))).input_ids for h in histories]
         settings = BeamSearchSettings(num_beams=k, num_return_sequences=k)
         with torch.inference_mode():
             rankings = rank_prompts(self.model, self.trie, prompts, settings, batch_size=self.batch_size,
                                     pad_token_id=self.pad_id)
         return [Recommendation(list(r.titles), [float(s) for s in r.scores]) for r in rankings]
+
+
+def check_history_text(histories: list[list[str]]) -> None:
+    """History titles are held to the same text rules as curated titles (`text.text_problem`)."""
+    from gdrt_core.text import printable, text_problem
+
+    for row, history in enumerate(histories):
+        for position, title in enumerate(history):
+            problem = text_problem(title) if isinstance(title, str) else None
+            if problem is not None:
+                raise GdrtError(
+                    f"history {row}, title {position} ({printable(title)!r}): {problem[0]}: it {problem[1]}",
+                    hint="pass titles as they appear in the catalogue",
+                )
 
 
 def trained_dataset(model_dir: str | os.PathLike) -> str:
@@ -116,8 +131,10 @@ def cli(args: argparse.Namespace) -> None:
     rec = load_recommender(args.model, dataset=getattr(args, "dataset", None), domain=args.domain)
     if args.history:
         (result,) = rec.recommend([args.history], k=args.k)
+        from gdrt_core.text import printable
+
         for i, (title, score) in enumerate(zip(result.titles, result.scores, strict=True), start=1):
-            print(f"{i:3d}. {score:9.4f}  {title}")
+            print(f"{i:3d}. {score:9.4f}  {printable(title)}")  # catalogue text never drives the terminal
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
