@@ -63,12 +63,17 @@ class Recommender:
 
         from gdrt_core.generation import BeamSearchSettings, rank_prompts
         from gdrt_core.prompts import render
-        from gdrt_core.tokenization import tokenize_prompt
+        from gdrt_core.tokenization import context_limit, tokenize_prompt
 
         if k < 1:
             raise GdrtError(f"k must be positive, got {k}")
         check_history_text(histories)
-        prompts = [tokenize_prompt(self.tokenizer, render(self.domain, list(h))).input_ids for h in histories]
+        max_length = context_limit(self.model, self.tokenizer)
+        prompts = [
+            tokenize_prompt(self.tokenizer, render(self.domain, list(h)), max_length=max_length,
+                            reserve=self.trie.trie.max_depth, name=f"history {row}").input_ids
+            for row, h in enumerate(histories)
+        ]
         settings = BeamSearchSettings(num_beams=k, num_return_sequences=k)
         with torch.inference_mode():
             rankings = rank_prompts(self.model, self.trie, prompts, settings, batch_size=self.batch_size,

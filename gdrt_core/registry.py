@@ -44,6 +44,7 @@ def register_model(model_dir: str, dataset_dir: str, valid_eval_dir: str, *, dom
                    parent_run_id: str = "") -> str:
     """Log + register the model; returns the decision text ("champion: version N ..." / "kept ...")."""
     import mlflow
+
     from gdrt_core.pyfunc import GdrtRecommenderModel
     from gdrt_core.tracking import check_reachable, tracking_uri
     from gdrt_core.tracking import client as tracking_client

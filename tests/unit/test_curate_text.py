@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_curate_errors import RAW_SETTINGS, copy_fixture, curate, expect_error, replace_line
 
 from gdrt_core.text import CONTROL, NON_UTF8, SURROGATE, printable, text_problem
-
-from test_curate_errors import RAW_SETTINGS, copy_fixture, curate, expect_error, replace_line
 
 
 @pytest.mark.parametrize(
