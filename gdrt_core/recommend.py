@@ -111,16 +111,18 @@ def trained_dataset(model_dir: str | os.PathLike) -> str:
 def load_recommender(model: str, *, dataset: str | None = None, domain: str | None = None):
     """A Recommender from a model dir, or the python model inside an MLflow `models:/...` URI."""
     if model.startswith(("models:/", "runs:/")):
-        import mlflow
+        import shutil
 
-        from gdrt_core.tracking import client, tracking_uri
+        from gdrt_core.registry import load_verified_model
+        from gdrt_core.tracking import tracking_uri
 
-        client(tracking_uri(), registry=True)  # a fresh file-based store is created once, under its lock
-        mlflow.set_tracking_uri(tracking_uri())
         try:
-            loaded = mlflow.pyfunc.load_model(model)
+            loaded, local = load_verified_model(model)
+        except GdrtError:
+            raise
         except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; the user needs the URI and cause
             raise GdrtError(f"cannot load {model} from MLflow at {tracking_uri()}: {e}") from None
+        shutil.rmtree(local, ignore_errors=True)  # loaded into memory; nothing reads the files again
         return loaded.unwrap_python_model().recommender
     items = str(Path(dataset) / "items.parquet") if dataset else None
     if domain is None and dataset:
