@@ -26,7 +26,7 @@ from gdrt_core.errors import GdrtError
 
 CHAMPION = "champion"
 SCORE_TAG = "valid_ndcg_at_10"
-CODE_TAG = "gdrt.model_sha256"
+DIGEST_TAG = "gdrt.model_sha256"
 REGISTRY_META = "registered_model_meta"
 MODEL_CODE = Path(__file__).with_name("pyfunc.py")
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"
@@ -67,8 +67,13 @@ def _code_copy(tmp: str) -> str:
     return str(dest)
 
 
+def _line(name: str, path: Path) -> str:
+    """One file of the model in its digest: its path inside the model and its sha256."""
+    return f"{name}\0{sha256_file(path)}\n"
+
+
 def _file_lines(root: Path, files) -> list[str]:
-    return [f"{f.relative_to(root).as_posix()}\0{sha256_file(f)}\n" for f in files]
+    return [_line(f.relative_to(root).as_posix(), f) for f in files]
 
 
 def _digest(lines: list[str]) -> str:
@@ -102,10 +107,10 @@ def _recorded_digest(client, uri: str, model_dir: str) -> str:
 
             run_id = Model.load(str(Path(model_dir) / "MLmodel")).run_id
             tags = client.get_run(run_id).data.tags if run_id else {}
-    expected = tags.get(CODE_TAG)
+    expected = tags.get(DIGEST_TAG)
     if not expected:
         raise GdrtError(
-            f"{uri} has no {CODE_TAG} tag: it was not registered by gdrt's register step (or by an older version "
+            f"{uri} has no {DIGEST_TAG} tag: it was not registered by gdrt's register step (or by an older version "
             "that stored a pickle), so its files cannot be checked", hint="register the model again with gdrt",
         )
     return expected
@@ -136,7 +141,7 @@ def check_model_files(model_dir: str | os.PathLike, expected_digest: str, uri: s
     if found != expected_digest:
         raise GdrtError(
             f"{uri}: its files (code, MLmodel, requirements or weights) differ from those registered (sha256 "
-            f"{found[:12]} vs {expected_digest[:12]} recorded in tag {CODE_TAG}): modified after registration, "
+            f"{found[:12]} vs {expected_digest[:12]} recorded in tag {DIGEST_TAG}): modified after registration, "
             "refused", path=str(root),
             hint="register the model again, and check who can write to the artifact store",
         )
@@ -181,8 +186,10 @@ def _logged_digest(uri: str, dest: Path, artifacts: dict[str, str]) -> str:
     logged = yaml.safe_load((dest / "MLmodel").read_text(encoding="utf-8"))["flavors"]["python_function"]["artifacts"]
     for key, source in artifacts.items():
         rel, src = logged[key]["path"], Path(source)
-        files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
-        lines += [f"{rel}{'' if f == src else '/' + f.relative_to(src).as_posix()}\0{sha256_file(f)}\n" for f in files]
+        if src.is_file():
+            lines.append(_line(rel, src))
+        else:
+            lines += [_line(f"{rel}/{f.relative_to(src).as_posix()}", f) for f in src.rglob("*") if f.is_file()]
     return _digest(lines)
 
 
@@ -235,8 +242,8 @@ def register_model(model_dir: str, dataset_dir: str, valid_eval_dir: str, *, dom
         )
         version = str(info.registered_model_version)
         digest = _logged_digest(f"models:/{name}/{version}", Path(tmp) / "logged", artifacts)
-        client.set_model_version_tag(name, version, CODE_TAG, digest)
-        mlflow.set_tag(CODE_TAG, digest)
+        client.set_model_version_tag(name, version, DIGEST_TAG, digest)
+        mlflow.set_tag(DIGEST_TAG, digest)
         client.set_model_version_tag(name, version, SCORE_TAG, str(candidate))
         try:
             current_mv = client.get_model_version_by_alias(name, CHAMPION)

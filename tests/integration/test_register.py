@@ -159,17 +159,17 @@ def test_a_model_without_the_recorded_digest_is_refused(store):
     from mlflow.tracking import MlflowClient
 
     from gdrt_core.recommend import load_recommender
-    from gdrt_core.registry import CODE_TAG
+    from gdrt_core.registry import DIGEST_TAG
 
     _, uri, _ = store
     client = MlflowClient(uri)
-    digest = client.get_model_version("gdrt-office", "1").tags[CODE_TAG]
-    client.delete_model_version_tag("gdrt-office", "1", CODE_TAG)
+    digest = client.get_model_version("gdrt-office", "1").tags[DIGEST_TAG]
+    client.delete_model_version_tag("gdrt-office", "1", DIGEST_TAG)
     try:
         with pytest.raises(GdrtError, match="has no gdrt.model_sha256 tag"):
             load_recommender("models:/gdrt-office/1")
     finally:
-        client.set_model_version_tag("gdrt-office", "1", CODE_TAG, digest)
+        client.set_model_version_tag("gdrt-office", "1", DIGEST_TAG, digest)
 
 
 @pytest.mark.slow
