@@ -24,6 +24,9 @@ ALLOWED_CONTROLS = "\t\n"
 # Cc characters but tab and newline, and every surrogate code point
 _BAD = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# the control characters `text_problem` refuses, as an RE2 pattern for pyarrow.compute (vectorised readers use
+# it to send the few rows that match to `text_problem`; RE2 cannot match surrogates, which pyarrow rejects)
+CONTROL_RE2 = r"[\x00-\x08\x0b-\x1f\x7f-\x{9f}]"
 
 NON_UTF8 = "non-UTF-8 bytes"
 SURROGATE = "invalid Unicode"

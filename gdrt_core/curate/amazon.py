@@ -34,7 +34,7 @@ import numpy as np
 from gdrt_core.curate import recipe
 from gdrt_core.curate.rows import BadRows
 from gdrt_core.errors import GdrtError
-from gdrt_core.text import text_problem
+from gdrt_core.text import CONTROL_RE2, text_problem
 
 REVIEW_FIELDS = ("reviewerID", "asin", "unixReviewTime")
 BATCH_WINDOWS = 1 << 20  # windows per written parquet batch
@@ -174,9 +174,6 @@ def _check_time(value) -> tuple[str, str] | None:
     return None
 
 
-# what `text.text_problem` refuses and pyarrow's JSON reader lets through (it rejects lone surrogates)
-_CONTROL_RE2 = r"[\x00-\x08\x0b-\x1f\x7f-\x{9f}]"
-
 
 def parse_review_block(block: bytes) -> ParsedBlock:
     """Parse and dictionary-encode one block of review lines (runs in a worker thread)."""
@@ -189,8 +186,8 @@ def parse_review_block(block: bytes) -> ParsedBlock:
     if table is not None and all(c.null_count == 0 for c in table.columns):
         users, items, times = table.column(0), table.column(1), table.column(2)
         empty = pc.any(pc.or_(pc.equal(pc.utf8_length(users), 0), pc.equal(pc.utf8_length(items), 0))).as_py()
-        control = pc.any(pc.or_(pc.match_substring_regex(users, _CONTROL_RE2),
-                                pc.match_substring_regex(items, _CONTROL_RE2))).as_py()
+        control = pc.any(pc.or_(pc.match_substring_regex(users, CONTROL_RE2),
+                                pc.match_substring_regex(items, CONTROL_RE2))).as_py()
         if not (empty or control):
             return ParsedBlock(
                 pc.dictionary_encode(users.combine_chunks()), pc.dictionary_encode(items.combine_chunks()),

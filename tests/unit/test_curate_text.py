@@ -127,3 +127,15 @@ def test_amazon_review_ids(tmp_path, capsys, fmt, case):
     code, out = curate(tmp_path, reviews, fmt, "--on-bad-rows", "drop", *RAW_SETTINGS)
     assert code == 0, capsys.readouterr().err
     assert json.loads((out / "manifest.json").read_text())["recipe"]["bad_rows"]["by_reason"] == {reason: 1}
+
+
+def test_the_vectorised_prefilter_matches_exactly_the_refused_control_characters():
+    """The RE2 pattern the pyarrow fast paths use flags the same characters `text_problem` refuses."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from gdrt_core.text import CONTROL_RE2
+
+    chars = [chr(c) for c in range(0x3000) if not 0xD800 <= c <= 0xDFFF]
+    flagged = pc.match_substring_regex(pa.array(chars), CONTROL_RE2).to_pylist()
+    assert flagged == [text_problem(c) is not None for c in chars]
