@@ -43,6 +43,24 @@ def _umask_mode(mode: int) -> int:
     return mode & ~current
 
 
+def follow_umask(root: str | os.PathLike) -> None:
+    """Give every file and directory below `root` (and root) the mode the umask allows.
+
+    Third-party savers write some files owner-only (0600: the safetensors weights of transformers and
+    peft), while the rest of an artifact follows the umask; another user, container uid or MLflow server
+    could then read the config but not the weights. A file gets 0666 (0777 if its owner may execute it),
+    a directory 0777, each masked by the umask.
+    """
+    root = Path(root)
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for path in paths:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        full = 0o777 if path.is_dir() or mode & 0o100 else 0o666
+        os.chmod(path, _umask_mode(full))
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to `path` via a temporary file and an atomic rename."""
     path = Path(path)
@@ -127,7 +145,8 @@ def atomic_output_dir(
 
     An existing `out` is replaced only after the new one is complete (overwrite=True), or refused. With
     `kind`, `check_output` runs first: an input, or a directory that is not a `kind` artifact, is never
-    replaced (stages also call it before their work).
+    replaced (stages also call it before their work). Every file in it gets the mode the umask allows
+    (`follow_umask`), whoever wrote it.
     """
     out = Path(out).absolute()
     if out.exists() and not overwrite:
@@ -142,6 +161,7 @@ def atomic_output_dir(
     os.chmod(tmp, _umask_mode(0o777))  # readable by other users (e.g. other containers' stages) as usual
     try:
         yield tmp
+        follow_umask(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")

@@ -425,8 +425,9 @@ def counterfactual_scores(
         supports_shared_prompt,
         target_logprobs,
     )
-    from gdrt_core.tokenization import response_token_ids, tokenize_prompt
+    from gdrt_core.tokenization import context_limit, response_token_ids, tokenize_prompt
 
+    max_length = context_limit(model, tokenizer)
     if shared_prompt is None:
         shared_prompt = supports_shared_prompt(model)
     title_ids: dict[str, list[int]] = {}
@@ -436,8 +437,12 @@ def counterfactual_scores(
         for title in candidates:
             if title not in title_ids:
                 title_ids[title] = response_token_ids(tokenizer, title)
+        reserve = max(len(title_ids[t]) for t in candidates)
         for condition, hist in histories.items():
-            prompts.append(tokenize_prompt(tokenizer, render(domain, hist)).input_ids)
+            prompts.append(tokenize_prompt(
+                tokenizer, render(domain, hist), max_length=max_length, reserve=reserve,
+                name=f"example {ex.example_id} ({condition.replace('_', ' ')})",
+            ).input_ids)
             conts.append([title_ids[t] for t in candidates])
             conditions.append(condition)
     pad_id = pad_id_of(tokenizer)
@@ -559,7 +564,7 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
     from gdrt_core.dataset import Dataset
     from gdrt_core.prompts import render
     from gdrt_core.scoring import pad_id_of
-    from gdrt_core.tokenization import tokenize_example
+    from gdrt_core.tokenization import context_limit, tokenize_example
     from gdrt_core.tracking import stage_run
 
     check_config(config, "attribute config")
@@ -580,6 +585,7 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
 
             model, tokenizer = load_scoring_model(config.model, device=config.device, dtype=config.dtype)
         pad_id = pad_id_of(tokenizer)
+        max_length = context_limit(model, tokenizer)
         neutral_id = neutral_token_id(tokenizer, config.neutral_token)
         titles = sorted(set(ds.titles.values()))
         attributions: list[ExampleAttribution] = []
@@ -590,7 +596,10 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
             for start in range(0, len(examples), config.chunk_size):
                 chunk = examples[start : start + config.chunk_size]
                 tokenized = [
-                    tokenize_example(tokenizer, render(ds.domain, list(e.history_titles), e.target_title))
+                    tokenize_example(
+                        tokenizer, render(ds.domain, list(e.history_titles), e.target_title), max_length=max_length,
+                        name=f"{config.dataset}: example {e.example_id} of the {config.split} split",
+                    )
                     for e in chunk
                 ]
                 ids = [e.example_id for e in chunk]

@@ -218,7 +218,7 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
     from gdrt_core.generation import BeamSearchSettings, Ranking, rank_prompts
     from gdrt_core.metrics import METRIC_KEYS, TitleCatalogue, compute_metrics, fairness_at_k
     from gdrt_core.prompts import render
-    from gdrt_core.tokenization import tokenize_prompt
+    from gdrt_core.tokenization import context_limit, tokenize_prompt
     from gdrt_core.tracking import stage_run
     from gdrt_core.trie import build_trie
 
@@ -242,7 +242,7 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
             top = most_popular_titles(titles, baseline_counts(dataset, config.model), settings.num_return_sequences)
             fixed = Ranking([t for t, _ in top], [float(c) for _, c in top], [])
 
-            def rank_chunk(hist_lists, on_batch):
+            def rank_chunk(hist_lists, ids, on_batch):
                 on_batch(len(hist_lists))
                 return [fixed] * len(hist_lists)
         else:
@@ -256,11 +256,15 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
             model.eval()
             trie = build_trie(tokenizer, titles).to_torch(next(model.parameters()).device)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            max_length = context_limit(model, tokenizer)
 
-            def rank_chunk(hist_lists, on_batch):
+            def rank_chunk(hist_lists, ids, on_batch):
                 prompts = [
-                    tokenize_prompt(tokenizer, render(dataset.domain, [titles[h] for h in hist])).input_ids
-                    for hist in hist_lists
+                    tokenize_prompt(
+                        tokenizer, render(dataset.domain, [titles[h] for h in hist]), max_length=max_length,
+                        reserve=trie.trie.max_depth, name=f"{config.dataset}: example {eid} of the {config.split} split",
+                    ).input_ids
+                    for hist, eid in zip(hist_lists, ids, strict=True)
                 ]
                 with torch.inference_mode():
                     return rank_prompts(model, trie, prompts, settings, batch_size=config.batch_size,
@@ -280,7 +284,7 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
                                    disable=not config.progress)
                     ids = batch.column("example_id").to_numpy()
                     hist_col = batch.column("history")
-                    chunk_rankings = rank_chunk(hist_col.to_pylist(), bar.update)
+                    chunk_rankings = rank_chunk(hist_col.to_pylist(), ids.tolist(), bar.update)
                     rows = {"example_id": [], "rank": [], "title": [], "score": []}
                     for eid, ranking in zip(ids.tolist(), chunk_rankings, strict=True):
                         rankings.append(ranking.titles)

@@ -112,11 +112,12 @@ def example_means(example_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 
 def history_removed_requests(
-    tokenizer, domain: str, examples: Sequence, removal: str
+    tokenizer, domain: str, examples: Sequence, removal: str, *, max_length: int | None = None
 ) -> tuple[list, list[list[int]]]:
     """Scoring requests for r_t and the full example's target token ids, one per example.
 
-    `examples` are dataset.Example (history_titles, target_title, example_id).
+    `examples` are dataset.Example (history_titles, target_title, example_id); one longer than `max_length`
+    (the reference model's context) is an error.
     """
     from gdrt_core.prompts import render
     from gdrt_core.scoring import ScoringRequest
@@ -126,7 +127,8 @@ def history_removed_requests(
         raise GdrtError(f"history_removal must be one of {REMOVALS}, got {removal!r}")
     requests, target_ids = [], []
     for ex in examples:
-        full = tokenize_example(tokenizer, render(domain, list(ex.history_titles), ex.target_title))
+        full = tokenize_example(tokenizer, render(domain, list(ex.history_titles), ex.target_title),
+                                max_length=max_length, name=f"example {ex.example_id}")
         targets = [t for t, r in zip(full.input_ids, full.role, strict=True) if r == TARGET]
         if removal == "drop":
             empty = tokenize_example(tokenizer, render(domain, [], ex.target_title))
@@ -151,8 +153,11 @@ def score_part(model, tokenizer, domain: str, examples: Sequence, config: GroupC
     import pyarrow as pa
 
     from gdrt_core.scoring import pad_id_of, target_logprobs
+    from gdrt_core.tokenization import context_limit
 
-    requests, target_ids = history_removed_requests(tokenizer, domain, examples, config.history_removal)
+    requests, target_ids = history_removed_requests(
+        tokenizer, domain, examples, config.history_removal, max_length=context_limit(model, tokenizer)
+    )
     logprobs = target_logprobs(
         model,
         requests,

@@ -8,7 +8,9 @@ recommendation see the same weights, dtype and tokenizer settings:
 - dtype `auto` = float32 on CPU, bfloat16 on a GPU that supports it;
 - a saved PEFT adapter directory (adapter_config.json + adapter_model.safetensors) loads transparently:
   its base model is loaded from the reference in adapter_config.json and the adapter applied on top;
-- LoRA (peft) with r=8, alpha=16, dropout 0.05 on q_proj/v_proj by default, or full fine-tuning.
+- LoRA (peft) with r=8, alpha=16, dropout 0.05 on q_proj/v_proj by default (any layer peft adapts: Linear,
+  transformers' Conv1D of the GPT-2 family, Embedding, Conv; `auto` = peft's default for the architecture),
+  or full fine-tuning.
 
 torch, transformers and peft are imported inside the functions: `import gdrt_core.models` stays cheap.
 """
@@ -44,7 +46,11 @@ class ModelConfig:
     lora_r: int = field(8, help="LoRA rank")
     lora_alpha: int = field(16, help="LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = field(0.05, help="dropout on the LoRA branch input")
-    lora_target_modules: list[str] = field(["q_proj", "v_proj"], help="module names (last path component) that get adapters")
+    lora_target_modules: list[str] = field(
+        ["q_proj", "v_proj"],
+        help="module names (last path component) that get adapters: Linear, Conv1D (GPT-2), Embedding or Conv "
+        "layers; auto = peft's default for the architecture",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- resolving
@@ -328,11 +334,31 @@ def load_model_and_tokenizer(id_or_dir: str | os.PathLike, config: ModelConfig |
 # ---------------------------------------------------------------------------------------------------- LoRA
 
 
-def linear_module_names(model) -> list[str]:
-    """Distinct last path components of the model's Linear layers (what LoRA can target)."""
-    import torch
+AUTO_TARGETS = "auto"
 
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+def _lora_layer_types() -> tuple:
+    """Layer classes peft's LoRA adapts (its default dispatcher): Linear, transformers' Conv1D (the GPT-2
+    family's projections), Embedding and convolutions."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def lora_module_names(model) -> list[str]:
+    """Distinct last path components of the layers LoRA can target (`_lora_layer_types`)."""
+    types = _lora_layer_types()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and isinstance(m, types)})
+
+
+def _architecture_targets(model) -> list[str] | None:
+    """peft's default LoRA targets for the model's architecture (gpt2: c_attn; llama: q_proj, v_proj)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    return sorted(targets) if targets else None
 
 
 def apply_lora(
@@ -343,21 +369,41 @@ def apply_lora(
     dropout: float = 0.05,
     target_modules: list[str] | tuple[str, ...] = ("q_proj", "v_proj"),
 ):
-    """Wrap `model` with fresh LoRA adapters; only the adapter weights require grad afterwards."""
+    """Wrap `model` with fresh LoRA adapters; only the adapter weights require grad afterwards.
+
+    Targets are last path components of any layer peft adapts (`lora_module_names`); `["auto"]` takes
+    peft's default targets for the architecture.
+    """
     from peft import LoraConfig, TaskType, get_peft_model
 
-    available = linear_module_names(model)
+    available = lora_module_names(model)
+    suggested = _architecture_targets(model)
+    suggestion = f"; peft's default for this architecture: {', '.join(suggested)}" if suggested else ""
+    if list(target_modules) == [AUTO_TARGETS]:
+        if suggested is None:
+            raise GdrtError(
+                f"lora_target_modules=auto: peft has no default LoRA targets for {type(model).__name__}",
+                hint=f"set lora_target_modules to some of: {', '.join(available)}",
+            )
+        target_modules = suggested
     missing = sorted(set(target_modules) - set(available))
     if missing:
         raise GdrtError(
             f"LoRA target module(s) {', '.join(missing)} do not exist in {type(model).__name__}",
-            hint=f"set lora_target_modules to some of: {', '.join(available)}",
+            hint=f"set lora_target_modules to some of: {', '.join(available)}{suggestion}",
         )
     if r <= 0:
         raise GdrtError(f"lora_r must be a positive integer, got {r}")
+    from transformers.pytorch_utils import Conv1D
+
+    wanted = set(target_modules)
+    targeted = [m for name, m in model.named_modules()
+                if name.rsplit(".", 1)[-1] in wanted and isinstance(m, _lora_layer_types())]
     lora = LoraConfig(
         task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout,
         target_modules=list(target_modules), bias="none",
+        # Conv1D stores its weight as [in, out]: peft needs fan_in_fan_out for it (and sets it itself, warning)
+        fan_in_fan_out=bool(targeted) and all(isinstance(m, Conv1D) for m in targeted),
     )
     return get_peft_model(model, lora)
 

@@ -1,13 +1,18 @@
-"""The MLflow python model of a trained recommender (imports mlflow; load it lazily).
+"""The MLflow python model of a trained recommender, logged from code (imports mlflow; load it lazily).
 
 `mlflow.pyfunc.load_model("models:/gdrt-office@champion").predict(df)` with a DataFrame whose `history`
 column holds lists of titles (oldest first) returns a DataFrame with `recommendations` (titles, best first)
 and `scores`. `params={"k": 5}` sets the list length (default 10).
+
+This file is the model's code (MLflow "models from code"): `registry.register_model` logs it with
+`python_model=<this file>` and the gdrt_core package in the model's `code/`, so the logged model holds no
+pickle; loading it runs this file, whose last line hands MLflow the model object (`set_model`).
 """
 
 from __future__ import annotations
 
 import mlflow.pyfunc
+from mlflow.models import set_model
 
 
 class GdrtRecommenderModel(mlflow.pyfunc.PythonModel):
@@ -37,3 +42,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+set_model(GdrtRecommenderModel())

@@ -63,12 +63,17 @@ class Recommender:
 
         from gdrt_core.generation import BeamSearchSettings, rank_prompts
         from gdrt_core.prompts import render
-        from gdrt_core.tokenization import tokenize_prompt
+        from gdrt_core.tokenization import context_limit, tokenize_prompt
 
         if k < 1:
             raise GdrtError(f"k must be positive, got {k}")
         check_histories(histories)
-        prompts = [tokenize_prompt(self.tokenizer, render(self.domain, list(h))).input_ids for h in histories]
+        max_length = context_limit(self.model, self.tokenizer)
+        prompts = [
+            tokenize_prompt(self.tokenizer, render(self.domain, list(h)), max_length=max_length,
+                            reserve=self.trie.trie.max_depth, name=f"history {row}").input_ids
+            for row, h in enumerate(histories)
+        ]
         settings = BeamSearchSettings(num_beams=k, num_return_sequences=k)
         with torch.inference_mode():
             rankings = rank_prompts(self.model, self.trie, prompts, settings, batch_size=self.batch_size,
@@ -89,6 +94,7 @@ def check_histories(histories, where: str | None = None) -> None:
             if not title.strip():
                 raise GdrtError(f"history {row}, title {position} is empty", path=where,
                                 hint="give each item's title text")
+    check_history_text(histories, where)
 
 
 def read_histories(path: str) -> list:
@@ -116,6 +122,20 @@ def read_histories(path: str) -> list:
     return histories
 
 
+def check_history_text(histories: list[list[str]], where: str | None = None) -> None:
+    """History titles are held to the same text rules as curated titles (`text.text_problem`)."""
+    from gdrt_core.text import printable, text_problem
+
+    for row, history in enumerate(histories):
+        for position, title in enumerate(history):
+            problem = text_problem(title) if isinstance(title, str) else None
+            if problem is not None:
+                raise GdrtError(
+                    f"history {row}, title {position} ({printable(title)!r}): {problem[0]}: it {problem[1]}",
+                    path=where, hint="pass titles as they appear in the catalogue",
+                )
+
+
 def trained_dataset(model_dir: str | os.PathLike) -> str:
     """The Dataset artifact a model was trained on (from its manifest's inputs)."""
     manifest = Path(model_dir) / "manifest.json"
@@ -132,15 +152,19 @@ def trained_dataset(model_dir: str | os.PathLike) -> str:
 def load_recommender(model: str, *, dataset: str | None = None, domain: str | None = None):
     """A Recommender from a model dir, or the python model inside an MLflow `models:/...` URI."""
     if model.startswith(("models:/", "runs:/")):
-        import mlflow
+        import shutil
 
+        from gdrt_core.registry import load_verified_model
         from gdrt_core.tracking import reachable_uri, tracking_uri
 
-        mlflow.set_tracking_uri(reachable_uri())  # a dead server: an error naming it in seconds, not minutes
+        reachable_uri()  # a dead server: an error naming it in seconds, not minutes (and bounded retries)
         try:
-            loaded = mlflow.pyfunc.load_model(model)
+            loaded, local = load_verified_model(model)
+        except GdrtError:
+            raise
         except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; the user needs the URI and cause
             raise GdrtError(f"cannot load {model} from MLflow at {tracking_uri()}: {e}") from None
+        shutil.rmtree(local, ignore_errors=True)  # loaded into memory; nothing reads the files again
         return loaded.unwrap_python_model().recommender
     items = None
     if dataset:
@@ -174,8 +198,10 @@ def cli(args: argparse.Namespace) -> None:
     rec = load_recommender(args.model, dataset=getattr(args, "dataset", None), domain=args.domain)
     if args.history:
         (result,) = rec.recommend([args.history], k=args.k)
+        from gdrt_core.text import printable
+
         for i, (title, score) in enumerate(zip(result.titles, result.scores, strict=True), start=1):
-            print(f"{i:3d}. {score:9.4f}  {title}")
+            print(f"{i:3d}. {score:9.4f}  {printable(title)}")  # catalogue text never drives the terminal
         return
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -1,21 +1,38 @@
-"""Registering a trained model in the MLflow registry, and the champion decision.
+"""Registering a trained model in the MLflow registry, loading it back safely, and the champion decision.
 
-The model is logged as a python model (gdrt_core.pyfunc) with its weights (LoRA merged), tokenizer and
-catalogue, registered as `gdrt-<domain>`, and alias `champion` moves to the new version only when its
-valid NDCG@10 beats the current champion's (a version tag). The decision and both numbers are logged.
+The model is logged from code (MLflow "models from code": `python_model` is the file gdrt_core/pyfunc.py,
+no pickle) with its weights (LoRA merged, safetensors), tokenizer and catalogue, the gdrt_core package in
+its `code/` and pinned requirements, so that it serves anywhere: `mlflow models serve|predict|build-docker`
+with any environment manager. It is registered as `gdrt-<domain>`, and alias `champion` moves to the new
+version only when its valid NDCG@10 beats the current champion's (a version tag). The decision and both
+numbers are logged.
+
+Loading runs the model's code, so `load_verified_model` (what `gdrt recommend` uses) first checks every file
+of the downloaded model against the sha256 recorded at registration (tag `gdrt.model_sha256` on the version
+and the run) and refuses a pickled python model, any pickle file, or a changed or added file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-from gdrt_core.artifacts import read_manifest
+from gdrt_core.artifacts import follow_umask, read_manifest, sha256_file
+from gdrt_core.errors import GdrtError
 
 CHAMPION = "champion"
 SCORE_TAG = "valid_ndcg_at_10"
+DIGEST_TAG = "gdrt.model_sha256"
+REGISTRY_META = "registered_model_meta"
+MODEL_CODE = Path(__file__).with_name("pyfunc.py")
+CODE_LOADER = "mlflow.pyfunc.loaders.code_model"
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".cloudpickle")
+# what the python model imports (gdrt_core.recommend and what it loads), pinned to the versions installed here
+SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pyarrow", "pandas", "numpy")
 
 
 def model_name(domain: str) -> str:
@@ -32,7 +49,148 @@ def _merged_model_dir(model_dir: str, tmp: str) -> str:
     out = Path(tmp) / "merged"
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(model_dir).save_pretrained(out)
+    follow_umask(out)  # the weights are written 0600; MLflow copies the modes into the artifact store
     return str(out)
+
+
+def serving_requirements() -> list[str]:
+    """`package==version` for what the python model imports, as installed here (local tags like +cpu dropped)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+', 1)[0]}" for name in SERVING_PACKAGES]
+
+
+def _code_copy(tmp: str) -> str:
+    """The gdrt_core package as source only (no __pycache__), for the model's code/."""
+    dest = Path(tmp) / "code" / "gdrt_core"
+    shutil.copytree(MODEL_CODE.parent, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return str(dest)
+
+
+def _line(name: str, path: Path) -> str:
+    """One file of the model in its digest: its path inside the model and its sha256."""
+    return f"{name}\0{sha256_file(path)}\n"
+
+
+def _file_lines(root: Path, files) -> list[str]:
+    return [_line(f.relative_to(root).as_posix(), f) for f in files]
+
+
+def _digest(lines: list[str]) -> str:
+    return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
+
+
+def model_digest(model_dir: str | os.PathLike) -> str:
+    """sha256 over the relative path and sha256 of every file of a logged model: code, MLmodel,
+    requirements and artifacts (weights, tokenizer, catalogue). Not covered: `registered_model_meta` (MLflow
+    rewrites it when registering) and byte-code caches (removed before loading)."""
+    root = Path(model_dir)
+    files = [p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.name != REGISTRY_META]
+    return _digest(_file_lines(root, files))
+
+
+def _recorded_digest(client, uri: str, model_dir: str) -> str:
+    """The model sha256 recorded at registration for a models:/ or runs:/ URI."""
+    tags: dict = {}
+    if uri.startswith("runs:/"):
+        tags = client.get_run(uri[len("runs:/"):].split("/", 1)[0]).data.tags
+    elif uri.startswith("models:/"):
+        ref = uri[len("models:/"):].strip("/")
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            tags = client.get_model_version_by_alias(name, alias).tags
+        elif "/" in ref:
+            name, version = ref.split("/", 1)
+            tags = client.get_model_version(name, version).tags
+        else:  # a logged model id (models:/m-...): the run it was logged in has the tag
+            from mlflow.models import Model
+
+            run_id = Model.load(str(Path(model_dir) / "MLmodel")).run_id
+            tags = client.get_run(run_id).data.tags if run_id else {}
+    expected = tags.get(DIGEST_TAG)
+    if not expected:
+        raise GdrtError(
+            f"{uri} has no {DIGEST_TAG} tag: it was not registered by gdrt's register step (or by an older version "
+            "that stored a pickle), so its files cannot be checked", hint="register the model again with gdrt",
+        )
+    return expected
+
+
+def check_model_files(model_dir: str | os.PathLike, expected_digest: str, uri: str) -> None:
+    """Refuse a downloaded model whose loading would run anything but the registered code."""
+    import yaml
+
+    root = Path(model_dir)
+    try:
+        flavors = yaml.safe_load((root / "MLmodel").read_text(encoding="utf-8")).get("flavors", {})
+    except (OSError, yaml.YAMLError, AttributeError) as e:
+        raise GdrtError(f"{uri}: cannot read its MLmodel file ({e})", path=str(root)) from None
+    pyfunc = flavors.get("python_function") or {}
+    if pyfunc.get("loader_module") != CODE_LOADER or "python_model" in pyfunc:
+        raise GdrtError(
+            f"{uri} is not a python model logged from code (loader {pyfunc.get('loader_module')!r}"
+            + (f", pickled python model {pyfunc['python_model']!r}" if "python_model" in pyfunc else "")
+            + "): loading it could unpickle arbitrary code, so it is refused",
+            path=str(root / "MLmodel"), hint="register the model again with gdrt's register step",
+        )
+    pickles = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise GdrtError(f"{uri} contains pickle files ({', '.join(pickles)}); refused", path=str(root),
+                        hint="a gdrt model holds safetensors weights, JSON and code only; register it again")
+    found = model_digest(root)
+    if found != expected_digest:
+        raise GdrtError(
+            f"{uri}: its files (code, MLmodel, requirements or weights) differ from those registered (sha256 "
+            f"{found[:12]} vs {expected_digest[:12]} recorded in tag {DIGEST_TAG}): modified after registration, "
+            "refused", path=str(root),
+            hint="register the model again, and check who can write to the artifact store",
+        )
+    for cache in [p for p in root.rglob("__pycache__") if p.is_dir()]:  # byte code is not in the digest
+        shutil.rmtree(cache)
+
+
+def load_verified_model(uri: str):
+    """(the MLflow pyfunc model at a models:/ or runs:/ URI, its local directory) after `check_model_files`.
+
+    The model is downloaded into a fresh temporary directory (removed by the caller when done), checked, and
+    loaded from there, so what is checked is what runs.
+    """
+    import mlflow
+
+    from gdrt_core.tracking import client as tracking_client
+    from gdrt_core.tracking import tracking_uri
+
+    client = tracking_client(registry=True)  # a fresh file-based store is created once, under its lock
+    mlflow.set_tracking_uri(tracking_uri())
+    local = tempfile.mkdtemp(prefix="gdrt-model-")
+    try:
+        model_dir = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=local)
+        check_model_files(model_dir, _recorded_digest(client, uri, model_dir), uri)
+        return mlflow.pyfunc.load_model(model_dir), local
+    except BaseException:
+        shutil.rmtree(local, ignore_errors=True)
+        raise
+
+
+def _logged_digest(uri: str, dest: Path, artifacts: dict[str, str]) -> str:
+    """`model_digest` of a logged model without downloading its artifacts: everything else is downloaded
+    (small), and the artifacts are hashed from their local sources under the paths MLmodel gives them."""
+    import mlflow
+    import yaml
+
+    dest.mkdir(parents=True)
+    for entry in mlflow.artifacts.list_artifacts(artifact_uri=uri):
+        if entry.path not in ("artifacts", REGISTRY_META):
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{entry.path}", dst_path=str(dest))
+    lines = _file_lines(dest, [p for p in dest.rglob("*") if p.is_file()])
+    logged = yaml.safe_load((dest / "MLmodel").read_text(encoding="utf-8"))["flavors"]["python_function"]["artifacts"]
+    for key, source in artifacts.items():
+        rel, src = logged[key]["path"], Path(source)
+        if src.is_file():
+            lines.append(_line(rel, src))
+        else:
+            lines += [_line(f"{rel}/{f.relative_to(src).as_posix()}", f) for f in src.rglob("*") if f.is_file()]
+    return _digest(lines)
 
 
 def champion_decision(candidate: float, current: float | None) -> bool:
@@ -44,17 +202,16 @@ def register_model(model_dir: str, dataset_dir: str, valid_eval_dir: str, *, dom
                    parent_run_id: str = "") -> str:
     """Log + register the model; returns the decision text ("champion: version N ..." / "kept ...")."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    from gdrt_core.pyfunc import GdrtRecommenderModel
+    from gdrt_core.tracking import client as tracking_client
     from gdrt_core.tracking import reachable_uri
 
     read_manifest(valid_eval_dir, "eval")
     metrics = json.loads((Path(valid_eval_dir) / "metrics.json").read_text(encoding="utf-8"))
     candidate = float(metrics["ndcg@10"])
     uri = reachable_uri()
+    client = tracking_client(uri, registry=True)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
     name = model_name(domain)
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "gdrt"
     if parent_run_id:
@@ -76,12 +233,16 @@ def register_model(model_dir: str, dataset_dir: str, valid_eval_dir: str, *, dom
             pd.DataFrame({"recommendations": [["title c"]], "scores": [[-1.0]]}),
             params={"k": 10},
         )
+        artifacts = {"model": _merged_model_dir(model_dir, tmp), "items": str(Path(dataset_dir) / "items.parquet")}
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=GdrtRecommenderModel(), signature=signature,
-            artifacts={"model": _merged_model_dir(model_dir, tmp), "items": str(Path(dataset_dir) / "items.parquet")},
-            model_config={"domain": domain}, pip_requirements=["gdrt"], registered_model_name=name,
+            name="model", python_model=str(MODEL_CODE), code_paths=[_code_copy(tmp)], signature=signature,
+            artifacts=artifacts, model_config={"domain": domain}, pip_requirements=serving_requirements(),
+            registered_model_name=name,
         )
         version = str(info.registered_model_version)
+        digest = _logged_digest(f"models:/{name}/{version}", Path(tmp) / "logged", artifacts)
+        client.set_model_version_tag(name, version, DIGEST_TAG, digest)
+        mlflow.set_tag(DIGEST_TAG, digest)
         client.set_model_version_tag(name, version, SCORE_TAG, str(candidate))
         try:
             current_mv = client.get_model_version_by_alias(name, CHAMPION)

@@ -37,6 +37,12 @@ ordinary characters (`split_special_tokens`), so catalogue data cannot inject an
 only read such text as its special token (a converted unigram model keeps `</s>` in its vocabulary) is
 refused with the offending text named.
 
+Context length: a model reads at most `context_limit(model, tokenizer)` tokens (learned positions run out,
+RoPE models run past what they were trained for). Every stage passes that limit to `tokenize_example` /
+`tokenize_prompt` (`max_length`, and for inference `reserve`: the longest response the trie can generate),
+which refuse a longer example with a GdrtError naming it, its length and the limit. Nothing is truncated:
+dropping history titles would change the prompt the method's groups and attributions are computed on.
+
 Decoding is not part of the contract (roles never depend on it), but note that SentencePiece's decoder
 drops one leading space of the decoded text: a title that itself starts with a space decodes without it.
 """
@@ -194,8 +200,53 @@ def _refuse_special_tokens_read_from_text(
             )
 
 
-def tokenize_example(tokenizer, rendered: Rendered, *, add_eos: bool = True) -> TokenizedExample:
-    """Tokenise prompt + response together; labels are the response tokens (+ EOS), -100 elsewhere."""
+# tokenizer.model_max_length when the tokenizer does not know its model's limit (transformers' sentinel, 1e30)
+_NO_TOKENIZER_LIMIT = 10**18
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_limit(model=None, tokenizer=None) -> int | None:
+    """How many tokens the model may read: the smaller of its config's position limit
+    (`max_position_embeddings`, GPT-2's `n_positions`, ...) and the tokenizer's `model_max_length` when the
+    tokenizer states one; None when neither does."""
+    limits = []
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in _POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            limits.append(value)
+            break
+    stated = getattr(tokenizer, "model_max_length", None)
+    if isinstance(stated, int) and 0 < stated < _NO_TOKENIZER_LIMIT:
+        limits.append(stated)
+    return min(limits) if limits else None
+
+
+def check_length(length: int, max_length: int | None, name: str, *, reserve: int = 0) -> None:
+    """Raise a GdrtError when `length` tokens (+ `reserve` to be generated) exceed `max_length`."""
+    if max_length is None or length + reserve <= max_length:
+        return
+    what = f"{length} tokens" if not reserve else (
+        f"{length} prompt tokens + up to {reserve} generated (the longest catalogue title) = {length + reserve}"
+    )
+    raise GdrtError(
+        f"{name} is longer than the model's context: {what} > {max_length} tokens",
+        hint="curate the dataset with a smaller max_history (or shorter titles), or use a model with a longer "
+        "context; examples are never truncated (docs/method.md, Context length)",
+    )
+
+
+def tokenize_example(
+    tokenizer, rendered: Rendered, *, add_eos: bool = True, max_length: int | None = None,
+    name: str = "the example", reserve: int = 0,
+) -> TokenizedExample:
+    """Tokenise prompt + response together; labels are the response tokens (+ EOS), -100 elsewhere.
+
+    With `max_length` (`context_limit`), an example longer than it (plus `reserve` tokens the model will
+    generate after it) is refused, naming it as `name`.
+    """
     ids, offsets, special = _encode_with_offsets(tokenizer, rendered.text)
     # Tokenizers that append EOS themselves would duplicate it: drop trailing added EOS tokens.
     while len(ids) > 1 and special[-1] and ids[-1] == tokenizer.eos_token_id:
@@ -228,6 +279,7 @@ def tokenize_example(tokenizer, rendered: Rendered, *, add_eos: bool = True) -> 
         roles.append(TARGET)
         positions.append(-1)
         offsets.append((len(rendered.text), len(rendered.text)))
+    check_length(len(ids), max_length, name, reserve=reserve)
     labels = [t if r == TARGET else IGNORE_INDEX for t, r in zip(ids, roles, strict=True)]
     return TokenizedExample(
         input_ids=ids, attention_mask=[1] * len(ids), labels=labels, role=roles, history_pos=positions,
@@ -235,10 +287,15 @@ def tokenize_example(tokenizer, rendered: Rendered, *, add_eos: bool = True) -> 
     )
 
 
-def tokenize_prompt(tokenizer, rendered: Rendered) -> TokenizedExample:
-    """The prompt alone (inference input): same tokens as the prompt part of `tokenize_example`."""
+def tokenize_prompt(
+    tokenizer, rendered: Rendered, *, max_length: int | None = None, reserve: int = 0, name: str = "the prompt"
+) -> TokenizedExample:
+    """The prompt alone (inference input): same tokens as the prompt part of `tokenize_example`.
+
+    `reserve`: tokens the model will generate after it (the trie's longest path), counted against `max_length`.
+    """
     prompt_only = Rendered(prompt=rendered.prompt, response="", history_spans=rendered.history_spans)
-    return tokenize_example(tokenizer, prompt_only, add_eos=False)
+    return tokenize_example(tokenizer, prompt_only, add_eos=False, max_length=max_length, name=name, reserve=reserve)
 
 
 def response_token_ids(tokenizer, title: str) -> list[int]:

@@ -3,6 +3,9 @@
 - Tracking URI: `MLFLOW_TRACKING_URI` if set, else an embedded sqlite store in the working directory
   (`sqlite:///mlflow.db`, artifacts in ./mlartifacts); `mlflow ui --backend-store-uri sqlite:///mlflow.db`
   shows it.
+- A file-based store (sqlite, or a file store directory) is first opened under a file lock next to it
+  (`mlflow.db.lock`): stages started together would otherwise all run MLflow's schema creation on a fresh
+  database at once and leave it half-migrated. Every client comes from `client()`.
 - Parent run: `GDRT_PARENT_RUN_ID` (set by `gdrt run` / the pipeline) makes each stage run a nested run.
   Experiment: `MLFLOW_EXPERIMENT_NAME` or "gdrt".
 - Only rank 0 logs (RANK / LOCAL_RANK environment variables); other ranks get a tracker that does nothing.
@@ -46,6 +49,63 @@ DISABLE_ENV = "GDRT_TRACKING"  # "off" disables MLflow logging (artifacts are st
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def store_lock_path(uri: str) -> Path | None:
+    """The lock file beside a file-based store (sqlite database or file store directory); None for servers."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?", 1)[0]  # sqlite:////abs/path or sqlite:///relative/path
+        if not path or path == ":memory:":
+            return None
+    elif uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        path = unquote(urlparse(uri).path)
+    elif "://" not in uri and not uri.startswith("sqlite:"):
+        path = uri  # a plain directory is a file store
+    else:
+        return None
+    store = Path(path).absolute()
+    return store.with_name(store.name + ".lock")
+
+
+@contextlib.contextmanager
+def first_use_lock(uri: str, timeout: float = 600.0) -> Iterator[None]:
+    """Hold the lock of a file-based store (no-op for a tracking server)."""
+    lock_path = store_lock_path(uri)
+    if lock_path is None:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(lock_path), timeout=timeout):
+            yield
+    except Timeout:
+        raise GdrtError(
+            f"the MLflow store {uri} has been locked by another process for {timeout:.0f} s", path=str(lock_path),
+            hint="wait for the other stage, or delete the lock file if no gdrt process is running",
+        ) from None
+
+
+def client(uri: str | None = None, *, registry: bool = False):
+    """An MlflowClient on `uri` (default `tracking_uri()`).
+
+    For a file-based store, the store (and the model registry store when `registry`) is opened under
+    `first_use_lock`, so that concurrent first uses create and migrate its schema once.
+    """
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or tracking_uri()
+    if store_lock_path(uri) is None:
+        return MlflowClient(tracking_uri=uri)
+    with first_use_lock(uri):
+        mlflow_client = MlflowClient(tracking_uri=uri)  # opens (creates, migrates) the tracking store
+        mlflow_client.search_experiments(max_results=1)
+        if registry:
+            mlflow_client.search_registered_models(max_results=1)
+    return mlflow_client
 
 
 def is_rank_zero() -> bool:
@@ -290,23 +350,23 @@ def start_run(run_name: str, *, parent_run_id: str | None = None, tags: dict | N
     if not (tracking_enabled() and is_rank_zero()):
         return Tracker()
     uri = reachable_uri()
-    from mlflow.tracking import MlflowClient
-
     try:
-        client = MlflowClient(tracking_uri=uri)
+        mlflow_client = client(uri)
         if parent_run_id:  # nested runs live in their parent's experiment
-            exp_id = client.get_run(parent_run_id).info.experiment_id
+            exp_id = mlflow_client.get_run(parent_run_id).info.experiment_id
         else:
-            exp_id = _experiment_id(client, experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+            exp_id = _experiment_id(
+                mlflow_client, experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+            )
         all_tags = {"mlflow.runName": run_name, **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name)
+        run = mlflow_client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name)
     except GdrtError:
         raise
     except Exception as e:  # noqa: BLE001
         raise GdrtError(f"cannot start an MLflow run at {uri}: {e}", hint="check MLFLOW_TRACKING_URI") from None
-    return Tracker(client, run.info.run_id)
+    return Tracker(mlflow_client, run.info.run_id)
 
 
 def end_run(tracker: Tracker, status: str = "FINISHED") -> None:
@@ -344,9 +404,7 @@ def open_run(run_id: str) -> Tracker:
     if not (run_id and tracking_enabled() and is_rank_zero()):
         return Tracker()
     bound_http_retries()
-    from mlflow.tracking import MlflowClient
-
-    return Tracker(MlflowClient(tracking_uri=tracking_uri()), run_id)
+    return Tracker(client(), run_id)
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:

@@ -36,6 +36,7 @@ from gdrt_core.curate import recipe
 from gdrt_core.curate.rows import BadRows
 from gdrt_core.dataset import TIMESTAMP_RANGE, range_problem
 from gdrt_core.errors import GdrtError
+from gdrt_core.text import CONTROL_RE2, text_problem
 
 REVIEW_FIELDS = ("reviewerID", "asin", "unixReviewTime")
 BATCH_WINDOWS = 1 << 20  # windows per written parquet batch
@@ -127,7 +128,10 @@ def _fast_parse(block: bytes, names: tuple[str, ...], types: tuple):
 
 
 def _slow_lines(block: bytes, names: tuple[str, ...], required: tuple[str, ...], checks):
-    """Line-by-line parse: (rows as (line in block, {name: value}), bad lines). `checks[name](value)` -> error."""
+    """Line-by-line parse: (rows as (line in block, {name: value}), bad lines).
+
+    `checks[name](value)` -> None, or (reason, detail) of a bad value.
+    """
     rows: list[tuple[int, dict]] = []
     bad: list[tuple[str, str, int]] = []
     for offset, raw in enumerate(bytes(block).split(b"\n")[:-1]):
@@ -153,23 +157,28 @@ def _slow_lines(block: bytes, names: tuple[str, ...], required: tuple[str, ...],
             continue
         problem = next((p for n in names if (p := checks[n](obj.get(n))) is not None), None)
         if problem is not None:
-            bad.append(("malformed row", problem, line))
+            bad.append((*problem, line))
             continue
         rows.append((line, {n: obj.get(n) for n in names}))
     return rows, bad
 
 
-def _check_id(value) -> str | None:
-    return None if isinstance(value, str) and value.strip() else f"id {value!r} is not a non-empty string"
+def _check_id(value) -> tuple[str, str] | None:
+    if not isinstance(value, str) or not value.strip():
+        return "malformed row", f"id {value!r} is not a non-empty string"
+    problem = text_problem(value)
+    return None if problem is None else (problem[0], f"id {value!r} {problem[1]}")
 
 
-def _check_time(value) -> str | None:
+def _check_time(value) -> tuple[str, str] | None:
     """unixReviewTime must be an integer (NaN, Infinity and fractions are not) that fits the int64 column."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"unixReviewTime {value!r} is not an integer"
+        return "malformed row", f"unixReviewTime {value!r} is not an integer"
     if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        return f"unixReviewTime {value!r} is not an integer"
-    return range_problem(int(value), "unixReviewTime", TIMESTAMP_RANGE)
+        return "malformed row", f"unixReviewTime {value!r} is not an integer"
+    problem = range_problem(int(value), "unixReviewTime", TIMESTAMP_RANGE)
+    return None if problem is None else ("malformed row", problem)
+
 
 
 def parse_review_block(block: bytes) -> ParsedBlock:
@@ -183,7 +192,9 @@ def parse_review_block(block: bytes) -> ParsedBlock:
     if table is not None and all(c.null_count == 0 for c in table.columns):
         users, items, times = table.column(0), table.column(1), table.column(2)
         empty = pc.any(pc.or_(pc.equal(pc.utf8_length(users), 0), pc.equal(pc.utf8_length(items), 0))).as_py()
-        if not empty:
+        control = pc.any(pc.or_(pc.match_substring_regex(users, CONTROL_RE2),
+                                pc.match_substring_regex(items, CONTROL_RE2))).as_py()
+        if not (empty or control):
             return ParsedBlock(
                 pc.dictionary_encode(users.combine_chunks()), pc.dictionary_encode(items.combine_chunks()),
                 times.to_numpy().astype(np.int64, copy=False), lines,
@@ -434,6 +445,12 @@ def _parse_meta_2014(block, wanted):
 
 
 def _add_meta(titles: dict, asin: str, title, path: Path, line: int, bad: BadRows) -> None:
+    """Keep the title of a wanted item, unless it is not acceptable text or conflicts with an earlier one."""
+    for what, value in (("asin", asin), ("title", title)):
+        problem = text_problem(value) if isinstance(value, str) else None
+        if problem is not None:
+            bad.bad(problem[0], f"the {what} of item {asin!r} {problem[1]}", path, line)
+            return
     old = titles.get(asin)
     if asin in titles and old != title and old is not None and title is not None:
         bad.bad("duplicate item id", f"asin {asin} has two titles: {old!r} and {title!r}", path, line)
@@ -457,7 +474,7 @@ def read_meta_2018(path: Path, wanted, bad: BadRows, threads: int, block_bytes: 
             rows = np.flatnonzero(pc.is_in(table.column(0), value_set=wanted).to_numpy(zero_copy_only=False))
             picked = table.take(pa.array(rows))
             return lines, (rows + 1).tolist(), picked.column(0).to_pylist(), picked.column(1).to_pylist(), []
-        checks = {"asin": _check_id, "title": lambda v: None}
+        checks = {"asin": _check_id, "title": lambda v: None}  # titles are checked in _add_meta
         rows, bad_lines = _slow_lines(block, ("asin", "title"), ("asin",), checks)
         if wanted_set is None:
             wanted_set = set(wanted.to_pylist())
@@ -498,6 +515,8 @@ def clean_titles(raw_titles: list, config) -> list[str | None]:
         title = title.strip()
         if unescape and "&" in title:
             title = html.unescape(title).strip()
+            if text_problem(title) is not None:  # an entity such as &#12; decoded to a control character
+                title = None
         out.append(title or None)
     return out
 

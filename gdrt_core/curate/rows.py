@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gdrt_core.dataset import ITEM_ID_RANGE, range_problem
 from gdrt_core.errors import GdrtError
+from gdrt_core.text import text_problem
 
 BAD_ROW_HINT = "fix the row, or pass --on-bad-rows drop to skip bad rows"
 MAX_EXAMPLES = 20
@@ -111,7 +112,13 @@ def csv_rows(path: Path, required: tuple[str, ...], bad: BadRows) -> Iterator[tu
         if len(fields) != len(header):
             bad.bad("malformed CSV", f"expected {len(header)} fields, found {len(fields)}", path, start_line)
             continue
-        yield start_line, dict(zip(header, fields, strict=True))
+        row = dict(zip(header, fields, strict=True))
+        problem = next(((c, p) for c in required if (p := text_problem(row[c])) is not None), None)
+        if problem is not None:
+            column, (reason, detail) = problem
+            bad.bad(reason, f"column {column} {detail}", path, start_line)
+            continue
+        yield start_line, row
     if rows == 0:
         raise GdrtError("empty file: the CSV has a header but no rows", path=str(path))
 
@@ -189,15 +196,16 @@ def line_of_key(text: str, key: str) -> int | None:
 
 
 def checked_title(item_id: int, title: object, path: Path, line, bad: BadRows) -> str | None:
-    """The title if usable, else report it: not a string, empty, or not UTF-8."""
+    """The title if usable, else report it: not a string, empty, or not acceptable text (`text_problem`)."""
     if not isinstance(title, str):
         bad.bad("missing title", f"item {item_id} has no title string (found {title!r})", path, line)
         return None
     if not title.strip():
         bad.bad("empty title", f"item {item_id} has an empty title", path, line)
         return None
-    if has_non_utf8(title):
-        bad.bad("non-UTF-8 bytes", f"the title of item {item_id} is not valid UTF-8 text", path, line)
+    problem = text_problem(title)
+    if problem is not None:
+        bad.bad(problem[0], f"the title of item {item_id} {problem[1]}", path, line)
         return None
     return title
 

@@ -31,6 +31,7 @@ from gdrt_core.curate.rows import (
 )
 from gdrt_core.dataset import ITEM_ID_RANGE, TIMESTAMP_RANGE
 from gdrt_core.errors import GdrtError
+from gdrt_core.text import text_problem
 
 TITLE_FILES = ("id2name4Rec.json", "id2name.json")
 _SAMPLED = re.compile(r"^(train|valid|test)_(\d+)\.csv$")
@@ -85,7 +86,10 @@ def read_titles(path: Path, bad: BadRows) -> dict[int, str]:
 
 
 def titles_from_rows(path: Path, titles: dict[int, str], bad: BadRows) -> int:
-    """Fill ids missing from a lossy id2name.json with the CSV's `item_titles` column; returns how many."""
+    """Fill ids missing from a lossy id2name.json with the CSV's `item_titles` column; returns how many.
+
+    Titles there that are not acceptable text (`text.text_problem`) are not used.
+    """
     with open(path, encoding="utf-8", errors="replace") as f:
         if "item_titles" not in f.readline():
             return 0
@@ -99,7 +103,7 @@ def titles_from_rows(path: Path, titles: dict[int, str], bad: BadRows) -> int:
         if not isinstance(row_titles, list) or len(row_titles) != len(ids):
             continue
         for item_id, title in zip(ids, row_titles, strict=True):
-            if item_id not in titles and isinstance(title, str) and title.strip():
+            if item_id not in titles and isinstance(title, str) and title.strip() and text_problem(title) is None:
                 titles[item_id] = title
                 added += 1
     return added

@@ -83,8 +83,10 @@ class TrainConfig:
     lora_r: int = field(8, ge=1, help="LoRA rank")
     lora_alpha: int = field(16, ge=1, help="LoRA alpha")
     lora_dropout: float = field(0.05, ge=0, lt=1, help="LoRA dropout")
-    lora_target_modules: list[str] = field(["q_proj", "v_proj"], check=lambda v: None if v else "name at least one module",
-                                           help="modules that get LoRA adapters")
+    lora_target_modules: list[str] = field(
+        ["q_proj", "v_proj"], check=lambda v: None if v else "name at least one module",
+        help="modules that get LoRA adapters (GPT-2: c_attn; auto = peft's default for the model)",
+    )
     bf16: str = field("auto", help="auto (bf16 on a GPU that supports it, fp32 on CPU) | true | false")
     deepspeed: str | None = field(None, choices=DEEPSPEED_STAGES, help="DeepSpeed ZeRO: zero2 | zero3 | zero3-offload (None = off)")
     num_gpus: int = field(1, ge=1, help="processes to launch (one per GPU; on CPU, processes over gloo)")

@@ -53,6 +53,29 @@ def load_token_groups(groups_dir: str | Path, split: str = "train") -> tuple[dic
     return lookup, num_groups
 
 
+def groups_dataset_sha256(groups_dir: str | Path) -> str | None:
+    """The manifest sha256 of the Dataset a Groups artifact was built on (None if it does not say)."""
+    from gdrt_core.artifacts import read_manifest
+
+    inputs = read_manifest(groups_dir, "groups", verify=False).get("inputs", {})
+    return (inputs.get("dataset") or {}).get("manifest_sha256")
+
+
+def _groups_mismatch(dataset: Any, groups_path: str, groups_dataset: str | None, problem: str, cause: str) -> GdrtError:
+    """The error for groups that do not fit this dataset's tokens, blaming the dataset when the Groups
+    artifact records another Dataset manifest, else `cause` (what else explains `problem`)."""
+    from gdrt_core.artifacts import manifest_hash
+
+    this = manifest_hash(dataset.root)
+    if groups_dataset is not None and groups_dataset != this:
+        return GdrtError(
+            f"{problem}: the Groups artifact was built on another Dataset (its manifest sha256 {groups_dataset[:12]}, "
+            f"this dataset's {this[:12]}; e.g. another curation of the same source)", path=groups_path,
+            hint=f"rebuild the groups from this dataset: gdrt group --dataset {dataset.root} ...",
+        )
+    return GdrtError(f"{problem}", path=groups_path, hint=cause)
+
+
 def build_features(
     dataset: Any,
     split: str,
@@ -61,19 +84,26 @@ def build_features(
     token_groups: dict[tuple[int, int], tuple[int, int]] | None = None,
     limit: int | None = None,
     groups_path: str = "<groups>",
+    groups_dataset: str | None = None,
+    max_length: int | None = None,
 ) -> list[dict[str, Any]]:
     """One dict per example: input_ids, attention_mask, labels, group_ids (per token), example_id.
 
     Without `token_groups` every target token is in group 0 (the SFT objective). With them, a target
     token whose (example_id, position) is missing, or whose token id differs from the one the Groups
-    artifact recorded, is an error: the groups were built on another dataset or tokenizer.
+    artifact recorded, is an error: the groups were built on another dataset (when `groups_dataset`, the
+    Dataset manifest sha256 the Groups artifact records, differs from this dataset's) or tokenizer.
+    An example longer than `max_length` (the model's context) is an error.
     """
     from gdrt_core.prompts import render
     from gdrt_core.tokenization import IGNORE_INDEX, tokenize_example
 
     features = []
     for ex in dataset.examples(split, limit):
-        tok = tokenize_example(tokenizer, render(dataset.domain, list(ex.history_titles), ex.target_title))
+        tok = tokenize_example(
+            tokenizer, render(dataset.domain, list(ex.history_titles), ex.target_title), max_length=max_length,
+            name=f"{dataset.root}: example {ex.example_id} of the {split} split",
+        )
         group_ids = [NO_GROUP] * len(tok.input_ids)
         position = 0
         for i, label in enumerate(tok.labels):
@@ -84,16 +114,18 @@ def build_features(
             else:
                 key = (ex.example_id, position)
                 if key not in token_groups:
-                    raise GdrtError(
+                    raise _groups_mismatch(
+                        dataset, groups_path, groups_dataset,
                         f"example {ex.example_id}, target token {position}: no group in token_groups.parquet",
-                        path=groups_path, hint="rebuild the Groups artifact from this dataset (gdrt group)",
+                        "rebuild the Groups artifact from this dataset (gdrt group)",
                     )
                 token_id, group = token_groups[key]
                 if token_id != label:
-                    raise GdrtError(
+                    raise _groups_mismatch(
+                        dataset, groups_path, groups_dataset,
                         f"example {ex.example_id}, target token {position}: token id {label} but the Groups "
-                        f"artifact has {token_id}", path=groups_path,
-                        hint="the groups were built with another tokenizer; rebuild them with this model's",
+                        f"artifact has {token_id}",
+                        "the groups were built with another tokenizer; rebuild them with this model's",
                     )
                 group_ids[i] = int(group)
             position += 1

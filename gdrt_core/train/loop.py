@@ -237,9 +237,16 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
 
     from gdrt_core.artifacts import atomic_output_dir, write_json_atomic, write_manifest
     from gdrt_core.dataset import Dataset
+    from gdrt_core.tokenization import context_limit
     from gdrt_core.tracking import stage_run
     from gdrt_core.train import train_inputs
-    from gdrt_core.train.data import StepWeights, TrainCollator, build_features, load_token_groups
+    from gdrt_core.train.data import (
+        StepWeights,
+        TrainCollator,
+        build_features,
+        groups_dataset_sha256,
+        load_token_groups,
+    )
     from gdrt_core.train.resume import (
         latest_valid_checkpoint,
         read_policy_state,
@@ -261,9 +268,15 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
 
     set_seed(config.seed)
     model, tokenizer = _prepare_model(config)
-    train_features = build_features(dataset, "train", tokenizer, token_groups=token_groups,
-                                    limit=config.max_train, groups_path=str(config.groups))
-    valid_features = build_features(dataset, "valid", tokenizer, limit=config.valid_size)
+    max_length = context_limit(model, tokenizer)
+    train_features = build_features(
+        dataset, "train", tokenizer, token_groups=token_groups, limit=config.max_train, groups_path=str(config.groups),
+        groups_dataset=groups_dataset_sha256(config.groups) if token_groups is not None else None,
+        max_length=max_length,
+    )
+    valid_features = build_features(dataset, "valid", tokenizer, limit=config.valid_size, max_length=max_length)
+    if not train_features:
+        raise GdrtError("the train split is empty", path=str(config.dataset))
 
     out = Path(config.out).absolute()
     work_dir = out / CHECKPOINTS

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gdrt_core.artifacts import sha256_file, write_json_atomic
+from gdrt_core.artifacts import follow_umask, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def seal_checkpoint(checkpoint: str | os.PathLike, *, step: int, extra_state: di
     """Write the policy state, then the marker listing every file of the checkpoint with its sha256 (and the
     run's fingerprint: what a resume must match)."""
     root = Path(checkpoint)
+    follow_umask(root)  # the Trainer's savers write the weights 0600
     if extra_state is not None:
         write_json_atomic(root / STATE, extra_state)
     files = {

@@ -62,3 +62,50 @@ def test_artifacts_get_ordinary_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert stat.S_IMODE((out / "manifest.json").stat().st_mode) == 0o644
+
+
+def _owner_only_saver(root):
+    """What third-party savers do (safetensors, peft): files 0600, directories 0700."""
+    (root / "model.safetensors").write_bytes(b"w")
+    os.chmod(root / "model.safetensors", 0o600)
+    (root / "sub").mkdir()
+    os.chmod(root / "sub", 0o700)
+    (root / "sub" / "adapter_model.safetensors").write_bytes(b"a")
+    os.chmod(root / "sub" / "adapter_model.safetensors", 0o600)
+    (root / "run.sh").write_text("#!/bin/sh\n")
+    os.chmod(root / "run.sh", 0o700)
+
+
+@pytest.mark.parametrize(
+    ("umask", "file_mode", "dir_mode", "exec_mode"),
+    [(0o022, 0o644, 0o755, 0o755), (0o002, 0o664, 0o775, 0o775), (0o077, 0o600, 0o700, 0o700),
+     (0o027, 0o640, 0o750, 0o750)],
+)
+def test_files_of_third_party_savers_follow_the_umask(tmp_path, umask, file_mode, dir_mode, exec_mode):
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "m"
+        with atomic_output_dir(out) as tmp:
+            _owner_only_saver(tmp)
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(out) == dir_mode and mode(out / "sub") == dir_mode
+    assert mode(out / "model.safetensors") == file_mode
+    assert mode(out / "sub" / "adapter_model.safetensors") == file_mode
+    assert mode(out / "run.sh") == exec_mode
+
+
+def test_saved_weights_of_full_and_lora_models_follow_the_umask(tmp_path, make_tiny_llama):
+    """transformers and peft write safetensors 0600; the finished Model directory is 0644 under umask 022."""
+    from gdrt_core.models import apply_lora, save_model
+
+    old = os.umask(0o022)
+    try:
+        for name, model in (("full", make_tiny_llama(32)), ("lora", apply_lora(make_tiny_llama(32)))):
+            with atomic_output_dir(tmp_path / name) as tmp:
+                save_model(model, None, tmp, base_ref="base")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "full" / "model.safetensors", tmp_path / "lora" / "adapter_model.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

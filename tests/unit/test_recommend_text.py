@@ -1,0 +1,43 @@
+"""`gdrt recommend` holds history titles to the curation text rules and never prints raw control characters."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from gdrt_core import recommend
+from gdrt_core.errors import GdrtError
+from gdrt_core.recommend import Recommendation, check_history_text
+
+
+@pytest.mark.parametrize(
+    ("title", "fragment"),
+    [("Red\x1b[31m", "control character"), ("a\x00b", "control character"), ("Pen \ud83d", "invalid Unicode"),
+     ("\udcff", "non-UTF-8 bytes")],
+)
+def test_history_titles_with_bad_text_are_refused(title, fragment):
+    with pytest.raises(GdrtError, match=fragment) as err:
+        check_history_text([["Desk Lamp"], ["Desk Lamp", title]])
+    assert "history 1, title 1" in str(err.value)
+    assert "\x1b" not in str(err.value) and "\x00" not in str(err.value)
+
+
+def test_ordinary_titles_pass():
+    check_history_text([["Desk Lamp", "Rubbermaid Step Stool - 12 in\n31 cm", "Ünïcödé\tx"]])
+
+
+class _FakeRecommender:
+    def recommend(self, histories, k=10):
+        return [Recommendation(["\x1b[2JWiped", "Bell\x07", "Two\nlines", "Plain"][:k], [-1.0, -2.0, -3.0, -4.0][:k])]
+
+
+def test_printed_recommendations_have_no_control_characters(monkeypatch, capsys):
+    monkeypatch.setattr(recommend, "load_recommender", lambda *a, **kw: _FakeRecommender())
+    args = argparse.Namespace(history=["Desk Lamp"], input=None, model="m", dataset=None, domain=None, k=4, out=None)
+    recommend.cli(args)
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07")
+    lines = out.splitlines()
+    assert len(lines) == 4
+    assert lines[0].endswith("\\x1b[2JWiped") and lines[2].endswith("Two\\nlines")
