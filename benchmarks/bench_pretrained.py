@@ -18,7 +18,6 @@ Prints a Markdown table (docs/benchmarks.md, "Pretrained backbone") and writes -
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -31,23 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GDRT_TRACKING", "off")  # a measurement, not a run to keep
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _oracle_module():
-    spec = importlib.util.spec_from_file_location("gdrt_generation_oracle", REPO / "tests" / "unit" / "test_generation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _dataset(path: str | None) -> Path:
-    from gdrt_core.curate import CurateConfig, run
-
-    if path:
-        return Path(path)
-    out = Path(tempfile.mkdtemp(prefix="bench-pretrained-")) / "office"
-    run(CurateConfig(source=str(REPO / "data" / "office"), format="sliding", domain="office", out=str(out)))
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generation import _dataset, _oracle_module  # noqa: E402 - the same Office data and oracle
 
 
 def time_training(model_dir: Path, dataset, windows: int, batch: int, *, lora: bool, device: str) -> dict:

@@ -24,7 +24,6 @@ touches the network. The weights are de-quantised 4-bit weights, not the origina
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import subprocess
@@ -33,6 +32,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from gdrt_core.artifacts import sha256_file
 from gdrt_core.errors import GdrtError
 
 CACHE_ENV = "GDRT_CACHE_DIR"
@@ -120,14 +120,6 @@ def cache_dir() -> Path:
         raise GdrtError("the gdrt cache path exists and is not a directory", path=str(path),
                         hint=f"point {CACHE_ENV} at a directory")
     return path
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ fetching
