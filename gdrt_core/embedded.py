@@ -194,9 +194,7 @@ def run_pretrained(config: EmbeddedConfig) -> dict:
 
     if config.pretrained and config.gguf:
         raise GdrtError("pass either pretrained or gguf, not both")
-    if config.pretrained:
-        pretrained.get_pretrained(config.pretrained)  # an unknown name fails before any work
-    else:
+    if config.gguf:  # (a pretrained name was checked against PRETRAINED with the config)
         gguf = Path(config.gguf).expanduser()
         if gguf.is_dir():
             raise GdrtError("this is a directory, not a GGUF file", path=str(gguf), hint="pass --gguf FILE.gguf")

@@ -143,7 +143,7 @@ def check_local_inputs(params: dict, source: str) -> None:
     """Before the first stage of a local run: the whole config (`stages.check_pipeline_params`), and the local
     paths it names (the source data, a base model given as a path) exist on this machine."""
     from gdrt_core.models import _looks_local
-    from gdrt_core.stages import PIPELINE_DEFAULTS, check_pipeline_params
+    from gdrt_core.stages import PIPELINE_DEFAULTS, base_model_settings, check_pipeline_params
 
     check_pipeline_params(params, source)
     data = str(params.get("source", PIPELINE_DEFAULTS["source"]))
@@ -151,13 +151,14 @@ def check_local_inputs(params: dict, source: str) -> None:
         raise GdrtError(f"the source data {data!r} does not exist (relative to {Path.cwd()})", path=source,
                         hint="set `source:` in the config or --set source=PATH")
     base = str(params.get("base_model") or "").strip()
-    kind, sep, arg = base.partition(":")
-    if sep and kind == "gguf" and not Path(arg.strip()).expanduser().is_file():
-        raise GdrtError(f"the GGUF file {arg.strip()!r} of base_model does not exist", path=source,
-                        hint="set `base_model: gguf:/path/to/model.gguf`")
-    if sep and kind in ("embedded", "pretrained", "gguf"):
+    init_settings = base_model_settings(base)  # a form init-model builds; None for a directory or hub id
+    if init_settings is not None:
+        gguf = init_settings.get("gguf")
+        if gguf and not Path(gguf).expanduser().is_file():
+            raise GdrtError(f"the GGUF file {gguf!r} of base_model does not exist", path=source,
+                            hint="set `base_model: gguf:/path/to/model.gguf`")
         return
-    if base and _looks_local(base) and not Path(base).expanduser().exists():
+    if _looks_local(base) and not Path(base).expanduser().exists():
         raise GdrtError(f"the base model directory {base!r} does not exist", path=source,
                         hint="set `base_model:` to a model directory or a hub id, or leave it empty")
 

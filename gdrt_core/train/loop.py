@@ -181,7 +181,7 @@ def _valid_ndcg(config: TrainConfig, dataset, tokenizer):
     """The valid NDCG@10 scorer (evaluate.SampleNdcg on the first valid_size windows), or None when off.
 
     Ranking runs on rank 0 only, so not under ZeRO-3 (its parameters are sharded: every rank would have to
-    take part); validate() refuses select_best valid_ndcg@10 there.
+    take part); the config check refuses select_best valid_ndcg@10 there.
     """
     from gdrt_core.evaluate import SampleNdcg
 
@@ -190,8 +190,6 @@ def _valid_ndcg(config: TrainConfig, dataset, tokenizer):
         return None
     if config.deepspeed in ("zero3", "zero3-offload"):
         log.warning("valid NDCG@10 during training is off under ZeRO-3; run gdrt evaluate --split valid")
-        return None
-    if not dataset.split("valid").num_rows:
         return None
     return SampleNdcg(dataset, tokenizer, split="valid", limit=config.valid_size, batch_size=config.batch_size)
 
@@ -302,7 +300,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
             model=model, args=args, train_dataset=train_features,
             eval_dataset=valid_features or None, data_collator=TrainCollator(tokenizer.pad_token_id),
             processing_class=tokenizer, step_weights=step_weights,
-            valid_ndcg=_valid_ndcg(config, dataset, tokenizer),
+            valid_ndcg=_valid_ndcg(config, dataset, tokenizer) if valid_features else None,
             ndcg_in_evaluate=config.select_best == "valid_ndcg@10",
             callbacks=_callbacks(trainer_ref, tracker, config, run_fingerprint(to_dict(config), train_inputs(config))),
         )
