@@ -250,7 +250,8 @@ def grad_x_input_attributions(
     """
     import torch
 
-    from gdrt_core.scoring import ScoringRequest, build_batch, length_batches
+    from gdrt_core.collate import length_batches
+    from gdrt_core.scoring import ScoringRequest, build_batch
     from gdrt_core.tokenization import TARGET
 
     embed = model.get_input_embeddings()

@@ -1,10 +1,15 @@
-"""Batches of tokenised examples: padding that keeps every per-token column aligned, and length bucketing.
+"""Batches of token sequences: padding that keeps every per-token column aligned, and length batching.
 
-`Collator` turns a list of `TokenizedExample` (or dicts with the same per-token lists, as training
-features are) into tensors [batch, seq]: input_ids, attention_mask, labels, role, history_pos, group_ids
-(and position_ids on request, example_id when every example has one; `columns` picks which per-token
-columns come back, since a model's forward rejects keys such as `role`). Every column is padded on the same
-side by the same amount, so token k of an example sits at the same (row, column) in every tensor:
+The one place where token lists become padded tensors. Training (`train.data.TrainCollator`), teacher-forced
+scoring (grouping, attribution), beam search and the embedded model's timing loop all pad through it.
+
+- `pad_rows`: one int column, left- or right-padded to one width ([batch, width] LongTensor).
+- `pad_token_ids`: token id lists -> input_ids, attention_mask and position_ids (counted over real tokens).
+- `Collator`: a list of `TokenizedExample` (or dicts with the same per-token lists, as training features
+  are) -> tensors [batch, seq]: input_ids, attention_mask, labels, role, history_pos, group_ids (and
+  position_ids on request, example_id when every example has one; `columns` picks which per-token
+  columns come back, since a model's forward rejects keys such as `role`). Every column is padded on the
+  same side by the same amount, so token k of an example sits at the same (row, column) in every tensor:
 
 | column         | pad value        | missing from an example |
 | -------------- | ---------------- | ----------------------- |
@@ -15,25 +20,25 @@ side by the same amount, so token k of an example sits at the same (row, column)
 | history_pos    | -1               | -1 on every token       |
 | group_ids      | -1 (NO_GROUP)    | -1 on every token       |
 
-Right padding is for training and teacher-forced scoring; left padding is for generation, where every
-row's last prompt token must be the batch's last column. With left padding a causal LM also needs
-position ids that start at each row's first real token: `return_position_ids=True` gives them (the same
-formula `generate` uses), and with them a padded row scores exactly as the row alone.
+Right padding is for training and teacher-forced scoring of continuations; left padding is for generation
+and for scoring the last tokens of a sequence, where every row's last token must be the batch's last
+column. With left padding a causal LM also needs position ids that start at each row's first real token
+(`position_ids_from_mask`); with them a padded row scores exactly as the row alone. The value on padding
+never matters to the real tokens (padding is never attended); it is 1 for the Collator (as `generate`)
+and 0 for `pad_token_ids` (what scoring and beam search use).
 
-Length bucketing (`length_bucketed_batches`, `LengthBucketSampler`) groups indices of similar length into
-batches to cut padding: shuffle (seeded), cut into buckets of a few hundred examples, sort each bucket by
-length, cut into batches, shuffle the batch order. Same seed and epoch, same batches.
+`length_batches` groups indices of similar length, longest first, to cut padding; optionally capped by
+padded tokens per batch. Deterministic: ties keep the input order.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gdrt_core.errors import GdrtError
-from gdrt_core.tokenization import IGNORE_INDEX, TARGET, TokenizedExample
+from gdrt_core.tokenization import IGNORE_INDEX, TokenizedExample
 
 PAD_ROLE = -1  # role of padding tokens
 NO_GROUP = -1  # group id of non-target and padding tokens
@@ -43,18 +48,40 @@ TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels", "role", "history_pos",
 PADDING_SIDES = ("left", "right")
 
 
-def token_group_ids(example: TokenizedExample, target_groups: Sequence[int]) -> list[int]:
-    """Per-token group ids from one group per target token (in order): -1 on every other token."""
-    targets = example.indices(TARGET)
-    if len(targets) != len(target_groups):
-        raise GdrtError(
-            f"{len(target_groups)} group ids for an example with {len(targets)} target tokens",
-            hint="the groups were computed with another tokenizer or prompt; rebuild them (gdrt group)",
-        )
-    group_ids = [NO_GROUP] * len(example)
-    for index, group in zip(targets, target_groups, strict=True):
-        group_ids[index] = int(group)
-    return group_ids
+def pad_rows(rows: Sequence[Sequence[int]], pad_value: int, padding_side: str, width: int | None = None) -> Any:
+    """A LongTensor [batch, width] holding each row left- or right-aligned, `pad_value` elsewhere.
+
+    `width` defaults to the longest row.
+    """
+    import numpy as np
+    import torch
+
+    if padding_side not in PADDING_SIDES:
+        raise GdrtError(f"padding_side {padding_side!r} is not one of {', '.join(PADDING_SIDES)}")
+    if width is None:
+        width = max((len(row) for row in rows), default=0)
+    padded = np.full((len(rows), width), pad_value, dtype=np.int64)  # [batch, width]
+    for i, row in enumerate(rows):
+        if len(row) == 0:
+            continue
+        if padding_side == "left":
+            padded[i, width - len(row):] = row
+        else:
+            padded[i, : len(row)] = row
+    return torch.from_numpy(padded)
+
+
+def pad_token_ids(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, *, padding_side: str = "left", pad_position: int = 0
+) -> tuple[Any, Any, Any]:
+    """(input_ids, attention_mask, position_ids), each a LongTensor [batch, width], for token id lists.
+
+    Position ids count real tokens only (0 at each row's first real token) and are `pad_position` on
+    padding, so a left-padded row sees the positions it would see alone.
+    """
+    input_ids = pad_rows(sequences, pad_token_id, padding_side)  # [batch, width]
+    attention_mask = pad_rows([[1] * len(s) for s in sequences], 0, padding_side)  # [batch, width]
+    return input_ids, attention_mask, position_ids_from_mask(attention_mask, pad_position)
 
 
 def _columns(example: TokenizedExample | Mapping[str, Any], row: int) -> tuple[dict[str, list[int]], int | None]:
@@ -99,6 +126,8 @@ class Collator:
     return_position_ids: bool = False
     # the per-token columns to return (a model's forward rejects keys it does not know, such as role)
     columns: tuple[str, ...] = TOKEN_COLUMNS
+    # example_id [batch] when every example has one (False: a Trainer would hand it to the model's forward)
+    return_example_id: bool = True
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.columns if c not in TOKEN_COLUMNS]
@@ -112,7 +141,6 @@ class Collator:
             raise GdrtError("the collator needs a pad token id", hint="set tokenizer.pad_token (e.g. to EOS)")
 
     def __call__(self, examples: Sequence[TokenizedExample | Mapping[str, Any]]) -> dict[str, Any]:
-        import numpy as np
         import torch
 
         if not examples:
@@ -122,17 +150,10 @@ class Collator:
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         pad_values = {"input_ids": self.pad_token_id, **PAD_VALUES}
-        batch = {}
-        left = self.padding_side == "left"
-        for name in TOKEN_COLUMNS:
-            padded = np.full((len(rows), width), pad_values[name], dtype=np.int64)  # [batch, seq]
-            for row, (columns, _) in enumerate(rows):
-                values = columns[name]
-                if left:
-                    padded[row, width - len(values):] = values
-                else:
-                    padded[row, : len(values)] = values
-            batch[name] = torch.from_numpy(padded)
+        batch = {
+            name: pad_rows([columns[name] for columns, _ in rows], pad_values[name], self.padding_side, width)
+            for name in TOKEN_COLUMNS
+        }  # [batch, seq] each
         _check_groups_on_targets(batch["group_ids"], batch["labels"], self.padding_side, rows)
         if self.return_position_ids:
             batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
@@ -140,7 +161,7 @@ class Collator:
             if name not in self.columns:
                 del batch[name]
         example_ids = [example_id for _, example_id in rows]
-        if all(example_id is not None for example_id in example_ids):
+        if self.return_example_id and all(example_id is not None for example_id in example_ids):
             batch["example_id"] = torch.tensor(example_ids, dtype=torch.long)  # [batch]
         return batch
 
@@ -156,96 +177,38 @@ def _check_groups_on_targets(group_ids: Any, labels: Any, padding_side: str, row
     raise GdrtError(
         f"batch example {row}: token {token} has group id {int(group_ids[row, column])} but is not a target "
         "token (label -100)",
-        hint="group ids belong on target tokens only; build them with token_group_ids",
+        hint="group ids belong on target tokens only (labels other than -100)",
     )
 
 
-def position_ids_from_mask(attention_mask: Any) -> Any:
-    """Positions counted over real tokens only (0 at each row's first real token; 1 on padding, as
-    `generate` does), so a left-padded row sees the positions it would see alone."""
+def position_ids_from_mask(attention_mask: Any, pad_position: int = 1) -> Any:
+    """Positions counted over real tokens only (0 at each row's first real token; `pad_position` on padding,
+    1 as `generate` does), so a left-padded row sees the positions it would see alone."""
     positions = attention_mask.long().cumsum(-1) - 1  # [batch, seq]
-    return positions.masked_fill(attention_mask == 0, 1)
+    return positions.masked_fill(attention_mask == 0, pad_position)
 
 
-# ---------------------------------------------------------------- length bucketing
+# ---------------------------------------------------------------- length batching
 
 
-def length_bucketed_batches(
-    lengths: Sequence[int],
-    batch_size: int,
-    *,
-    bucket_size: int | None = None,
-    shuffle: bool = True,
-    seed: int = 0,
-    drop_last: bool = False,
-) -> list[list[int]]:
-    """Index batches of similar length.
-
-    With `shuffle`, indices are shuffled (seeded) before bucketing and the batches are shuffled after, so
-    epochs differ by seed but never depend on anything else. `bucket_size` (rounded up to a multiple of
-    `batch_size`; None = the whole dataset) is how many examples are sorted together, longest first:
-    small buckets keep more randomness, large ones less padding. Without `shuffle` the order is the
-    input order bucket by bucket (with bucket_size None: all indices sorted by decreasing length, the
-    order to feed generation). Only the last batch can be short; `drop_last` drops it.
-    """
+def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices in batches of similar length: all indices sorted longest first (ties in input order), cut
+    into batches of at most `batch_size` rows and, with `max_batch_tokens`, at most that many padded tokens
+    (longest row x rows; a row longer than the cap still gets a batch of its own)."""
     if batch_size < 1:
         raise GdrtError(f"batch_size must be a positive integer, not {batch_size}")
-    if bucket_size is not None and bucket_size < 1:
-        raise GdrtError(f"bucket_size must be a positive integer or None, not {bucket_size}")
-    order = list(range(len(lengths)))
-    rng = random.Random(seed)
-    if shuffle:
-        rng.shuffle(order)
-    bucket = len(order) if bucket_size is None else -(-bucket_size // batch_size) * batch_size
-    bucket = max(bucket, 1)
-    sorted_order: list[int] = []
-    for start in range(0, len(order), bucket):
-        chunk = order[start:start + bucket]
-        sorted_order += sorted(chunk, key=lambda i: -lengths[i])  # stable: ties keep the shuffled order
-    batches = [sorted_order[start:start + batch_size] for start in range(0, len(sorted_order), batch_size)]
-    if drop_last and batches and len(batches[-1]) < batch_size:
-        batches.pop()
-    if shuffle:
-        rng.shuffle(batches)
+    if max_batch_tokens is not None and max_batch_tokens < 1:
+        raise GdrtError(f"max_batch_tokens must be a positive integer or None, not {max_batch_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep the input order
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        too_many_tokens = max_batch_tokens is not None and longest * (len(current) + 1) > max_batch_tokens
+        if current and (len(current) >= batch_size or too_many_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
     return batches
-
-
-class LengthBucketSampler:
-    """A DataLoader `batch_sampler` yielding `length_bucketed_batches`, reshuffled per epoch (`set_epoch`).
-
-    Epoch e uses seed `seed * 1_000_003 + e`: the same seed and epoch give the same batches in any process.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        batch_size: int,
-        *,
-        bucket_size: int | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-    ):
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.bucket_size = batch_size * 50 if bucket_size is None and shuffle else bucket_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def batches(self) -> list[list[int]]:
-        return length_bucketed_batches(
-            self.lengths, self.batch_size, bucket_size=self.bucket_size, shuffle=self.shuffle,
-            seed=self.seed * 1_000_003 + self.epoch, drop_last=self.drop_last,
-        )
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
-
-    def __len__(self) -> int:
-        full, rest = divmod(len(self.lengths), self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)

@@ -263,10 +263,11 @@ def time_sft_steps(
     """
     import torch
 
+    from gdrt_core.collate import Collator
     from gdrt_core.dataset import Dataset
     from gdrt_core.models import load_model, load_tokenizer
     from gdrt_core.prompts import render
-    from gdrt_core.tokenization import IGNORE_INDEX, tokenize_example
+    from gdrt_core.tokenization import tokenize_example
 
     if threads:
         torch.set_num_threads(threads)
@@ -280,27 +281,18 @@ def time_sft_steps(
     ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def batch(chunk):
-        width = max(len(x) for x in chunk)
-        pad = tokenizer.pad_token_id
-        return (
-            torch.tensor([x.input_ids + [pad] * (width - len(x)) for x in chunk]),  # [batch, seq]
-            torch.tensor([x.attention_mask + [0] * (width - len(x)) for x in chunk]),  # [batch, seq]
-            torch.tensor([x.labels + [IGNORE_INDEX] * (width - len(x)) for x in chunk]),  # [batch, seq]
-        )
-
-    batches = [batch(tokenized[i:i + batch_size]) for i in range(0, len(tokenized), batch_size)]
-    warmup = batches[0]
-    model(input_ids=warmup[0], attention_mask=warmup[1], labels=warmup[2]).loss.backward()
+    collate = Collator(tokenizer.pad_token_id, columns=("input_ids", "attention_mask", "labels"), return_example_id=False)
+    batches = [collate(tokenized[i:i + batch_size]) for i in range(0, len(tokenized), batch_size)]  # [batch, seq]
+    model(**batches[0]).loss.backward()  # warm-up
     optimizer.zero_grad()
     tokens = 0
     start, start_cpu = time.perf_counter(), time.process_time()
-    for input_ids, attention_mask, labels in batches:
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    for batch in batches:
+        loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        tokens += int(attention_mask.sum())
+        tokens += int(batch["attention_mask"].sum())
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - start_cpu  # less sensitive to other processes on the machine
     per_example = seconds / len(tokenized)

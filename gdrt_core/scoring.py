@@ -59,26 +59,6 @@ def replace_tokens(input_ids: Sequence[int], indices: Sequence[int], neutral_id:
     return out
 
 
-def length_batches(
-    lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None
-) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first), each at most `batch_size` rows and
-    `max_batch_tokens` padded tokens; sorting by length keeps padding small."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        too_many_tokens = max_batch_tokens is not None and longest * (len(current) + 1) > max_batch_tokens
-        if current and (len(current) >= batch_size or too_many_tokens):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
 def build_batch(requests: Sequence[ScoringRequest], pad_token_id: int, dtype=None):
     """Left-padded tensors for a batch: input_ids, 4D additive attention mask and position ids.
 
@@ -86,20 +66,15 @@ def build_batch(requests: Sequence[ScoringRequest], pad_token_id: int, dtype=Non
     """
     import torch
 
+    from gdrt_core.collate import pad_token_ids
+
     dtype = dtype or torch.float32
-    length = max(len(r.input_ids) for r in requests)
-    batch = len(requests)
-    input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
-    key_visible = torch.zeros((batch, length), dtype=torch.bool)  # [batch, seq]
-    position_ids = torch.zeros((batch, length), dtype=torch.long)
+    input_ids, padding_mask, position_ids = pad_token_ids([r.input_ids for r in requests], pad_token_id)
+    batch, length = input_ids.shape
+    key_visible = padding_mask.bool()  # [batch, seq]
     for row, r in enumerate(requests):
-        n = len(r.input_ids)
-        pad = length - n
-        input_ids[row, pad:] = torch.tensor(r.input_ids, dtype=torch.long)
-        position_ids[row, pad:] = torch.arange(n)
-        key_visible[row, pad:] = True
         if r.hidden:
-            key_visible[row, pad + torch.tensor(r.hidden, dtype=torch.long)] = False
+            key_visible[row, length - len(r.input_ids) + torch.tensor(r.hidden, dtype=torch.long)] = False
     causal = torch.ones((length, length), dtype=torch.bool).tril()  # [seq, seq]
     allowed = causal[None] & key_visible[:, None, :]  # [batch, q, k]
     allowed |= torch.eye(length, dtype=torch.bool)[None]  # every query sees itself: no empty softmax row
@@ -160,6 +135,8 @@ def target_logprobs(
 
     `on_batch(n)` is called after each batch with its number of requests (progress bars).
     """
+    from gdrt_core.collate import length_batches
+
     results: list[np.ndarray | None] = [None] * len(requests)
     lengths = [len(r.input_ids) for r in requests]
     for batch in length_batches(lengths, batch_size, max_batch_tokens):
@@ -204,16 +181,12 @@ def shared_prompt_logprobs(
     """
     import torch
 
+    from gdrt_core.collate import length_batches, pad_token_ids
+
     device, _ = _model_device_dtype(model)
     results: list[list[np.ndarray]] = [[] for _ in prompts]
     for batch in length_batches([len(p) for p in prompts], batch_size):
-        length = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)  # [batch, prompt]
-        for row, i in enumerate(batch):
-            ids[row, length - len(prompts[i]) :] = torch.tensor(prompts[i], dtype=torch.long)
-            mask[row, length - len(prompts[i]) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, prompt]
+        ids, mask, positions = pad_token_ids([prompts[i] for i in batch], pad_token_id)  # [batch, prompt] each
         owner = [
             row for row, i in enumerate(batch) for _ in continuations[i]
         ]  # prompt row of each continuation
@@ -236,12 +209,8 @@ def shared_prompt_logprobs(
                 cache = out.past_key_values
             owner_t = torch.tensor(owner, dtype=torch.long)
             cache.reorder_cache(owner_t.to(device))  # rows: [continuations, ...]
-            cont_len = max(len(c) for c in conts)
-            cont_ids = torch.full((len(conts), cont_len), pad_token_id, dtype=torch.long)
-            cont_mask = torch.zeros((len(conts), cont_len), dtype=torch.long)
-            for row, c in enumerate(conts):
-                cont_ids[row, : len(c)] = torch.tensor(c, dtype=torch.long)
-                cont_mask[row, : len(c)] = 1
+            cont_ids, cont_mask, _ = pad_token_ids(conts, pad_token_id, padding_side="right")  # [continuations, cont]
+            cont_len = cont_ids.shape[1]
             full_mask = torch.cat([mask[owner_t], cont_mask], dim=1)  # [continuations, prompt + cont]
             start = mask.sum(-1)[owner_t]  # [continuations] real prompt lengths
             cont_pos = start[:, None] + torch.arange(cont_len)[None]  # [continuations, cont]

@@ -2,7 +2,8 @@
 
 - `build_features`: tokenise a split with the one prompt (`prompts.render` + `tokenize_example`) and join
   the Groups artifact's group id onto every target token by (example_id, position among the target tokens).
-- `pad_batch`: the collator (right padding; group id -1 on every non-target token).
+- `TrainCollator`: `collate.Collator` set for the Trainer (right padding; group id -1 on every non-target
+  token; the columns compute_loss reads).
 - `StepWeights`: the weights policy. The GDRT gradient is sum_g w_g grad L_g; with w fixed for an
   optimiser step, every target token i carries the weight w_g(i) / N_g(i), N_g counted over the WHOLE
   optimiser batch (all micro-batches, all ranks). That is linear in the tokens, so the micro-batch losses
@@ -13,12 +14,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gdrt_core.collate import NO_GROUP, Collator
 from gdrt_core.errors import GdrtError
 
-NO_GROUP = -1  # group id of every token that is not a target token (or is padding)
+TRAIN_COLUMNS = ("input_ids", "attention_mask", "labels", "group_ids")  # what GdrtTrainer.compute_loss reads
 
 
 # ---------------------------------------------------------------- features
@@ -136,31 +139,18 @@ def build_features(
     return features
 
 
+@dataclass
+class TrainCollator(Collator):
+    """The Trainer's collator: `Collator(pad_token_id)` with right padding, labels -100 and group id -1 on
+    padding, and only the columns compute_loss reads (a dataclass: DataLoader workers can pickle it)."""
+
+    columns: tuple[str, ...] = TRAIN_COLUMNS
+    return_example_id: bool = False
+
+
 def pad_batch(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-    """Right-pad a list of features into tensors (labels -100 and group id -1 on padding)."""
-    import torch
-
-    width = max(len(f["input_ids"]) for f in features)
-
-    def padded(key: str, value: int) -> torch.Tensor:
-        return torch.tensor([f[key] + [value] * (width - len(f[key])) for f in features], dtype=torch.long)
-
-    return {
-        "input_ids": padded("input_ids", pad_token_id),  # [batch, seq]
-        "attention_mask": padded("attention_mask", 0),
-        "labels": padded("labels", -100),
-        "group_ids": padded("group_ids", NO_GROUP),
-    }
-
-
-class TrainCollator:
-    """Collator for the Trainer (a class, so that the DataLoader's worker processes can pickle it)."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        return pad_batch(features, self.pad_token_id)
+    """Right-pad a list of features into tensors [batch, seq] (`TrainCollator` applied once)."""
+    return TrainCollator(pad_token_id)(features)
 
 
 # ---------------------------------------------------------------- per-token maths

@@ -1,4 +1,7 @@
-"""The collator keeps every per-token column aligned under left and right padding; length bucketing."""
+"""The one batching module: the collator keeps every per-token column aligned under left and right padding;
+pad_token_ids pads prompts and continuations; length batching. The `reference_*` functions are the padding
+and batching code that training, scoring, beam search and the timing loop each had before they called this
+module: the equivalence tests pin that they get the very same tensors and batches."""
 
 from __future__ import annotations
 
@@ -11,10 +14,10 @@ import torch
 
 from gdrt_core.collate import (
     Collator,
-    LengthBucketSampler,
-    length_bucketed_batches,
+    length_batches,
+    pad_rows,
+    pad_token_ids,
     position_ids_from_mask,
-    token_group_ids,
 )
 from gdrt_core.errors import GdrtError
 from gdrt_core.prompts import quote, render
@@ -111,13 +114,6 @@ def test_columns_can_be_restricted_for_a_model_forward():
         Collator(0, columns=("input_ids", "roles"))
 
 
-def test_token_group_ids_places_groups_on_targets():
-    ex = _examples()[1]
-    assert token_group_ids(ex, [3, 1]) == [-1, -1, -1, 3, 1]
-    with pytest.raises(GdrtError, match="3 group ids for an example with 2 target tokens"):
-        token_group_ids(ex, [0, 0, 0])
-
-
 def test_misaligned_inputs_are_clear_errors():
     a, b, _ = _examples()
     with pytest.raises(GdrtError, match="batch example 1: token 0 has group id 0 but is not a target"):
@@ -202,7 +198,8 @@ def test_real_examples_collate_with_roles_intact():
     examples = []
     for w in windows:
         ex = tokenize_example(tok, render("office", w[:-1], w[-1]))
-        ex.extra["group_ids"] = token_group_ids(ex, [k % 4 for k in range(len(ex.indices(TGT)))])
+        targets = ex.indices(TGT)
+        ex.extra["group_ids"] = [targets.index(i) % 4 if i in targets else -1 for i in range(len(ex))]
         examples.append(ex)
     batch = Collator(tok.pad_token_id, padding_side="left")(examples)
     for row, w in enumerate(windows):
@@ -214,60 +211,223 @@ def test_real_examples_collate_with_roles_intact():
         assert ((groups >= 0) == (batch["labels"][row] != IGNORE_INDEX)).all()
 
 
-# ---------------------------------------------------------------- length bucketing
+# ---------------------------------------------------------------- pad_rows and pad_token_ids
 
 
-def test_bucketed_batches_by_hand():
-    """lengths 5 1 4 2 3 6, batch 2, bucket 4, no shuffle: bucket [0 1 2 3] sorted longest first is
-    0(5) 2(4) 3(2) 1(1) -> [0, 2], [3, 1]; bucket [4 5] -> 5(6) 4(3) -> [5, 4]. A bucket of 3 rounds up to 4.
-    """
+def test_pad_token_ids_by_hand():
+    """[5, 6, 7] and [8]: left -> ids [[5 6 7] [0 0 8]], mask [[1 1 1] [0 0 1]], positions [[0 1 2] [0 0 0]]
+    (0 on padding); right -> [[5 6 7] [8 0 0]], positions [[0 1 2] [0 0 0]]; pad_position=1 marks padding."""
+    ids, mask, pos = pad_token_ids([[5, 6, 7], [8]], 0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]
+    ids, mask, pos = pad_token_ids([[5, 6, 7], [8]], 9, padding_side="right", pad_position=1)
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert pos.tolist() == [[0, 1, 2], [0, 1, 1]]
+    assert all(t.dtype == torch.long for t in (ids, mask, pos))
+    assert pad_rows([[1], [2, 3]], -1, "left", width=4).tolist() == [[-1, -1, -1, 1], [-1, -1, 2, 3]]
+    with pytest.raises(GdrtError, match="padding_side 'top'"):
+        pad_rows([[1]], 0, "top")
+
+
+# ---------------------------------------------------------------- length batching
+
+
+def test_length_batches_by_hand():
+    """lengths 5 1 4 2 3 6 sorted longest first: 5(6) 0(5) 2(4) 4(3) 3(2) 1(1); batch 4 -> [5 0 2 4], [3 1].
+    A cap of 12 padded tokens: [5, 0] is 6 x 2 = 12, adding 2 would be 6 x 3 = 18 -> [5 0], [2 4 3] (4 x 3),
+    [1]. Ties keep the input order."""
     lengths = [5, 1, 4, 2, 3, 6]
-    assert length_bucketed_batches(lengths, 2, bucket_size=4, shuffle=False) == [[0, 2], [3, 1], [5, 4]]
-    assert length_bucketed_batches(lengths, 2, bucket_size=3, shuffle=False) == [[0, 2], [3, 1], [5, 4]]
-    # one bucket: globally longest first (the generation order); the short last batch can be dropped
-    assert length_bucketed_batches(lengths, 4, shuffle=False) == [[5, 0, 2, 4], [3, 1]]
-    assert length_bucketed_batches(lengths, 4, shuffle=False, drop_last=True) == [[5, 0, 2, 4]]
-
-
-def test_bucketed_batches_are_deterministic_and_cover_everything():
-    rng = random.Random(3)
-    lengths = [rng.randint(10, 400) for _ in range(1000)]
-    first = length_bucketed_batches(lengths, 16, bucket_size=160, seed=7)
-    assert first == length_bucketed_batches(lengths, 16, bucket_size=160, seed=7)
-    assert first != length_bucketed_batches(lengths, 16, bucket_size=160, seed=8)
-    flat = [i for batch in first for i in batch]
-    assert sorted(flat) == list(range(1000))
-    assert sum(len(b) < 16 for b in first) == 1  # 1000 = 62 * 16 + 8
-    # similar lengths: padding is far below that of random batches
-    def padding(batches):
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-
-    shuffled = list(range(1000))
-    random.Random(0).shuffle(shuffled)
-    random_batches = [shuffled[k:k + 16] for k in range(0, 1000, 16)]
-    assert padding(first) < 0.2 * padding(random_batches)
-
-
-def test_sampler_epochs_and_length():
-    lengths = list(range(100))
-    sampler = LengthBucketSampler(lengths, 8, bucket_size=32, seed=1)
-    epoch0 = list(sampler)
-    assert epoch0 == list(sampler) and len(sampler) == len(epoch0) == 13
-    sampler.set_epoch(1)
-    assert list(sampler) != epoch0
-    assert sorted(i for b in sampler for i in b) == list(range(100))
-    dropping = LengthBucketSampler(lengths, 8, bucket_size=32, seed=1, drop_last=True)
-    assert len(dropping) == len(list(dropping)) == 12
-    loader = torch.utils.data.DataLoader(
-        [TokenizedExample([1] * (n + 1), [1] * (n + 1), [N] * (n + 1), [INS] * (n + 1), [-1] * (n + 1)) for n in lengths],
-        batch_sampler=sampler, collate_fn=Collator(0),
-    )
-    widths = [batch["input_ids"].shape[1] for batch in loader]
-    assert len(widths) == 13
-
-
-def test_bucketing_rejects_bad_sizes():
+    assert length_batches(lengths, 4) == [[5, 0, 2, 4], [3, 1]]
+    assert length_batches(lengths, 4, max_batch_tokens=12) == [[5, 0], [2, 4, 3], [1]]
+    assert length_batches([2, 3, 2, 3], 3) == [[1, 3, 0], [2]]
+    assert length_batches([100, 1], 8, max_batch_tokens=10) == [[0], [1]]  # over the cap: a batch alone
+    assert length_batches([], 4) == []
     with pytest.raises(GdrtError, match="batch_size"):
-        length_bucketed_batches([1, 2], 0)
-    with pytest.raises(GdrtError, match="bucket_size"):
-        length_bucketed_batches([1, 2], 1, bucket_size=0)
+        length_batches([1, 2], 0)
+    with pytest.raises(GdrtError, match="max_batch_tokens"):
+        length_batches([1, 2], 1, max_batch_tokens=0)
+
+
+def test_length_batches_caps_padded_tokens():
+    """Lengths [3, 10, 5, 7]: longest first -> [1, 3, 2, 0]; pairs [[1, 3], [2, 0]].
+    With 12 padded tokens at most: 10+10 > 12 and 7+7 > 12 split, 5+5 <= 12 joins: [[1], [3], [2, 0]]."""
+    assert length_batches([3, 10, 5, 7], 2) == [[1, 3], [2, 0]]
+    assert length_batches([3, 10, 5, 7], 8, max_batch_tokens=12) == [[1], [3], [2, 0]]
+
+
+# ---------------------------------------------------------------- equivalence with the code it replaced
+
+
+def reference_length_batches(lengths, batch_size, max_batch_tokens=None):
+    """scoring.length_batches as it was (grouping, attribution, shared-prompt scoring)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, current = [], []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        too_many_tokens = max_batch_tokens is not None and longest * (len(current) + 1) > max_batch_tokens
+        if current and (len(current) >= batch_size or too_many_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def reference_generation_batches(prompts, batch_size):
+    """generation.rank_prompts' batching as it is: sorted by length, reverse=True (stable), cut every batch_size."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def reference_train_pad_batch(features, pad_token_id):
+    """train.data.pad_batch as it was (the Trainer's collator)."""
+    width = max(len(f["input_ids"]) for f in features)
+
+    def padded(key, value):
+        return torch.tensor([f[key] + [value] * (width - len(f[key])) for f in features], dtype=torch.long)
+
+    return {"input_ids": padded("input_ids", pad_token_id), "attention_mask": padded("attention_mask", 0),
+            "labels": padded("labels", -100), "group_ids": padded("group_ids", -1)}
+
+
+def reference_left_pad(prompts, pad_token_id):
+    """generation.left_pad as it is (beam search)."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        attention_mask[i, width - len(p):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    return input_ids, attention_mask, position_ids
+
+
+def reference_scoring_build_batch(sequences, hidden, pad_token_id):
+    """scoring.build_batch's padding as it was: ids, key visibility and positions (arange, 0 on padding)."""
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    key_visible = torch.zeros((len(sequences), length), dtype=torch.bool)
+    position_ids = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, (s, h) in enumerate(zip(sequences, hidden, strict=True)):
+        pad = length - len(s)
+        input_ids[row, pad:] = torch.tensor(s, dtype=torch.long)
+        position_ids[row, pad:] = torch.arange(len(s))
+        key_visible[row, pad:] = True
+        if h:
+            key_visible[row, pad + torch.tensor(h, dtype=torch.long)] = False
+    return input_ids, key_visible, position_ids
+
+
+def reference_shared_prompt_padding(prompts, continuations, pad_token_id):
+    """scoring.shared_prompt_logprobs' padding as it was: left-padded prompts (positions clamped at 0) and
+    right-padded continuations."""
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, length - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, length - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cont_len = max(len(c) for c in continuations)
+    cont_ids = torch.full((len(continuations), cont_len), pad_token_id, dtype=torch.long)
+    cont_mask = torch.zeros((len(continuations), cont_len), dtype=torch.long)
+    for row, c in enumerate(continuations):
+        cont_ids[row, : len(c)] = torch.tensor(c, dtype=torch.long)
+        cont_mask[row, : len(c)] = 1
+    return ids, mask, positions, cont_ids, cont_mask
+
+
+def reference_timing_batch(chunk, pad):
+    """embedded.time_sft_steps' batch as it was (right padding of TokenizedExamples)."""
+    width = max(len(x) for x in chunk)
+    return (
+        torch.tensor([x.input_ids + [pad] * (width - len(x)) for x in chunk]),
+        torch.tensor([x.attention_mask + [0] * (width - len(x)) for x in chunk]),
+        torch.tensor([x.labels + [IGNORE_INDEX] * (width - len(x)) for x in chunk]),
+    )
+
+
+def _random_sequences(rng, n, low=1, high=40):
+    return [[rng.randrange(3, 500) for _ in range(rng.randint(low, high))] for _ in range(n)]
+
+
+def _same(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_batches_equal_the_scoring_and_generation_orders(seed):
+    """Many lengths with ties, every batch size and token cap: the same batches as before."""
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 12) for _ in range(rng.randint(1, 80))]
+    for batch_size in (1, 3, 16, 100):
+        assert length_batches(lengths, batch_size) == reference_length_batches(lengths, batch_size)
+        assert length_batches(lengths, batch_size) == reference_generation_batches(
+            [[0] * n for n in lengths], batch_size)
+        for cap in (5, 12, 40):
+            assert length_batches(lengths, batch_size, cap) == reference_length_batches(lengths, batch_size, cap)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_train_collator_equals_the_old_pad_batch(seed):
+    """Training features (ids, mask, labels, group ids on the targets, example_id): same keys, same tensors."""
+    from gdrt_core.train.data import TrainCollator, pad_batch
+
+    rng = random.Random(seed)
+    features = []
+    for k, ids in enumerate(_random_sequences(rng, rng.randint(1, 9))):
+        n_target = rng.randint(0, len(ids))
+        labels = [N] * (len(ids) - n_target) + ids[len(ids) - n_target:]
+        groups = [-1] * (len(ids) - n_target) + [rng.randrange(4) for _ in range(n_target)]
+        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels,
+                         "group_ids": groups, "example_id": 100 + k})
+    expected = reference_train_pad_batch(features, pad_token_id=2)
+    for batch in (TrainCollator(2)(features), pad_batch(features, 2)):
+        assert list(batch) == list(expected)
+        for key in expected:
+            assert _same(batch[key], expected[key]), key
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pad_token_ids_equals_generation_left_pad(seed):
+    """What generation.left_pad returns, tensor for tensor (its replacement: pad_token_ids(prompts, pad))."""
+    prompts = _random_sequences(random.Random(seed), random.Random(seed).randint(1, 9))
+    for got, want in zip(pad_token_ids(prompts, 7), reference_left_pad(prompts, 7), strict=True):
+        assert _same(got, want)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_scoring_batches_equal_the_old_padding(seed):
+    """scoring.build_batch (ids, 4D mask from key visibility, positions) and shared_prompt_logprobs' prompt
+    and continuation padding give the tensors they gave before."""
+    from gdrt_core.scoring import ScoringRequest, build_batch
+
+    rng = random.Random(seed)
+    sequences = _random_sequences(rng, rng.randint(1, 9), low=2)
+    hidden = [sorted(rng.sample(range(len(s)), rng.randint(0, len(s) - 1))) for s in sequences]
+    ids, mask, pos = build_batch([ScoringRequest(s, 1, hidden=h) for s, h in zip(sequences, hidden, strict=True)], 0)
+    ref_ids, key_visible, ref_pos = reference_scoring_build_batch(sequences, hidden, 0)
+    assert _same(ids, ref_ids) and _same(pos, ref_pos)
+    length = ids.shape[1]
+    allowed = torch.ones((length, length), dtype=torch.bool).tril()[None] & key_visible[:, None, :]
+    allowed |= torch.eye(length, dtype=torch.bool)[None]
+    assert torch.equal(mask[:, 0] == 0, allowed)
+
+    continuations = _random_sequences(rng, rng.randint(1, 9), high=6)
+    ref = reference_shared_prompt_padding(sequences, continuations, 0)
+    got = (*pad_token_ids(sequences, 0), *pad_token_ids(continuations, 0, padding_side="right")[:2])
+    for a, b in zip(got, ref, strict=True):
+        assert _same(a, b)
+
+
+def test_timing_batches_equal_the_old_ones():
+    """embedded.time_sft_steps now collates with Collator(pad, columns=(ids, mask, labels))."""
+    rng = random.Random(4)
+    chunk = []
+    for ids in _random_sequences(rng, 6, low=3):
+        chunk.append(TokenizedExample(ids, [1] * len(ids), [N] * (len(ids) - 2) + ids[-2:],
+                                      [INS] * (len(ids) - 2) + [TGT, TGT], [-1] * len(ids)))
+    batch = Collator(1, columns=("input_ids", "attention_mask", "labels"), return_example_id=False)(chunk)
+    for got, want in zip(batch.values(), reference_timing_batch(chunk, 1), strict=True):
+        assert _same(got, want)

@@ -12,7 +12,6 @@ import torch
 from gdrt_core.scoring import (
     ScoringRequest,
     build_batch,
-    length_batches,
     replace_tokens,
     score_batch,
     target_logprobs,
@@ -99,13 +98,6 @@ def test_build_batch_mask_layout():
     allowed = (mask[:, 0] == 0).int().tolist()
     assert allowed[0] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
     assert allowed[1] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
-
-
-def test_length_batches_sorts_and_caps():
-    """Lengths [3, 10, 5, 7]: longest first -> [1, 3, 2, 0]; pairs [[1, 3], [2, 0]].
-    With 12 padded tokens at most: 10+10 > 12 and 7+7 > 12 split, 5+5 <= 12 joins: [[1], [3], [2, 0]]."""
-    assert length_batches([3, 10, 5, 7], 2) == [[1, 3], [2, 0]]
-    assert length_batches([3, 10, 5, 7], 8, max_batch_tokens=12) == [[1], [3], [2, 0]]
 
 
 def test_request_validation():
