@@ -10,7 +10,9 @@ Eval artifact:
 - plots/ranking.png (HR@K and NDCG@K bars) and plots/exposure.png (share of each popularity group in the
   top-5 / top-10 vs in the evaluated histories).
 
-The split is read in chunks; inside a chunk prompts are batched by similar length (less padding).
+The split is read in chunks; inside a chunk prompts are batched by similar length (less padding). Each
+chunk's rankings stream into `metrics.MetricsAccumulator` and into predictions.parquet and are then dropped,
+so memory is bounded by a chunk and the catalogue, whatever the split's size.
 
 Popularity baselines instead of a model (`--model baseline:...`): every example gets the same ranking,
 the titles counted most often (a title counts the sum of its ids), with the count as score. They load no
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,39 +70,6 @@ class EvalConfig:
         if self.model == "baseline:most-popular-valid" and self.split == "valid":
             raise GdrtError("baseline:most-popular-valid ranks by the valid split's targets; it cannot be "
                             "evaluated on valid", path=source, hint="use --split test, or baseline:most-popular")
-
-
-class _Ragged(Sequence):
-    """A list of int lists stored as one flat array plus offsets (histories of all evaluated examples)."""
-
-    def __init__(self) -> None:
-        self._values: list[np.ndarray] = []
-        self._lengths: list[np.ndarray] = []
-        self._flat: np.ndarray | None = None
-        self._offsets: np.ndarray | None = None
-
-    def extend(self, values: np.ndarray, lengths: np.ndarray) -> None:
-        self._values.append(values.astype(np.int32))
-        self._lengths.append(lengths.astype(np.int64))
-        self._flat = self._offsets = None
-
-    def _freeze(self) -> None:
-        if self._flat is None:
-            self._flat = np.concatenate(self._values) if self._values else np.zeros(0, np.int32)
-            lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
-            self._offsets = np.concatenate(([0], np.cumsum(lengths)))
-
-    def __len__(self) -> int:
-        return int(sum(len(x) for x in self._lengths))
-
-    def __getitem__(self, i):  # type: ignore[override]
-        self._freeze()
-        return self._flat[self._offsets[i]:self._offsets[i + 1]].tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        self._freeze()
-        for i in range(len(self._offsets) - 1):
-            yield self._flat[self._offsets[i]:self._offsets[i + 1]].tolist()
 
 
 def _split_batches(dataset, split: str, limit: int | None, chunk_size: int):
@@ -200,27 +168,30 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
     """Rank the split's examples, write the Eval artifact, log to MLflow; returns the metrics.
 
     `model` / `tokenizer` may be passed in (tests, notebooks); otherwise `config.model` is loaded.
+    Steps: validate -> open the tracking run -> rank the split, streaming each chunk's rankings into the
+    metric accumulator and predictions.parquet -> write metrics, plots and manifest -> log to the run.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-    import torch
-    from tqdm.auto import tqdm
-
-    from gdrt_core.artifacts import (
-        MANIFEST,
-        atomic_output_dir,
-        check_output,
-        write_json_atomic,
-        write_manifest,
-    )
-    from gdrt_core.dataset import Dataset
-    from gdrt_core.generation import BeamSearchSettings, Ranking, rank_prompts
-    from gdrt_core.metrics import METRIC_KEYS, TitleCatalogue, compute_metrics, fairness_at_k
-    from gdrt_core.prompts import render
-    from gdrt_core.tokenization import context_limit, tokenize_prompt
+    from gdrt_core.artifacts import atomic_output_dir
     from gdrt_core.tracking import stage_run
-    from gdrt_core.trie import build_trie
+
+    dataset, settings, guard = _validate(config)
+    with stage_run("evaluate", to_dict(config)) as tracker:
+        rank_chunk = _ranker(config, dataset, settings, model, tokenizer)
+        with atomic_output_dir(config.out, **guard) as tmp:
+            accumulator, elapsed = _rank_split(config, dataset, rank_chunk, tmp / PREDICTIONS_FILE)
+            metrics, extended = _write_results(tmp, config, accumulator, elapsed)
+        _track(tracker, config, extended, accumulator.n_examples / elapsed)
+    return metrics
+
+
+def _validate(config: EvalConfig):
+    """Checks before any work: the config, the output directory, the split. Returns (dataset, beam-search
+    settings, the output guard)."""
+    import torch
+
+    from gdrt_core.artifacts import check_output
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.generation import BeamSearchSettings
 
     check_config(config, "evaluate config")
     guard = {"kind": "eval", "inputs": {"dataset": config.dataset, "model": config.model}}
@@ -233,91 +204,124 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
         num_beams=config.num_beams, num_return_sequences=config.num_return_sequences or config.num_beams,
         length_penalty=config.length_penalty, early_stopping=config.early_stopping, renormalize=config.renormalize,
     )
+    return dataset, settings, guard
+
+
+def _ranker(config: EvalConfig, dataset, settings, model, tokenizer):
+    """rank_chunk(histories, example_ids, on_batch) -> one Ranking per example: the popularity baseline's
+    fixed ranking, or the model's constrained beam search (the model is loaded here unless passed in)."""
+    import torch
+
+    from gdrt_core.generation import Ranking, rank_prompts
+    from gdrt_core.prompts import render
+    from gdrt_core.tokenization import context_limit, tokenize_prompt
+    from gdrt_core.trie import build_trie
+
+    titles = dataset.titles
+    if config.model.startswith("baseline:"):
+        top = most_popular_titles(titles, baseline_counts(dataset, config.model), settings.num_return_sequences)
+        fixed = Ranking([t for t, _ in top], [float(c) for _, c in top], [])
+
+        def rank_baseline(hist_lists, ids, on_batch):
+            on_batch(len(hist_lists))
+            return [fixed] * len(hist_lists)
+
+        return rank_baseline
+    if model is None or tokenizer is None:
+        from gdrt_core.models import ModelConfig, load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(
+            config.model, ModelConfig(dtype=config.dtype, device=config.device, padding_side="left"),
+            merge_adapter=True,  # a LoRA adapter folded into the weights: plain, faster forward passes
+        )
+    model.eval()
+    trie = build_trie(tokenizer, titles).to_torch(next(model.parameters()).device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    max_length = context_limit(model, tokenizer)
+
+    def rank_model(hist_lists, ids, on_batch):
+        prompts = [
+            tokenize_prompt(
+                tokenizer, render(dataset.domain, [titles[h] for h in hist]), max_length=max_length,
+                reserve=trie.trie.max_depth, name=f"{config.dataset}: example {eid} of the {config.split} split",
+            ).input_ids
+            for hist, eid in zip(hist_lists, ids, strict=True)
+        ]
+        with torch.inference_mode():
+            return rank_prompts(model, trie, prompts, settings, batch_size=config.batch_size,
+                                pad_token_id=pad_id, on_batch=on_batch)
+
+    return rank_model
+
+
+def _rank_split(config: EvalConfig, dataset, rank_chunk, predictions_path: Path):
+    """Rank the split chunk by chunk. Each chunk's rankings go into the metric accumulator and into one row
+    group of predictions.parquet, then are dropped: memory is bounded by a chunk and the catalogue, not by
+    the split. Returns (the accumulator, seconds)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    from gdrt_core.metrics import MetricsAccumulator, TitleCatalogue
+
+    titles = dataset.titles
+    accumulator = MetricsAccumulator(TitleCatalogue.from_dataset(dataset), extended=True)
     schema = pa.schema([
         ("example_id", pa.int64()), ("rank", pa.int8()), ("title", pa.string()), ("score", pa.float32()),
     ])
-    with stage_run("evaluate", to_dict(config)) as tracker:
-        titles = dataset.titles
-        if config.model.startswith("baseline:"):
-            top = most_popular_titles(titles, baseline_counts(dataset, config.model), settings.num_return_sequences)
-            fixed = Ranking([t for t, _ in top], [float(c) for _, c in top], [])
+    started = time.perf_counter()
+    writer = pq.ParquetWriter(predictions_path, schema)
+    bar = None
+    try:
+        for total, batch in _split_batches(dataset, config.split, config.limit, config.chunk_size):
+            if bar is None:
+                bar = tqdm(total=total, desc=f"evaluate {config.split}", unit="ex", disable=not config.progress)
+            ids = batch.column("example_id").to_pylist()
+            histories = batch.column("history").to_pylist()
+            targets = batch.column("target").to_pylist()
+            rows = {"example_id": [], "rank": [], "title": [], "score": []}
+            for eid, ranking, target, history in zip(
+                ids, rank_chunk(histories, ids, bar.update), targets, histories, strict=True
+            ):
+                accumulator.add(ranking.titles, titles[target], history)
+                rows["example_id"].extend([eid] * len(ranking.titles))
+                rows["rank"].extend(range(len(ranking.titles)))
+                rows["title"].extend(ranking.titles)
+                rows["score"].extend(ranking.scores)
+            writer.write_table(pa.table(rows, schema=schema))
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    return accumulator, time.perf_counter() - started
 
-            def rank_chunk(hist_lists, ids, on_batch):
-                on_batch(len(hist_lists))
-                return [fixed] * len(hist_lists)
-        else:
-            if model is None or tokenizer is None:
-                from gdrt_core.models import ModelConfig, load_model_and_tokenizer
 
-                model, tokenizer = load_model_and_tokenizer(
-                    config.model, ModelConfig(dtype=config.dtype, device=config.device, padding_side="left"),
-                    merge_adapter=True,  # a LoRA adapter folded into the weights: plain, faster forward passes
-                )
-            model.eval()
-            trie = build_trie(tokenizer, titles).to_torch(next(model.parameters()).device)
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            max_length = context_limit(model, tokenizer)
+def _write_results(tmp: Path, config: EvalConfig, accumulator, elapsed: float) -> tuple[dict, dict]:
+    """metrics.json (the contract's keys), the plots and the manifest (the extended set). Returns (metrics,
+    extended metrics)."""
+    from gdrt_core.artifacts import MANIFEST, write_json_atomic, write_manifest
+    from gdrt_core.metrics import METRIC_KEYS
 
-            def rank_chunk(hist_lists, ids, on_batch):
-                prompts = [
-                    tokenize_prompt(
-                        tokenizer, render(dataset.domain, [titles[h] for h in hist]), max_length=max_length,
-                        reserve=trie.trie.max_depth, name=f"{config.dataset}: example {eid} of the {config.split} split",
-                    ).input_ids
-                    for hist, eid in zip(hist_lists, ids, strict=True)
-                ]
-                with torch.inference_mode():
-                    return rank_prompts(model, trie, prompts, settings, batch_size=config.batch_size,
-                                        pad_token_id=pad_id, on_batch=on_batch)
+    extended = accumulator.result()
+    metrics = {k: extended[k] for k in METRIC_KEYS}  # metrics.json: the contract's keys only
+    write_json_atomic(tmp / METRICS_FILE, metrics)
+    if config.plots:
+        _plot(tmp / PLOTS_DIR, metrics, {k: accumulator.fairness(k) for k in (5, 10)})
+    inputs = {"dataset": config.dataset}
+    if (Path(config.model) / MANIFEST).is_file():
+        inputs["model"] = config.model
+    write_manifest(
+        tmp, "eval", config=to_dict(config), inputs=inputs, metrics=extended,
+        timing={"seconds": round(elapsed, 3), "examples_per_second": round(accumulator.n_examples / elapsed, 3)},
+    )
+    return metrics, extended
 
-        rankings: list[list[str]] = []
-        targets: list[str] = []
-        histories = _Ragged()
-        started = time.perf_counter()
-        with atomic_output_dir(config.out, **guard) as tmp:
-            writer = pq.ParquetWriter(tmp / PREDICTIONS_FILE, schema)
-            bar = None
-            try:
-                for total, batch in _split_batches(dataset, config.split, config.limit, config.chunk_size):
-                    if bar is None:
-                        bar = tqdm(total=total, desc=f"evaluate {config.split}", unit="ex",
-                                   disable=not config.progress)
-                    ids = batch.column("example_id").to_numpy()
-                    hist_col = batch.column("history")
-                    chunk_rankings = rank_chunk(hist_col.to_pylist(), ids.tolist(), bar.update)
-                    rows = {"example_id": [], "rank": [], "title": [], "score": []}
-                    for eid, ranking in zip(ids.tolist(), chunk_rankings, strict=True):
-                        rankings.append(ranking.titles)
-                        rows["example_id"].extend([eid] * len(ranking.titles))
-                        rows["rank"].extend(range(len(ranking.titles)))
-                        rows["title"].extend(ranking.titles)
-                        rows["score"].extend(ranking.scores)
-                    writer.write_table(pa.table(rows, schema=schema))
-                    targets.extend(titles[t] for t in batch.column("target").to_pylist())
-                    histories.extend(hist_col.flatten().to_numpy(), pc.list_value_length(hist_col).to_numpy())
-            finally:
-                writer.close()
-                if bar is not None:
-                    bar.close()
-            elapsed = time.perf_counter() - started
-            catalogue = TitleCatalogue.from_dataset(dataset)
-            extended = compute_metrics(rankings, targets, histories, catalogue, extended=True)
-            metrics = {k: extended[k] for k in METRIC_KEYS}  # metrics.json: the contract's keys only
-            write_json_atomic(tmp / METRICS_FILE, metrics)
-            if config.plots:
-                exposure = {k: fairness_at_k(rankings, histories, catalogue, k) for k in (5, 10)}
-                _plot(tmp / PLOTS_DIR, metrics, exposure)
-            inputs = {"dataset": config.dataset}
-            if (Path(config.model) / MANIFEST).is_file():
-                inputs["model"] = config.model
-            write_manifest(
-                tmp, "eval", config=to_dict(config), inputs=inputs, metrics=extended,
-                timing={"seconds": round(elapsed, 3), "examples_per_second": round(len(rankings) / elapsed, 3)},
-            )
-        tracker.log_metrics({k: float(v) for k, v in extended.items()})  # + other K, per-group shares
-        tracker.log_metrics({"examples_per_second": len(rankings) / elapsed})
-        tracker.log_artifacts(config.out)
-    return metrics
+
+def _track(tracker, config: EvalConfig, extended: dict, examples_per_second: float) -> None:
+    """The run's metrics (the extended set: other K, per-group shares), its speed and the artifact."""
+    tracker.log_metrics({k: float(v) for k, v in extended.items()})
+    tracker.log_metrics({"examples_per_second": examples_per_second})
+    tracker.log_artifacts(config.out)
 
 
 def _plot(plots_dir: Path, metrics: dict, exposure: dict) -> None:

@@ -77,6 +77,33 @@ def test_evaluate_writes_the_eval_artifact(tmp_path, office_slice, tiny_model, m
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_streamed_metrics_equal_metrics_of_all_rankings_at_once(tmp_path, office_slice, tiny_model, monkeypatch):
+    """The stage streams each chunk into the accumulator and keeps no ranking: its metrics (all keys,
+    extended set in the manifest) equal compute_metrics over every ranking of predictions.parquet at once
+    (what the stage computed when it kept them all), with chunks of 3 over 7 examples (a short last chunk)."""
+    from gdrt_core.artifacts import read_manifest
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.evaluate import EvalConfig, run
+    from gdrt_core.metrics import TitleCatalogue, compute_metrics
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    out = tmp_path / "eval"
+    metrics = run(EvalConfig(dataset=str(office_slice), model=str(tiny_model), out=str(out), limit=7,
+                             chunk_size=3, batch_size=2, plots=False, progress=False))
+    dataset = Dataset(office_slice)
+    split = dataset.split("test").slice(0, 7).to_pydict()
+    rows = pq.read_table(out / "predictions.parquet").to_pylist()
+    assert pq.ParquetFile(out / "predictions.parquet").metadata.num_row_groups == 3
+    rankings = [[r["title"] for r in sorted((r for r in rows if r["example_id"] == eid), key=lambda r: r["rank"])]
+                for eid in split["example_id"]]
+    targets = [dataset.titles[t] for t in split["target"]]
+    expected = compute_metrics(rankings, targets, split["history"], TitleCatalogue.from_dataset(dataset),
+                               extended=True)
+    assert read_manifest(out, "eval")["metrics"] == expected
+    assert metrics == {k: expected[k] for k in metrics}
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+
 def test_evaluate_rejects_bad_settings_without_leaving_output(tmp_path, office_slice, tiny_model, monkeypatch, capsys):
     monkeypatch.setenv("GDRT_TRACKING", "off")
     out = tmp_path / "eval"
