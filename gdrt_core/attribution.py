@@ -550,23 +550,27 @@ def _numeric_metrics(summary: dict, prefix: str = "") -> dict[str, float]:
 
 
 def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
-    """Attribute `config.split` of the dataset; write the Attribution artifact; return the summary."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from tqdm.auto import tqdm
+    """Attribute `config.split` of the dataset; write the Attribution artifact; return the summary.
 
-    from gdrt_core.artifacts import (
-        MANIFEST,
-        atomic_output_dir,
-        check_output,
-        write_json_atomic,
-        write_manifest,
-    )
-    from gdrt_core.dataset import Dataset
-    from gdrt_core.prompts import render
-    from gdrt_core.scoring import pad_id_of
-    from gdrt_core.tokenization import context_limit, tokenize_example
+    Steps: validate -> open the tracking run -> attribute the split chunk by chunk -> summarise -> write
+    the artifact -> log to the run.
+    """
     from gdrt_core.tracking import stage_run
+
+    ds, examples, guard = _validate(config)
+    with stage_run("attribute", to_dict(config)) as tracker:
+        attributions, cf_scores = _attribute_split(config, ds, examples, model, tokenizer)
+        summary = _summary(config, attributions, cf_scores)
+        _write_attribution(config, guard, attributions, summary)
+        _track(tracker, config, summary)
+    return summary
+
+
+def _validate(config: AttributeConfig):
+    """Checks before any work: the config, the output, the Groups artifact, the split. Returns (dataset,
+    the examples to attribute, the output guard)."""
+    from gdrt_core.artifacts import check_output
+    from gdrt_core.dataset import Dataset
 
     check_config(config, "attribute config")
     guard = {"kind": "attribution",
@@ -580,109 +584,112 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
     examples = ds.examples(config.split, config.limit)
     if not examples:
         raise GdrtError(f"split {config.split!r} has no examples", path=config.dataset)
-    with stage_run("attribute", to_dict(config)) as tracker:
-        if model is None or tokenizer is None:
-            from gdrt_core.scoring import load_scoring_model
+    return ds, examples, guard
 
-            model, tokenizer = load_scoring_model(config.model, device=config.device, dtype=config.dtype)
-        pad_id = pad_id_of(tokenizer)
-        max_length = context_limit(model, tokenizer)
-        neutral_id = neutral_token_id(tokenizer, config.neutral_token)
-        titles = sorted(set(ds.titles.values()))
-        attributions: list[ExampleAttribution] = []
-        cf_scores: dict[str, list] = {"full": [], "history_removed": [], "history_shuffled": []}
-        with tqdm(
-            total=len(examples), desc=f"attribute {config.split}", unit="ex", disable=not config.progress
-        ) as bar:
-            for start in range(0, len(examples), config.chunk_size):
-                chunk = examples[start : start + config.chunk_size]
-                tokenized = [
-                    tokenize_example(
-                        tokenizer, render(ds.domain, list(e.history_titles), e.target_title), max_length=max_length,
-                        name=f"{config.dataset}: example {e.example_id} of the {config.split} split",
-                    )
-                    for e in chunk
-                ]
-                ids = [e.example_id for e in chunk]
-                if config.method == "ablation":
-                    attributions += ablation_attributions(
-                        model,
-                        tokenized,
-                        ids,
-                        baseline=config.baseline,
-                        neutral_id=neutral_id,
-                        pad_token_id=pad_id,
-                        bos_token_id=tokenizer.bos_token_id,
-                        batch_size=config.batch_size,
-                        max_batch_tokens=config.max_batch_tokens,
-                    )
-                else:
-                    attributions += grad_x_input_attributions(
-                        model,
-                        tokenized,
-                        ids,
-                        pad_token_id=pad_id,
-                        bos_token_id=tokenizer.bos_token_id,
-                        batch_size=config.batch_size,
-                    )
-                if config.counterfactual:
-                    for k, v in counterfactual_scores(
-                        model,
-                        tokenizer,
-                        ds.domain,
-                        chunk,
-                        titles,
-                        num_negatives=config.num_negatives,
-                        seed=config.seed,
-                        batch_size=config.batch_size,
-                        max_batch_tokens=config.max_batch_tokens,
-                    ).items():
-                        cf_scores[k] += v
-                bar.update(len(chunk))
 
-        summary = {
-            "method": config.method,
-            "baseline": config.baseline,
-            "split": config.split,
-            **summarize(attributions),
-        }
-        if config.method == "grad_x_input":
-            summary["note"] = "grad_x_input: per-token fields hold each segment's sum at target position 0"
-        if config.counterfactual:
-            summary["counterfactual"] = counterfactual_summary(cf_scores)
+def _attribute_split(config: AttributeConfig, ds, examples, model, tokenizer):
+    """Per-example attributions (ablation or gradient x input) and, with `counterfactual`, the target's and
+    negatives' scores under the counterfactual histories; the model is loaded here unless passed in.
+    Returns (attributions, {condition: scores})."""
+    from tqdm.auto import tqdm
 
-        eids, segments, positions, scores = [], [], [], []
-        for a in attributions:
-            for segment, position, score in a.rows():
-                eids.append(a.example_id)
-                segments.append(segment)
-                positions.append(position)
-                scores.append(score)
-        table = pa.table(
-            {
-                "example_id": pa.array(eids, pa.int64()),
-                "segment": pa.array(segments, pa.string()),
-                "position": pa.array(positions, pa.int32()),
-                "score": pa.array(scores, pa.float32()),
-            }
-        )
-        inputs = {"dataset": config.dataset}
-        if (Path(config.model) / MANIFEST).is_file():
-            inputs["model"] = config.model
-        if config.groups is not None:
-            inputs["groups"] = config.groups
-        with atomic_output_dir(config.out, **guard) as tmp:
-            pq.write_table(table, tmp / ATTRIBUTIONS_FILE)
-            write_json_atomic(tmp / SUMMARY_FILE, summary)
-            write_plots(summary, tmp / "plots", config.groups)
-            write_manifest(tmp, "attribution", config=to_dict(config), inputs=inputs)
-        out = Path(config.out)
-        tracker.log_metrics(
-            _numeric_metrics({k: v for k, v in summary.items() if not k.startswith("profile")})
-        )
-        tracker.log_artifact(out / SUMMARY_FILE)
-        tracker.log_artifacts(out / "plots", "plots")
+    from gdrt_core.prompts import render
+    from gdrt_core.scoring import pad_id_of
+    from gdrt_core.tokenization import context_limit, tokenize_example
+
+    if model is None or tokenizer is None:
+        from gdrt_core.scoring import load_scoring_model
+
+        model, tokenizer = load_scoring_model(config.model, device=config.device, dtype=config.dtype)
+    pad_id = pad_id_of(tokenizer)
+    max_length = context_limit(model, tokenizer)
+    neutral_id = neutral_token_id(tokenizer, config.neutral_token)
+    titles = sorted(set(ds.titles.values()))
+    attributions: list[ExampleAttribution] = []
+    cf_scores: dict[str, list] = {"full": [], "history_removed": [], "history_shuffled": []}
+    with tqdm(total=len(examples), desc=f"attribute {config.split}", unit="ex", disable=not config.progress) as bar:
+        for start in range(0, len(examples), config.chunk_size):
+            chunk = examples[start : start + config.chunk_size]
+            tokenized = [
+                tokenize_example(
+                    tokenizer, render(ds.domain, list(e.history_titles), e.target_title), max_length=max_length,
+                    name=f"{config.dataset}: example {e.example_id} of the {config.split} split",
+                )
+                for e in chunk
+            ]
+            ids = [e.example_id for e in chunk]
+            if config.method == "ablation":
+                attributions += ablation_attributions(
+                    model, tokenized, ids, baseline=config.baseline, neutral_id=neutral_id, pad_token_id=pad_id,
+                    bos_token_id=tokenizer.bos_token_id, batch_size=config.batch_size,
+                    max_batch_tokens=config.max_batch_tokens,
+                )
+            else:
+                attributions += grad_x_input_attributions(
+                    model, tokenized, ids, pad_token_id=pad_id, bos_token_id=tokenizer.bos_token_id,
+                    batch_size=config.batch_size,
+                )
+            if config.counterfactual:
+                for k, v in counterfactual_scores(
+                    model, tokenizer, ds.domain, chunk, titles, num_negatives=config.num_negatives,
+                    seed=config.seed, batch_size=config.batch_size, max_batch_tokens=config.max_batch_tokens,
+                ).items():
+                    cf_scores[k] += v
+            bar.update(len(chunk))
+    return attributions, cf_scores
+
+
+def _summary(config: AttributeConfig, attributions: list[ExampleAttribution], cf_scores: dict) -> dict:
+    """summary.json's content: the method, the segment shares and profiles, the counterfactual summary."""
+    summary = {"method": config.method, "baseline": config.baseline, "split": config.split,
+               **summarize(attributions)}
+    if config.method == "grad_x_input":
+        summary["note"] = "grad_x_input: per-token fields hold each segment's sum at target position 0"
+    if config.counterfactual:
+        summary["counterfactual"] = counterfactual_summary(cf_scores)
     return summary
+
+
+def _write_attribution(config: AttributeConfig, guard: dict, attributions: list[ExampleAttribution],
+                       summary: dict) -> None:
+    """attributions.parquet (one row per example, segment and position), summary.json, the plots and the
+    manifest, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gdrt_core.artifacts import MANIFEST, atomic_output_dir, write_json_atomic, write_manifest
+
+    eids, segments, positions, scores = [], [], [], []
+    for a in attributions:
+        for segment, position, score in a.rows():
+            eids.append(a.example_id)
+            segments.append(segment)
+            positions.append(position)
+            scores.append(score)
+    table = pa.table({
+        "example_id": pa.array(eids, pa.int64()),
+        "segment": pa.array(segments, pa.string()),
+        "position": pa.array(positions, pa.int32()),
+        "score": pa.array(scores, pa.float32()),
+    })
+    inputs = {"dataset": config.dataset}
+    if (Path(config.model) / MANIFEST).is_file():
+        inputs["model"] = config.model
+    if config.groups is not None:
+        inputs["groups"] = config.groups
+    with atomic_output_dir(config.out, **guard) as tmp:
+        pq.write_table(table, tmp / ATTRIBUTIONS_FILE)
+        write_json_atomic(tmp / SUMMARY_FILE, summary)
+        write_plots(summary, tmp / "plots", config.groups)
+        write_manifest(tmp, "attribution", config=to_dict(config), inputs=inputs)
+
+
+def _track(tracker, config: AttributeConfig, summary: dict) -> None:
+    """The summary's numbers (profiles left out), summary.json and the plots."""
+    out = Path(config.out)
+    tracker.log_metrics(_numeric_metrics({k: v for k, v in summary.items() if not k.startswith("profile")}))
+    tracker.log_artifact(out / SUMMARY_FILE)
+    tracker.log_artifacts(out / "plots", "plots")
 
 
 def cli(args: argparse.Namespace) -> None:

@@ -134,30 +134,52 @@ def build_model(size: ModelSize, vocab_size: int, seed: int):
 
 def run(config: EmbeddedConfig) -> dict:
     """Build tokenizer + model for `config.dataset` into `config.out` (or install a pretrained backbone /
-    convert a GGUF file when `pretrained` / `gguf` is set); returns the manifest."""
-    from gdrt_core.artifacts import atomic_output_dir, check_output, write_manifest
-    from gdrt_core.dataset import Dataset
-    from gdrt_core.models import count_parameters
-    from gdrt_core.tokenization import check_response_boundary
+    convert a GGUF file when `pretrained` / `gguf` is set); returns the manifest.
 
+    Steps: validate -> train the tokenizer and build the model -> write the Model directory.
+    """
     check_config(config, "init-model config")
     if config.pretrained or config.gguf:
         return run_pretrained(config)
+    dataset, guard = _validate(config)
+    tokenizer, model = _build(config, dataset)
+    return _write_model(config, guard, dataset, tokenizer, model)
+
+
+def _validate(config: EmbeddedConfig):
+    """Checks before any work: a dataset is given, the output may be written. Returns (dataset, guard)."""
+    from gdrt_core.artifacts import check_output
+    from gdrt_core.dataset import Dataset
+
     if not config.dataset:
         raise GdrtError("the embedded model needs --dataset (its titles train the tokenizer)",
                         hint="pass --dataset DIR, or --pretrained NAME / --gguf FILE for a pretrained backbone")
     guard = {"kind": "model", "inputs": {"dataset": config.dataset}}
     check_output(config.out, **guard)
+    return Dataset(config.dataset), guard
+
+
+def _build(config: EmbeddedConfig, dataset):
+    """The BPE tokenizer trained on the dataset's titles and prompts (checked at the response boundary), and
+    the seeded model of `config.size` for its vocabulary."""
+    from gdrt_core.tokenization import check_response_boundary
+
     size = SIZES[config.size]
-    vocab_target = config.vocab_size or size.vocab
-    dataset = Dataset(config.dataset)
     examples = [(list(e.history_titles), e.target_title) for e in dataset.examples("train", limit=config.prompt_examples)]
     titles = list(dataset.titles.values())
     if not titles:
         raise GdrtError("the dataset has no items to train a tokenizer on", path=config.dataset)
-    tokenizer = train_tokenizer(tokenizer_corpus(titles, examples), vocab_target)
+    tokenizer = train_tokenizer(tokenizer_corpus(titles, examples), config.vocab_size or size.vocab)
     check_response_boundary(tokenizer, titles[:200])
-    model = build_model(size, len(tokenizer), config.seed)
+    return tokenizer, build_model(size, len(tokenizer), config.seed)
+
+
+def _write_model(config: EmbeddedConfig, guard: dict, dataset, tokenizer, model) -> dict:
+    """safetensors weights, tokenizer files and the manifest, atomically; returns the manifest."""
+    from gdrt_core.artifacts import atomic_output_dir, write_manifest
+    from gdrt_core.models import count_parameters
+
+    size = SIZES[config.size]
     _, n_params = count_parameters(model)
     with atomic_output_dir(config.out, **guard) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)

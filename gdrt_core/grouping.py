@@ -273,22 +273,28 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
     """Score, bin and write the Groups artifact; returns groups.json's content.
 
     `model` / `tokenizer` may be passed in (tests, notebooks); otherwise `config.reference` is loaded.
+    Steps: validate -> open the tracking run -> score r_t per split (resumable parts) -> fit the edges on
+    train and bin every split -> write the artifact -> log to the run.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from tqdm.auto import tqdm
-
-    from gdrt_core.artifacts import (
-        MANIFEST,
-        atomic_output_dir,
-        check_not_input,
-        check_output,
-        exclusive,
-        write_json_atomic,
-        write_manifest,
-    )
-    from gdrt_core.dataset import Dataset
+    from gdrt_core.artifacts import exclusive
     from gdrt_core.tracking import stage_run
+
+    ds, guard = _validate(config)
+    with stage_run("group", to_dict(config)) as tracker, contextlib.ExitStack() as hold:
+        hold.enter_context(exclusive(_work_path(config), "gdrt group"))
+        work, tables = _score_splits(config, ds, model, tokenizer)
+        token_groups, summary = _bin_splits(config, tables)
+        _write_groups(config, guard, token_groups, summary)
+        shutil.rmtree(work, ignore_errors=True)
+        _track(tracker, config, summary)
+    return summary
+
+
+def _validate(config: GroupConfig):
+    """Checks before any work: the config, the output and work directories, the train split. Returns
+    (dataset, the output guard)."""
+    from gdrt_core.artifacts import check_not_input, check_output
+    from gdrt_core.dataset import Dataset
 
     check_config(config, "group config")
     guard = {"kind": "groups", "inputs": {"dataset": config.dataset, "reference": config.reference}}
@@ -297,76 +303,93 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
     check_work_dir(_work_path(config))
     ds = Dataset(config.dataset)
     ds.require_examples("train", "to fit the group edges on")
-    with stage_run("group", to_dict(config)) as tracker, contextlib.ExitStack() as hold:
-        hold.enter_context(exclusive(_work_path(config), "gdrt group"))
-        if model is None or tokenizer is None:
-            from gdrt_core.scoring import load_scoring_model
+    return ds, guard
 
-            model, tokenizer = load_scoring_model(config.reference, device=config.device, dtype=config.dtype)
-        work = _open_work_dir(config)
-        total = sum(min(ds.split(s).num_rows, config.limit or 1 << 62) for s in config.splits)
-        with tqdm(total=total, desc="group: r_t", unit="ex", disable=not config.progress) as bar:
-            parts = {s: _score_split(model, tokenizer, ds, s, config, work, bar) for s in config.splits}
 
-        tables = {
-            s: pa.concat_tables([pq.read_table(p) for p in paths]) for s, paths in parts.items() if paths
-        }
-        binned: dict[str, np.ndarray] = {}
-        for s, t in tables.items():
-            rel = t.column("relevance").to_numpy()
-            binned[s] = (
-                example_means(t.column("example_id").to_numpy(), rel)
-                if config.granularity == "example"
-                else rel
+def _score_splits(config: GroupConfig, ds, model, tokenizer):
+    """r_t of every target token of every split, scored part by part into the work directory (a rerun
+    resumes). Returns (the work directory, {split: table of example_id, position, token_id, relevance})."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    if model is None or tokenizer is None:
+        from gdrt_core.scoring import load_scoring_model
+
+        model, tokenizer = load_scoring_model(config.reference, device=config.device, dtype=config.dtype)
+    work = _open_work_dir(config)
+    total = sum(min(ds.split(s).num_rows, config.limit or 1 << 62) for s in config.splits)
+    with tqdm(total=total, desc="group: r_t", unit="ex", disable=not config.progress) as bar:
+        parts = {s: _score_split(model, tokenizer, ds, s, config, work, bar) for s in config.splits}
+    return work, {s: pa.concat_tables([pq.read_table(p) for p in paths]) for s, paths in parts.items() if paths}
+
+
+def _bin_splits(config: GroupConfig, tables: dict):
+    """Edges fitted on train (per token, or per example mean), every split binned with them. Returns (the
+    token_groups table with its group and split columns, groups.json's content)."""
+    import pyarrow as pa
+
+    binned: dict[str, np.ndarray] = {}
+    for s, t in tables.items():
+        rel = t.column("relevance").to_numpy()
+        binned[s] = example_means(t.column("example_id").to_numpy(), rel) if config.granularity == "example" else rel
+    fit_values = binned["train"]
+    if config.granularity == "example":  # one value per example: the mean r of its target tokens
+        _, first = np.unique(tables["train"].column("example_id").to_numpy(), return_index=True)
+        fit_values = fit_values[first]
+    edges = fit_edges(fit_values, config.num_groups)
+
+    out_tables, sizes, means = [], {}, {}
+    for s, t in tables.items():
+        groups = assign_groups(binned[s], edges)
+        sizes[s], means[s] = _group_stats(t.column("relevance").to_numpy(), groups, config.num_groups)
+        out_tables.append(
+            t.append_column("group", pa.array(groups, pa.int8())).append_column(
+                "split", pa.array([s] * t.num_rows, pa.string())
             )
-        fit_values = binned["train"]
-        if config.granularity == "example":  # one value per example: the mean r of its target tokens
-            _, first = np.unique(tables["train"].column("example_id").to_numpy(), return_index=True)
-            fit_values = fit_values[first]
-        edges = fit_edges(fit_values, config.num_groups)
+        )
+    train_rel = tables["train"].column("relevance").to_numpy()
+    summary = {
+        "num_groups": config.num_groups,
+        "granularity": config.granularity,
+        "history_removal": config.history_removal,
+        "edges": [float(e) for e in edges],
+        "train_range": [float(train_rel.min()), float(train_rel.max())],
+        "sizes": sizes,
+        "mean_relevance": means,
+        "examples": {s: int(len(np.unique(t.column("example_id").to_numpy()))) for s, t in tables.items()},
+        "tokens": {s: int(t.num_rows) for s, t in tables.items()},
+    }
+    return pa.concat_tables(out_tables), summary
 
-        out_tables, sizes, means = [], {}, {}
-        for s, t in tables.items():
-            groups = assign_groups(binned[s], edges)
-            sizes[s], means[s] = _group_stats(t.column("relevance").to_numpy(), groups, config.num_groups)
-            out_tables.append(
-                t.append_column("group", pa.array(groups, pa.int8())).append_column(
-                    "split", pa.array([s] * t.num_rows, pa.string())
-                )
-            )
-        train_rel = tables["train"].column("relevance").to_numpy()
-        summary = {
-            "num_groups": config.num_groups,
-            "granularity": config.granularity,
-            "history_removal": config.history_removal,
-            "edges": [float(e) for e in edges],
-            "train_range": [float(train_rel.min()), float(train_rel.max())],
-            "sizes": sizes,
-            "mean_relevance": means,
-            "examples": {
-                s: int(len(np.unique(t.column("example_id").to_numpy()))) for s, t in tables.items()
-            },
-            "tokens": {s: int(t.num_rows) for s, t in tables.items()},
-        }
-        inputs = {"dataset": config.dataset}
-        if (Path(config.reference) / MANIFEST).is_file():
-            inputs["reference"] = config.reference
-        with atomic_output_dir(config.out, **guard) as tmp:
-            pq.write_table(pa.concat_tables(out_tables), tmp / TOKEN_GROUPS_FILE)
-            write_json_atomic(tmp / GROUPS_FILE, summary)
-            (tmp / "plots").mkdir()
-            plot_relevance_histogram(summary, pa.concat_tables(out_tables), tmp / "plots" / HISTOGRAM_FILE)
-            write_manifest(tmp, "groups", config=to_dict(config), inputs=inputs, groups=summary)
-        shutil.rmtree(work, ignore_errors=True)
 
-        metrics = {"edge_" + str(i): e for i, e in enumerate(summary["edges"])}
-        for s in sizes:
-            metrics.update({f"{s}_size_g{g}": n for g, n in enumerate(sizes[s])})
-            metrics.update({f"{s}_mean_relevance_g{g}": m for g, m in enumerate(means[s]) if m is not None})
-        tracker.log_metrics(metrics)
-        tracker.log_artifact(Path(config.out) / GROUPS_FILE)
-        tracker.log_artifact(Path(config.out) / "plots" / HISTOGRAM_FILE, "plots")
-    return summary
+def _write_groups(config: GroupConfig, guard: dict, token_groups, summary: dict) -> None:
+    """token_groups.parquet, groups.json, the relevance histogram and the manifest, atomically."""
+    import pyarrow.parquet as pq
+
+    from gdrt_core.artifacts import MANIFEST, atomic_output_dir, write_json_atomic, write_manifest
+
+    inputs = {"dataset": config.dataset}
+    if (Path(config.reference) / MANIFEST).is_file():
+        inputs["reference"] = config.reference
+    with atomic_output_dir(config.out, **guard) as tmp:
+        pq.write_table(token_groups, tmp / TOKEN_GROUPS_FILE)
+        write_json_atomic(tmp / GROUPS_FILE, summary)
+        (tmp / "plots").mkdir()
+        plot_relevance_histogram(summary, token_groups, tmp / "plots" / HISTOGRAM_FILE)
+        write_manifest(tmp, "groups", config=to_dict(config), inputs=inputs, groups=summary)
+
+
+def _track(tracker, config: GroupConfig, summary: dict) -> None:
+    """The edges, group sizes and mean relevance per split, groups.json and the histogram."""
+    metrics = {"edge_" + str(i): e for i, e in enumerate(summary["edges"])}
+    for s, sizes in summary["sizes"].items():
+        metrics.update({f"{s}_size_g{g}": n for g, n in enumerate(sizes)})
+        metrics.update({f"{s}_mean_relevance_g{g}": m for g, m in enumerate(summary["mean_relevance"][s])
+                        if m is not None})
+    tracker.log_metrics(metrics)
+    tracker.log_artifact(Path(config.out) / GROUPS_FILE)
+    tracker.log_artifact(Path(config.out) / "plots" / HISTOGRAM_FILE, "plots")
 
 
 def plot_relevance_histogram(info: dict, table, path: str | os.PathLike) -> None:
