@@ -1,9 +1,10 @@
 """Raw Amazon review dumps (2014 and 2018 releases) -> Dataset, streamed.
 
 Reviews are JSON lines (optionally .gz). Worker threads each read a byte range of whole lines
-(`read_line_range`) and parse it with pyarrow's JSON reader (only reviewerID, asin and
-unixReviewTime; other fields are ignored), and dictionary-encode the two id columns at once; the
-block dictionaries are merged into one (`IdCoder`). So the dump is never held as Python objects: what
+(`read_line_range`, into a buffer the thread reuses) and parse it with pyarrow's JSON reader (only
+reviewerID, asin and unixReviewTime; other fields are ignored), and dictionary-encode the two id
+columns at once (the id checks then run on the block dictionaries, not on every row); the block
+dictionaries are merged into one (`IdCoder`). So the dump is never held as Python objects: what
 stays in memory is two int32 codes and one int64 time per review, plus the distinct ids. A block the
 fast parser rejects is re-read line by line to name the bad line (or to drop it).
 
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import resource
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -64,18 +66,26 @@ def line_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
             yield block if block.endswith(b"\n") else block + b"\n"
 
 
-def read_line_range(fd: int, start: int, end: int, size: int, slack: int = 1 << 20) -> memoryview:
+def read_line_range(
+    fd: int, start: int, end: int, size: int, slack: int = 1 << 20, buffer: bytearray | None = None,
+) -> memoryview:
     """The whole lines whose first byte lies in [start, end) of a file of `size` bytes (os.pread).
 
-    Consecutive ranges give every line exactly once, so workers can read their own blocks.
+    Consecutive ranges give every line exactly once, so workers can read their own blocks. With
+    `buffer` (a bytearray the caller reuses for its next block, see `_thread_buffer`) the first read goes
+    into it: no fresh allocation, so no page faults on every block; the result is then a view into it.
     """
     lo = max(start - 1, 0)  # the byte before `start` tells whether a line starts at `start`
-    data = os.pread(fd, min(end, size) - lo + slack, lo)
+    want = min(end, size) - lo + slack
+    if buffer is not None and len(buffer) >= want:
+        data = memoryview(buffer)[:os.preadv(fd, [memoryview(buffer)[:want]], lo)]
+    else:
+        data = os.pread(fd, want, lo)
 
     def find_newline(frm: int) -> int:
         nonlocal data
-        while (j := data.find(b"\n", frm)) == -1 and lo + len(data) < size:
-            data += os.pread(fd, slack, lo + len(data))
+        while (j := _find(data, frm)) == -1 and lo + len(data) < size:
+            data = bytes(data) + os.pread(fd, slack, lo + len(data))  # a line longer than the slack: rare
         return j
 
     first = 0
@@ -88,13 +98,35 @@ def read_line_range(fd: int, start: int, end: int, size: int, slack: int = 1 << 
         return memoryview(b"")
     last = find_newline(min(end, size) - 1 - lo)
     if last == -1:  # the file does not end with a newline
-        data += b"\n"
+        data = bytes(data) + b"\n"
         last = len(data) - 1
     return memoryview(data)[first:last + 1]
 
 
+def _find(data, frm: int) -> int:
+    """data.find(b"\n", frm) for bytes or a memoryview (which has no find)."""
+    return data.find(b"\n", frm) if isinstance(data, bytes) else data.obj.find(b"\n", frm, len(data))
+
+
+_BUFFERS = threading.local()
+
+
+def _thread_buffer(nbytes: int) -> bytearray:
+    """This thread's read buffer, at least `nbytes` long (one per parser thread, reused block after block)."""
+    buffer = getattr(_BUFFERS, "buffer", None)
+    if buffer is None or len(buffer) < nbytes:
+        buffer = _BUFFERS.buffer = bytearray(nbytes)
+    return buffer
+
+
 def count_lines(block: bytes) -> int:
-    return int(np.count_nonzero(np.frombuffer(block, dtype=np.uint8) == 10))
+    data = np.frombuffer(block, dtype=np.uint8)
+    # the comparison goes into this thread's reused scratch array: a fresh 32 MB array per block would
+    # cost more in page faults than the comparison itself
+    scratch = getattr(_BUFFERS, "newlines", None)
+    if scratch is None or len(scratch) < len(data):
+        scratch = _BUFFERS.newlines = np.empty(len(data), dtype=bool)
+    return int(np.count_nonzero(np.equal(data, 10, out=scratch[:len(data)])))
 
 
 @dataclass
@@ -108,8 +140,13 @@ class ParsedBlock:
     bad: list[tuple[str, str, int]] = field(default_factory=list)
 
 
-def _fast_parse(block: bytes, names: tuple[str, ...], types: tuple):
-    """pyarrow JSON parse of the named fields, or None when the block needs the line-by-line path."""
+def _fast_parse(block: bytes, names: tuple[str, ...], types: tuple, validate: bool = True):
+    """pyarrow JSON parse of the named fields, or None when the block needs the line-by-line path.
+
+    validate=False leaves the UTF-8 check of the string columns to the caller (pyarrow does not check
+    UTF-8 while parsing): `parse_review_block` checks the block dictionaries instead, which is the same
+    check on fewer strings.
+    """
     import pyarrow as pa
     import pyarrow.json as pj
 
@@ -120,7 +157,7 @@ def _fast_parse(block: bytes, names: tuple[str, ...], types: tuple):
             read_options=pj.ReadOptions(use_threads=False, block_size=len(block) + 1),
             parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
         )
-        for column in table.columns:
+        for column in table.columns if validate else ():
             column.validate(full=True)  # pyarrow does not check UTF-8 while parsing
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError):
         return None
@@ -187,24 +224,43 @@ def parse_review_block(block: bytes) -> ParsedBlock:
     import pyarrow.compute as pc
 
     lines = count_lines(block)
-    table = _fast_parse(block, REVIEW_FIELDS, (pa.string(), pa.string(), pa.int64()))
+    table = _fast_parse(block, REVIEW_FIELDS, (pa.string(), pa.string(), pa.int64()), validate=False)
     bad: list[tuple[str, str, int]] = []
     if table is not None and all(c.null_count == 0 for c in table.columns):
-        users, items, times = table.column(0), table.column(1), table.column(2)
-        empty = pc.any(pc.or_(pc.equal(pc.utf8_length(users), 0), pc.equal(pc.utf8_length(items), 0))).as_py()
-        control = pc.any(pc.or_(pc.match_substring_regex(users, CONTROL_RE2),
-                                pc.match_substring_regex(items, CONTROL_RE2))).as_py()
-        if not (empty or control):
-            return ParsedBlock(
-                pc.dictionary_encode(users.combine_chunks()), pc.dictionary_encode(items.combine_chunks()),
-                times.to_numpy().astype(np.int64, copy=False), lines,
-            )
+        users = pc.dictionary_encode(table.column(0).combine_chunks())
+        items = pc.dictionary_encode(table.column(1).combine_chunks())
+        # every check on the distinct values only: a row fails exactly when its dictionary entry does
+        if _clean_ids(users.dictionary) and _clean_ids(items.dictionary):
+            return ParsedBlock(users, items, table.column(2).to_numpy().astype(np.int64, copy=False), lines)
     checks = {"reviewerID": _check_id, "asin": _check_id, "unixReviewTime": _check_time}
     rows, bad = _slow_lines(block, REVIEW_FIELDS, REVIEW_FIELDS, checks)
     users = pa.array([r["reviewerID"] for _, r in rows], pa.string())
     items = pa.array([r["asin"] for _, r in rows], pa.string())
     times = np.array([int(r["unixReviewTime"]) for _, r in rows], dtype=np.int64)
     return ParsedBlock(pc.dictionary_encode(users), pc.dictionary_encode(items), times, lines, bad)
+
+
+def _clean_ids(values) -> bool:
+    """Valid UTF-8, none empty, no control character that `text_problem` refuses (else the block takes
+    the line-by-line path). Checked on the bytes with numpy: the controls are the bytes 0x00-0x1f but tab
+    and newline, 0x7f, and U+0080-U+009F (0xc2 0x80-0x9f); any other non-ASCII byte sends the values to
+    pyarrow's UTF-8 check and the RE2 pattern of the controls."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if len(values) == 0:
+        return True
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)[values.offset:values.offset + len(values) + 1]
+    if np.any(offsets[1:] == offsets[:-1]):
+        return False  # an empty id
+    data = np.frombuffer(values.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    if data.max(initial=0) < 0x7f and data.min(initial=0x20) >= 0x20:
+        return True  # printable ASCII: valid UTF-8 and no control character
+    try:
+        values.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return not pc.any(pc.match_substring_regex(values, CONTROL_RE2)).as_py()
 
 
 def parallel_blocks(path: Path, block_bytes: int, threads: int, parse) -> Iterator:
@@ -224,7 +280,10 @@ def parallel_blocks(path: Path, block_bytes: int, threads: int, parse) -> Iterat
             raise GdrtError("file not found", path=str(path)) from None
         size = os.fstat(fd).st_size
         jobs = (
-            functools.partial(lambda s, e: parse(read_line_range(fd, s, e, size)), start, start + block_bytes)
+            functools.partial(
+                lambda s, e: parse(read_line_range(fd, s, e, size, buffer=_thread_buffer(block_bytes + (1 << 20)))),
+                start, start + block_bytes,
+            )
             for start in range(0, size, block_bytes)
         )
     try:

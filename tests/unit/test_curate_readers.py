@@ -187,13 +187,49 @@ def test_read_line_range_gives_every_line_once(tmp_path_factory, lines, trailing
     path = tmp_path_factory.mktemp("ranges") / "f.txt"
     path.write_bytes(text)
     fd = os.open(path, os.O_RDONLY)
+    buffer = bytearray(block + slack + 1)  # reused for every range, as a parser thread does
     try:
         parts = [bytes(read_line_range(fd, s, s + block, len(text), slack)) for s in range(0, len(text), block)]
+        buffered = [bytes(read_line_range(fd, s, s + block, len(text), slack, buffer=buffer))
+                    for s in range(0, len(text), block)]
     finally:
         os.close(fd)
     assert all(p.endswith(b"\n") for p in parts if p)
     expected = text if text.endswith(b"\n") or not text else text + b"\n"
     assert b"".join(parts) == expected
+    assert buffered == parts
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.text(max_size=6) | st.binary(max_size=6).map(lambda b: b.decode("utf-8", "replace")),
+                       max_size=8), raw=st.lists(st.binary(max_size=4), max_size=2))
+def test_clean_ids_agrees_with_the_text_rule(values, raw):
+    """The block check of the review ids (numpy on the bytes, then pyarrow and RE2) passes a block exactly
+    when every id is non-empty valid UTF-8 that `text_problem` accepts (surrogates cannot be encoded)."""
+    import pyarrow as pa
+
+    from gdrt_core.curate.amazon import _clean_ids
+    from gdrt_core.text import text_problem
+
+    data = [v.encode("utf-8", "surrogatepass") for v in values] + raw
+    expected = all(_acceptable(b, text_problem) for b in data)
+    array = pa.array(data, pa.binary()).cast(pa.string(), safe=False)
+    assert _clean_ids(array) == expected
+    assert _clean_ids(array.slice(1)) == all(_acceptable(b, text_problem) for b in data[1:])
+
+
+def _acceptable(value: bytes, text_problem) -> bool:
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return bool(text) and text_problem(text) is None
+
+
+def test_count_lines_reuses_its_scratch_array():
+    from gdrt_core.curate.amazon import count_lines
+
+    assert [count_lines(b) for b in (b"a\nb\n" * 1000, b"", b"\n", b"x" * 10 + b"\n\n")] == [2000, 0, 1, 2]
 
 
 def test_meta_2014_literals():
