@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gdrt_core.errors import GdrtError
+from gdrt_core.loss import weighted_group_loss
 from gdrt_core.train.data import NO_GROUP, StepWeights, pad_batch
 from gdrt_core.train.deepspeed import launch_command, needs_launch, zero_config
 from gdrt_core.train.resume import MARKER, checkpoint_problem, latest_valid_checkpoint, seal_checkpoint
@@ -17,13 +18,15 @@ from gdrt_core.train.resume import MARKER, checkpoint_problem, latest_valid_chec
 def test_batch_policy_weights_are_the_closed_form():
     """L = (1, 2), N = (3, 1), uniform pi, tau 1: w = (e^1, e^2) / (e^1 + e^2) = (0.2689, 0.7311).
 
-    Token coefficients c_g = w_g / N_g = (0.2689 / 3, 0.7311 / 1) = (0.08964, 0.7311).
+    Token coefficients c_g = d weighted_group_loss / d S_g = w_g / N_g = (0.2689 / 3, 0.7311 / 1) = (0.08964, 0.7311).
     """
     sw = StepWeights(2, tau=1.0)
     counts = torch.tensor([3.0, 1.0], dtype=torch.float64)
     w = sw.weights(counts, torch.tensor([1.0, 2.0], dtype=torch.float64))
     assert w.tolist() == pytest.approx([1 / (1 + math.e), math.e / (1 + math.e)], rel=1e-6)
-    assert sw.token_coefficients(w, counts).tolist() == pytest.approx([0.26894 / 3, 0.73106], rel=1e-4)
+    sums = torch.zeros(2, requires_grad=True)
+    weighted_group_loss(sums, w, counts).backward()
+    assert sums.grad.tolist() == pytest.approx([0.26894 / 3, 0.73106], rel=1e-4)
 
 
 def test_absent_group_gets_no_weight_and_prior_renormalises():
@@ -60,7 +63,9 @@ def test_sft_coefficients_are_one_over_the_whole_batch_count():
     """SFT: every token weighs 1 / N with N = 3 + 1 = 4 tokens in the whole optimiser batch."""
     sw = StepWeights(1, objective="sft")
     counts = torch.tensor([4.0], dtype=torch.float64)
-    assert sw.token_coefficients(sw.weights(counts, None), counts).tolist() == [0.25]
+    sums = torch.zeros(1, requires_grad=True)
+    weighted_group_loss(sums, sw.weights(counts, None), counts).backward()
+    assert sums.grad.tolist() == [0.25]
     assert not sw.needs_lookahead
 
 
