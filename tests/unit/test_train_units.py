@@ -289,3 +289,42 @@ def test_set_dotted_creates_settings_dicts_and_names_a_bad_parent():
     assert "sweep.yaml" in str(e.value)
     with pytest.raises(GdrtError, match="'lora' is not a settings dict"):
         load_config(TrainConfig, None, ["lora=true", "lora.r=4"], dataset="d", model="m", out="o")
+
+
+def _ndcg_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One of 2 gloo ranks calling GdrtTrainer.valid_ndcg_value with a scorer that fails on rank 0."""
+    import contextlib
+    import types
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from gdrt_core.train.trainer import GdrtTrainer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+
+    def failing(model):
+        raise RuntimeError("ranking failed")
+
+    stub = types.SimpleNamespace(
+        is_world_process_zero=lambda: rank == 0, autocast_smart_context_manager=contextlib.nullcontext,
+        accelerator=types.SimpleNamespace(unwrap_model=lambda m: m), model=None, valid_ndcg=failing,
+    )
+    try:
+        GdrtTrainer.valid_ndcg_value(stub)
+        outcome = "returned"
+    except Exception as e:  # noqa: BLE001 - the outcome is what the test reads
+        outcome = f"{type(e).__name__}: {e}"
+    Path(out_dir, f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+def test_valid_ndcg_failure_stops_every_rank(tmp_path):
+    """The valid NDCG@10 fails on rank 0 (where it is ranked): rank 0 raises the error itself, rank 1 an error
+    naming it, instead of waiting for a number or receiving one."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ndcg_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0.txt").read_text() == "RuntimeError: ranking failed"
+    assert (tmp_path / "rank1.txt").read_text().startswith(
+        "GdrtError: valid NDCG@10 failed on rank 0: RuntimeError: ranking failed")
