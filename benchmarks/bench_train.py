@@ -14,6 +14,13 @@ callback (median over the timed steps, after warm-up steps). Modes, each on the 
 
 The ~100M model is LlamaConfig(hidden 768, 14 layers, 12 heads, intermediate 2048) on the embedded
 tokenizer's vocabulary, randomly initialised (speed does not depend on the weights).
+
+The pretrained backbone (converted once by `python -m gdrt_core.pretrained fetch smollm2-135m`), LoRA (r 8 on
+q_proj / v_proj) and full fine-tuning, AdamW, its own tokenizer, the same modes with A = 2; prints the GDRT /
+SFT step-time ratios of the run (wall and process CPU time, which a shared machine disturbs less):
+
+    .venv/bin/python benchmarks/bench_train.py --pretrained smollm2-135m --tunings lora,full --batch 2 \
+        --steps 3 --repeats 2 --threads 1 --out bench_train_smollm2.json
 """
 
 from __future__ import annotations
@@ -49,8 +56,13 @@ def build(size: str, vocab: int, seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
-def time_mode(model_state, size, vocab, features, tok, *, objective, policy, batch, accum, steps, warmup, work):
-    """Median seconds per optimiser step and target+prompt tokens per second for one mode."""
+def time_mode(model_state, size, vocab, features, tok, *, objective, policy, batch, accum, steps, warmup, work,
+              make_model=None, optim="sgd", cpu=None):
+    """Median seconds per optimiser step and target+prompt tokens per second for one mode.
+
+    make_model: builds the model (default: the `size` config with `model_state`); cpu: a list that receives
+    the median process CPU seconds per step (all threads of this process; other jobs do not count).
+    """
     from transformers import TrainerCallback
 
     from gdrt_core.train import TrainConfig
@@ -58,14 +70,18 @@ def time_mode(model_state, size, vocab, features, tok, *, objective, policy, bat
     from gdrt_core.train.loop import training_arguments
     from gdrt_core.train.trainer import GdrtTrainer
 
-    model = build(size, vocab)
-    model.load_state_dict(model_state)
-    cfg = TrainConfig(dataset="-", model="-", out=str(work), objective=objective, optim="sgd", lr=1e-4,
+    if make_model is None:
+        model = build(size, vocab)
+        model.load_state_dict(model_state)
+    else:
+        model = make_model()
+    cfg = TrainConfig(dataset="-", model="-", out=str(work), objective=objective, optim=optim, lr=1e-4,
                       scheduler="constant", max_steps=warmup + steps, batch_size=batch, grad_accum=accum,
                       eval_every=0, save_every=0, log_every=10**6, lora=False, seed=0, max_grad_norm=0.0)
     args = training_arguments(cfg, Path(work), has_valid=False)
     args.save_strategy = "no"
     stamps: list[float] = []
+    cpu_ends: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -73,6 +89,7 @@ def time_mode(model_state, size, vocab, features, tok, *, objective, policy, bat
 
         def on_step_end(self, args, state, control, **kw):
             stamps.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
 
     groups = 4 if objective == "gdrt" else 1
     trainer = GdrtTrainer(model=model, args=args, train_dataset=features, data_collator=TrainCollator(tok.pad_token_id),
@@ -83,20 +100,22 @@ def time_mode(model_state, size, vocab, features, tok, *, objective, policy, bat
     ends = stamps[1::2]
     per_step = [b - a for a, b in zip(ends[warmup - 1:-1], ends[warmup:], strict=True)] if warmup else []
     seconds = statistics.median(per_step)
+    if cpu is not None:
+        cpu.append(statistics.median(b - a for a, b in zip(cpu_ends[warmup - 1:-1], cpu_ends[warmup:], strict=True)))
     n_examples = batch * accum
     tokens = sum(len(f["input_ids"]) for f in features[: n_examples * (warmup + steps)]) / (warmup + steps)
     return seconds, tokens / seconds
 
 
 def time_loss_head(features, vocab: int, n_examples: int, reps: int = 20) -> dict[str, float]:
-    """Seconds for the loss computation alone (forward + backward from the logits), SFT vs GDRT.
+    """Process CPU seconds for the loss computation alone (forward + backward from the logits), SFT vs GDRT.
 
     The step-level timings on a shared CPU are noisier than the difference being measured; this isolates
     the only code that differs between the two objectives: group sums, the weights, the surrogate.
     """
     import torch
 
-    from gdrt_core.loss import dro_weights, group_losses_from_sums, group_sums
+    from gdrt_core.loss import dro_weights, group_losses_from_sums, group_sums, sft_loss, weighted_group_loss
     from gdrt_core.train.data import pad_batch, shifted
 
     batch = pad_batch(features[:n_examples], pad_token_id=2)
@@ -105,18 +124,17 @@ def time_loss_head(features, vocab: int, n_examples: int, reps: int = 20) -> dic
     for name in ("sft", "gdrt"):
         samples = []
         for _ in range(reps):
-            start = time.perf_counter()
+            start = time.process_time()
             logits, labels, groups = shifted(logits_leaf, batch["labels"], batch["group_ids"])
             if name == "sft":
-                sums, counts = group_sums(logits, labels, torch.zeros_like(labels), num_groups=1)
-                loss = sums.sum() / counts.sum()
-            else:
+                loss = sft_loss(logits, labels)
+            else:  # what GdrtTrainer does with one micro-batch: weights from its own forward
                 sums, counts = group_sums(logits, labels, groups, num_groups=4)
                 w = dro_weights(group_losses_from_sums(sums.detach().double(), counts), counts)
-                loss = (w.float() / counts.clamp(min=1) * sums).sum()
+                loss = weighted_group_loss(sums, w, counts)
             loss.backward()
             logits_leaf.grad = None
-            samples.append(time.perf_counter() - start)
+            samples.append(time.process_time() - start)
         out[name] = statistics.median(samples)
     return out
 
@@ -151,6 +169,76 @@ def time_lookahead(model_state, size: str, vocab: int, features, batch: int, acc
     return {"lookahead": statistics.median(lookahead), "forward_backward": statistics.median(train)}
 
 
+def pretrained_ratios(name: str, tunings: list[str], batch: int, accum: int, *, steps: int, warmup: int,
+                      repeats: int, work: Path) -> dict:
+    """GDRT / SFT step time on a pretrained backbone, LoRA and full fine-tuning, modes interleaved per round.
+
+    Modes (each from the same weights, on the same windows in the same order): sft and gdrt (default policy
+    `batch`) with the optimiser batch in one micro-batch; sft/A, lagged/A and batch/A (look-ahead) with it
+    split into A micro-batches.
+    """
+    from gdrt_core.curate import CurateConfig
+    from gdrt_core.curate import run as curate
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.models import ModelConfig, load_model, load_tokenizer, prepare_for_training
+    from gdrt_core.pretrained import converted_dir, get_pretrained
+    from gdrt_core.train.data import build_features
+
+    model_dir, _ = converted_dir(get_pretrained(name))
+    if not (work / "ds").exists():
+        curate(CurateConfig(source=str(REPO / "data" / "office"), format="sliding", domain="office",
+                            out=str(work / "ds")))
+    tok = load_tokenizer(str(model_dir))
+    n_examples = batch * (warmup + steps)
+    features = build_features(Dataset(work / "ds"), "train", tok, limit=n_examples)
+    for f in features:  # stand-in groups: a stable hash of the target token id
+        f["group_ids"] = [zlib.crc32(str(t).encode()) % 4 if g >= 0 else g
+                          for t, g in zip(f["input_ids"], f["group_ids"], strict=True)]
+    micro = batch // accum
+    modes = {
+        "sft": ("sft", "batch", batch, 1),
+        "gdrt": ("gdrt", "batch", batch, 1),
+        f"sft/{accum}": ("sft", "batch", micro, accum),
+        f"lagged/{accum}": ("gdrt", "lagged", micro, accum),
+        f"batch/{accum}": ("gdrt", "batch", micro, accum),
+    }
+    out: dict = {"model": name, "windows_per_step": batch, "tokens_per_window":
+                 sum(len(f["input_ids"]) for f in features) / len(features), "tunings": {},
+                 # the only code that differs between the objectives, timed alone (the steps are noisier)
+                 "loss_head_seconds": time_loss_head(features, len(tok), batch)}
+    print(json.dumps({"loss_head_seconds": out["loss_head_seconds"]}), flush=True)
+    for tuning in tunings:
+        lora = tuning == "lora"
+
+        def make(lora=lora):
+            return prepare_for_training(load_model(str(model_dir), device="none"), ModelConfig(lora=lora))
+
+        wall: dict[str, list[float]] = {m: [] for m in modes}
+        cpu: dict[str, list[float]] = {m: [] for m in modes}
+        for _ in range(repeats):
+            for mode, (objective, policy, b, acc) in modes.items():
+                sec, _ = time_mode(None, "-", 0, features, tok, objective=objective, policy=policy, batch=b,
+                                   accum=acc, steps=steps, warmup=warmup, work=work / "run", make_model=make,
+                                   optim="adamw_torch", cpu=cpu[mode])
+                wall[mode].append(sec)
+                print(f"{name} {tuning:4s} {mode:9s} {sec:7.2f} s/step wall {cpu[mode][-1]:7.2f} s/step CPU",
+                      flush=True)
+        row: dict = {"seconds_per_step": {}, "cpu_seconds_per_step": {}}
+        for mode in modes:
+            row["seconds_per_step"][mode] = statistics.median(wall[mode])
+            row["cpu_seconds_per_step"][mode] = statistics.median(cpu[mode])
+        for key, clock in (("wall", "seconds_per_step"), ("cpu", "cpu_seconds_per_step")):
+            t = row[clock]
+            row[f"gdrt_over_sft_{key}"] = t["gdrt"] / t["sft"]
+            row[f"lagged_over_sft_split_{key}"] = t[f"lagged/{accum}"] / t[f"sft/{accum}"]
+            row[f"batch_over_sft_split_{key}"] = t[f"batch/{accum}"] / t[f"sft/{accum}"]
+        head = out["loss_head_seconds"]
+        row["loss_head_overhead_of_sft_step_cpu"] = (head["gdrt"] - head["sft"]) / row["cpu_seconds_per_step"]["sft"]
+        out["tunings"][tuning] = row
+        print(json.dumps({tuning: row}, indent=2), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
@@ -170,10 +258,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=2, help="rounds over the modes (interleaved, to spread noise)")
     p.add_argument("--out", default=None)
     p.add_argument("--head-only", action="store_true", help="only the loss-head timing (no training steps)")
+    p.add_argument("--pretrained", default=None, help="a pretrained backbone (smollm2-135m) instead of --sizes")
+    p.add_argument("--tunings", default="lora,full", help="with --pretrained: lora, full or both")
+    p.add_argument("--batch", type=int, default=2, help="with --pretrained: windows per optimiser step")
+    p.add_argument("--accum", type=int, default=2, help="with --pretrained: micro-batches of the split modes")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    if a.pretrained:
+        results = {"threads": a.threads, "torch": torch.__version__,
+                   "pretrained": pretrained_ratios(a.pretrained, a.tunings.split(","), a.batch, a.accum,
+                                                   steps=a.steps, warmup=a.warmup, repeats=a.repeats, work=work)}
+        if a.out:
+            Path(a.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        return results
     curate(CurateConfig(source=str(REPO / "data" / "office"), format="sliding", domain="office", out=str(work / "ds")))
     init_model(EmbeddedConfig(dataset=str(work / "ds"), out=str(work / "model"), size="tiny"))
     tok = load_tokenizer(str(work / "model"))

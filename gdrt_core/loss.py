@@ -10,15 +10,18 @@ token's group, N_g the number of tokens of group g, S_g = sum_{i: g(i)=g} ce_i, 
 The last line is what makes the objective exact under gradient accumulation and data parallelism: with
 w and N computed once on the whole optimiser batch, `weighted_token_loss` is linear in the tokens, so its
 gradients summed over micro-batches (and ranks) equal the gradient of `gdrt_loss` on the whole batch.
-One optimiser step (gdrt_core.train.data.StepWeights holds the policy):
+One optimiser step, as the trainer runs it (gdrt_core.train.step builds the step's plan; StepWeights
+in gdrt_core.train.data holds the policy):
 
-    batch policy:  (S_g, N_g) = sum over micro-batches of `group_sums` (no-grad look-ahead)
-                   -> `all_reduce_group_totals` -> w = `dro_weights(group_losses_from_sums(S, N), N, ...)`
-    lagged policy: N_g = sum of `group_token_counts` (data only) -> `all_reduce_group_totals`
-                   -> w = `dro_weights(GroupLossEMA.losses_for_weights(), N, ...)`; after the step
+    N_g = sum over micro-batches of `group_token_counts` (data only, before any forward)
+    batch policy:  S_g = sum over micro-batches of `group_sums` (no-grad look-ahead when the batch is split)
+    (S_g, N_g) -> `all_reduce_group_totals` (one collective)
+    batch policy:  w = `dro_weights(group_losses_from_sums(S, N), N, ...)`
+    lagged policy: w = `dro_weights(GroupLossEMA.losses_for_weights(), N, ...)`; after the step
                    `GroupLossEMA.update(S/N, N)`
-    then for each micro-batch: backward of world_size * `weighted_token_loss(..., w, N)` (DDP averages
-    gradients over ranks; no division by the accumulation steps).
+    then for each micro-batch: backward of world_size * `weighted_group_loss(group_sums(...), w, N)`
+    (= `weighted_token_loss`; DDP averages gradients over ranks; no division by the accumulation steps).
+    SFT is the same step with one group and w = (1,): the token mean over the whole optimiser batch.
 
 Limits: tau = inf gives the pi-weighted mean of the L_g (the "group balanced" ablation with a uniform
 pi), tau = 0 the worst-group loss; both are computed exactly rather than through an overflowing exp.
@@ -291,6 +294,19 @@ def gdrt_loss(
     return loss, stats
 
 
+def weighted_group_loss(
+    sums: torch.Tensor, weights: torch.Tensor, group_counts_total: torch.Tensor
+) -> torch.Tensor:
+    """sum_g w_g S_g / N_g: the linearised GDRT surrogate from a micro-batch's per-group sums.
+
+    sums [G] (differentiable, e.g. `group_sums` of one micro-batch); weights [G] and group_counts_total [G]
+    fixed for the optimiser step. The coefficients c_g = w_g / N_g are formed in float64 and cast to the
+    sums' dtype. With one group, w = (1,) and N the step's token count it is the token-mean SFT share.
+    """
+    coefficients = weights.detach().double() / group_counts_total.double().clamp(min=1)  # [G] c_g
+    return (coefficients.to(sums) * sums).sum()
+
+
 def weighted_token_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -306,11 +322,8 @@ def weighted_token_loss(
     `dro_weights` of the whole batch. Do not divide by the number of accumulation steps; under data
     parallelism that averages gradients, multiply by the world size.
     """
-    ce, mask = token_cross_entropy(logits, labels)  # [B, T]
-    num_groups = weights.shape[0]
-    sums, _ = _group_sums_from_ce(ce, mask, group_ids, num_groups)  # [G]
-    per_token_weight = weights.detach().to(sums) / group_counts_total.to(sums.device).clamp(min=1)  # [G]
-    return (per_token_weight * sums).sum()
+    sums, _ = group_sums(logits, labels, group_ids, num_groups=weights.shape[0])  # [G]
+    return weighted_group_loss(sums, weights, group_counts_total.to(sums.device))
 
 
 def group_token_counts(labels: torch.Tensor, group_ids: torch.Tensor, *, num_groups: int) -> torch.Tensor:
@@ -321,19 +334,29 @@ def group_token_counts(labels: torch.Tensor, group_ids: torch.Tensor, *, num_gro
     return counts
 
 
-def all_reduce_group_totals(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """S_g and N_g summed over all ranks (one all-reduce); unchanged without torch.distributed.
+def all_reduce_group_totals(
+    sums: torch.Tensor, counts: torch.Tensor, tokens: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """S_g, N_g and a token total summed over all ranks in one all-reduce; unchanged without
+    torch.distributed.
 
-    Packed into one float64 vector, which holds integer counts exactly up to 2**53.
+    `tokens` is any per-rank count that should travel in the same collective (the trainer's input tokens,
+    for tokens/s). Packed into one float64 vector on the sums' device, which holds integer counts exactly
+    up to 2**53.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return sums, counts
-    packed = torch.cat([sums.detach().double(), counts.double()])  # [2G]
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        return sums, counts, tokens
     num_groups = sums.shape[0]
-    return packed[:num_groups].to(sums.dtype), packed[num_groups:].round().to(counts.dtype)
+    packed = torch.cat([
+        sums.detach().double(), counts.to(sums.device).double(),
+        torch.tensor([tokens], dtype=torch.float64, device=sums.device),
+    ])  # [2G + 1]
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    total_sums = packed[:num_groups].to(sums.dtype)
+    total_counts = packed[num_groups: 2 * num_groups].round().to(device=counts.device, dtype=counts.dtype)
+    return total_sums, total_counts, float(packed[-1])
 
 
 # --- lagged weights: an exponential moving average of the group losses --------------------------------

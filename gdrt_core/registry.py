@@ -193,6 +193,43 @@ def _logged_digest(uri: str, dest: Path, artifacts: dict[str, str]) -> str:
     return _digest(lines)
 
 
+def alias_not_found(error: BaseException) -> bool:
+    """Whether an MLflow error means "the alias is not set" (and nothing else).
+
+    MLflow 3's stores (sqlalchemy, file) raise MlflowException(INVALID_PARAMETER_VALUE, "Registered model alias
+    <alias> not found."); a tracking server forwards it as a RestException with the same code and message.
+    RESOURCE_DOES_NOT_EXIST is a registry that answers 404 for a missing alias (or model). Any other error
+    (the server unreachable or failing, permissions, a 404 from a proxy, which MLflow reads as
+    ENDPOINT_NOT_FOUND) says nothing about the alias.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(error, MlflowException):
+        return False
+    if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    text = str(error.message).lower()
+    return error.error_code == "INVALID_PARAMETER_VALUE" and "alias" in text and "not found" in text
+
+
+def current_champion(client, name: str):
+    """The model version that holds alias `champion` of registered model `name`, or None when none does.
+
+    Only MLflow's "alias not found" means no champion; any other error is a GdrtError with the cause (a
+    network blip must not promote an unvetted model).
+    """
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except Exception as e:  # noqa: BLE001 - sorted below: only "alias not found" is an answer
+        if alias_not_found(e):
+            return None
+        raise GdrtError(
+            f"could not read alias {CHAMPION!r} of registered model {name!r}: {type(e).__name__}: {e}",
+            hint="the champion decision needs the current champion's score; check the tracking server "
+            "(MLFLOW_TRACKING_URI) and run the register step again",
+        ) from e
+
+
 def champion_decision(candidate: float, current: float | None) -> bool:
     """Promote when there is no champion yet or the candidate is strictly better on valid NDCG@10."""
     return current is None or candidate > current
@@ -244,12 +281,9 @@ def register_model(model_dir: str, dataset_dir: str, valid_eval_dir: str, *, dom
         client.set_model_version_tag(name, version, DIGEST_TAG, digest)
         mlflow.set_tag(DIGEST_TAG, digest)
         client.set_model_version_tag(name, version, SCORE_TAG, str(candidate))
-        try:
-            current_mv = client.get_model_version_by_alias(name, CHAMPION)
-            current = float(current_mv.tags.get(SCORE_TAG)) if current_mv.tags.get(SCORE_TAG) else None
-            current_version = current_mv.version
-        except Exception:  # noqa: BLE001 - no alias yet
-            current, current_version = None, None
+        current_mv = current_champion(client, name)
+        current_version = current_mv.version if current_mv is not None else None
+        current = float(current_mv.tags[SCORE_TAG]) if current_mv is not None and current_mv.tags.get(SCORE_TAG) else None
         promote = champion_decision(candidate, current)
         if promote:
             client.set_registered_model_alias(name, CHAMPION, version)

@@ -219,12 +219,6 @@ class StepWeights:
         if self.objective == "gdrt" and self.policy == "lagged":
             self.history.update(losses, counts)
 
-    def token_coefficients(self, weights: Any, counts: Any) -> Any:
-        """c_g = w_g / N_g with whole-batch counts; for SFT c = 1 / N (one token mean over the step)."""
-        if self.objective == "sft":
-            return weights / counts.sum().clamp(min=1)
-        return weights / counts.clamp(min=1)
-
     def objective_value(self, losses: Any, counts: Any) -> float:
         """The GDRT objective tau * log sum_g pi_g exp(L_g / tau) of the step (for logging)."""
         from gdrt_core.loss import dro_objective

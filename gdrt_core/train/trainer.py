@@ -1,12 +1,13 @@
 """The Trainer subclass: routes group ids to the GDRT objective, exact under accumulation and data parallelism.
 
 The Trainer already prefetches the micro-batches of each optimiser step (`get_batch_samples`, where it
-counts `num_items_in_batch`); that is where the step's group counts are summed and, when the batch policy
-needs them and the batch is split (accumulation > 1 or several processes), where the no-grad look-ahead
-computes the group losses. One all-reduce of [counts | ce sums | tokens] makes them global. `compute_loss`
-then returns the micro-batch's share sum_i (w_g(i) / N_g(i)) ce_i with the step's fixed weights, so the
-micro-batch gradients add up to the full-batch GDRT gradient. `log` adds the step stats (L_g, w_g, counts,
-the plain SFT loss, the GDRT objective value, tokens/s) averaged since the last log.
+counts `num_items_in_batch`); that is where the step is planned (gdrt_core.train.step): the whole batch's
+group token counts (`loss.group_token_counts`), when the batch policy needs them and the batch is split
+(accumulation > 1 or several processes) the no-grad look-ahead's group sums (`loss.group_sums`), one
+all-reduce of both (`loss.all_reduce_group_totals`), then the step's weights. `compute_loss` returns the
+micro-batch's share `loss.weighted_group_loss` = sum_i (w_g(i) / N_g(i)) ce_i with the step's fixed
+weights, so the micro-batch gradients add up to the full-batch GDRT gradient. `log` adds the step stats
+(L_g, w_g, counts, the plain SFT loss, the GDRT objective value, tokens/s) averaged since the last log.
 """
 
 from __future__ import annotations
@@ -17,8 +18,16 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from gdrt_core.loss import group_losses_from_sums, group_sums
+from gdrt_core.loss import (
+    all_reduce_group_totals,
+    group_losses_from_sums,
+    group_sums,
+    group_token_counts,
+    sft_loss,
+    weighted_group_loss,
+)
 from gdrt_core.train.data import StepWeights, shifted
+from gdrt_core.train.step import StepPlan, plan_step
 
 GROUP_KEY = "group_ids"
 
@@ -27,14 +36,6 @@ def _world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if _world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 class GdrtTrainer(Trainer):
@@ -51,14 +52,7 @@ class GdrtTrainer(Trainer):
         # eval_ndcg@10 next to eval_loss, which is what selection by valid_ndcg@10 reads
         self.valid_ndcg = valid_ndcg
         self.ndcg_in_evaluate = ndcg_in_evaluate and valid_ndcg is not None
-        self._coef: torch.Tensor | None = None  # [groups] c_g = w_g / N_g of the current step
-        self._weights: torch.Tensor | None = None  # [groups] w_g of the current step
-        self._counts = torch.zeros(0)  # [groups] whole-batch N_g of the current step
-        self._tokens = 0.0
-        self._micro_left = 0
-        self._weights_from_forward = False  # batch policy, one micro-batch on one process: w from its forward
-        self._reduce_at_end = False  # the step's L_g are only known after its last micro-batch
-        self._ce_sums = torch.zeros(0)  # [groups] this rank's detached ce sums of the step
+        self.plan: StepPlan | None = None  # the current optimiser step; None between steps
         self._stat_buffer: list[dict[str, float]] = []
         # sums over this process's training steps of the all-reduced step losses (exact on every rank)
         # (saved in every checkpoint and restored on resume, so that the means cover the whole run)
@@ -69,16 +63,32 @@ class GdrtTrainer(Trainer):
     # ------------------------------------------------------------------------------ valid NDCG@10
 
     def valid_ndcg_value(self) -> float:
-        """NDCG@10 of the current model on the valid sample: ranked on rank 0, the same number on every rank."""
+        """NDCG@10 of the current model on the valid sample: ranked on rank 0, the same number on every rank.
+
+        A failure of the ranking fails training on every rank (rank 0 re-raises it, the others raise an error
+        naming it), so no rank waits for a number that will not come and no failure passes for a value.
+        """
         import torch.distributed as dist
 
-        box = [None]
+        from gdrt_core.errors import GdrtError
+
+        box: list[tuple[str, Any]] = [("ok", None)]
+        error: Exception | None = None
         if self.is_world_process_zero():
-            with self.autocast_smart_context_manager():
-                box[0] = float(self.valid_ndcg(self.accelerator.unwrap_model(self.model)))
+            try:
+                with self.autocast_smart_context_manager():
+                    box[0] = ("ok", float(self.valid_ndcg(self.accelerator.unwrap_model(self.model))))
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
+                error, box[0] = e, ("failed", f"{type(e).__name__}: {e}")
         if dist.is_available() and dist.is_initialized():
             dist.broadcast_object_list(box, src=0)
-        return box[0]
+        status, value = box[0]
+        if error is not None:
+            raise error
+        if status == "failed":
+            raise GdrtError(f"valid NDCG@10 failed on rank 0: {value}",
+                            hint="see rank 0's traceback; set ndcg_every_epoch false to train without it")
+        return value
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         metrics = super().evaluate(*args, **kwargs)
@@ -87,56 +97,48 @@ class GdrtTrainer(Trainer):
             self.log({"eval_ndcg@10": metrics["eval_ndcg@10"]})
         return metrics
 
-    # ------------------------------------------------------------ step preparation (the look-ahead)
+    # ------------------------------------------------------------ step planning (the look-ahead)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """The Trainer's prefetch of one optimiser step's micro-batches, plus the step's N_g and w."""
+        """The Trainer's prefetch of one optimiser step's micro-batches, plus the step's plan."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batch_samples:
-            self._prepare_step(batch_samples)
+            self.plan = self._plan_step(batch_samples)
+            if not self.plan.stats_at_end:
+                self._finish_step(self.plan, self.plan.lookahead_sums)
         return batch_samples, num_items_in_batch
 
-    def _prepare_step(self, batch_samples: list[dict[str, Any]]) -> None:
+    def _plan_step(self, batch_samples: list[dict[str, Any]]) -> StepPlan:
+        """Whole-batch N_g (and S_g from the look-ahead when the batch policy needs it), one all-reduce."""
         sw = self.step_weights
-        num_groups = sw.num_groups
-        split = len(batch_samples) > 1 or _world_size() > 1
-        lookahead = sw.needs_lookahead and split
-        counts = torch.zeros(num_groups, dtype=torch.float64)
+        device = self.args.device
+        counts = torch.zeros(sw.num_groups, dtype=torch.long, device=device)  # [groups]
         tokens = 0.0
         for mb in batch_samples:
-            labels = mb["labels"][:, 1:]  # [batch, seq-1] the predicted tokens
-            groups = self._group_ids(mb)[:, 1:][labels != -100]  # [n_targets]
-            counts += torch.bincount(groups.cpu().clamp(min=0), minlength=num_groups)[:num_groups].double()
+            labels, groups = mb["labels"][:, 1:], self._group_ids(mb)[:, 1:]  # [batch, seq-1] predicted tokens
+            counts += group_token_counts(labels, groups, num_groups=sw.num_groups).to(device)
             tokens += float(mb["attention_mask"].sum())
-        sums = self._lookahead_sums(batch_samples) if lookahead else torch.zeros(num_groups, dtype=torch.float64)
-        packed = torch.cat([counts, sums.cpu(), torch.tensor([tokens], dtype=torch.float64)])
-        packed = _all_reduce_sum(packed.to(self.args.device)).cpu()  # one collective per step
-        counts, sums = packed[:num_groups], packed[num_groups: 2 * num_groups]
-        self._counts, self._tokens = counts, float(packed[-1])
-        self._tokens_since_log += self._tokens
-        self._micro_left = len(batch_samples)
-        self._ce_sums = torch.zeros(num_groups, dtype=torch.float64)
-        self._weights_from_forward = sw.needs_lookahead and not split
-        self._reduce_at_end = not lookahead
-        if self._weights_from_forward:
-            return  # compute_loss sets w from the forward itself (the whole batch is one micro-batch)
-        losses = group_losses_from_sums(sums, counts) if lookahead else None
-        self._set_weights(sw.weights(counts, losses))
-        if lookahead:
-            self._finish_step(sums)
+        world_size = _world_size()
+        lookahead = sw.needs_lookahead and (len(batch_samples) > 1 or world_size > 1)
+        sums = self._lookahead_sums(batch_samples) if lookahead else torch.zeros(
+            sw.num_groups, dtype=torch.float64, device=device)
+        sums, counts, tokens = all_reduce_group_totals(sums, counts, tokens)  # one collective per step
+        self._tokens_since_log += tokens
+        return plan_step(sw, counts=counts.cpu(), tokens=tokens, micro_batches=len(batch_samples),
+                         world_size=world_size, lookahead_sums=sums.cpu() if lookahead else None)
 
     @torch.no_grad()
     def _lookahead_sums(self, batch_samples: list[dict[str, Any]]) -> torch.Tensor:
-        """Per-group ce sums S_g [groups] of this rank's micro-batches under the current parameters."""
+        """Per-group ce sums S_g [groups] (float64) of this rank's micro-batches under the current parameters."""
         model = self.model_wrapped
-        sums = torch.zeros(self.step_weights.num_groups, dtype=torch.float64)
+        sums = torch.zeros(self.step_weights.num_groups, dtype=torch.float64, device=self.args.device)
         for mb in batch_samples:
             inputs = self._prepare_inputs(mb)
             with self.compute_loss_context_manager():
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
             logits, labels, groups = shifted(outputs.logits, inputs["labels"], self._group_ids(inputs))
             s, _ = group_sums(logits, labels, groups, num_groups=self.step_weights.num_groups)
-            sums += s.double().cpu()
+            sums += s.double()
         return sums
 
     def _group_ids(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -145,15 +147,11 @@ class GdrtTrainer(Trainer):
             return torch.zeros_like(batch["labels"])
         return batch[GROUP_KEY]
 
-    def _set_weights(self, weights: torch.Tensor) -> None:
-        self._weights = weights
-        coef = self.step_weights.token_coefficients(weights, self._counts)
-        self._coef = coef.to(device=self.args.device, dtype=torch.float32)
-
-    def _finish_step(self, sums: torch.Tensor) -> None:
-        """Record the step's stats (L_g, w_g, N_g, SFT loss, GDRT value); hand its L_g to the policy."""
+    def _finish_step(self, plan: StepPlan, sums: torch.Tensor) -> None:
+        """Record the step's stats from its whole-batch S_g (L_g, w_g, N_g, SFT loss, GDRT value); hand its
+        L_g to the policy."""
         sw = self.step_weights
-        counts = self._counts
+        counts = plan.counts
         losses = group_losses_from_sums(sums, counts)
         total = float(counts.sum())
         stats = {"loss_sft": float(sums.sum()) / total if total else 0.0}
@@ -163,12 +161,12 @@ class GdrtTrainer(Trainer):
                 stats[f"group_tokens/{g}"] = float(counts[g])
                 if counts[g] > 0:
                     stats[f"group_loss/{g}"] = float(losses[g])
-                    stats[f"group_weight/{g}"] = float(self._weights[g])
+                    stats[f"group_weight/{g}"] = float(plan.weights[g])
         sw.end_step(losses, counts)
         self._stat_buffer.append(stats)
         self.step_totals["steps"] += 1
-        # the loss the Trainer optimises (= its `loss` log): sum_g c_g * ce-sum_g over the whole batch
-        self.step_totals["loss"] += float((self._coef.detach().double().cpu() * sums.double()).sum())
+        # the loss the Trainer optimises (= its `loss` log): the surrogate over the whole batch
+        self.step_totals["loss"] += float(weighted_group_loss(sums.double(), plan.weights, counts))
         for key in ("loss_sft", "loss_gdrt"):
             if key in stats:
                 self.step_totals[key] += stats[key]
@@ -182,24 +180,24 @@ class GdrtTrainer(Trainer):
         labels = inputs.pop("labels")
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         logits, labels, group_ids = shifted(outputs.logits, labels, group_ids)  # [batch, seq-1, ...]
-        sw = self.step_weights
-        if not model.training or self._micro_left <= 0:
-            # evaluation: group ids are irrelevant (-1 outside the targets, any group in range)
-            sums, counts = group_sums(logits, labels, torch.zeros_like(labels), num_groups=1)
-            loss = sums.sum() / counts.sum().clamp(min=1)
+        plan = self.plan
+        if not model.training or plan is None:
+            loss = sft_loss(logits, labels)  # evaluation: the group ids do not matter
             return (loss, outputs) if return_outputs else loss
 
+        sw = self.step_weights
         sums, _ = group_sums(logits, labels, group_ids, num_groups=sw.num_groups)  # [groups] differentiable
-        if self._weights_from_forward:
-            self._set_weights(sw.weights(self._counts, group_losses_from_sums(sums.detach().double().cpu(), self._counts)))
-        # = loss.weighted_token_loss: sum_i w_g(i) ce_i / N_g(i), from the sums already computed
-        loss = (self._coef * sums).sum()
-        # DDP and DeepSpeed average the ranks' gradients; the step objective is their sum
-        loss = loss * _world_size()
-        self._ce_sums += sums.detach().double().cpu()
-        self._micro_left -= 1
-        if self._micro_left == 0 and self._reduce_at_end:
-            self._finish_step(_all_reduce_sum(self._ce_sums.to(self.args.device)).cpu())
+        weights = plan.weights
+        if plan.weights_from_forward:  # batch policy, the whole batch is this micro-batch
+            weights = sw.weights(plan.counts, group_losses_from_sums(sums.detach().double().cpu(), plan.counts))
+        # sum_i w_g(i) ce_i / N_g(i); DDP and DeepSpeed average the ranks' gradients, the step objective is their sum
+        loss = weighted_group_loss(sums, weights.to(sums.device), plan.counts.to(sums.device)) * plan.world_size
+        plan = plan.after_micro_batch(sums, weights)
+        self.plan = None if plan.finished else plan
+        if plan.finished and plan.stats_at_end:
+            # the counts are global already: only this rank's S_g travel
+            ce_sums, _, _ = all_reduce_group_totals(plan.ce_sums.to(self.args.device), torch.zeros_like(plan.counts))
+            self._finish_step(plan, ce_sums.cpu())
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------ logging

@@ -172,6 +172,87 @@ def test_a_model_without_the_recorded_digest_is_refused(store):
         client.set_model_version_tag("gdrt-office", "1", DIGEST_TAG, digest)
 
 
+def test_no_champion_only_when_the_alias_is_missing(tmp_path):
+    """A real sqlite registry: a registered model without alias `champion` has no champion (None); once the
+    alias is set, its version is the champion."""
+    from mlflow.tracking import MlflowClient
+
+    from gdrt_core.registry import CHAMPION, current_champion
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model("gdrt-x")
+    client.create_model_version("gdrt-x", source=str(tmp_path / "model"))
+    assert current_champion(client, "gdrt-x") is None
+    client.set_registered_model_alias("gdrt-x", CHAMPION, "1")
+    assert str(current_champion(client, "gdrt-x").version) == "1"
+
+
+class _FailingRegistry:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def get_model_version_by_alias(self, name, alias):
+        raise self.error
+
+
+def _server_error(code: str, message: str):
+    from mlflow.exceptions import RestException
+
+    return RestException({"error_code": code, "message": message})
+
+
+def test_only_alias_not_found_means_no_champion():
+    """The tracking server's form of "alias not found" (RestException, INVALID_PARAMETER_VALUE) and a 404 of the
+    alias (RESOURCE_DOES_NOT_EXIST) mean no champion; an unreachable or failing server, another
+    INVALID_PARAMETER_VALUE, or a proxy's 404 fail with the cause in the message."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    from gdrt_core.registry import current_champion
+
+    for missing in (_server_error("INVALID_PARAMETER_VALUE", "Registered model alias champion not found."),
+                    _server_error("RESOURCE_DOES_NOT_EXIST", "alias champion does not exist")):
+        assert current_champion(_FailingRegistry(missing), "gdrt-office") is None
+    for error, cause in (
+        (requests.exceptions.ConnectionError("Connection refused"), "Connection refused"),
+        (MlflowException("server busy", TEMPORARILY_UNAVAILABLE), "server busy"),
+        (_server_error("INTERNAL_ERROR", "database is locked"), "database is locked"),
+        (_server_error("INVALID_PARAMETER_VALUE", "Invalid model name"), "Invalid model name"),
+        (_server_error("ENDPOINT_NOT_FOUND", "404 from the proxy"), "404 from the proxy"),
+    ):
+        with pytest.raises(GdrtError, match=f"could not read alias 'champion'.*{cause}"):
+            current_champion(_FailingRegistry(error), "gdrt-office")
+
+
+def test_a_registry_error_fails_the_register_step(tiny_model_dir, office_slice, tmp_path, monkeypatch):
+    """register_model with the alias read failing (not "not found"): the step fails with the cause, and no
+    alias is set on the version it registered."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+    from mlflow.tracking import MlflowClient
+
+    from gdrt_core.artifacts import atomic_output_dir, write_manifest
+    from gdrt_core.registry import register_model
+
+    eval_dir = tmp_path / "valid_eval"
+    with atomic_output_dir(eval_dir) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps({"ndcg@10": 0.25}))
+        write_manifest(tmp, "eval")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+
+    def unavailable(self, name, alias):
+        raise MlflowException("registry read timed out", TEMPORARILY_UNAVAILABLE)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", unavailable)
+    with pytest.raises(GdrtError, match="registry read timed out"):
+        register_model(str(tiny_model_dir), str(office_slice), str(eval_dir), domain="office")
+    monkeypatch.undo()
+    assert MlflowClient(uri).get_model_version("gdrt-office", "1").aliases == []
+
+
 @pytest.mark.slow
 def test_serves_in_a_fresh_environment(store, tmp_path):
     """`mlflow models predict` with an environment manager: MLflow builds a new environment from the model's

@@ -1,8 +1,11 @@
-"""Exactness: the same optimiser batch gives the same update however it is split.
+"""Exactness: one real training step is the gradient of `gdrt_loss` on the whole optimiser batch, and the
+same optimiser batch gives the same update however it is split.
 
-For each weights policy, 8 x accumulation 1, 2 x accumulation 4, and 2 processes (gloo) x 4 must give
-the same parameters after two SGD steps (lr 1, so the update is the gradient itself; two steps so that
-`lagged` uses step 1's group losses in step 2).
+- Pinned: one GdrtTrainer step (SGD, lr 1, full fine-tuning, the tiny Llama) moves the parameters by exactly
+  -grad `gdrt_loss` of the 8 windows in one forward, for 8 x 1, 2 x accumulation 4 and 2 processes x 2 x 2.
+- Split invariance: for each weights policy, 8 x accumulation 1, 2 x accumulation 4, and 2 processes (gloo)
+  x 4 must give the same parameters after two SGD steps (lr 1, so the update is the gradient itself; two
+  steps so that `lagged` uses step 1's group losses in step 2).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import make_groups, make_tiny_model, short_run_params
+from test_train_support import NUM_GROUPS, make_groups, make_tiny_model, short_run_params
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +41,49 @@ def torchrun(nproc: int, args: list[str], timeout: int = 300) -> None:
     env["PYTHONPATH"] = str(HERE.parents[2])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def gdrt_loss_gradient(model_dir: str, dataset_dir: str, groups_dir: str, n_examples: int) -> torch.Tensor:
+    """grad `gdrt_loss` (default tau 1, uniform prior) of the first n_examples train windows in one forward,
+    flattened in `model.parameters()` order (float64); zeros for parameters without a gradient."""
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.loss import gdrt_loss
+    from gdrt_core.models import load_model, load_tokenizer
+    from gdrt_core.train.data import build_features, load_token_groups, pad_batch
+
+    tok = load_tokenizer(model_dir)
+    feats = build_features(Dataset(dataset_dir), "train", tok, token_groups=load_token_groups(groups_dir)[0],
+                           limit=n_examples)
+    model = load_model(model_dir, device="none")
+    model.train()
+    b = pad_batch(feats, tok.pad_token_id)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # [batch, seq, vocab]
+    loss, _ = gdrt_loss(logits[:, :-1], b["labels"][:, 1:], b["group_ids"][:, 1:], num_groups=NUM_GROUPS)
+    loss.backward()
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().double().flatten()
+                      for p in model.parameters()])
+
+
+def test_one_training_step_is_the_gradient_of_gdrt_loss(tiny, tmp_path):
+    """SGD with lr 1 and no clipping or decay: params_after = params_before - grad. The trainer's step (weights
+    from the forward for 8 x 1; look-ahead for 2 x 4; look-ahead and all-reduce for 2 processes x 2 x 2) must
+    move the parameters by -grad gdrt_loss(whole batch of 8), to float32 tolerance."""
+    from gdrt_core.models import load_model
+
+    n = 8
+    start = torch.cat([p.detach().double().flatten() for p in load_model(tiny["model"], device="none").parameters()])
+    expected = -gdrt_loss_gradient(tiny["model"], tiny["dataset"], tiny["groups"], n)
+    assert expected.abs().max() > 1e-4
+    common = dict(policy="batch", steps=1, n_examples=n, work_dir=str(tmp_path / "w"))
+    one, _ = short_run_params(tiny["model"], tiny["dataset"], tiny["groups"], batch=8, accum=1, **common)
+    accumulated, _ = short_run_params(tiny["model"], tiny["dataset"], tiny["groups"], batch=2, accum=4, **common)
+    out = tmp_path / "ddp.pt"
+    torchrun(2, [tiny["model"], tiny["dataset"], tiny["groups"], "2", "2", "batch", str(out), "none", "gdrt", "1",
+                 str(n)])
+    two_processes = torch.load(out)["params"]
+    for name, after in (("8 x 1", one), ("2 x 4", accumulated), ("2 processes x 2 x 2", two_processes)):
+        diff = (after - start - expected).abs().max() / expected.abs().max()
+        assert diff < 1e-4, f"{name}: relative difference {diff:.2e} from -grad gdrt_loss"
 
 
 @pytest.mark.parametrize("policy", ["batch", "lagged"])

@@ -48,7 +48,9 @@ def test_gdrt_run_writes_model_artifact_and_lowers_valid_loss(tiny, tmp_path, mo
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["global_step"] == 30
     assert metrics["eval_loss"] < metrics["eval_loss_initial"] - 0.05, metrics
-    assert 0.0 <= metrics.get("eval_ndcg@10", 0.0) <= 1.0
+    # ndcg_every_epoch (default): the valid NDCG@10 of the epoch end that max_steps reached, and of the kept model
+    assert metrics["valid_ndcg_curve"][-1]["step"] == 30
+    assert 0.0 <= metrics["eval_ndcg@10"] <= 1.0
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     train_logs = [h for h in history if "loss" in h]
     assert train_logs and all(f"group_weight/{g}" in train_logs[0] for g in range(4))

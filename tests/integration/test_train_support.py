@@ -1,7 +1,8 @@
 """Helpers shared by the train tests: a tiny model, a Groups-shaped artifact, one-step parameter updates.
 
 Also a torchrun worker: `python -m torch.distributed.run --nproc_per_node 2 tests/integration/test_train_support.py
-update MODEL DATASET GROUPS BATCH ACCUM POLICY OUT.pt` writes the parameters after a short run (rank 0).
+update MODEL DATASET GROUPS BATCH ACCUM POLICY OUT.pt [DEEPSPEED OBJECTIVE STEPS N_EXAMPLES]` writes the
+parameters after a short run (rank 0).
 """
 
 from __future__ import annotations
@@ -123,9 +124,11 @@ def _worker(argv: list[str]) -> None:
     model, dataset, groups, batch, accum, policy, out = argv[:7]
     deepspeed = argv[7] if len(argv) > 7 and argv[7] != "none" else None
     objective = argv[8] if len(argv) > 8 else "gdrt"
+    steps = int(argv[9]) if len(argv) > 9 else 2
+    n_examples = int(argv[10]) if len(argv) > 10 else 16
     flat, logs = short_run_params(model, dataset, None if groups == "none" else groups, batch=int(batch),
                                   accum=int(accum), policy=policy, work_dir=out + ".work", deepspeed=deepspeed,
-                                  objective=objective)
+                                  objective=objective, steps=steps, n_examples=n_examples)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save({"params": flat, "logs": logs}, out)
 

@@ -385,7 +385,7 @@ def _data_parallel_worker(rank: int, world_size: int, init_file: str, out_file: 
         totals = [group_sums(features[p] @ w, labels[p], groups[p], num_groups=3) for p in parts]
     sums = sum(t[0] for t in totals)
     counts = sum(t[1] for t in totals)
-    sums, counts = all_reduce_group_totals(sums, counts)
+    sums, counts, _ = all_reduce_group_totals(sums, counts)
     losses = group_losses_from_sums(sums, counts)
     weights = dro_weights(losses, counts, "size", 0.4)
     objective = dro_objective(losses, counts, "size", 0.4)
@@ -418,7 +418,7 @@ def test_two_processes_over_gloo_match_the_single_batch_gradient(tmp_path):
 
 def test_all_reduce_is_a_no_op_without_distributed():
     sums, counts = torch.tensor([1.0, 2.0]), torch.tensor([3, 4])
-    assert all_reduce_group_totals(sums, counts) == (sums, counts)
+    assert all_reduce_group_totals(sums, counts, 7.0) == (sums, counts, 7.0)
 
 
 def test_tiny_llama_accumulation_with_per_micro_batch_padding():

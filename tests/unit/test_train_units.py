@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gdrt_core.errors import GdrtError
+from gdrt_core.loss import weighted_group_loss
 from gdrt_core.train.data import NO_GROUP, StepWeights, pad_batch
 from gdrt_core.train.deepspeed import launch_command, needs_launch, zero_config
 from gdrt_core.train.resume import MARKER, checkpoint_problem, latest_valid_checkpoint, seal_checkpoint
@@ -17,13 +18,15 @@ from gdrt_core.train.resume import MARKER, checkpoint_problem, latest_valid_chec
 def test_batch_policy_weights_are_the_closed_form():
     """L = (1, 2), N = (3, 1), uniform pi, tau 1: w = (e^1, e^2) / (e^1 + e^2) = (0.2689, 0.7311).
 
-    Token coefficients c_g = w_g / N_g = (0.2689 / 3, 0.7311 / 1) = (0.08964, 0.7311).
+    Token coefficients c_g = d weighted_group_loss / d S_g = w_g / N_g = (0.2689 / 3, 0.7311 / 1) = (0.08964, 0.7311).
     """
     sw = StepWeights(2, tau=1.0)
     counts = torch.tensor([3.0, 1.0], dtype=torch.float64)
     w = sw.weights(counts, torch.tensor([1.0, 2.0], dtype=torch.float64))
     assert w.tolist() == pytest.approx([1 / (1 + math.e), math.e / (1 + math.e)], rel=1e-6)
-    assert sw.token_coefficients(w, counts).tolist() == pytest.approx([0.26894 / 3, 0.73106], rel=1e-4)
+    sums = torch.zeros(2, requires_grad=True)
+    weighted_group_loss(sums, w, counts).backward()
+    assert sums.grad.tolist() == pytest.approx([0.26894 / 3, 0.73106], rel=1e-4)
 
 
 def test_absent_group_gets_no_weight_and_prior_renormalises():
@@ -60,7 +63,9 @@ def test_sft_coefficients_are_one_over_the_whole_batch_count():
     """SFT: every token weighs 1 / N with N = 3 + 1 = 4 tokens in the whole optimiser batch."""
     sw = StepWeights(1, objective="sft")
     counts = torch.tensor([4.0], dtype=torch.float64)
-    assert sw.token_coefficients(sw.weights(counts, None), counts).tolist() == [0.25]
+    sums = torch.zeros(1, requires_grad=True)
+    weighted_group_loss(sums, sw.weights(counts, None), counts).backward()
+    assert sums.grad.tolist() == [0.25]
     assert not sw.needs_lookahead
 
 
@@ -284,3 +289,42 @@ def test_set_dotted_creates_settings_dicts_and_names_a_bad_parent():
     assert "sweep.yaml" in str(e.value)
     with pytest.raises(GdrtError, match="'lora' is not a settings dict"):
         load_config(TrainConfig, None, ["lora=true", "lora.r=4"], dataset="d", model="m", out="o")
+
+
+def _ndcg_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One of 2 gloo ranks calling GdrtTrainer.valid_ndcg_value with a scorer that fails on rank 0."""
+    import contextlib
+    import types
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from gdrt_core.train.trainer import GdrtTrainer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+
+    def failing(model):
+        raise RuntimeError("ranking failed")
+
+    stub = types.SimpleNamespace(
+        is_world_process_zero=lambda: rank == 0, autocast_smart_context_manager=contextlib.nullcontext,
+        accelerator=types.SimpleNamespace(unwrap_model=lambda m: m), model=None, valid_ndcg=failing,
+    )
+    try:
+        GdrtTrainer.valid_ndcg_value(stub)
+        outcome = "returned"
+    except Exception as e:  # noqa: BLE001 - the outcome is what the test reads
+        outcome = f"{type(e).__name__}: {e}"
+    Path(out_dir, f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+def test_valid_ndcg_failure_stops_every_rank(tmp_path):
+    """The valid NDCG@10 fails on rank 0 (where it is ranked): rank 0 raises the error itself, rank 1 an error
+    naming it, instead of waiting for a number or receiving one."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ndcg_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0.txt").read_text() == "RuntimeError: ranking failed"
+    assert (tmp_path / "rank1.txt").read_text().startswith(
+        "GdrtError: valid NDCG@10 failed on rank 0: RuntimeError: ranking failed")
