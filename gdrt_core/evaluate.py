@@ -57,6 +57,7 @@ class EvalConfig:
     batch_size: int = field(16, ge=1, help="examples per beam-search batch (x num_beams rows per forward)")
     chunk_size: int = field(512, ge=1, help="examples read, length-sorted and written to disk together")
     dtype: str = field("auto", choices=DTYPES, help="auto (float32 on CPU, bfloat16 on a GPU) | float32 | bfloat16 | float16")
+    matmul_dtype: str | None = field(None, choices=("float32", "bfloat16"), help="unset: the model's dtype | float32 | bfloat16: the beam search's linear layers in bfloat16 on a float32 model (faster on CPUs with avx512_bf16/AMX; near-tie rankings can differ, docs/benchmarks.md)")
     device: str = field("auto", check=device_problem, help="auto | cpu | cuda | cuda:N")
     threads: int | None = field(None, ge=1, help="torch CPU threads (None = torch's default; 1 is fastest for tiny models)")
     plots: bool = field(True, help="draw plots/ranking.png and plots/exposure.png")
@@ -203,6 +204,7 @@ def _validate(config: EvalConfig):
     settings = BeamSearchSettings(
         num_beams=config.num_beams, num_return_sequences=config.num_return_sequences or config.num_beams,
         length_penalty=config.length_penalty, early_stopping=config.early_stopping, renormalize=config.renormalize,
+        matmul_dtype=config.matmul_dtype,
     )
     return dataset, settings, guard
 

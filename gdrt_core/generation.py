@@ -12,8 +12,13 @@ the tests compare against), but runs several times faster because:
   example of the batch is done;
 - for Llama-family models (`SharedPromptDecoder`) the prompt's keys/values are stored once per example
   and only the generated tokens' keys/values follow the beams, so nothing prompt-sized is copied per step.
-  Its attention sums in another order than the model's kernel, so scores can differ in the last bits
-  (rankings are equal unless two titles tie to ~1e-6); `shared_prompt=False` uses the model's forward.
+  It also pre-fills each prompt alone on SDPA's causal path (no padding, no 4D mask). Its attention sums
+  in another order than the model's kernel, so scores can differ in the last bits (rankings are equal
+  unless two titles tie to ~1e-6); `shared_prompt=False` uses the model's forward.
+
+`matmul_dtype="bfloat16"` runs the decoder blocks' matmuls in bfloat16 (about 1.35x less CPU time on
+SmolLM2-135M with avx512_bf16, docs/benchmarks.md); scores then move by rounding (up to ~0.2 there) and
+near-ties can swap, so the default keeps the model's dtype and the exactness below.
 
 Semantics (the vectorised beam search of transformers 5.x, the version pinned in pyproject.toml, reproduced
 step by step; tests/unit/test_generation.py checks it against `generate`):
@@ -60,6 +65,12 @@ class BeamSearchSettings:
     early_stopping: bool | str = False  # False, True or "never", as in transformers
     renormalize: bool = False  # re-normalise log-probs over the allowed tokens
     shared_prompt: bool = True  # SharedPromptDecoder when the model supports it (same results, faster)
+    # None: the model's dtype throughout; "bfloat16": SharedPromptDecoder multiplies bfloat16 copies of the
+    # decoder blocks' linear weights (residual stream, attention, LM head, log-softmax stay in the model's dtype)
+    matmul_dtype: str | None = None
+
+
+_MATMUL_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -113,43 +124,55 @@ def _segment_log_softmax(values: torch.Tensor, segments: torch.Tensor, num_segme
 
 
 class SharedPromptDecoder:
-    """Decoding steps for Llama-family models that keep each prompt's KV cache once, not once per beam.
+    """Pre-fill and decoding steps for Llama-family models that keep each prompt's KV cache once, not once per beam.
 
-    After the prefill, the prompt keys/values ([examples, kv_heads, prompt, head_dim]) stay where they
-    are; only the keys/values of the generated tokens ([rows, kv_heads, step, head_dim], a few dozen
-    positions) follow the beams. Attention of a beam = one softmax over [its example's prompt positions,
-    its own generated positions]. `generate` instead copies the whole cache num_beams times and then
-    twice more per step (append + beam reorder), which dominates its run time on long prompts.
+    `prefill` runs every prompt alone (no padding, so attention takes SDPA's causal fast path instead of an
+    explicit 4D mask) and keeps its keys/values ([examples, kv_heads, prompt, head_dim]) where they are; in
+    the last layer only the last position's query, attention output and MLP are computed (the logits of the
+    last token are all the search needs). In `step`, only the keys/values of the generated tokens
+    ([rows, kv_heads, step, head_dim], a few dozen positions) follow the beams. Attention of a beam = one
+    softmax over [its example's prompt positions, its own generated positions]. `generate` instead copies
+    the whole cache num_beams times and then twice more per step (append + beam reorder), which dominates
+    its run time on long prompts.
 
     The layer maths is the model's own modules (norms, projections incl. LoRA, MLP, rotary embedding);
     only the attention product is computed here, in float32 softmax as the eager implementation does.
+    With `matmul_dtype=torch.bfloat16` on a float32 model, the plain `nn.Linear` layers of the decoder
+    blocks (q/k/v/o projections, MLP) multiply bfloat16 copies of their weights (made once per call, so
+    weights that change between calls are seen) and return to float32; the residual stream, norms, rotary
+    embedding, attention, the LM head and log-softmax stay float32 (a bfloat16 LM head rounds every logit
+    by up to ~0.06 and doubled the score differences measured on SmolLM2). LoRA-wrapped layers keep the
+    model's dtype.
     Supported: model types in SUPPORTED without sliding-window attention; others use `generate`-style
     decoding with the model's forward (`constrained_beam_search(..., shared_prompt=False)`).
     """
 
     SUPPORTED = ("llama", "mistral", "qwen2")
 
-    def __init__(self, model, cache, attention_mask: torch.Tensor):
+    def __init__(self, model, matmul_dtype: torch.dtype | None = None):
         import sys
 
         self.lm = _unwrap(model)
         body = self.lm.model
         self.layers = list(body.layers[: self.lm.config.num_hidden_layers])
         self.embed, self.norm, self.rotary = body.embed_tokens, body.norm, body.rotary_emb
+        self.lm_head = self.lm.lm_head
         self.apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.groups = attn.num_key_value_groups  # query heads per kv head
         self.scaling = attn.scaling
-        # keys transposed once ([examples, kv_heads, head_dim, prompt]): the per-step product reads them in order
-        self.prompt_kt = [layer.keys.transpose(2, 3).contiguous() for layer in cache.layers]
-        self.prompt_v = [layer.values for layer in cache.layers]
-        dtype = self.prompt_v[0].dtype
-        self.prompt_bias = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
-        self.prompt_bias.masked_fill_(attention_mask == 0, float("-inf"))  # [examples, prompt]
+        self.dtype = self.embed.weight.dtype  # the residual stream's
+        # module -> its weight in matmul_dtype (only plain nn.Linear: LoRA layers run as they are)
+        self.low: dict = {}
+        if matmul_dtype is not None and matmul_dtype != self.dtype:
+            modules = []
+            for layer in self.layers:
+                a, m = layer.self_attn, layer.mlp
+                modules += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+            self.low = {mod: mod.weight.detach().to(matmul_dtype) for mod in modules if type(mod) is torch.nn.Linear}
         self.beam_k: list = [None] * len(self.layers)  # [rows, kv_heads, generated, head_dim] each
         self.beam_v: list = [None] * len(self.layers)
-        self.dtype = dtype
 
     @classmethod
     def supports(cls, model) -> bool:
@@ -163,6 +186,64 @@ class SharedPromptDecoder:
             return False
         body = getattr(lm, "model", None)
         return all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
+
+    def _linear(self, module, x: torch.Tensor) -> torch.Tensor:
+        weight = self.low.get(module)
+        if weight is None:
+            return module(x)
+        y = torch.nn.functional.linear(x.to(weight.dtype), weight).to(x.dtype)
+        return y if module.bias is None else y + module.bias
+
+    def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
+        if mlp.gate_proj not in self.low and mlp.up_proj not in self.low and mlp.down_proj not in self.low:
+            return mlp(x)
+        return self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._linear(self.lm_head, self.norm(hidden))
+
+    def prefill(self, prompts: Sequence[Sequence[int]], device) -> torch.Tensor:
+        """Logits [examples, vocab] of each prompt's last token; stores the prompts' keys/values.
+
+        Prompts are right-aligned in the key/value store (as `left_pad` lays them out); the positions
+        before a shorter prompt get bias -inf, so no beam attends to them.
+        """
+        from torch.nn.functional import scaled_dot_product_attention
+
+        width = max(len(p) for p in prompts)
+        kv_heads = self.layers[0].self_attn.k_proj.out_features // self.head_dim
+        shape = (len(prompts), kv_heads, width, self.head_dim)
+        # keys stored transposed ([examples, kv_heads, head_dim, prompt]): the per-step product reads them in order
+        self.prompt_kt = [torch.zeros(shape, dtype=self.dtype, device=device).transpose(2, 3) for _ in self.layers]
+        self.prompt_v = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
+        self.prompt_bias = torch.full((len(prompts), width), float("-inf"), device=device)  # [examples, prompt]
+        last_layer = len(self.layers) - 1
+        last_hidden = []
+        for e, prompt in enumerate(prompts):
+            n, start = len(prompt), width - len(prompt)
+            self.prompt_bias[e, start:] = 0.0
+            hidden = self.embed(torch.as_tensor(list(prompt), dtype=torch.long, device=device)[None])  # [1, n, hidden]
+            cos, sin = self.rotary(hidden, torch.arange(n, device=device)[None])
+            for i, layer in enumerate(self.layers):
+                attn = layer.self_attn
+                x = layer.input_layernorm(hidden)
+                q = self._linear(attn.q_proj, x).view(1, n, -1, self.head_dim).transpose(1, 2)  # [1, heads, n, head_dim]
+                k = self._linear(attn.k_proj, x).view(1, n, -1, self.head_dim).transpose(1, 2)  # [1, kv_heads, n, head_dim]
+                v = self._linear(attn.v_proj, x).view(1, n, -1, self.head_dim).transpose(1, 2)
+                q, k = self.apply_rotary(q, k, cos, sin)
+                self.prompt_kt[i][e, :, :, start:] = k[0].transpose(1, 2)
+                self.prompt_v[i][e, :, start:] = v[0]
+                causal = i < last_layer
+                if not causal:  # the last layer: only the last token's output is needed
+                    q, hidden = q[:, :, -1:], hidden[:, -1:]
+                out = scaled_dot_product_attention(
+                    q, k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1),
+                    is_causal=causal, scale=self.scaling,
+                )  # [1, heads, n or 1, head_dim]
+                hidden = hidden + self._linear(attn.o_proj, out.transpose(1, 2).reshape(1, q.shape[2], -1))
+                hidden = hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+            last_hidden.append(hidden[:, -1])
+        return self._logits(torch.cat(last_hidden))  # [examples, vocab]
 
     def keep_examples(self, keep: torch.Tensor) -> None:
         """Drop finished examples from the prompt cache (`keep` = indices of the remaining ones)."""
@@ -182,9 +263,9 @@ class SharedPromptDecoder:
             attn = layer.self_attn
             residual = hidden
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)  # [rows, heads, 1, head_dim]
-            k = attn.k_proj(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)  # [rows, kv_heads, 1, head_dim]
-            v = attn.v_proj(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
+            q = self._linear(attn.q_proj, x).view(rows, 1, -1, self.head_dim).transpose(1, 2)  # [rows, heads, 1, head_dim]
+            k = self._linear(attn.k_proj, x).view(rows, 1, -1, self.head_dim).transpose(1, 2)  # [rows, kv_heads, 1, head_dim]
+            v = self._linear(attn.v_proj, x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
             q, k = self.apply_rotary(q, k, cos, sin)
             if self.beam_k[i] is None:
                 self.beam_k[i], self.beam_v[i] = k, v
@@ -210,10 +291,9 @@ class SharedPromptDecoder:
             out = out.view(examples, kv_heads, rows_per_example, self.groups, self.head_dim)
             out = out.permute(0, 2, 1, 3, 4).reshape(rows, kv_heads, self.groups, self.head_dim)
             out = out + torch.matmul(probs[..., prompt_len:], self.beam_v[i])  # [rows, kv_heads, groups, head_dim]
-            hidden = residual + attn.o_proj(out.reshape(rows, 1, -1))
-            residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.lm.lm_head(self.norm(hidden))[:, -1, :]  # [rows, vocab]
+            hidden = residual + self._linear(attn.o_proj, out.reshape(rows, 1, -1))
+            hidden = hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+        return self._logits(hidden)[:, -1, :]  # [rows, vocab]
 
 
 def _unwrap(model):
@@ -235,6 +315,8 @@ def constrained_beam_search(
         raise ValueError("num_return_sequences must be <= num_beams")
     if settings.early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {settings.early_stopping!r}")
+    if settings.matmul_dtype not in _MATMUL_DTYPES:
+        raise ValueError(f"matmul_dtype must be None, 'float32' or 'bfloat16', got {settings.matmul_dtype!r}")
     device = trie.indptr.device
     num_beams = settings.num_beams
     num_candidates = 2 * num_beams  # transformers keeps (1 + number of EOS tokens) * num_beams
@@ -243,18 +325,19 @@ def constrained_beam_search(
     hypothetical_len_fixed = max_new_tokens if (settings.early_stopping == "never" and lp > 0.0) else None
     neg_inf = float("-inf")
 
-    input_ids, attention_mask, position_ids = left_pad(prompts, pad_token_id, device)
-    prompt_lens = attention_mask.sum(-1)  # [batch]
-    cache = _new_cache(model)
-    cache_kw = _cache_kwarg(model)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=True, logits_to_keep=1, **{cache_kw: cache})
-    logits = out.logits[:, -1, :]  # [rows, vocab]; one row per example at step 1
-    del out
+    prompt_lens = torch.tensor([len(p) for p in prompts], device=device)  # [batch]
     decoder = None
     if settings.shared_prompt and SharedPromptDecoder.supports(model):
-        decoder = SharedPromptDecoder(model, cache, attention_mask)
-        del cache
+        decoder = SharedPromptDecoder(model, _MATMUL_DTYPES[settings.matmul_dtype])
+        logits = decoder.prefill(prompts, device)  # [rows, vocab]; one row per example at step 1
+    else:
+        input_ids, attention_mask, position_ids = left_pad(prompts, pad_token_id, device)
+        cache = _new_cache(model)
+        cache_kw = _cache_kwarg(model)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+        logits = out.logits[:, -1, :]  # [rows, vocab]; one row per example at step 1
+        del out
 
     results: list[Ranking | None] = [None] * len(prompts)
     example = torch.arange(len(prompts), device=device)  # [active] original index of each active example

@@ -269,6 +269,42 @@ def test_settings_are_checked(trained_tiny, trie, test_prompts):
     with pytest.raises(ValueError, match="early_stopping"):
         constrained_beam_search(trained_tiny, trie.to_torch(), test_prompts[:1],
                                 BeamSearchSettings(early_stopping="sometimes"))
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        constrained_beam_search(trained_tiny, trie.to_torch(), test_prompts[:1],
+                                BeamSearchSettings(matmul_dtype="int8"))
+
+
+def test_bfloat16_linear_is_the_rounded_product(trained_tiny):
+    """The bfloat16 path of one projection: x and W rounded to bfloat16, multiplied, returned as float32.
+
+    Hand-checkable case: x = [1 + 2^-10] rounds to 1.0 in bfloat16 (8 significant bits), W = [[3.0]] is exact,
+    so the product is 3.0 (float32 would give 3.0029296875); the bias (0.5) is added in float32.
+    """
+    from gdrt_core.generation import SharedPromptDecoder
+
+    decoder = SharedPromptDecoder(trained_tiny, torch.bfloat16)
+    # every plain projection of the blocks has a bfloat16 copy; the model's own weights stay float32
+    assert len(decoder.low) == 7 * trained_tiny.config.num_hidden_layers
+    assert all(w.dtype == torch.bfloat16 for w in decoder.low.values())
+    assert all(p.dtype == torch.float32 for p in trained_tiny.parameters())
+    layer = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        layer.weight.fill_(3.0)
+        layer.bias.fill_(0.5)
+    decoder.low[layer] = layer.weight.detach().to(torch.bfloat16)
+    got = decoder._linear(layer, torch.tensor([[1.0 + 2**-10]]))
+    assert got.dtype == torch.float32 and got.item() == 3.5
+    assert layer(torch.tensor([[1.0 + 2**-10]])).item() == pytest.approx(3.0029296875 + 0.5)
+
+
+def test_bfloat16_matmuls_rank_like_the_oracle(trained_tiny, tokenizer, trie, test_prompts, default_reference):
+    """bfloat16 matmuls change scores by rounding only: on the fine-tuned tiny model (peaked distributions,
+    no near-ties in these lists) the rankings equal `generate`'s and the scores agree to 0.05."""
+    ours = rank_prompts(trained_tiny, trie.to_torch(), test_prompts, BeamSearchSettings(matmul_dtype="bfloat16"),
+                        batch_size=6, pad_token_id=tokenizer.pad_token_id)
+    for got, want in zip(ours, default_reference, strict=True):
+        assert got.titles == [t for t, _ in want]
+        assert got.scores == pytest.approx([s for _, s in want], abs=0.05)
 
 
 def _tiny_causal_lm(kind: str, vocab_size: int):
