@@ -101,14 +101,13 @@ def _new_cache(model):
 def left_pad(
     prompts: Sequence[Sequence[int]], pad_token_id: int, device: str | torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-align prompts in one batch; position ids count real tokens only (as `generate` does)."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)  # [batch, width]
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [batch, width]
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        attention_mask[i, width - len(p):] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # [batch, width]
+    """Right-align prompts in one batch; position ids count real tokens only (as `generate` does).
+
+    Returns (input_ids, attention_mask, position_ids), each [batch, width]; the padding is
+    `gdrt_core.collate.pad_token_ids` (the one batching module)."""
+    from gdrt_core.collate import pad_token_ids
+
+    input_ids, attention_mask, position_ids = pad_token_ids(prompts, pad_token_id)  # [batch, width] each
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
 
 
@@ -459,10 +458,10 @@ def rank_prompts(
 
     Results come back in the order of `prompts`; `on_batch(n)` is called after each batch of n prompts.
     """
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    from gdrt_core.collate import length_batches
+
     results: list[Ranking | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    for idx in length_batches([len(p) for p in prompts], batch_size):
         for i, r in zip(idx, constrained_beam_search(
             model, trie, [prompts[i] for i in idx], settings, pad_token_id=pad_token_id
         ), strict=True):
