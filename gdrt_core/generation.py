@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gdrt_core.collate import length_batches, pad_token_ids
 from gdrt_core.trie import TorchTrie
 
 
@@ -96,19 +97,6 @@ def _new_cache(model):
         return DynamicCache(config=model.config)
     except TypeError:
         return DynamicCache()
-
-
-def left_pad(
-    prompts: Sequence[Sequence[int]], pad_token_id: int, device: str | torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-align prompts in one batch; position ids count real tokens only (as `generate` does).
-
-    Returns (input_ids, attention_mask, position_ids), each [batch, width]; the padding is
-    `gdrt_core.collate.pad_token_ids` (the one batching module)."""
-    from gdrt_core.collate import pad_token_ids
-
-    input_ids, attention_mask, position_ids = pad_token_ids(prompts, pad_token_id)  # [batch, width] each
-    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
 
 
 def _segment_log_softmax(values: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -204,7 +192,7 @@ class SharedPromptDecoder:
     def prefill(self, prompts: Sequence[Sequence[int]], device) -> torch.Tensor:
         """Logits [examples, vocab] of each prompt's last token; stores the prompts' keys/values.
 
-        Prompts are right-aligned in the key/value store (as `left_pad` lays them out); the positions
+        Prompts are right-aligned in the key/value store (as `collate.pad_token_ids` lays them out); the positions
         before a shorter prompt get bias -inf, so no beam attends to them.
         """
         from torch.nn.functional import scaled_dot_product_attention
@@ -330,7 +318,9 @@ def constrained_beam_search(
         decoder = SharedPromptDecoder(model, _MATMUL_DTYPES[settings.matmul_dtype])
         logits = decoder.prefill(prompts, device)  # [rows, vocab]; one row per example at step 1
     else:
-        input_ids, attention_mask, position_ids = left_pad(prompts, pad_token_id, device)
+        input_ids, attention_mask, position_ids = (
+            t.to(device) for t in pad_token_ids(prompts, pad_token_id)  # [batch, width] each, left-padded
+        )
         cache = _new_cache(model)
         cache_kw = _cache_kwarg(model)
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -458,7 +448,6 @@ def rank_prompts(
 
     Results come back in the order of `prompts`; `on_batch(n)` is called after each batch of n prompts.
     """
-    from gdrt_core.collate import length_batches
 
     results: list[Ranking | None] = [None] * len(prompts)
     for idx in length_batches([len(p) for p in prompts], batch_size):

@@ -206,8 +206,8 @@ def test_pad_is_eos_and_neither_padding_nor_labels_depend_on_it(smollm2_cached, 
     left-padded prompt gives the same next-token logits as the prompt alone."""
     import torch
 
+    from gdrt_core.collate import pad_token_ids
     from gdrt_core.dataset import Dataset
-    from gdrt_core.generation import left_pad
     from gdrt_core.models import load_model
     from gdrt_core.prompts import render
     from gdrt_core.tokenization import IGNORE_INDEX, tokenize_example, tokenize_prompt
@@ -231,7 +231,7 @@ def test_pad_is_eos_and_neither_padding_nor_labels_depend_on_it(smollm2_cached, 
     model = load_model(smollm2_cached[0], device="cpu")
     prompts = [tokenize_prompt(tok, render("office", list(e.history_titles[:k]))).input_ids
                for e, k in ((exs[0], 1), (exs[1], 3))]
-    ids, mask, pos = left_pad(prompts, tok.pad_token_id)
+    ids, mask, pos = pad_token_ids(prompts, tok.pad_token_id)
     with torch.no_grad():
         padded = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]  # [2, vocab]
         alone = model(input_ids=torch.tensor([prompts[0]])).logits[0, -1]  # [vocab]

@@ -276,7 +276,7 @@ def reference_train_pad_batch(features, pad_token_id):
 
 
 def reference_left_pad(prompts, pad_token_id):
-    """generation.left_pad as it is (beam search)."""
+    """The left padding beam search used before it went through collate."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -373,7 +373,7 @@ def test_train_collator_equals_the_old_pad_batch(seed):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_pad_token_ids_equals_generation_left_pad(seed):
-    """What generation.left_pad returns, tensor for tensor (its replacement: pad_token_ids(prompts, pad))."""
+    """What beam search's own left padding returned, tensor for tensor."""
     prompts = _random_sequences(random.Random(seed), random.Random(seed).randint(1, 9))
     for got, want in zip(pad_token_ids(prompts, 7), reference_left_pad(prompts, 7), strict=True):
         assert _same(got, want)
