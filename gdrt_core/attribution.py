@@ -548,7 +548,7 @@ def _numeric_metrics(summary: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
+def run(config: AttributeConfig, *, model=None, tokenizer=None, context=None) -> dict:
     """Attribute `config.split` of the dataset; write the Attribution artifact; return the summary."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -579,7 +579,7 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
     examples = ds.examples(config.split, config.limit)
     if not examples:
         raise GdrtError(f"split {config.split!r} has no examples", path=config.dataset)
-    with stage_run("attribute", to_dict(config)) as tracker:
+    with stage_run("attribute", to_dict(config), context) as tracker:
         if model is None or tokenizer is None:
             from gdrt_core.scoring import load_scoring_model
 

@@ -196,7 +196,7 @@ class SampleNdcg:
         return ndcg([target_rank(r.titles, t) for r, t in zip(rankings, self.targets, strict=True)], 10)
 
 
-def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
+def run(config: EvalConfig, *, model=None, tokenizer=None, context=None) -> dict:
     """Rank the split's examples, write the Eval artifact, log to MLflow; returns the metrics.
 
     `model` / `tokenizer` may be passed in (tests, notebooks); otherwise `config.model` is loaded.
@@ -236,7 +236,7 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
     schema = pa.schema([
         ("example_id", pa.int64()), ("rank", pa.int8()), ("title", pa.string()), ("score", pa.float32()),
     ])
-    with stage_run("evaluate", to_dict(config)) as tracker:
+    with stage_run("evaluate", to_dict(config), context) as tracker:
         titles = dataset.titles
         if config.model.startswith("baseline:"):
             top = most_popular_titles(titles, baseline_counts(dataset, config.model), settings.num_return_sequences)

@@ -269,7 +269,7 @@ def _group_stats(
     return [int(s) for s in sizes], means
 
 
-def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
+def run(config: GroupConfig, *, model=None, tokenizer=None, context=None) -> dict:
     """Score, bin and write the Groups artifact; returns groups.json's content.
 
     `model` / `tokenizer` may be passed in (tests, notebooks); otherwise `config.reference` is loaded.
@@ -297,7 +297,7 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
     check_work_dir(_work_path(config))
     ds = Dataset(config.dataset)
     ds.require_examples("train", "to fit the group edges on")
-    with stage_run("group", to_dict(config)) as tracker, contextlib.ExitStack() as hold:
+    with stage_run("group", to_dict(config), context) as tracker, contextlib.ExitStack() as hold:
         hold.enter_context(exclusive(_work_path(config), "gdrt group"))
         if model is None or tokenizer is None:
             from gdrt_core.scoring import load_scoring_model

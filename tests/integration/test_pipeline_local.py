@@ -33,7 +33,7 @@ def _runs(client, experiment):
 def test_pipeline_end_to_end_with_mlflow_server(tmp_path, office_source_slice, mlflow_server, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
-    from gdrt_core import local_run
+    from pipelines import local_run
     from gdrt_core.cli import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -86,7 +86,7 @@ def test_pipeline_end_to_end_with_mlflow_server(tmp_path, office_source_slice, m
 def test_failing_stage_fails_the_pipeline_and_registers_nothing(tmp_path, office_source_slice, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from gdrt_core import local_run
+    from pipelines import local_run
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
