@@ -116,8 +116,16 @@ def step_values(stage: str, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def step_config(stage: str, settings: dict | None, args: dict[str, Any]):
-    """The typed config a pipeline step resolves to (stages with a config only): what every runner must
-    agree on. Model inputs stay as given (a reference directory is read when the step runs)."""
+    """The typed config a pipeline step resolves to (None: the step runs no stage with a config, e.g. a base
+    model that is a hub id): what every runner must agree on. Model inputs stay as given (a reference
+    directory is read when the step runs)."""
+    if stage == "init-model":
+        init_settings = base_model_settings(args["base_model"], settings)
+        if init_settings is None:
+            return None
+        return stage_config(stage, init_settings, dataset=args["dataset"], out=args["out"])
+    if stage not in STAGES:
+        return None
     return stage_config(stage, settings, **step_values(stage, args))
 
 
