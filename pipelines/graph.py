@@ -41,6 +41,18 @@ class Step:
     per_domain: bool = False  # shared by every variant of a domain (the sweep names it after the domain)
 
 
+def _evaluated(model: str) -> tuple[Step, Step]:
+    """The test-split evaluation and the attribution of one trained model (step `model`)."""
+    return (
+        Step(f"eval_{model}", "evaluate", f"evaluate {model.upper()}", f"evaluate {model}", "evaluation",
+             inputs={"dataset": "data", "model": model}, params={"split": "eval_split"}, settings="eval_settings",
+             run_name=f"evaluate {model}"),
+        Step(f"attr_{model}", "attribute", f"attribute {model.upper()}", f"attribute {model}", "attribution",
+             inputs={"dataset": "data", "model": model, "groups": "groups"}, params={"split": "eval_split"},
+             settings="attribute_settings", run_name=f"attribute {model}", cache=True),
+    )
+
+
 STEPS: tuple[Step, ...] = (
     Step("data", "curate", "curate", "curate", "dataset", params={
         "source": "source", "source_format": "source_format", "domain": "domain"},
@@ -59,18 +71,8 @@ STEPS: tuple[Step, ...] = (
          params={"tau": "tau", "prior": "prior", "num_groups": "num_groups", "num_gpus": "num_gpus",
                  "deepspeed": "deepspeed"},
          settings="train_settings", fixed={"objective": "gdrt"}, run_name="train gdrt"),
-    Step("eval_sft", "evaluate", "evaluate SFT", "evaluate sft", "evaluation",
-         inputs={"dataset": "data", "model": "sft"}, params={"split": "eval_split"}, settings="eval_settings",
-         run_name="evaluate sft"),
-    Step("attr_sft", "attribute", "attribute SFT", "attribute sft", "attribution",
-         inputs={"dataset": "data", "model": "sft", "groups": "groups"}, params={"split": "eval_split"},
-         settings="attribute_settings", run_name="attribute sft", cache=True),
-    Step("eval_gdrt", "evaluate", "evaluate GDRT", "evaluate gdrt", "evaluation",
-         inputs={"dataset": "data", "model": "gdrt"}, params={"split": "eval_split"}, settings="eval_settings",
-         run_name="evaluate gdrt"),
-    Step("attr_gdrt", "attribute", "attribute GDRT", "attribute gdrt", "attribution",
-         inputs={"dataset": "data", "model": "gdrt", "groups": "groups"}, params={"split": "eval_split"},
-         settings="attribute_settings", run_name="attribute gdrt", cache=True),
+    *_evaluated("sft"),
+    *_evaluated("gdrt"),
     Step("report", "report", "report", "report", "page",
          inputs={"sft_eval": "eval_sft", "gdrt_eval": "eval_gdrt", "sft_attribution": "attr_sft",
                  "gdrt_attribution": "attr_gdrt"}, params={"title": "run_name"}),

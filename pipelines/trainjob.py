@@ -33,9 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gdrt_core.config import check_config, field, to_dict
 from gdrt_core.errors import GdrtError

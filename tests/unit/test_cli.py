@@ -48,8 +48,9 @@ def test_the_library_cli_has_the_stages_of_the_registry_and_no_orchestration():
 
 
 def test_console_script_points_at_the_orchestration_entry():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["gdrt"] == "pipelines.cli:main"

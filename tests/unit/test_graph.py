@@ -3,8 +3,9 @@ local run and the sweep resolve the same stage configs from it for the same vari
 
 from __future__ import annotations
 
-import pytest
 from pathlib import Path
+
+import pytest
 
 from gdrt_core.config import to_dict
 from gdrt_core.stages import STEP_KINDS, step_config
@@ -33,7 +34,7 @@ def kfp_steps(pipeline, params: dict) -> dict[str, dict]:
     by_display = {name: task.task_info.name for name, task in tasks.items()}
     step_of = {s.display: s for s in graph.steps()}
     out = {}
-    for name, task in tasks.items():
+    for task in tasks.values():
         display = task.task_info.name.removesuffix(" (TrainJob)")
         if display not in step_of:
             continue  # the run-opening step
@@ -78,7 +79,8 @@ def planned_steps(plan_, variant: str) -> dict[str, dict]:
 def runners() -> dict[str, dict[str, dict]]:
     pytest.importorskip("kfp")
     from pipelines.gdrt_pipeline import build_pipeline
-    from pipelines.local_run import VARIANT as RUN, plan_run
+    from pipelines.local_run import VARIANT as RUN
+    from pipelines.local_run import plan_run
     from pipelines.sweep import Variant, plan
 
     params = variant_params()

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from gdrt_core import results
-from pipelines import sweep
 from gdrt_core.errors import GdrtError
+from pipelines import sweep
 
 
 def _write(tmp_path, variants, **extra):

@@ -253,8 +253,8 @@ def test_component_function_on_small_artifacts(tmp_path, monkeypatch):
     from kfp.dsl import Dataset, Model
 
     from components.train_job.component import train_job
-    from pipelines import trainjob
     from gdrt_core.artifacts import write_manifest
+    from pipelines import trainjob
 
     pvc = tmp_path / "pvc"
     (tmp_path / "dataset").mkdir()
