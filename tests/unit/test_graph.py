@@ -138,3 +138,55 @@ def test_the_graph_is_well_formed():
 def test_every_pipeline_parameter_reaches_a_step():
     used = {p for s in graph.STEPS for p in s.params.values()} | {s.settings for s in graph.STEPS if s.settings}
     assert set(PIPELINE_DEFAULTS) - used == {"experiment"}  # the parent run's, opened by each runner
+
+
+def test_components_and_the_local_executor_call_run_step_alike(monkeypatch, tmp_path):
+    """Each component's body, called with the arguments its KFP task gets, calls `run_step` exactly as the
+    local executor does for the same step (stage, settings, arguments, parent run and run name)."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("kfp")
+    from gdrt_core import stages
+    from pipelines.gdrt_pipeline import COMPONENTS
+    from pipelines.local_run import VARIANT as RUN
+    from pipelines.local_run import plan_run
+    from pipelines.sweep import node_spec
+
+    calls = []
+
+    def record(stage, settings, context=None, **args):
+        calls.append((stage, settings, context, args))
+        return "decision" if stage == "register" else {}
+
+    monkeypatch.setattr(stages, "run_step", record)
+    params = variant_params()
+    for step in graph.steps():
+        args = {arg: SimpleNamespace(path=f"<{src}>") for arg, src in step.inputs.items()}
+        args.update(graph.step_args(step, params))
+        if step.settings:
+            args["settings"] = params[step.settings]
+        if step.tracked:
+            args["parent_run_id"] = "parent"
+        if step.run_name:
+            args["run_name"] = step.run_name
+        if step.output:
+            args[step.output] = SimpleNamespace(path=f"<{step.name}>", metadata={})
+        if step.stage == "evaluate":
+            args["metrics"] = SimpleNamespace(log_metric=lambda key, value: None)
+        COMPONENTS[step.stage].python_func(**args)
+
+    plan_ = plan_run(params)
+    out = tmp_path / "out"
+    for (stage, settings, context, args), step in zip(calls, graph.steps(), strict=True):
+        node = plan_.nodes[plan_.roles[RUN][step.name]]
+        spec = node_spec(plan_, node.key, out, {"parent_run_id": "parent"})
+        paths = {str(out / "stages" / plan_.nodes[k].dirname): f"<{plan_.nodes[k].step}>"
+                 for k in node.inputs.values()}
+        planned = {**spec["args"], **{a: paths[p] for a, p in spec["inputs"].items()}}
+        if step.output:  # (the register step writes no artifact: its `out` is unused)
+            planned["out"] = f"<{step.name}>"
+        assert stage == node.stage, step.name
+        assert (settings or {}) == spec["settings"], step.name
+        assert {k: v for k, v in args.items() if v is not None} == planned, step.name
+        if step.tracked:
+            assert (context.parent_run_id, context.run_name) == ("parent", spec["context"]["run_name"]), step.name
