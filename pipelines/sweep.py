@@ -244,7 +244,8 @@ def run_spec(spec: dict) -> dict:
 
 
 # trainings first (everything waits on them), then the cheap evaluations, then the attributions
-STAGE_RANK = {"curate": 0, "init-model": 0, "train": 0, "group": 0, "evaluate": 1, "attribute": 2, "report": 3}
+STAGE_RANK = {"curate": 0, "init-model": 0, "train": 0, "group": 0, "evaluate": 1, "attribute": 2, "report": 3,
+              "register": 3}
 
 
 def execute(plan_: Plan, out: Path, jobs: int = 1, *, context: dict | None = None, stream=sys.stderr,
