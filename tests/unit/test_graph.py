@@ -131,6 +131,9 @@ def test_the_graph_is_well_formed():
         assert s.stage in STEP_KINDS
         assert all(src in names[:i] for src in (*s.inputs.values(), *s.after)), s.name  # inputs come first
         assert all(p in PIPELINE_DEFAULTS for p in s.params.values()) and (s.settings is None or s.settings in PIPELINE_DEFAULTS)
+    from pipelines.sweep import STAGE_RANK
+
+    assert set(STEP_KINDS) <= set(STAGE_RANK)  # the executor can order every step
     assert graph.steps("base")[3].inputs["reference"] == "base"
     assert "register" not in {s.name for s in graph.steps(register=False)}
 
