@@ -52,7 +52,7 @@ def start_run_task(*, experiment, run_name, params: dict, parent_run_id) -> dsl.
 
 
 def build_pipeline(*, cluster: bool = True, checkpoint_pvc=None):
-    """The pipeline function. cluster=False leaves out the Kubernetes settings (the local runner)."""
+    """The pipeline function. cluster=False leaves out the Kubernetes settings (e.g. for kfp.local)."""
 
     @dsl.pipeline(name=PIPELINE_NAME, description="GDRT vs SFT fine-tuning of an LLM recommender")
     def gdrt_pipeline(
@@ -77,7 +77,7 @@ def build_pipeline(*, cluster: bool = True, checkpoint_pvc=None):
         attribute_settings: dict = D["attribute_settings"],
         parent_run_id: str = "",
     ) -> Markdown:
-        params = dict(locals())
+        params = dict(locals())  # the pipeline parameters by name: what the graph's steps read
         start = start_run_task(experiment=experiment, run_name=run_name, params={
             "source": source, "domain": domain, "base_model": base_model, "tau": tau, "num_groups": num_groups,
             "prior": prior,

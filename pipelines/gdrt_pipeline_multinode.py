@@ -52,7 +52,7 @@ def build_multinode_pipeline():
         attribute_settings: dict = D["attribute_settings"],
         parent_run_id: str = "",
     ) -> Markdown:
-        params = dict(locals())
+        params = dict(locals())  # the pipeline parameters by name: what the graph's steps read
         start = start_run_task(experiment=experiment, run_name=run_name, params={
             "source": source, "domain": domain, "base_model": base_model, "tau": tau, "num_groups": num_groups,
             "prior": prior, "num_nodes": num_nodes, "gpus_per_node": gpus_per_node,
