@@ -98,12 +98,9 @@ def test_num_groups_beyond_the_int8_group_column():
 
 
 def _stage_cls(stage):
-    import importlib
-
     from gdrt_core.stages import STAGES
 
-    module, cls = STAGES[stage]
-    return getattr(importlib.import_module(module), cls)
+    return STAGES[stage].config_class()
 
 
 REQUIRED = {
@@ -173,7 +170,7 @@ def test_every_stage_setting_is_range_checked_when_resolved(stage, setting, expe
     (["recommend", "--model", "m", "--history", "a", "--domain", "furniture"], "unknown domain 'furniture'"),
 ])
 def test_command_flags_outside_their_range(tmp_path, monkeypatch, capsys, args, problem):
-    from gdrt_core.cli import main
+    from pipelines.cli import main
 
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
