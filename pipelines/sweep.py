@@ -71,6 +71,10 @@ class Node:
     inputs: dict = field(default_factory=dict)  # argument -> key of the node whose output it takes
     step: str = ""  # the graph step it runs
     run_name: str = ""  # its MLflow run name ("" = the stage's name)
+    after: list = field(default_factory=list)  # keys of nodes it waits for without reading them (register)
+
+    def deps(self) -> list[str]:
+        return [*self.inputs.values(), *self.after]
     dirname: str = ""  # <label slug>-<key prefix>; an earlier sweep's name for the same key is adopted
 
     def __post_init__(self):
@@ -168,7 +172,8 @@ def plan_steps(nodes: dict[str, Node], params: dict, steps: tuple[graph.Step, ..
         key = _key(s.stage, settings, step_values(s.stage, args), {renames.get(a, a): k for a, k in inputs.items()})
         if key not in nodes:
             label, run_name = name(s)
-            nodes[key] = Node(key, s.stage, label, settings, args, inputs, s.name, run_name)
+            nodes[key] = Node(key, s.stage, label, settings, args, inputs, s.name, run_name,
+                              [role[a] for a in s.after])
         role[s.name] = key
     return role
 
@@ -274,12 +279,12 @@ def execute(plan_: Plan, out: Path, jobs: int = 1, *, context: dict | None = Non
     try:
         while pending or running:
             for key in list(pending):  # in dependency order, so skips propagate in one pass
-                deps = nodes[key].inputs.values()
+                deps = nodes[key].deps()
                 if any(status.get(d) in ("failed", "skipped") for d in deps):
                     status[key] = "skipped"
                     pending.remove(key)
                     report(key, "SKIPPED", 0.0)
-            ready = sorted((k for k in pending if all(status.get(d) == "done" for d in nodes[k].inputs.values())),
+            ready = sorted((k for k in pending if all(status.get(d) == "done" for d in nodes[k].deps())),
                            key=lambda k: (STAGE_RANK[nodes[k].stage], order[k]))
             for key in ready[: max(0, jobs - len(running))]:
                 pending.remove(key)
