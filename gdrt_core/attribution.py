@@ -549,7 +549,7 @@ def _numeric_metrics(summary: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
+def run(config: AttributeConfig, *, model=None, tokenizer=None, context=None) -> dict:
     """Attribute `config.split` of the dataset; write the Attribution artifact; return the summary.
 
     Steps: validate -> open the tracking run -> attribute the split chunk by chunk -> summarise -> write
@@ -558,7 +558,7 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None) -> dict:
     from gdrt_core.tracking import stage_run
 
     ds, examples, guard = _validate(config)
-    with stage_run("attribute", to_dict(config)) as tracker:
+    with stage_run("attribute", to_dict(config), context) as tracker:
         attributions, cf_scores = _attribute_split(config, ds, examples, model, tokenizer)
         summary = _summary(config, attributions, cf_scores)
         _write_attribution(config, guard, attributions, summary)

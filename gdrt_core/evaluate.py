@@ -165,7 +165,7 @@ class SampleNdcg:
         return ndcg([target_rank(r.titles, t) for r, t in zip(rankings, self.targets, strict=True)], 10)
 
 
-def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
+def run(config: EvalConfig, *, model=None, tokenizer=None, context=None) -> dict:
     """Rank the split's examples, write the Eval artifact, log to MLflow; returns the metrics.
 
     `model` / `tokenizer` may be passed in (tests, notebooks); otherwise `config.model` is loaded.
@@ -176,7 +176,7 @@ def run(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
     from gdrt_core.tracking import stage_run
 
     dataset, settings, guard = _validate(config)
-    with stage_run("evaluate", to_dict(config)) as tracker:
+    with stage_run("evaluate", to_dict(config), context) as tracker:
         rank_chunk = _ranker(config, dataset, settings, model, tokenizer)
         with atomic_output_dir(config.out, **guard) as tmp:
             accumulator, elapsed = _rank_split(config, dataset, rank_chunk, tmp / PREDICTIONS_FILE)

@@ -269,7 +269,7 @@ def _group_stats(
     return [int(s) for s in sizes], means
 
 
-def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
+def run(config: GroupConfig, *, model=None, tokenizer=None, context=None) -> dict:
     """Score, bin and write the Groups artifact; returns groups.json's content.
 
     `model` / `tokenizer` may be passed in (tests, notebooks); otherwise `config.reference` is loaded.
@@ -280,7 +280,7 @@ def run(config: GroupConfig, *, model=None, tokenizer=None) -> dict:
     from gdrt_core.tracking import stage_run
 
     ds, guard = _validate(config)
-    with stage_run("group", to_dict(config)) as tracker, contextlib.ExitStack() as hold:
+    with stage_run("group", to_dict(config), context) as tracker, contextlib.ExitStack() as hold:
         hold.enter_context(exclusive(_work_path(config), "gdrt group"))
         work, tables = _score_splits(config, ds, model, tokenizer)
         token_groups, summary = _bin_splits(config, tables)

@@ -1,126 +1,70 @@
-"""One entry point for every stage, used by the pipeline's components: settings dict in, scalars out.
+"""The stage registry, and the one way a stage is run from outside its module.
 
-`run_stage("evaluate", {"num_beams": 10}, dataset=..., model=..., out=...)` builds the stage's typed config
-(unknown settings are an error naming them), runs it, and returns the small scalars a KFP artifact carries
-in its metadata. The CLI builds the same configs from flags (gdrt_core.cli).
+`STAGES` names every stage: its module (which has `run(config, ...)`), its config dataclass and its help.
+The `gdrt <stage>` commands (gdrt_core.cli), the pipeline's components (components/) and the runners
+(pipelines/local_run.py, pipelines/sweep.py) all go through it:
+
+- `run_stage("evaluate", {"num_beams": 10}, context=..., dataset=..., model=..., out=...)` builds the
+  stage's typed config (unknown settings are an error naming them), runs it under the MLflow run context,
+  and returns the small scalars a KFP artifact carries in its metadata;
+- `run_step(stage, settings, context, **args)` runs one step of the pipeline graph (pipelines/graph.py)
+  from its arguments as a component receives them: artifact paths and pipeline parameters. The argument
+  rules live here once: a base model step (`init-model`) that is only a reference to a hub id or directory,
+  a model input that is such a reference (`model_source`), the report and register steps, step argument
+  names that differ from the config's (`STEP_ARGUMENTS`).
+
+This module knows nothing of the pipeline's graph or parameters (pipelines/ does); gdrt_core never
+imports pipelines/ or components/.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gdrt_core.config import load_config
 
-STAGES: dict[str, tuple[str, str]] = {
-    "curate": ("gdrt_core.curate", "CurateConfig"),
-    "init-model": ("gdrt_core.embedded", "EmbeddedConfig"),
-    "train": ("gdrt_core.train", "TrainConfig"),
-    "group": ("gdrt_core.grouping", "GroupConfig"),
-    "attribute": ("gdrt_core.attribution", "AttributeConfig"),
-    "evaluate": ("gdrt_core.evaluate", "EvalConfig"),
+if TYPE_CHECKING:
+    from gdrt_core.tracking import RunContext
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    module: str  # has run(config, ...) and the config class
+    config: str  # the config dataclass's name
+    help: str  # one line, for `gdrt --help`
+
+    def config_class(self) -> type:
+        return getattr(importlib.import_module(self.module), self.config)
+
+
+STAGES: dict[str, Stage] = {
+    "curate": Stage("gdrt_core.curate", "CurateConfig",
+                    "turn raw or preprocessed Amazon data into a Dataset artifact"),
+    "init-model": Stage("gdrt_core.embedded", "EmbeddedConfig",
+                        "the base model: the embedded default model (tokenizer + small Llama) built for a "
+                        "dataset, or a pretrained backbone (--pretrained NAME, --gguf FILE)"),
+    "train": Stage("gdrt_core.train", "TrainConfig", "fine-tune with SFT or GDRT"),
+    "group": Stage("gdrt_core.grouping", "GroupConfig",
+                   "group target tokens by their history-masked log-probability"),
+    "attribute": Stage("gdrt_core.attribution", "AttributeConfig",
+                       "feature-ablation attribution: auxiliary vs history tokens"),
+    "evaluate": Stage("gdrt_core.evaluate", "EvalConfig", "constrained beam search and ranking / fairness metrics"),
 }
-# The pipeline's parameters and their defaults (pipelines/gdrt_pipeline.py takes its defaults from here;
-# `gdrt sweep` fills what a config leaves out from here, without importing kfp).
-PIPELINE_DEFAULTS: dict[str, Any] = {
-    "source": "data/office",
-    "source_format": "sliding",
-    "domain": "office",
-    "base_model": "",
-    "experiment": "gdrt",
-    "run_name": "gdrt-office",
-    "tau": 1.0,
-    "num_groups": 4,
-    "prior": "uniform",
-    "num_gpus": 1,
-    "deepspeed": "zero2",
-    "eval_split": "test",
-    "curate_settings": {},
-    "model_settings": {"size": "small"},
-    "train_settings": {},
-    "group_settings": {},
-    "eval_settings": {},
-    "valid_eval_settings": {"limit": 500},
-    "attribute_settings": {},
-}
-PARENT_RUN_ENV = "GDRT_PARENT_RUN_ID"
-RUN_NAME_ENV = "GDRT_RUN_NAME"  # the stage's MLflow run name, e.g. "evaluate sft"
+# steps of the pipeline graph that are not stages with a config: report (gdrt_core.report), register
+STEP_KINDS = (*STAGES, "report", "register")
+# step argument -> config field, where a component's argument (fixed by the compiled pipeline) is named
+# differently from the stage's config field
+STEP_ARGUMENTS: dict[str, dict[str, str]] = {"curate": {"source_format": "format"}, "train": {"base": "model"}}
+MODEL_INPUTS = ("model", "reference")  # config fields that may be given a base model reference directory
 
 
 def stage_config(stage: str, settings: dict | None = None, **values: Any):
     """The stage's config dataclass from `settings` (typed values; KFP passes whole numbers as floats, which
     int settings accept) and explicit `values` (None = keep the setting or default)."""
-    module_name, cls_name = STAGES[stage]
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    cls = STAGES[stage].config_class()
     return load_config(cls, None, None, **{**(settings or {}), **{k: v for k, v in values.items() if v is not None}})
-
-
-# pipeline parameter -> (stage, setting) that receives it
-PARAMETER_SETTINGS: dict[str, tuple[str, str]] = {
-    "source_format": ("curate", "format"), "domain": ("curate", "domain"), "tau": ("train", "tau"),
-    "num_groups": ("group", "num_groups"), "prior": ("train", "prior"), "num_gpus": ("train", "num_gpus"),
-    "eval_split": ("evaluate", "split"),
-}
-
-
-def check_pipeline_params(params: dict, source: str) -> None:
-    """Check a whole pipeline config before its first stage: every parameter known and in its range, every
-    stage's settings (curate, base model, both trainings, group, the evaluations, attribution) resolved into
-    the stage's config exactly as the pipeline will pass them. Touches no file; `source` names the config."""
-    from gdrt_core.config import check_setting, from_dict
-    from gdrt_core.errors import GdrtError
-
-    unknown = sorted(set(params) - set(PIPELINE_DEFAULTS))
-    if unknown:
-        raise GdrtError(f"unknown pipeline parameter(s) {', '.join(unknown)}", path=source,
-                        hint=f"known: {', '.join(PIPELINE_DEFAULTS)}")
-    p = {**PIPELINE_DEFAULTS, **params}
-    for key, default in PIPELINE_DEFAULTS.items():  # KFP passes str parameters as strings only
-        if isinstance(default, str) and p[key] is not None and not isinstance(p[key], str):
-            raise GdrtError(f"pipeline parameter {key} must be a string, got {p[key]!r}", path=source,
-                            hint=f"quote the value: {key}: \"VALUE\" in the config, --set {key}='\"VALUE\"' on the command line")
-    for key, (stage, setting) in PARAMETER_SETTINGS.items():
-        module_name, cls_name = STAGES[stage]
-        cls = getattr(importlib.import_module(module_name), cls_name)
-        p[key] = check_setting(cls, setting, p[key], key, source)
-    for key in PIPELINE_DEFAULTS:
-        if key.endswith("_settings") and not isinstance(p[key] or {}, dict):
-            raise GdrtError(f"{key} must be a mapping of the stage's settings, got {p[key]!r}", path=source)
-    deepspeed = p["deepspeed"] or None
-    stages = [
-        ("curate_settings", "curate", {"source": p["source"], "format": p["source_format"], "domain": p["domain"],
-                                       "out": "<dataset>"}),
-        ("train_settings", "train", {"dataset": "<dataset>", "model": "<base model>", "out": "<model>",
-                                     "objective": "sft", "num_gpus": p["num_gpus"], "deepspeed": deepspeed}),
-        ("train_settings", "train", {"dataset": "<dataset>", "model": "<base model>", "out": "<model>",
-                                     "objective": "gdrt", "groups": "<groups>", "tau": p["tau"], "prior": p["prior"],
-                                     "num_groups": p["num_groups"], "num_gpus": p["num_gpus"], "deepspeed": deepspeed}),
-        ("group_settings", "group", {"dataset": "<dataset>", "reference": "<sft model>", "out": "<groups>",
-                                     "num_groups": p["num_groups"]}),
-        ("eval_settings", "evaluate", {"dataset": "<dataset>", "model": "<model>", "out": "<eval>",
-                                       "split": p["eval_split"]}),
-        ("valid_eval_settings", "evaluate", {"dataset": "<dataset>", "model": "<model>", "out": "<eval>",
-                                             "split": "valid"}),
-        ("attribute_settings", "attribute", {"dataset": "<dataset>", "model": "<model>", "out": "<attribution>",
-                                             "split": p["eval_split"]}),
-    ]
-    try:
-        init_settings = base_model_settings(str(p["base_model"] or ""), dict(p["model_settings"] or {}))
-    except GdrtError as e:
-        raise GdrtError(str(e), path=source) from None
-    if init_settings is not None:  # the base model step runs init-model with these settings
-        stages.append(("model_settings", "init-model", {"dataset": "<dataset>", "out": "<base model>"}))
-    for section, stage, values in stages:
-        module_name, cls_name = STAGES[stage]
-        cls = getattr(importlib.import_module(module_name), cls_name)
-        section_settings = init_settings if section == "model_settings" else p[section]
-        settings = {k: v for k, v in dict(section_settings or {}).items() if k != "run_name"}
-        try:
-            from_dict(cls, {**settings, **values}, source=f"{section} (the {stage} stage)")
-        except GdrtError as e:
-            raise GdrtError(str(e), path=source) from None
 
 
 def scalars(obj: Any, prefix: str = "", limit: int = 200) -> dict[str, Any]:
@@ -138,19 +82,80 @@ def scalars(obj: Any, prefix: str = "", limit: int = 200) -> dict[str, Any]:
     return out
 
 
-def run_stage(stage: str, settings: dict | None = None, *, parent_run_id: str = "", **values: Any) -> dict:
-    """Run one stage (nested under MLflow run `parent_run_id` when given); returns its scalar results."""
-    if parent_run_id:
-        os.environ[PARENT_RUN_ENV] = parent_run_id
-    settings = dict(settings or {})
-    run_name = settings.pop("run_name", None)
-    if run_name:
-        os.environ[RUN_NAME_ENV] = str(run_name)
-    config = stage_config(stage, settings, **values)
-    module = importlib.import_module(STAGES[stage][0])
-    result = module.run(config)
+def run_config(stage: str, config: Any, context: RunContext | None = None) -> Any:
+    """Run a stage's resolved config under `context`; returns what the stage's `run` returns."""
+    import inspect
+
+    from gdrt_core.tracking import current_context, use_context
+
+    context = context or current_context()
+    run = importlib.import_module(STAGES[stage].module).run
+    with use_context(context):  # for a stage whose run() does not take the context argument yet
+        if "context" in inspect.signature(run).parameters:
+            return run(config, context=context)
+        return run(config)
+
+
+def run_stage(stage: str, settings: dict | None = None, *, context: RunContext | None = None, **values: Any) -> dict:
+    """Run one stage under `context` (its MLflow parent run, run name, tracking on/off); returns its scalars."""
+    result = run_config(stage, stage_config(stage, settings, **values), context)
     return scalars(result if isinstance(result, dict) else {})
 
+
+# ------------------------------------------------------------------------------------- pipeline steps
+
+
+def step_values(stage: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline step's arguments as the stage's config values: renamed to the config's fields, an empty
+    `deepspeed` as None (KFP has no None for a string parameter)."""
+    renames = STEP_ARGUMENTS.get(stage, {})
+    values = {renames.get(k, k): v for k, v in args.items()}
+    if "deepspeed" in values:
+        values["deepspeed"] = values["deepspeed"] or None
+    return values
+
+
+def step_config(stage: str, settings: dict | None, args: dict[str, Any]):
+    """The typed config a pipeline step resolves to (None: the step runs no stage with a config, e.g. a base
+    model that is a hub id): what every runner must agree on. Model inputs stay as given (a reference
+    directory is read when the step runs)."""
+    if stage == "init-model":
+        init_settings = base_model_settings(args["base_model"], settings)
+        if init_settings is None:
+            return None
+        return stage_config(stage, init_settings, dataset=args["dataset"], out=args["out"])
+    if stage not in STAGES:
+        return None
+    return stage_config(stage, settings, **step_values(stage, args))
+
+
+def run_step(stage: str, settings: dict | None, context: RunContext | None = None, **args: Any) -> dict | str:
+    """Run one step of the pipeline graph from its arguments (artifact paths, parameters, `out`) as the
+    components and the local runners receive them; returns the scalars for the output's metadata (the
+    register step: its decision text)."""
+    from gdrt_core.tracking import RunContext
+
+    context = context or RunContext()
+    if stage == "init-model":
+        return prepare_base_model(args["base_model"], settings, dataset=args["dataset"], out=args["out"],
+                                  context=context)
+    if stage == "report":
+        return run_report([("SFT", args["sft_eval"], args["sft_attribution"]),
+                           ("GDRT", args["gdrt_eval"], args["gdrt_attribution"])], out=args["out"],
+                          title=args["title"], context=context)
+    if stage == "register":
+        from gdrt_core.registry import register_model
+
+        return register_model(args["model"], args["dataset"], args["valid_eval"], domain=args["domain"],
+                              parent_run_id=context.parent_run_id if context.enabled else "")
+    values = step_values(stage, args)
+    for name in MODEL_INPUTS:
+        if values.get(name):
+            values[name] = model_source(values[name])
+    return run_stage(stage, settings, context=context, **values)
+
+
+# ------------------------------------------------------------------------------------------ base model
 
 REFERENCE_FILE = "base_model.json"
 BASE_MODEL_FORMS = "'' or embedded[:tiny|small], pretrained:NAME, gguf:FILE, a model directory or a hub id"
@@ -182,7 +187,8 @@ def base_model_settings(base_model: str, settings: dict | None = None) -> dict |
     return None
 
 
-def prepare_base_model(base_model: str, settings: dict | None = None, *, dataset: str, out: str) -> dict:
+def prepare_base_model(base_model: str, settings: dict | None = None, *, dataset: str, out: str,
+                       context: RunContext | None = None) -> dict:
     """The training start point as a directory: the embedded default model built for `dataset`, a pretrained
     backbone / converted GGUF (`pretrained:NAME`, `gguf:FILE`), or (when `base_model` names a hub id or path)
     a small reference file pointing at it."""
@@ -193,7 +199,7 @@ def prepare_base_model(base_model: str, settings: dict | None = None, *, dataset
         with atomic_output_dir(out) as tmp:
             write_json_atomic(tmp / REFERENCE_FILE, {"model": base_model.strip()})
         return {"base_model": base_model.strip()}
-    result = run_stage("init-model", init_settings, dataset=dataset, out=out)
+    result = run_stage("init-model", init_settings, context=context, dataset=dataset, out=out)
     return {"base_model": base_model.strip() or "embedded", **result}
 
 
@@ -208,11 +214,13 @@ def model_source(path: str) -> str:
     return path
 
 
-def run_report(models: list[tuple[str, str, str | None]], *, out: str, title: str, parent_run_id: str = "") -> dict:
-    """The report stage over (label, eval dir, attribution dir) triples; logged to the parent run."""
+def run_report(models: list[tuple[str, str, str | None]], *, out: str, title: str,
+               context: RunContext | None = None) -> dict:
+    """The report stage over (label, eval dir, attribution dir) triples; logged to the context's parent run."""
     from gdrt_core.report import ModelResult, run
     from gdrt_core.tracking import Tracker, open_run
 
-    tracker = open_run(parent_run_id) if parent_run_id else Tracker()
+    parent = context.parent_run_id if context else ""
+    tracker = open_run(parent, enabled=context.enabled) if parent else Tracker()
     comparison = run([ModelResult(*m) for m in models], out, title=title, tracker=tracker)
     return scalars({"relative_change": comparison["relative_change"]})

@@ -6,8 +6,13 @@
 - A file-based store (sqlite, or a file store directory) is first opened under a file lock next to it
   (`mlflow.db.lock`): stages started together would otherwise all run MLflow's schema creation on a fresh
   database at once and leave it half-migrated. Every client comes from `client()`.
-- Parent run: `GDRT_PARENT_RUN_ID` (set by `gdrt run` / the pipeline) makes each stage run a nested run.
-  Experiment: `MLFLOW_EXPERIMENT_NAME` or "gdrt".
+- Run context: a `RunContext` (parent run id, the stage's run name, tracking on/off, experiment) is an
+  argument of every stage run: `run_stage(..., context=)`, `stage_run(..., context=)`. Across processes it
+  travels as explicit arguments (`gdrt <stage> --parent-run-id ID --run-name NAME`, a component's
+  `parent_run_id` / `run_name` inputs, the sweep's node spec), never through the environment. A stage's run
+  nests under the parent run, in the parent's experiment. Experiment of a run without a parent: the
+  context's, else `MLFLOW_EXPERIMENT_NAME`, else "gdrt". `GDRT_TRACKING=off` is the operator's switch: the
+  default of a context's `enabled`.
 - Only rank 0 logs (RANK / LOCAL_RANK environment variables); other ranks get a tracker that does nothing.
 - A server that cannot be reached when a stage starts is an error naming the URI (before any work). Once the
   stage runs, logging never makes it wait: calls are queued and sent by a background thread, a failing call
@@ -23,6 +28,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
+import dataclasses
 import functools
 import logging
 import os
@@ -114,6 +121,42 @@ def is_rank_zero() -> bool:
 
 def tracking_enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "on").lower() not in ("off", "0", "false", "no")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """Where a stage's MLflow run goes: nested under `parent_run_id` (when set), named `run_name` (default:
+    the stage's name), in `experiment` (runs without a parent); nothing is logged when `enabled` is False."""
+
+    parent_run_id: str = ""
+    run_name: str = ""
+    enabled: bool = dataclasses.field(default_factory=tracking_enabled)
+    experiment: str = ""
+
+    def args(self) -> list[str]:
+        """The context as `gdrt <stage>` arguments, for a stage run in another process."""
+        out = ["--parent-run-id", self.parent_run_id] if self.parent_run_id else []
+        out += ["--run-name", self.run_name] if self.run_name else []
+        out += ["--experiment", self.experiment] if self.experiment else []
+        return out + ([] if self.enabled else ["--no-tracking"])
+
+
+_CONTEXT: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar("gdrt_run_context", default=None)
+
+
+def current_context() -> RunContext:
+    """The context a stage run without an explicit one uses: the innermost `use_context`, else the default."""
+    return _CONTEXT.get() or RunContext()
+
+
+@contextlib.contextmanager
+def use_context(context: RunContext) -> Iterator[RunContext]:
+    """Run the block under `context` (for a stage whose `run` does not take a context argument)."""
+    token = _CONTEXT.set(context)
+    try:
+        yield context
+    finally:
+        _CONTEXT.reset(token)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -345,9 +388,10 @@ def _experiment_id(client, name: str) -> str:
 
 
 def start_run(run_name: str, *, parent_run_id: str | None = None, tags: dict | None = None,
-              experiment: str | None = None) -> Tracker:
-    """Create a run (nested under `parent_run_id` if given); raise GdrtError if the store is unreachable."""
-    if not (tracking_enabled() and is_rank_zero()):
+              experiment: str | None = None, enabled: bool | None = None) -> Tracker:
+    """Create a run (nested under `parent_run_id` if given); raise GdrtError if the store is unreachable.
+    `enabled` None = the operator's switch (`tracking_enabled()`)."""
+    if not ((tracking_enabled() if enabled is None else enabled) and is_rank_zero()):
         return Tracker()
     uri = reachable_uri()
     try:
@@ -375,11 +419,12 @@ def end_run(tracker: Tracker, status: str = "FINISHED") -> None:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, config: dict | None = None, *, run_name: str | None = None) -> Iterator[Tracker]:
-    """One MLflow run for a stage: params = the resolved config; FAILED status if the stage raises."""
-    parent = os.environ.get("GDRT_PARENT_RUN_ID") or None
-    run_name = run_name or os.environ.get("GDRT_RUN_NAME") or stage
-    tracker = start_run(run_name, parent_run_id=parent, tags={"gdrt.stage": stage})
+def stage_run(stage: str, config: dict | None = None, context: RunContext | None = None) -> Iterator[Tracker]:
+    """One MLflow run for a stage under `context` (default `current_context()`): params = the resolved
+    config; FAILED status if the stage raises."""
+    context = context or current_context()
+    tracker = start_run(context.run_name or stage, parent_run_id=context.parent_run_id or None,
+                        tags={"gdrt.stage": stage}, experiment=context.experiment or None, enabled=context.enabled)
     tracker.log_params(config or {})
     try:
         yield tracker
@@ -399,9 +444,9 @@ def start_pipeline_run(experiment: str, run_name: str, params: dict | None = Non
     return tracker.run_id or ""
 
 
-def open_run(run_id: str) -> Tracker:
+def open_run(run_id: str, enabled: bool | None = None) -> Tracker:
     """A tracker on an existing run (e.g. the pipeline's parent run)."""
-    if not (run_id and tracking_enabled() and is_rank_zero()):
+    if not (run_id and (tracking_enabled() if enabled is None else enabled) and is_rank_zero()):
         return Tracker()
     bound_http_retries()
     return Tracker(client(), run_id)

@@ -1,5 +1,6 @@
-"""The GDRT pipeline: curate -> train SFT -> group (reference = SFT) -> train GDRT -> evaluate both ->
-attribute both -> report -> register. Resources, accelerators and caching are set here, nothing else.
+"""The GDRT pipeline: the graph of pipelines/graph.py (curate -> base model -> train SFT -> group (reference =
+SFT) -> train GDRT -> evaluate both -> attribute both -> report -> register) as KFP tasks. The steps,
+their arguments, display names and caching come from the graph; resources and accelerators are set here.
 """
 
 
@@ -15,8 +16,8 @@ from components.register.component import register
 from components.report.component import report
 from components.tracking.component import start_tracking
 from components.train.component import train
-from gdrt_core.stages import PIPELINE_DEFAULTS as D
-from pipelines import resources
+from pipelines import graph, resources
+from pipelines.params import PIPELINE_DEFAULTS as D
 
 PIPELINE_NAME = "gdrt"
 
@@ -39,44 +40,19 @@ def _gpu_training(task: dsl.PipelineTask, num_gpus, checkpoint_pvc) -> dsl.Pipel
     return task
 
 
-def sft_group_gdrt(data, train_task, *, group_settings, num_groups, parent, name_suffix: str = ""):
-    """Train SFT, group target tokens with it as the reference, train GDRT on those groups.
-    `train_task(objective, groups=None, name=...)` makes the training step (single- or multi-node)."""
-    sft = train_task("sft", name=f"train SFT{name_suffix}")
-    groups = group(dataset=data.outputs["dataset"], reference=sft.outputs["model"], settings=group_settings,
-                   num_groups=num_groups, parent_run_id=parent).set_display_name("group (reference = SFT)")
-    gdrt = train_task("gdrt", groups=groups.outputs["groups"], name=f"train GDRT{name_suffix}")
-    return sft, groups, gdrt
+# graph stage kind -> the component that runs it
+COMPONENTS = {"curate": curate, "init-model": init_model, "train": train, "group": group, "evaluate": evaluate,
+              "attribute": attribute, "report": report, "register": register}
 
 
-def evaluate_report_register(data, groups, sft, gdrt, *, parent, eval_split, eval_settings, valid_eval_settings,
-                             attribute_settings, run_name, domain) -> dsl.PipelineTask:
-    """The steps after training, shared by the single-node and multi-node pipelines: evaluate and attribute
-    both models, the report, the GDRT valid evaluation and the registry step. Returns the report task."""
-    evals, attributions = {}, {}
-    for label, trained in (("sft", sft), ("gdrt", gdrt)):
-        ev = evaluate(dataset=data.outputs["dataset"], model=trained.outputs["model"], split=eval_split,
-                      settings=eval_settings, parent_run_id=parent, run_name=f"evaluate {label}")
-        ev.set_display_name(f"evaluate {label.upper()}").set_caching_options(enable_caching=False)
-        at = attribute(dataset=data.outputs["dataset"], model=trained.outputs["model"], split=eval_split,
-                       settings=attribute_settings, parent_run_id=parent, run_name=f"attribute {label}",
-                       groups=groups.outputs["groups"]).set_display_name(f"attribute {label.upper()}")
-        evals[label], attributions[label] = ev, at
-    rep = report(sft_eval=evals["sft"].outputs["evaluation"], gdrt_eval=evals["gdrt"].outputs["evaluation"],
-                 sft_attribution=attributions["sft"].outputs["attribution"],
-                 gdrt_attribution=attributions["gdrt"].outputs["attribution"], title=run_name,
-                 parent_run_id=parent).set_display_name("report").set_caching_options(enable_caching=False)
-    valid = evaluate(dataset=data.outputs["dataset"], model=gdrt.outputs["model"], split="valid",
-                     settings=valid_eval_settings, parent_run_id=parent, run_name="evaluate gdrt (valid)")
-    valid.set_display_name("evaluate GDRT (valid)").set_caching_options(enable_caching=False)
-    register(model=gdrt.outputs["model"], dataset=data.outputs["dataset"],
-             valid_eval=valid.outputs["evaluation"], domain=domain,
-             parent_run_id=parent).set_display_name("register").after(rep).set_caching_options(enable_caching=False)
-    return rep
+def start_run_task(*, experiment, run_name, params: dict, parent_run_id) -> dsl.PipelineTask:
+    """The step that opens the pipeline's parent MLflow run (or adopts `parent_run_id`)."""
+    start = start_tracking(experiment=experiment, run_name=run_name, params=params, run_id=parent_run_id)
+    return start.set_display_name("mlflow: start run").set_caching_options(enable_caching=False)
 
 
 def build_pipeline(*, cluster: bool = True, checkpoint_pvc=None):
-    """The pipeline function. cluster=False leaves out the Kubernetes settings (the local runner)."""
+    """The pipeline function. cluster=False leaves out the Kubernetes settings (e.g. for kfp.local)."""
 
     @dsl.pipeline(name=PIPELINE_NAME, description="GDRT vs SFT fine-tuning of an LLM recommender")
     def gdrt_pipeline(
@@ -101,35 +77,19 @@ def build_pipeline(*, cluster: bool = True, checkpoint_pvc=None):
         attribute_settings: dict = D["attribute_settings"],
         parent_run_id: str = "",
     ) -> Markdown:
-        start = start_tracking(experiment=experiment, run_name=run_name, params={
+        params = dict(locals())  # the pipeline parameters by name: what the graph's steps read
+        start = start_run_task(experiment=experiment, run_name=run_name, params={
             "source": source, "domain": domain, "base_model": base_model, "tau": tau, "num_groups": num_groups,
             "prior": prior,
-        }, run_id=parent_run_id).set_display_name("mlflow: start run").set_caching_options(enable_caching=False)
-        parent = start.output
-        data = curate(source=source, source_format=source_format, domain=domain, settings=curate_settings,
-                      parent_run_id=parent).set_display_name("curate")
-        base = init_model(dataset=data.outputs["dataset"], base_model=base_model,
-                          settings=model_settings).set_display_name("base model")
+        }, parent_run_id=parent_run_id)
 
-        def train_task(objective: str, groups=None, name: str = ""):
-            extra = {"groups": groups} if groups is not None else {}
-            task = train(dataset=data.outputs["dataset"], base=base.outputs["model"], objective=objective,
-                         settings=train_settings, tau=tau, prior=prior, num_groups=num_groups, num_gpus=num_gpus,
-                         deepspeed=deepspeed, parent_run_id=parent, run_name=f"train {objective}",
-                         **extra).set_display_name(name)
-            if cluster:
+        def make_task(step: graph.Step, args: dict) -> dsl.PipelineTask:
+            task = COMPONENTS[step.stage](**args)
+            if step.stage == "train" and cluster:
                 _gpu_training(task, num_gpus, checkpoint_pvc)
-            task.set_caching_options(enable_caching=False)
             return task
 
-        sft, groups, gdrt = sft_group_gdrt(data, train_task, group_settings=group_settings, num_groups=num_groups,
-                                           parent=parent)
-
-        rep = evaluate_report_register(
-            data, groups, sft, gdrt, parent=parent, eval_split=eval_split, eval_settings=eval_settings,
-            valid_eval_settings=valid_eval_settings, attribute_settings=attribute_settings, run_name=run_name,
-            domain=domain,
-        )
-        return rep.outputs["page"]
+        tasks = graph.add_tasks(params, start.output, make_task)
+        return tasks["report"].outputs["page"]
 
     return gdrt_pipeline

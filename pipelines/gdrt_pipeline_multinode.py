@@ -1,5 +1,5 @@
-"""The GDRT pipeline with training on several nodes: the same steps as pipelines/gdrt_pipeline.py, but
-each training is a launcher step (components/train_job) that submits a Kubeflow Trainer TrainJob on the
+"""The GDRT pipeline with training on several nodes: the same graph (pipelines/graph.py) as
+pipelines/gdrt_pipeline.py, but each training is a launcher step (components/train_job) that submits a Kubeflow Trainer TrainJob on the
 DeepSpeed runtime and waits for it.
 
 Multi-node training needs shared storage: the launcher step mounts the ReadWriteMany PVC `shared_pvc` at
@@ -10,14 +10,11 @@ The launcher needs no GPU; its service account must be allowed to create and rea
 from kfp import dsl, kubernetes
 from kfp.dsl import Markdown
 
-from components.curate.component import curate
 from components.image import IMAGE
-from components.init_model.component import init_model
-from components.tracking.component import start_tracking
 from components.train_job.component import train_job
-from gdrt_core.stages import PIPELINE_DEFAULTS as D
-from pipelines import resources
-from pipelines.gdrt_pipeline import evaluate_report_register, sft_group_gdrt
+from pipelines import graph, resources
+from pipelines.gdrt_pipeline import COMPONENTS, start_run_task
+from pipelines.params import PIPELINE_DEFAULTS as D
 
 PIPELINE_NAME = "gdrt-multinode"
 SHARED_MOUNT = "/mnt/gdrt"  # the launcher step's mount of the shared PVC; TrainJob nodes use the same path
@@ -55,36 +52,24 @@ def build_multinode_pipeline():
         attribute_settings: dict = D["attribute_settings"],
         parent_run_id: str = "",
     ) -> Markdown:
-        start = start_tracking(experiment=experiment, run_name=run_name, params={
+        params = dict(locals())  # the pipeline parameters by name: what the graph's steps read
+        start = start_run_task(experiment=experiment, run_name=run_name, params={
             "source": source, "domain": domain, "base_model": base_model, "tau": tau, "num_groups": num_groups,
             "prior": prior, "num_nodes": num_nodes, "gpus_per_node": gpus_per_node,
-        }, run_id=parent_run_id).set_display_name("mlflow: start run").set_caching_options(enable_caching=False)
-        parent = start.output
-        data = curate(source=source, source_format=source_format, domain=domain, settings=curate_settings,
-                      parent_run_id=parent).set_display_name("curate")
-        base = init_model(dataset=data.outputs["dataset"], base_model=base_model,
-                          settings=model_settings).set_display_name("base model")
+        }, parent_run_id=parent_run_id)
 
-        def train_task(objective: str, groups=None, name: str = ""):
-            extra = {"groups": groups} if groups is not None else {}
-            task = train_job(dataset=data.outputs["dataset"], base=base.outputs["model"], objective=objective,
-                             settings=train_settings, tau=tau, prior=prior, num_groups=num_groups,
-                             deepspeed=deepspeed, num_nodes=num_nodes, gpus_per_node=gpus_per_node, runtime=runtime,
+        def make_task(step: graph.Step, args: dict) -> dsl.PipelineTask:
+            if step.stage != "train":
+                return COMPONENTS[step.stage](**args)
+            args = {k: v for k, v in args.items() if k != "num_gpus"}  # GPUs: gpus_per_node x num_nodes
+            task = train_job(**args, num_nodes=num_nodes, gpus_per_node=gpus_per_node, runtime=runtime,
                              image=train_image, pvc_name=shared_pvc, job_settings=trainjob_settings,
-                             run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER, parent_run_id=parent,
-                             run_name=f"train {objective}", **extra).set_display_name(name)
+                             run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
             kubernetes.mount_pvc(task, pvc_name=shared_pvc, mount_path=SHARED_MOUNT)
-            task.set_caching_options(enable_caching=False)
             return task
 
-        sft, groups, gdrt = sft_group_gdrt(data, train_task, group_settings=group_settings, num_groups=num_groups,
-                                           parent=parent, name_suffix=" (TrainJob)")
-
-        rep = evaluate_report_register(
-            data, groups, sft, gdrt, parent=parent, eval_split=eval_split, eval_settings=eval_settings,
-            valid_eval_settings=valid_eval_settings, attribute_settings=attribute_settings, run_name=run_name,
-            domain=domain,
-        )
-        return rep.outputs["page"]
+        tasks = graph.add_tasks({**params, "num_gpus": None}, start.output, make_task,
+                                display_suffix={"train": " (TrainJob)"})
+        return tasks["report"].outputs["page"]
 
     return gdrt_multinode_pipeline

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install (if needed) and run the main job: the whole pipeline (curate -> SFT -> group -> GDRT -> evaluate ->
-# attribute -> report -> register) locally through kfp.local, on the bundled Office data with the embedded
+# attribute -> report -> register) locally (pipelines/graph.py, gdrt run), on the bundled Office data with the embedded
 # default model, logging to the local MLflow store ./mlflow.db. Extra arguments go to `gdrt run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

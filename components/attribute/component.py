@@ -8,10 +8,10 @@ from components.image import IMAGE
 def attribute(dataset: Input[Dataset], model: Input[Model], split: str, settings: dict, parent_run_id: str,
               run_name: str, attribution: Output[Artifact], groups: Input[Artifact] = None):
     """Feature-ablation attribution: how much the model relies on auxiliary vs history tokens."""
-    from gdrt_core.stages import model_source, run_stage
+    from gdrt_core.stages import run_step
+    from gdrt_core.tracking import RunContext
 
-    attribution.metadata.update(run_stage(
-        "attribute", {**settings, "run_name": run_name}, parent_run_id=parent_run_id, dataset=dataset.path,
-        model=model_source(model.path), split=split, groups=groups.path if groups is not None else None,
-        out=attribution.path,
+    attribution.metadata.update(run_step(
+        "attribute", settings, RunContext(parent_run_id, run_name), dataset=dataset.path, model=model.path,
+        split=split, groups=groups.path if groups is not None else None, out=attribution.path,
     ))

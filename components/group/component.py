@@ -8,8 +8,8 @@ from components.image import IMAGE
 def group(dataset: Input[Dataset], reference: Input[Model], settings: dict, num_groups: int, parent_run_id: str,
           groups: Output[Artifact]):
     """Group target tokens by their history-removed log-probability under the reference model."""
-    from gdrt_core.stages import model_source, run_stage
+    from gdrt_core.stages import run_step
+    from gdrt_core.tracking import RunContext
 
-    groups.metadata.update(run_stage("group", settings, parent_run_id=parent_run_id, dataset=dataset.path,
-                                     reference=model_source(reference.path), num_groups=num_groups,
-                                     out=groups.path))
+    groups.metadata.update(run_step("group", settings, RunContext(parent_run_id), dataset=dataset.path,
+                                    reference=reference.path, num_groups=num_groups, out=groups.path))

@@ -8,6 +8,8 @@ from components.image import IMAGE
 def register(model: Input[Model], dataset: Input[Dataset], valid_eval: Input[Artifact], domain: str,
              parent_run_id: str) -> str:
     """Register the GDRT model as gdrt-<domain>; move alias `champion` only if it beats the current one."""
-    from gdrt_core.registry import register_model
+    from gdrt_core.stages import run_step
+    from gdrt_core.tracking import RunContext
 
-    return register_model(model.path, dataset.path, valid_eval.path, domain=domain, parent_run_id=parent_run_id)
+    return run_step("register", None, RunContext(parent_run_id), model=model.path, dataset=dataset.path,
+                    valid_eval=valid_eval.path, domain=domain)

@@ -8,9 +8,10 @@ from components.image import IMAGE
 def report(sft_eval: Input[Artifact], gdrt_eval: Input[Artifact], sft_attribution: Input[Artifact],
            gdrt_attribution: Input[Artifact], title: str, parent_run_id: str, page: Output[Markdown]):
     """SFT vs GDRT comparison (Markdown + HTML + plots), logged to the parent MLflow run."""
-    from gdrt_core.stages import run_report
+    from gdrt_core.stages import run_step
+    from gdrt_core.tracking import RunContext
 
-    page.metadata.update(run_report(
-        [("SFT", sft_eval.path, sft_attribution.path), ("GDRT", gdrt_eval.path, gdrt_attribution.path)],
-        out=page.path, title=title, parent_run_id=parent_run_id,
+    page.metadata.update(run_step(
+        "report", None, RunContext(parent_run_id), sft_eval=sft_eval.path, gdrt_eval=gdrt_eval.path,
+        sft_attribution=sft_attribution.path, gdrt_attribution=gdrt_attribution.path, title=title, out=page.path,
     ))

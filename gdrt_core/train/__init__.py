@@ -172,7 +172,13 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
 
 
 def _run_locked(config: TrainConfig) -> dict[str, Any] | None:
-    from gdrt_core.tracking import check_reachable, is_rank_zero, tracking_enabled, tracking_uri
+    from gdrt_core.tracking import (
+        check_reachable,
+        current_context,
+        is_rank_zero,
+        tracking_enabled,
+        tracking_uri,
+    )
     from gdrt_core.train.deepspeed import needs_launch, relaunch_under_torchrun
 
     if tracking_enabled() and is_rank_zero():
@@ -191,7 +197,7 @@ def _run_locked(config: TrainConfig) -> dict[str, Any] | None:
         try:
             relaunch_under_torchrun(config.num_gpus, [
                 "train", "--dataset", config.dataset, "--model", config.model, "--out", config.out,
-                "--config", cfg_path,
+                "--config", cfg_path, *current_context().args(),  # the workers log under the same parent run
             ])
         finally:
             os.unlink(cfg_path)

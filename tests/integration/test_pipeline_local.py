@@ -1,5 +1,6 @@
-"""The whole pipeline through kfp.local on a small Office slice with the tiny model, logging to a real
-MLflow server on 127.0.0.1; then `gdrt recommend` and pyfunc from the registered champion."""
+"""The whole pipeline through `gdrt run` (pipelines/local_run.py) on a small Office slice with the tiny
+model, logging to a real MLflow server on 127.0.0.1; then `gdrt recommend` and pyfunc from the registered
+champion."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def _runs(client, experiment):
 def test_pipeline_end_to_end_with_mlflow_server(tmp_path, office_source_slice, mlflow_server, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
-    from gdrt_core import local_run
     from gdrt_core.cli import main
+    from pipelines import local_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     params = {**FAST, "source": str(office_source_slice), "experiment": "e2e", "run_name": "e2e-office"}
@@ -86,7 +87,7 @@ def test_pipeline_end_to_end_with_mlflow_server(tmp_path, office_source_slice, m
 def test_failing_stage_fails_the_pipeline_and_registers_nothing(tmp_path, office_source_slice, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from gdrt_core import local_run
+    from pipelines import local_run
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)

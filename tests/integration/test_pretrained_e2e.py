@@ -126,8 +126,8 @@ def test_every_stage_runs_on_the_pretrained_backbone(backbone):
 @pytest.mark.slow
 def test_gdrt_run_smoke_config_on_the_pretrained_backbone(tmp_path, monkeypatch):
     """`gdrt run --config pipelines/configs/smoke-smollm2.yaml` end to end (minutes on 2 CPU cores)."""
-    from gdrt_core import local_run
     from gdrt_core.config import read_yaml
+    from pipelines import local_run
 
     repo = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(repo)

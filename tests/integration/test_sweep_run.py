@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 def test_sweep_runs_variants_once_per_distinct_stage_and_resumes(tmp_path, office_source_slice, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from gdrt_core import sweep
+    from pipelines import sweep
     from tests.integration.test_pipeline_local import FAST
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -98,12 +98,9 @@ def test_num_groups_beyond_the_int8_group_column():
 
 
 def _stage_cls(stage):
-    import importlib
-
     from gdrt_core.stages import STAGES
 
-    module, cls = STAGES[stage]
-    return getattr(importlib.import_module(module), cls)
+    return STAGES[stage].config_class()
 
 
 REQUIRED = {
@@ -173,7 +170,7 @@ def test_every_stage_setting_is_range_checked_when_resolved(stage, setting, expe
     (["recommend", "--model", "m", "--history", "a", "--domain", "furniture"], "unknown domain 'furniture'"),
 ])
 def test_command_flags_outside_their_range(tmp_path, monkeypatch, capsys, args, problem):
-    from gdrt_core.cli import main
+    from pipelines.cli import main
 
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
@@ -236,7 +233,7 @@ def test_group_num_groups_zero_is_refused_before_scoring(tmp_path, capsys):
     (["nonsense=1"], "unknown pipeline parameter(s) nonsense"),
 ])
 def test_gdrt_run_checks_the_whole_pipeline_config_before_its_first_stage(tmp_path, capsys, overrides, expected):
-    from gdrt_core.cli import main
+    from pipelines.cli import main
 
     config = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "quickstart.yaml"
     args = ["run", "--config", str(config), "--out", str(tmp_path / "r")]
@@ -249,7 +246,7 @@ def test_gdrt_run_checks_the_whole_pipeline_config_before_its_first_stage(tmp_pa
 
 
 def test_gdrt_run_checks_local_paths_before_its_first_stage(tmp_path, monkeypatch, capsys):
-    from gdrt_core.cli import main
+    from pipelines.cli import main
 
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "run.yaml"
@@ -284,7 +281,7 @@ def test_an_empty_split_is_refused_before_the_model_loads(tmp_path, monkeypatch,
 
 
 def test_a_base_model_makes_the_model_settings_irrelevant():
-    from gdrt_core.stages import check_pipeline_params
+    from pipelines.params import check_pipeline_params
 
     check_pipeline_params({"base_model": "Qwen/Qwen2-0.5B", "model_settings": {"size": "huge"}}, "cfg.yaml")
     with pytest.raises(GdrtError, match="cfg.yaml: train_settings must be a mapping"):
@@ -294,7 +291,7 @@ def test_a_base_model_makes_the_model_settings_irrelevant():
 
 
 def test_a_sweep_variant_with_a_bad_setting_is_refused_before_any_stage(tmp_path):
-    from gdrt_core.sweep import load_sweep
+    from pipelines.sweep import load_sweep
 
     config = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "quickstart.yaml"
     sweep = tmp_path / "sweep.yaml"

@@ -1,8 +1,13 @@
-"""The CLI: every stage's --help lists its settings; errors become exit code 2."""
+"""The CLI: one subcommand per stage of the registry, every stage's --help lists its settings, the run
+context comes from explicit flags; errors become exit code 2. The `gdrt` console script adds the
+orchestration commands (pipelines/cli.py)."""
+
+import argparse
 
 import pytest
 
-from gdrt_core.cli import build_parser, main, settings_help
+from gdrt_core.cli import build_parser, main, run_context, settings_help
+from gdrt_core.stages import STAGES
 
 
 @pytest.mark.parametrize("stage", ["curate", "init-model", "train", "group", "attribute", "evaluate"])
@@ -27,6 +32,63 @@ def test_bad_input_is_exit_code_2(tmp_path, capsys):
 
 
 def test_every_subcommand_parses():
-    parser = build_parser()
-    args = parser.parse_args(["run", "--set", "tau=0.5"])
-    assert args.overrides == ["tau=0.5"]
+    from pipelines import cli as console
+
+    parser = console.build_parser()
+    args = parser.parse_args(["run", "--set", "tau=0.5", "--jobs", "2"])
+    assert args.overrides == ["tau=0.5"] and args.jobs == 2
+    assert parser.parse_args(["sweep", "s.yaml", "--dry-run"]).dry_run
+    commands = set(parser._subparsers._group_actions[0].choices)
+    assert commands == {*STAGES, "recommend", "run", "sweep"}
+
+
+def test_the_library_cli_has_the_stages_of_the_registry_and_no_orchestration():
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert commands == {*STAGES, "recommend"}
+
+
+def test_console_script_points_at_the_orchestration_entry():
+    from pathlib import Path
+
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["gdrt"] == "pipelines.cli:main"
+
+
+def test_run_context_comes_from_explicit_flags(monkeypatch):
+    monkeypatch.delenv("GDRT_TRACKING", raising=False)
+    args = build_parser().parse_args(["evaluate", "--dataset", "d", "--model", "m", "--out", "o",
+                                      "--parent-run-id", "p1", "--run-name", "evaluate sft"])
+    context = run_context(args)
+    assert (context.parent_run_id, context.run_name, context.enabled) == ("p1", "evaluate sft", True)
+    assert run_context(argparse.Namespace(**{**vars(args), "no_tracking": True})).enabled is False
+    # and back: a context as the flags of a stage run in another process
+    again = run_context(build_parser().parse_args(["evaluate", "--dataset", "d", "--model", "m", "--out", "o",
+                                                   *context.args()]))
+    assert again == context
+
+
+def test_the_stage_run_gets_the_context_not_the_environment(monkeypatch):
+    """`stage_run` nests under the context's parent run with its run name; GDRT_PARENT_RUN_ID / GDRT_RUN_NAME
+    in the environment are not read."""
+    from gdrt_core import tracking
+
+    seen = {}
+
+    def fake_start_run(run_name, *, parent_run_id=None, tags=None, experiment=None, enabled=None):
+        seen.update(run_name=run_name, parent=parent_run_id, enabled=enabled)
+        return tracking.Tracker()
+
+    monkeypatch.setattr(tracking, "start_run", fake_start_run)
+    monkeypatch.setenv("GDRT_PARENT_RUN_ID", "from-env")
+    monkeypatch.setenv("GDRT_RUN_NAME", "from-env")
+    with tracking.stage_run("group", {}, tracking.RunContext("p2", "group sft")):
+        pass
+    assert seen == {"run_name": "group sft", "parent": "p2", "enabled": seen["enabled"]}
+    with tracking.use_context(tracking.RunContext("p3")), tracking.stage_run("train", {}):
+        pass  # a stage whose run() takes no context argument: the one it runs under
+    assert (seen["run_name"], seen["parent"]) == ("train", "p3")
+    with tracking.stage_run("train", {}):
+        pass
+    assert (seen["run_name"], seen["parent"]) == ("train", None)

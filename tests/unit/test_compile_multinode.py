@@ -38,7 +38,7 @@ def test_training_steps_are_trainjob_launchers(compiled):
     executors = spec["deploymentSpec"]["executors"]
     for name in ("exec-train-job", "exec-train-job-2"):
         container = executors[name]["container"]
-        assert "gdrt_core.trainjob import run_step" in " ".join(container["command"])
+        assert "pipelines.trainjob import run_step" in " ".join(container["command"])
         assert "resources" not in container  # the launcher needs no GPU: the TrainJob's nodes have them
 
 

@@ -5,6 +5,9 @@
   typed config (so a renamed flag or setting breaks here, not in a container);
 - volumes and depends_on follow the artifact flow: a stage reads only directories written by services it
   depends on, on the same volume;
+- the stack is the pipeline graph (pipelines/graph.py) up to the attributions: each service is one step,
+  reading the artifacts of the steps the graph says, under the graph's MLflow run name, and no service
+  sets a parameter the graph gives only to another step of its stage (SFT gets no tau);
 - both Dockerfiles pin the versions of pyproject.toml.
 """
 
@@ -27,8 +30,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-from gdrt_core.cli import HANDLERS, build_parser
+from gdrt_core.cli import build_parser
 from gdrt_core.config import load_config
+from gdrt_core.stages import STAGES, STEP_ARGUMENTS, step_values
+from pipelines import graph
+from pipelines.params import PIPELINE_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -36,14 +42,7 @@ COMPOSE = DOCKER / "docker-compose.yml"
 DOCKERFILES = (DOCKER / "Dockerfile", DOCKER / "Dockerfile.cuda")
 
 # stage command -> (module, config class) whose typed config the service's flags and --set must load into
-STAGE_CONFIGS = {
-    "curate": ("gdrt_core.curate", "CurateConfig"),
-    "init-model": ("gdrt_core.embedded", "EmbeddedConfig"),
-    "train": ("gdrt_core.train", "TrainConfig"),
-    "group": ("gdrt_core.grouping", "GroupConfig"),
-    "evaluate": ("gdrt_core.evaluate", "EvalConfig"),
-    "attribute": ("gdrt_core.attribution", "AttributeConfig"),
-}
+STAGE_CONFIGS = {name: (stage.module, stage.config) for name, stage in STAGES.items()}
 # flags whose value is an artifact directory the stage reads, and the one it writes
 INPUT_FLAGS = ("dataset", "model", "reference", "groups")
 VOLUME_ROOT = "/artifacts"
@@ -162,7 +161,6 @@ def test_every_stage_command_parses_and_loads_its_config(compose):
         args = parser.parse_args(argv(svc))
         assert args.command in STAGE_CONFIGS, f"{name}: {args.command} is not a stage the compose stack runs"
         module, cls_name = STAGE_CONFIGS[args.command]
-        assert HANDLERS[args.command] == module
         cls = getattr(importlib.import_module(module), cls_name)
         fields = {f.name for f in dataclasses.fields(cls)}
         flags = {k: v for k, v in vars(args).items() if k in fields and k not in ("config", "overrides")}
@@ -470,3 +468,40 @@ def test_compose_quickstart_runs_without_docker(compose, tmp_path):
         assert res.returncode == 0, f"{name}: {' '.join(args)}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
         parsed = build_parser().parse_args(args)
         read_manifest(parsed.out, ARTIFACT_KINDS[parsed.command])
+
+
+# ----------------------------------------------------------------------------------------- the graph
+
+# steps of the graph the compose stack leaves out: the report, GDRT's valid evaluation and the registry
+# need the pipeline's parent run (docs/operations.md: `gdrt run` or KFP for those)
+NOT_IN_COMPOSE = {"report", "valid_gdrt", "register"}
+
+
+def test_the_stack_is_the_pipeline_graph(compose):
+    """Each default service runs one step of pipelines/graph.py: the same stage, its inputs the outputs of
+    the services of the graph's input steps (and among its dependencies), the graph's run name; and no
+    service sets a parameter the graph gives only to another step of its stage."""
+    services = {n: build_parser().parse_args(argv(s)) for n, s in gdrt_services(compose).items()
+                if not profiles(s)}
+    service_of: dict[str, str] = {}
+    for step in graph.steps():
+        if step.name in NOT_IN_COMPOSE:
+            continue
+        renames = STEP_ARGUMENTS.get(step.stage, {})
+        reads = {renames.get(arg, arg): services[service_of[src]].out for arg, src in step.inputs.items()}
+        matches = [name for name, args in services.items() if args.command == step.stage and reads == {
+            flag: getattr(args, flag) for flag in INPUT_FLAGS
+            if str(getattr(args, flag, None) or "").startswith(VOLUME_ROOT + "/")}]
+        assert len(matches) == 1, f"step {step.name}: services {matches}"
+        name = service_of[step.name] = matches[0]
+        args = services[name]
+        if step.tracked:  # (the base model step logs no run)
+            assert args.run_name == (step.run_name or step.stage), f"{name}: run name {args.run_name!r}"
+        upstream = closure(compose, name)
+        assert {service_of[src] for src in step.inputs.values()} <= upstream, name
+        others = {f for s in graph.steps() if s.stage == step.stage and s.name != step.name
+                  for f in step_values(s.stage, graph.step_args(s, PIPELINE_DEFAULTS))}
+        own = set(step_values(step.stage, graph.step_args(step, PIPELINE_DEFAULTS)))
+        given = {k for k, v in vars(args).items() if v is not None} | {o.split("=", 1)[0] for o in args.overrides}
+        assert not (others - own) & given, f"{name} sets {(others - own) & given}, parameters of another step"
+    assert set(service_of.values()) == set(services), "a service that is no step of the graph"

@@ -9,8 +9,9 @@ import math
 import pytest
 import yaml
 
-from gdrt_core import results, sweep
+from gdrt_core import results
 from gdrt_core.errors import GdrtError
+from pipelines import sweep
 
 
 def _write(tmp_path, variants, **extra):
@@ -72,8 +73,8 @@ def test_plan_shares_identical_stages_and_wires_the_reference(tmp_path):
     assert len({roles[v]["gdrt"] for v in roles}) == 5
     assert p.nodes[roles["r"]["groups"]].inputs["reference"] == roles["r"]["base"]
     assert p.nodes[roles["a"]["groups"]].inputs["reference"] == roles["a"]["sft"]
-    assert p.nodes[roles["t"]["gdrt"]].values["tau"] == 100
-    assert "tau" not in p.nodes[roles["a"]["sft"]].values  # SFT does not depend on the GDRT knobs
+    assert p.nodes[roles["t"]["gdrt"]].args["tau"] == 100
+    assert "tau" not in p.nodes[roles["a"]["sft"]].args  # SFT does not depend on the GDRT knobs
     trains = [n for n in p.nodes.values() if n.stage == "train"]
     assert len(trains) == 2 + 5
     order = list(p.nodes)

@@ -16,7 +16,8 @@ import yaml
 pytest.importorskip("kubeflow.trainer")
 
 from gdrt_core.errors import GdrtError  # noqa: E402
-from gdrt_core.trainjob import (  # noqa: E402
+from gdrt_core.tracking import RunContext  # noqa: E402
+from pipelines.trainjob import (  # noqa: E402
     HOSTFILE,
     TrainJobConfig,
     render_manifest,
@@ -28,8 +29,9 @@ from gdrt_core.trainjob import (  # noqa: E402
 )
 
 ARGV = train_argv(dataset="/mnt/gdrt/runs/r1/data set", model="/mnt/gdrt/runs/r1/base",
-                  out="/mnt/gdrt/runs/r1/model", config_file="/mnt/gdrt/runs/r1/train.yaml")
-ENV = {"HF_HOME": "/mnt/gdrt/hf-cache", "MLFLOW_TRACKING_URI": "http://mlflow:5000", "GDRT_PARENT_RUN_ID": "abc"}
+                  out="/mnt/gdrt/runs/r1/model", config_file="/mnt/gdrt/runs/r1/train.yaml",
+                  context=RunContext(parent_run_id="abc", run_name="train sft"))
+ENV = {"HF_HOME": "/mnt/gdrt/hf-cache", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
 
 
 def _manifest(**overrides) -> dict:
@@ -58,7 +60,8 @@ def test_manifest_command_is_mpirun_one_torchrun_per_node():
     assert command[:2] == ["bash", "-c"]
     script = command[2]
     assert f"mpirun --hostfile {HOSTFILE} -np 4 --map-by ppr:1:node" in script
-    assert "-x MASTER_ADDR -x GDRT_PARENT_RUN_ID -x HF_HOME -x MLFLOW_TRACKING_URI" in script
+    assert "-x MASTER_ADDR -x HF_HOME -x MLFLOW_TRACKING_URI" in script
+    assert "--parent-run-id abc --run-name" in script  # the run context as gdrt train's flags (quoting: below)
     assert "--nnodes=4 --nproc_per_node=8" in script and "--master_port=29500" in script
     assert "-m gdrt_core.cli train --dataset" in script  # quoting: see the fake-mpirun test below
 
@@ -213,7 +216,7 @@ def test_run_stages_inputs_submits_waits_and_collects_the_model(tmp_path):
     config = TrainJobConfig(image="img", num_nodes=2, gpus_per_node=4, pvc_mount=str(pvc), poll_s=1)
     out = tmp_path / "kfp" / "model"
     result = run(config, {"lr": 3e-4}, dataset=str(dataset), model="org/base-model", groups=str(groups),
-                 out=str(out), run_key="job-uuid-gdrt", env={"GDRT_PARENT_RUN_ID": "p1"}, client=client,
+                 out=str(out), run_key="job-uuid-gdrt", context=RunContext(parent_run_id="p1"), client=client,
                  objective="gdrt", tau=0.5, deepspeed="zero3")
 
     root = pvc / "runs" / "job-uuid-gdrt"
@@ -224,8 +227,9 @@ def test_run_stages_inputs_submits_waits_and_collects_the_model(tmp_path):
     assert (cfg["objective"], cfg["tau"], cfg["lr"], cfg["deepspeed"]) == ("gdrt", 0.5, 3e-4, "zero3")
     sub = client.submitted
     assert sub.runtime == "deepspeed-distributed" and sub.trainer.num_nodes == 2 and sub.trainer.image == "img"
-    assert sub.trainer.env == {"HF_HOME": f"{pvc}/hf-cache", "GDRT_PARENT_RUN_ID": "p1"}
+    assert sub.trainer.env == {"HF_HOME": f"{pvc}/hf-cache"}
     command = sub.options[1].command[2]
+    assert "--parent-run-id p1" in command
     assert f"--config {root / 'train.yaml'}" in command and "--nproc_per_node=4" in command
     assert sorted(p.name for p in out.iterdir()) == ["adapter_model.safetensors", "manifest.json"]
     assert result == {"trainjob": "j123", "num_nodes": 2, "gpus_per_node": 4, "metrics.train_loss": 1.25}
@@ -249,8 +253,8 @@ def test_component_function_on_small_artifacts(tmp_path, monkeypatch):
     from kfp.dsl import Dataset, Model
 
     from components.train_job.component import train_job
-    from gdrt_core import trainjob
     from gdrt_core.artifacts import write_manifest
+    from pipelines import trainjob
 
     pvc = tmp_path / "pvc"
     (tmp_path / "dataset").mkdir()
@@ -276,7 +280,8 @@ def test_component_function_on_small_artifacts(tmp_path, monkeypatch):
     )
     sub = client.submitted
     assert sub.trainer.num_nodes == 3 and sub.trainer.image == "reg/gdrt:1-cuda"
-    assert sub.trainer.env["GDRT_PARENT_RUN_ID"] == "p9" and sub.trainer.env["GDRT_RUN_NAME"] == "train sft"
+    assert "GDRT_PARENT_RUN_ID" not in sub.trainer.env and "GDRT_RUN_NAME" not in sub.trainer.env
+    assert "--parent-run-id p9 --run-name" in sub.options[1].command[2]
     assert sub.trainer.env["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
     patch = sub.options[-1].training_runtime_spec.template.spec.replicated_jobs[0].template.spec.template.spec
     assert patch.volumes[0]["persistentVolumeClaim"]["claimName"] == "team-rwx"

@@ -1,6 +1,6 @@
 """Training on several nodes: `gdrt train` submitted as a Kubeflow Trainer TrainJob, and waited for.
 
-The pipeline's launcher step (components/train_job) runs `run(config, settings, ...)`:
+The pipeline's launcher step (components/train_job) runs `run_step(...)`, i.e. `run(config, settings, ...)`:
 
 1. Stage the inputs on the shared PVC. The TrainJob's pods cannot see the pipeline's artifact store, and
    every node must read the same dataset / base model / groups and write one output model: multi-node
@@ -33,10 +33,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gdrt_core.config import check_config, field, to_dict
 from gdrt_core.errors import GdrtError
+
+if TYPE_CHECKING:
+    from gdrt_core.tracking import RunContext
 
 TRAINER_CONTAINER = "node"  # the trainer container of the Kubeflow Trainer runtimes (launcher and node jobs)
 REPLICATED_JOBS = ("launcher", "node")  # jobs of the MPI runtimes; torch runtimes have "node" only
@@ -89,9 +92,11 @@ def validate(config: TrainJobConfig) -> None:
 # ----------------------------------------------------------------------------------------- command
 
 
-def train_argv(*, dataset: str, model: str, out: str, config_file: str) -> list[str]:
-    """`gdrt train` arguments of every worker: the resolved train config travels as a YAML file."""
-    return ["train", "--dataset", dataset, "--model", model, "--out", out, "--config", config_file]
+def train_argv(*, dataset: str, model: str, out: str, config_file: str, context: RunContext | None = None) -> list[str]:
+    """`gdrt train` arguments of every worker: the resolved train config travels as a YAML file, the MLflow
+    run context as its flags (--parent-run-id, --run-name)."""
+    return ["train", "--dataset", dataset, "--model", model, "--out", out, "--config", config_file,
+            *(context.args() if context else [])]
 
 
 def train_command(config: TrainJobConfig, argv: list[str], env_names: list[str]) -> list[str]:
@@ -322,11 +327,12 @@ def collect_model(trained: Path, out: str) -> dict:
 
 def run(config: TrainJobConfig, train_settings: dict | None = None, *, dataset: str, model: str, out: str,
         groups: str | None = None, run_key: str, env: dict[str, str] | None = None,
-        client: Any = None, **train_values: Any) -> dict:
+        context: RunContext | None = None, client: Any = None, **train_values: Any) -> dict:
     """Train `gdrt train` on `config.num_nodes` nodes through a TrainJob; the Model artifact lands in `out`.
 
     `train_settings` and `train_values` (objective, tau, ...) make the train stage's config, as for the
-    single-node step; its paths are replaced by their copies on the PVC. Returns the model's scalars.
+    single-node step; its paths are replaced by their copies on the PVC. `context` (the MLflow parent run
+    and run name) goes to the workers as `gdrt train` flags. Returns the model's scalars.
     """
     import yaml
 
@@ -347,7 +353,8 @@ def run(config: TrainJobConfig, train_settings: dict | None = None, *, dataset: 
     config_file.write_text(yaml.safe_dump(to_dict(train_config), sort_keys=False), encoding="utf-8")
 
     env = {"HF_HOME": f"{config.pvc_mount}/hf-cache", **config.env, **(env or {})}
-    argv = train_argv(dataset=paths["dataset"], model=paths["model"], out=str(trained), config_file=str(config_file))
+    argv = train_argv(dataset=paths["dataset"], model=paths["model"], out=str(trained), config_file=str(config_file),
+                      context=context)
     command = train_command(config, argv, sorted(env))
     trainer, options = trainjob_request(config, command, env, labels={"app.kubernetes.io/part-of": "gdrt"})
     client = client or make_client(config.namespace)
@@ -367,12 +374,10 @@ def run(config: TrainJobConfig, train_settings: dict | None = None, *, dataset: 
             **scalars({"metrics": manifest.get("metrics", {})})}
 
 
-def tracking_env(parent_run_id: str = "", run_name: str = "") -> dict[str, str]:
-    """MLflow settings the training processes inherit: the server, the parent run, the stage's run name.
-    (An embedded sqlite store is local to one pod: multi-node runs need an MLflow server's URI.)"""
+def tracking_env() -> dict[str, str]:
+    """The MLflow server the training processes log to. (An embedded sqlite store is local to one pod:
+    multi-node runs need an MLflow server's URI.) The parent run and run name go as `gdrt train` flags."""
     import os
-
-    from gdrt_core.stages import PARENT_RUN_ENV, RUN_NAME_ENV
 
     env = {}
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -381,23 +386,22 @@ def tracking_env(parent_run_id: str = "", run_name: str = "") -> dict[str, str]:
     elif uri:
         print(f"warning: MLFLOW_TRACKING_URI {uri} is local to this step; the TrainJob's nodes will not log to it",
               flush=True)
-    if parent_run_id:
-        env[PARENT_RUN_ENV] = parent_run_id
-    if run_name:
-        env[RUN_NAME_ENV] = run_name
     return env
 
 
-def run_step(job_settings: dict, train_settings: dict | None = None, *, parent_run_id: str = "",
-             run_name: str = "", **values: Any) -> dict:
-    """The launcher component's body: typed TrainJob config from `job_settings` (explicit `values` that
-    are TrainJob settings win), the train stage's values from the rest; tracking passed to the nodes."""
+def run_step(job_settings: dict, train_settings: dict | None = None, *, context: RunContext | None = None,
+             **args: Any) -> dict:
+    """The launcher component's body: typed TrainJob config from `job_settings` (explicit arguments that
+    are TrainJob settings win), the train step's arguments from the rest (as the single-node train step
+    gets them: `gdrt_core.stages.step_values`, `model_source`); the run context passed to the nodes."""
     import dataclasses
 
     from gdrt_core.config import load_config
+    from gdrt_core.stages import model_source, step_values
 
     job_fields = {f.name for f in dataclasses.fields(TrainJobConfig)}
-    job_values = {k: v for k, v in values.items() if k in job_fields and v not in (None, "")}
-    stage_values = {k: v for k, v in values.items() if k not in job_fields}
+    job_values = {k: v for k, v in args.items() if k in job_fields and v not in (None, "")}
+    values = step_values("train", {k: v for k, v in args.items() if k not in job_fields})
+    values["model"] = model_source(values["model"])
     config = load_config(TrainJobConfig, None, None, **{**(job_settings or {}), **job_values})
-    return run(config, train_settings, env=tracking_env(parent_run_id, run_name), **stage_values)
+    return run(config, train_settings, env=tracking_env(), context=context, **values)

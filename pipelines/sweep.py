@@ -11,13 +11,17 @@ A sweep file names a pipeline config (the YAML `gdrt run` takes) and variants, e
       tau100: {set: {tau: 100}}
       ref-base: {reference: base}    # group with the base model instead of SFT
 
-Each variant is the pipeline's graph: curate -> base model -> train SFT -> group (reference = SFT, or the
-base model) -> train GDRT -> evaluate both on `eval_split` -> attribute both -> report, plus GDRT on
-valid. The stages run through `stages.run_stage`, with the same inputs and settings as the pipeline's
-components. A stage that several variants share (same stage, settings and inputs: the SFT model of an
-ablation that changes only GDRT, say) runs once. Independent stages run in parallel, one process each
+Each variant is the pipeline's graph (pipelines/graph.py) without the registry step: curate -> base model
+-> train SFT -> group (reference = SFT, or the base model) -> train GDRT -> evaluate both on `eval_split` ->
+attribute both -> report, plus GDRT on valid. Each step runs through `gdrt_core.stages.run_step`, the
+function the pipeline's components call, with the same arguments. A stage that several variants share (same
+stage, settings and inputs: the SFT model of an ablation that changes only GDRT, say) runs once. Independent stages run in parallel, one process each
 (`--jobs`). A finished stage is not run again: re-running the same command after a crash resumes.
-Nothing is registered: a sweep compares configurations, it does not promote a model.
+Nothing is registered: a sweep compares configurations, it does not promote a model. A variant's report is
+titled `<run_name> <variant>`.
+
+The executor (`plan_steps`, `execute`) also runs `gdrt run` (pipelines/local_run.py): one variant, with
+the registry step.
 
 Results: <out>/results.json (per variant: overrides, the SFT and GDRT rows, GDRT's valid metrics),
 <out>/results.md (per-variant table, and the variants of one `pool` as mean ± std) and <out>/results.png
@@ -37,13 +41,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gdrt_core.errors import GdrtError
+from pipelines import graph
 
-REFERENCES = ("sft", "base")
+REFERENCES = graph.REFERENCES
 
 
 @dataclass
@@ -58,11 +64,17 @@ class Variant:
 @dataclass
 class Node:
     key: str
-    stage: str  # curate | init-model | train | group | evaluate | attribute | report
+    stage: str  # curate | init-model | train | group | evaluate | attribute | report | register
     label: str
     settings: dict = field(default_factory=dict)
-    values: dict = field(default_factory=dict)  # plain arguments of run_stage
+    args: dict = field(default_factory=dict)  # the step's plain arguments (pipelines/graph.py), as a component gets them
     inputs: dict = field(default_factory=dict)  # argument -> key of the node whose output it takes
+    step: str = ""  # the graph step it runs
+    run_name: str = ""  # its MLflow run name ("" = the stage's name)
+    after: list = field(default_factory=list)  # keys of nodes it waits for without reading them (register)
+
+    def deps(self) -> list[str]:
+        return [*self.inputs.values(), *self.after]
     dirname: str = ""  # <label slug>-<key prefix>; an earlier sweep's name for the same key is adopted
 
     def __post_init__(self):
@@ -81,7 +93,7 @@ class Plan:
 def _set_param(params: dict, key: str, value: Any, where: str) -> None:
     """A pipeline parameter (dotted into its settings dict); an unknown parameter name is an error."""
     from gdrt_core.config import set_dotted
-    from gdrt_core.stages import PIPELINE_DEFAULTS
+    from pipelines.params import PIPELINE_DEFAULTS
 
     if key.split(".")[0] not in PIPELINE_DEFAULTS:
         raise GdrtError(f"unknown pipeline parameter {key.split('.')[0]!r} (known: "
@@ -95,8 +107,7 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[st
     import yaml
 
     from gdrt_core.config import parse_override, read_yaml
-    from gdrt_core.local_run import load_params
-    from gdrt_core.stages import PIPELINE_DEFAULTS, check_pipeline_params
+    from pipelines.params import PIPELINE_DEFAULTS, check_pipeline_params, load_params
 
     path = Path(path)
     spec = read_yaml(path, "sweep file")
@@ -145,48 +156,40 @@ def _key(stage: str, settings: dict, values: dict, inputs: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def plan_steps(nodes: dict[str, Node], params: dict, steps: tuple[graph.Step, ...],
+               name: Callable[[graph.Step], tuple[str, str]]) -> dict[str, str]:
+    """Add one node per graph step for one variant's `params` (a node with the same stage, settings and
+    inputs is the same node: shared); returns {step name: node key}. `name(step)` gives the node's
+    (label, MLflow run name). The key is over what the stage sees: its config values (step arguments
+    renamed as `stages.step_values` does) and its inputs' keys."""
+    from gdrt_core.stages import STEP_ARGUMENTS, step_values
+
+    role: dict[str, str] = {}
+    for s in steps:
+        settings, args = graph.step_settings(s, params), graph.step_args(s, params)
+        renames = STEP_ARGUMENTS.get(s.stage, {})
+        inputs = {arg: role[src] for arg, src in s.inputs.items()}
+        key = _key(s.stage, settings, step_values(s.stage, args), {renames.get(a, a): k for a, k in inputs.items()})
+        if key not in nodes:
+            label, run_name = name(s)
+            nodes[key] = Node(key, s.stage, label, settings, args, inputs, s.name, run_name,
+                              [role[a] for a in s.after])
+        role[s.name] = key
+    return role
+
+
 def plan(variants: dict[str, Variant]) -> Plan:
     """The stage graph of all variants, shared stages merged (pure: no file is touched)."""
     nodes: dict[str, Node] = {}
     roles: dict[str, dict[str, str]] = {}
-
-    def add(stage: str, label: str, settings: dict | None = None, values: dict | None = None,
-            inputs: dict | None = None) -> str:
-        settings, values, inputs = dict(settings or {}), dict(values or {}), dict(inputs or {})
-        key = _key(stage, settings, values, inputs)
-        if key not in nodes:
-            nodes[key] = Node(key, stage, label, settings, values, inputs)
-        return key
-
     for name, v in variants.items():
-        p = v.params
-        data = add("curate", f"curate {p['domain']}", p["curate_settings"],
-                   {"source": p["source"], "format": p["source_format"], "domain": p["domain"]})
-        base = add("init-model", f"base model {p['domain']}", p["model_settings"],
-                   {"base_model": p["base_model"]}, {"dataset": data})
-        train_values = {"num_gpus": p["num_gpus"], "deepspeed": p["deepspeed"] or None}
-        sft = add("train", f"train sft {name}", p["train_settings"], {**train_values, "objective": "sft"},
-                  {"dataset": data, "model": base})
-        reference = sft if v.reference == "sft" else base
-        groups = add("group", f"group {name}", p["group_settings"], {"num_groups": p["num_groups"]},
-                     {"dataset": data, "reference": reference})
-        gdrt = add("train", f"train gdrt {name}", p["train_settings"],
-                   {**train_values, "objective": "gdrt", "tau": p["tau"], "prior": p["prior"],
-                    "num_groups": p["num_groups"]},
-                   {"dataset": data, "model": base, "groups": groups})
-        role = {"data": data, "base": base, "sft": sft, "groups": groups, "gdrt": gdrt}
-        for label, model in (("sft", sft), ("gdrt", gdrt)):
-            role[f"eval_{label}"] = add("evaluate", f"evaluate {label} {name}", p["eval_settings"],
-                                        {"split": p["eval_split"]}, {"dataset": data, "model": model})
-            role[f"attr_{label}"] = add("attribute", f"attribute {label} {name}", p["attribute_settings"],
-                                        {"split": p["eval_split"]},
-                                        {"dataset": data, "model": model, "groups": groups})
-        role["valid_gdrt"] = add("evaluate", f"evaluate gdrt valid {name}", p["valid_eval_settings"],
-                                 {"split": "valid"}, {"dataset": data, "model": gdrt})
-        role["report"] = add("report", f"report {name}", {}, {"title": f"{p['run_name']} {name}"},
-                             {"sft_eval": role["eval_sft"], "gdrt_eval": role["eval_gdrt"],
-                              "sft_attr": role["attr_sft"], "gdrt_attr": role["attr_gdrt"]})
-        roles[name] = role
+        params = {**v.params, "run_name": f"{v.params['run_name']} {name}"}  # the variant's report title
+
+        def label(s: graph.Step, name=name, domain=v.params["domain"]) -> tuple[str, str]:
+            text = f"{s.label} {domain if s.per_domain else name}"
+            return text, text
+
+        roles[name] = plan_steps(nodes, params, graph.steps(v.reference, register=False), label)
     return Plan(nodes, roles, variants)
 
 
@@ -221,44 +224,40 @@ def done_path(out: Path, node: Node) -> Path:
     return out / "stages" / f"{node.dirname}.done.json"
 
 
-def node_spec(plan_: Plan, key: str, out: Path) -> dict:
-    """What the node's process needs: the stage, its settings and values, its inputs as paths."""
+def node_spec(plan_: Plan, key: str, out: Path, context: dict | None = None) -> dict:
+    """What the node's process needs: the stage, its settings and arguments, its inputs as paths, and its
+    MLflow run context (`context`: parent_run_id, enabled, experiment; the run name is the node's)."""
     node = plan_.nodes[key]
     return {"key": key, "stage": node.stage, "label": node.label, "settings": node.settings,
-            "values": node.values, "out": str(node_dir(out, node)), "done": str(done_path(out, node)),
-            "inputs": {name: str(node_dir(out, plan_.nodes[k])) for name, k in node.inputs.items()}}
+            "args": node.args, "out": str(node_dir(out, node)), "done": str(done_path(out, node)),
+            "inputs": {name: str(node_dir(out, plan_.nodes[k])) for name, k in node.inputs.items()},
+            "context": {**(context or {}), "run_name": node.run_name}}
 
 
 def run_spec(spec: dict) -> dict:
-    """Run one node's stage in this process, as the pipeline's component for that stage would."""
+    """Run one node's step in this process, as the pipeline's component for that step would."""
     from gdrt_core.artifacts import write_json_atomic
-    from gdrt_core.stages import model_source, prepare_base_model, run_report, run_stage
+    from gdrt_core.stages import run_step
+    from gdrt_core.tracking import RunContext
 
     t0 = time.time()
-    stage, inputs, out = spec["stage"], spec["inputs"], spec["out"]
-    if stage == "init-model":
-        result = prepare_base_model(spec["values"]["base_model"], spec["settings"], dataset=inputs["dataset"], out=out)
-    elif stage == "report":
-        result = run_report([("SFT", inputs["sft_eval"], inputs["sft_attr"]),
-                             ("GDRT", inputs["gdrt_eval"], inputs["gdrt_attr"])], out=out,
-                            title=spec["values"]["title"])
-    else:
-        values = {name: model_source(path) if name in ("model", "reference") else path
-                  for name, path in inputs.items()}
-        result = run_stage(stage, {**spec["settings"], "run_name": spec["label"]}, **spec["values"], **values,
-                           out=out)
+    result = run_step(spec["stage"], spec["settings"], RunContext(**spec["context"]), **spec["args"],
+                      **spec["inputs"], out=spec["out"])
     write_json_atomic(spec["done"], {"label": spec["label"], "seconds": round(time.time() - t0, 1),
                                      "result": result})
     return result
 
 
 # trainings first (everything waits on them), then the cheap evaluations, then the attributions
-STAGE_RANK = {"curate": 0, "init-model": 0, "train": 0, "group": 0, "evaluate": 1, "attribute": 2, "report": 3}
+STAGE_RANK = {"curate": 0, "init-model": 0, "train": 0, "group": 0, "evaluate": 1, "attribute": 2, "report": 3,
+              "register": 3}
 
 
-def execute(plan_: Plan, out: Path, jobs: int = 1, *, env: dict | None = None, stream=sys.stderr) -> dict[str, str]:
+def execute(plan_: Plan, out: Path, jobs: int = 1, *, context: dict | None = None, stream=sys.stderr,
+            title: str = "gdrt sweep") -> dict[str, str]:
     """Run the plan's unfinished nodes, `jobs` processes at a time, inputs first; returns {key: status}
-    (done | failed | skipped). A failed node skips what depends on it; the rest goes on."""
+    (done | failed | skipped). A failed node skips what depends on it; the rest goes on. `context` (the
+    parent run id, tracking on/off, experiment) goes to every node in its spec."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     nodes = plan_.nodes
@@ -266,7 +265,7 @@ def execute(plan_: Plan, out: Path, jobs: int = 1, *, env: dict | None = None, s
     pending = [k for k in nodes if k not in status]
     order = {k: i for i, k in enumerate(nodes)}
     total, finished, t_start = len(pending), 0, time.time()
-    print(f"gdrt sweep: {len(nodes)} stages for {len(plan_.variants)} variants, {len(status)} already done, "
+    print(f"{title}: {len(nodes)} stages for {len(plan_.variants)} variant(s), {len(status)} already done, "
           f"{total} to run, {jobs} at a time; logs in {out / 'logs'}", file=stream, flush=True)
     running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
     previous = _stop_on_sigterm()
@@ -280,20 +279,21 @@ def execute(plan_: Plan, out: Path, jobs: int = 1, *, env: dict | None = None, s
     try:
         while pending or running:
             for key in list(pending):  # in dependency order, so skips propagate in one pass
-                deps = nodes[key].inputs.values()
+                deps = nodes[key].deps()
                 if any(status.get(d) in ("failed", "skipped") for d in deps):
                     status[key] = "skipped"
                     pending.remove(key)
                     report(key, "SKIPPED", 0.0)
-            ready = sorted((k for k in pending if all(status.get(d) == "done" for d in nodes[k].inputs.values())),
+            ready = sorted((k for k in pending if all(status.get(d) == "done" for d in nodes[k].deps())),
                            key=lambda k: (STAGE_RANK[nodes[k].stage], order[k]))
             for key in ready[: max(0, jobs - len(running))]:
                 pending.remove(key)
                 spec_path = out / "logs" / f"{nodes[key].dirname}.spec.json"
-                spec_path.write_text(json.dumps(node_spec(plan_, key, out), indent=2, default=str), encoding="utf-8")
+                spec_path.write_text(json.dumps(node_spec(plan_, key, out, context), indent=2, default=str),
+                                     encoding="utf-8")
                 log = open(out / "logs" / f"{nodes[key].dirname}.log", "ab")  # noqa: SIM115 - closed when it ends
-                child_env = {**os.environ, **(env or {}), "GDRT_RUN_NAME": nodes[key].label, "PYTHONUNBUFFERED": "1"}
-                proc = subprocess.Popen([sys.executable, "-m", "gdrt_core.sweep", "--node", str(spec_path)],
+                child_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+                proc = subprocess.Popen([sys.executable, "-m", "pipelines.sweep", "--node", str(spec_path)],
                                         stdout=log, stderr=subprocess.STDOUT, env=child_env)
                 running[key] = (proc, time.time(), log)
             for key, (proc, t0, log) in list(running.items()):
@@ -442,7 +442,7 @@ def run(sweep_file: str, out: str | os.PathLike, *, jobs: int = 1, overrides: li
         only: list[str] | None = None, dry_run: bool = False, stream=sys.stderr) -> dict:
     """Plan, run and collect a sweep; returns the per-variant results (written to <out>/results.*)."""
     from gdrt_core.artifacts import write_json_atomic
-    from gdrt_core.tracking import finish_run, start_pipeline_run, tracking_enabled
+    from gdrt_core.tracking import RunContext, finish_run, start_pipeline_run
 
     experiment, variants = load_sweep(sweep_file, list(overrides), only)
     plan_ = plan(variants)
@@ -454,13 +454,14 @@ def run(sweep_file: str, out: str | os.PathLike, *, jobs: int = 1, overrides: li
             deps = ", ".join(plan_.nodes[k].label for k in node.inputs.values()) or "—"
             print(f"{node.label:<34} <- {deps}   (variants: {', '.join(users)})", file=stream)
         return {}
-    parent = ""
-    if tracking_enabled():
+    parent, enabled = "", RunContext().enabled
+    if enabled:
         parent = start_pipeline_run(experiment, f"sweep {Path(sweep_file).stem}",
                                     {"sweep": str(sweep_file), "variants": ",".join(variants), "out": str(out)})
     status: dict[str, str] = {}
     try:
-        status = execute(plan_, out, jobs, env={"GDRT_PARENT_RUN_ID": parent} if parent else None, stream=stream)
+        status = execute(plan_, out, jobs, context={"parent_run_id": parent, "enabled": enabled,
+                                                    "experiment": experiment}, stream=stream)
     finally:
         results = collect(plan_, out)
         write_json_atomic(out / "results.json", results)
@@ -509,4 +510,4 @@ def _node_main(spec_path: str) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--node":
         sys.exit(_node_main(sys.argv[2]))
-    sys.exit("usage: python -m gdrt_core.sweep --node SPEC.json (internal; use `gdrt sweep`)")
+    sys.exit("usage: python -m pipelines.sweep --node SPEC.json (internal; use `gdrt sweep`)")

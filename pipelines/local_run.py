@@ -1,0 +1,113 @@
+"""`gdrt run`: the whole pipeline on this machine.
+
+The same graph the cluster runs (pipelines/graph.py, with the registry step), executed by the sweep's
+executor (pipelines/sweep.py) as one variant: each step in its own process through
+`gdrt_core.stages.run_step`, the function the pipeline's components call, so a step resolves the same
+config here as in KFP. Independent steps run at once with `--jobs N` (default 1). Parameters come from a
+YAML config (pipelines/configs/quickstart.yaml by default) and `--set key=value` overrides. Artifacts go
+under --out (default runs/<timestamp>): <out>/stages/<step>, each step's log in <out>/logs/. MLflow logs to
+MLFLOW_TRACKING_URI or the embedded sqlite store ./mlflow.db: the runner opens the parent run, nests every
+step's run under it (run names as in KFP) and closes it as FINISHED or FAILED. One progress line per step.
+Re-running with the same --out resumes: finished steps are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from gdrt_core.errors import GdrtError
+from pipelines.params import PIPELINE_DEFAULTS, check_local_inputs, config_source, load_params
+
+TABLE = (("NDCG@5", "ndcg@5"), ("NDCG@10", "ndcg@10"), ("HR@5", "hr@5"), ("HR@10", "hr@10"),
+         ("MGU@5", "mgu@5"), ("DGU@5", "dgu@5"), ("aux share", "aux_share"))
+VARIANT = "run"
+
+
+def plan_run(params: dict):
+    """The pipeline's graph for one config as the executor's plan (one variant, registry step included)."""
+    from pipelines import graph
+    from pipelines.sweep import Plan, Variant, plan_steps
+
+    params = {**PIPELINE_DEFAULTS, **params}
+    nodes: dict = {}
+    role = plan_steps(nodes, params, graph.steps(), lambda s: (s.display, s.run_name))
+    return Plan(nodes, {VARIANT: role}, {VARIANT: Variant(VARIANT, params, {}, VARIANT)})
+
+
+def run(params: dict, out: str | os.PathLike, *, jobs: int = 1, stream=sys.stderr) -> dict:
+    """Run the pipeline locally; returns the report's comparison (rows per model) and its directory."""
+    from gdrt_core.tracking import RunContext, finish_run, start_pipeline_run
+    from pipelines.sweep import _last_line, adopt_existing, execute, node_dir
+
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    plan_ = plan_run(params)
+    adopt_existing(plan_, out)
+    p = plan_.variants[VARIANT].params
+    enabled = RunContext().enabled
+    parent = start_pipeline_run(p["experiment"], p["run_name"],
+                                {k: v for k, v in p.items() if not isinstance(v, dict)}) if enabled else ""
+    try:
+        status = execute(plan_, out, jobs, context={"parent_run_id": parent, "enabled": enabled,
+                                                    "experiment": p["experiment"]}, stream=stream, title="gdrt run")
+    except BaseException:
+        finish_run(parent, "FAILED")
+        raise
+    failed = [plan_.nodes[k] for k, s in status.items() if s == "failed"]
+    if failed or any(s != "done" for s in status.values()):
+        finish_run(parent, "FAILED")
+        node = failed[0] if failed else next(plan_.nodes[k] for k, s in status.items() if s != "done")
+        log = out / "logs" / f"{node.dirname}.log"
+        raise GdrtError(f"the pipeline failed at {node.label}: {_last_line(out, node)}", path=str(log),
+                        hint="the step's full output is in this log; run the same command again to resume")
+    finish_run(parent, "FINISHED")
+    report_dir = node_dir(out, plan_.nodes[plan_.roles[VARIANT]["report"]])
+    comparison = json.loads((report_dir / "comparison.json").read_text(encoding="utf-8"))
+    return {**comparison, "report_dir": str(report_dir)}
+
+
+def format_table(comparison: dict) -> str:
+    rows = comparison["rows"]
+    head = f"{'model':<8}" + "".join(f"{h:>11}" for h, _ in TABLE)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = "".join(f"{r[k]:>11.4f}" if isinstance(r.get(k), (int, float)) else f"{'—':>11}" for _, k in TABLE)
+        lines.append(f"{r['model']:<8}{cells}")
+    return "\n".join(lines)
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="pipeline config (default: pipelines/configs/quickstart.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None, help="working directory for artifacts (default: runs/<timestamp>)")
+    p.add_argument("--jobs", type=int, default=1, help="independent steps run at the same time (processes)")
+
+
+def cli(args: argparse.Namespace) -> None:
+    if args.jobs < 1:
+        raise GdrtError(f"--jobs must be >= 1, got {args.jobs}", path="--jobs")
+    params = load_params(args.config, args.overrides)
+    check_local_inputs(params, config_source(args.config, args.overrides))
+    out = Path(args.out or Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    print(f"gdrt run: pipeline on {params.get('source', 'data/office')} -> {out} (step logs: {out / 'logs'})",
+          file=sys.stderr)
+    t0 = time.time()
+    comparison = run(params, out, jobs=args.jobs)
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    print()
+    print(format_table(comparison))
+    print()
+    print(f"finished in {time.time() - t0:.0f} s; artifacts under {out}")
+    print(f"report: {Path(comparison['report_dir']) / 'report.html'}")
+    if uri.startswith("sqlite:"):
+        print(f"open the runs: mlflow ui --backend-store-uri {uri}")
+    else:
+        print(f"open the runs at {uri}")

@@ -1,0 +1,132 @@
+"""The pipeline's parameters: their defaults, the config file they come from, and the check of a whole
+config before its first step (every step of the graph resolved into its stage's config, touching no file).
+
+The KFP pipeline functions take their defaults from `PIPELINE_DEFAULTS`; `gdrt run` and `gdrt sweep` fill
+what a config leaves out from it. No kfp, no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from gdrt_core.errors import GdrtError
+
+DEFAULT_CONFIG = Path("pipelines/configs/quickstart.yaml")
+PIPELINE_DEFAULTS: dict[str, Any] = {
+    "source": "data/office",
+    "source_format": "sliding",
+    "domain": "office",
+    "base_model": "",
+    "experiment": "gdrt",
+    "run_name": "gdrt-office",
+    "tau": 1.0,
+    "num_groups": 4,
+    "prior": "uniform",
+    "num_gpus": 1,
+    "deepspeed": "zero2",
+    "eval_split": "test",
+    "curate_settings": {},
+    "model_settings": {"size": "small"},
+    "train_settings": {},
+    "group_settings": {},
+    "eval_settings": {},
+    "valid_eval_settings": {"limit": 500},
+    "attribute_settings": {},
+}
+# pipeline parameter -> (stage, setting) that receives it: its range is that setting's
+PARAMETER_SETTINGS: dict[str, tuple[str, str]] = {
+    "source_format": ("curate", "format"), "domain": ("curate", "domain"), "tau": ("train", "tau"),
+    "num_groups": ("group", "num_groups"), "prior": ("train", "prior"), "num_gpus": ("train", "num_gpus"),
+    "eval_split": ("evaluate", "split"),
+}
+
+
+def load_params(config: str | os.PathLike | None, overrides: list[str]) -> dict:
+    """Pipeline parameters from the YAML file, then `key=value` overrides (YAML-typed values)."""
+    import yaml
+
+    from gdrt_core.config import parse_override, read_yaml, set_dotted
+
+    params: dict = {}
+    path = Path(config) if config else DEFAULT_CONFIG
+    if config or path.is_file():
+        params = read_yaml(path, "pipeline config")
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(params, key, yaml.safe_load(value), where=f"--set {item}")
+    return params
+
+
+def config_source(config: str | os.PathLike | None, overrides: list[str]) -> str:
+    """How a pipeline config is named in error messages: its file, and the --set overrides if any."""
+    path = str(config) if config else str(DEFAULT_CONFIG)
+    return path + (f" with --set {' --set '.join(overrides)}" if overrides else "")
+
+
+def check_pipeline_params(params: dict, source: str) -> None:
+    """Check a whole pipeline config before its first step: every parameter known and in its range, and every
+    step of the graph (curate, base model, both trainings, group, the evaluations, attribution) resolved into
+    its stage's config exactly as the runners will pass it. Touches no file; `source` names the config."""
+    from gdrt_core.config import check_setting, from_dict
+    from gdrt_core.stages import STAGES, base_model_settings, step_values
+    from pipelines import graph
+
+    unknown = sorted(set(params) - set(PIPELINE_DEFAULTS))
+    if unknown:
+        raise GdrtError(f"unknown pipeline parameter(s) {', '.join(unknown)}", path=source,
+                        hint=f"known: {', '.join(PIPELINE_DEFAULTS)}")
+    p = {**PIPELINE_DEFAULTS, **params}
+    for key, default in PIPELINE_DEFAULTS.items():  # KFP passes str parameters as strings only
+        if isinstance(default, str) and p[key] is not None and not isinstance(p[key], str):
+            raise GdrtError(f"pipeline parameter {key} must be a string, got {p[key]!r}", path=source,
+                            hint=f"quote the value: {key}: \"VALUE\" in the config, --set {key}='\"VALUE\"' on the command line")
+    for key, (stage, setting) in PARAMETER_SETTINGS.items():
+        p[key] = check_setting(STAGES[stage].config_class(), setting, p[key], key, source)
+    for key in PIPELINE_DEFAULTS:
+        if key.endswith("_settings") and not isinstance(p[key] or {}, dict):
+            raise GdrtError(f"{key} must be a mapping of the stage's settings, got {p[key]!r}", path=source)
+    for s in graph.steps():
+        if s.stage not in STAGES:
+            continue
+        args = {**graph.step_args(s, p), **{arg: f"<{src}>" for arg, src in s.inputs.items()}, "out": f"<{s.name}>"}
+        settings = {k: v for k, v in graph.step_settings(s, p).items() if k != "run_name"}
+        values = step_values(s.stage, args)
+        if s.stage == "init-model":
+            try:
+                settings = base_model_settings(str(p["base_model"] or ""), settings)
+            except GdrtError as e:
+                raise GdrtError(str(e), path=source) from None
+            if settings is None:  # a directory or hub id: no init-model stage runs
+                continue
+            values.pop("base_model")
+        try:
+            from_dict(STAGES[s.stage].config_class(), {**settings, **values},
+                      source=f"{s.settings} (the {s.stage} stage)")
+        except GdrtError as e:
+            raise GdrtError(str(e), path=source) from None
+
+
+def check_local_inputs(params: dict, source: str) -> None:
+    """Before the first step of a local run: the whole config (`check_pipeline_params`), and the local
+    paths it names (the source data, a base model given as a path) exist on this machine."""
+    from gdrt_core.models import _looks_local
+    from gdrt_core.stages import base_model_settings
+
+    check_pipeline_params(params, source)
+    data = str(params.get("source", PIPELINE_DEFAULTS["source"]))
+    if not Path(data).expanduser().exists():
+        raise GdrtError(f"the source data {data!r} does not exist (relative to {Path.cwd()})", path=source,
+                        hint="set `source:` in the config or --set source=PATH")
+    base = str(params.get("base_model") or "").strip()
+    init_settings = base_model_settings(base)  # a form init-model builds; None for a directory or hub id
+    if init_settings is not None:
+        gguf = init_settings.get("gguf")
+        if gguf and not Path(gguf).expanduser().is_file():
+            raise GdrtError(f"the GGUF file {gguf!r} of base_model does not exist", path=source,
+                            hint="set `base_model: gguf:/path/to/model.gguf`")
+        return
+    if _looks_local(base) and not Path(base).expanduser().exists():
+        raise GdrtError(f"the base model directory {base!r} does not exist", path=source,
+                        hint="set `base_model:` to a model directory or a hub id, or leave it empty")
