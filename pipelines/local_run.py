@@ -71,7 +71,32 @@ def run(params: dict, out: str | os.PathLike, *, jobs: int = 1, stream=sys.stder
     finish_run(parent, "FINISHED")
     report_dir = node_dir(out, plan_.nodes[plan_.roles[VARIANT]["report"]])
     comparison = json.loads((report_dir / "comparison.json").read_text(encoding="utf-8"))
-    return {**comparison, "report_dir": str(report_dir)}
+    dataset = node_dir(out, plan_.nodes[plan_.roles[VARIANT]["data"]])
+    baseline = popularity_row(p, dataset, out / "baselines")
+    return {**comparison, "rows": [*comparison["rows"], baseline], "report_dir": str(report_dir)}
+
+
+def popularity_row(params: dict, dataset: Path, out: Path) -> dict:
+    """The popularity baseline on the models' evaluation windows (same split, same limit), as a table row.
+
+    Test is ranked by the valid period's most bought titles (`baseline:most-popular-valid`, the stronger of
+    the two baselines, docs/results.md); valid by the training interactions (`baseline:most-popular`). A
+    model that does not beat this row has learned no personalisation. Not tracked in MLflow; its Eval
+    artifact goes to `out/<baseline>` (kept on resume)."""
+    from gdrt_core.stages import run_stage
+    from gdrt_core.tracking import RunContext
+
+    split = params["eval_split"]
+    model = "baseline:most-popular-valid" if split == "test" else "baseline:most-popular"
+    target = out / model.split(":", 1)[1]
+    metrics_path = target / "metrics.json"
+    if not metrics_path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        settings = {"limit": (params.get("eval_settings") or {}).get("limit"), "plots": False, "progress": False}
+        run_stage("evaluate", settings, context=RunContext(enabled=False), dataset=str(dataset), model=model,
+                  out=str(target), split=split)
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    return {"model": "popular", **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 
 
 def format_table(comparison: dict) -> str:
@@ -104,6 +129,11 @@ def cli(args: argparse.Namespace) -> None:
     uri = os.environ["MLFLOW_TRACKING_URI"]
     print()
     print(format_table(comparison))
+    print("popular = the popularity baseline on the same windows; a model below it has learned no personalisation.")
+    if str(params.get("base_model", "")).split(":", 1)[0] in ("", "embedded"):
+        print("The embedded model is trained from scratch: this run is a smoke run of the workflow, not a test of "
+              "GDRT;\nthe experiment is pipelines/configs/office-smollm2.yaml (SmolLM2-135M, GPU), results in "
+              "docs/results.md.")
     print()
     print(f"finished in {time.time() - t0:.0f} s; artifacts under {out}")
     print(f"report: {Path(comparison['report_dir']) / 'report.html'}")

@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/gdrt run --config pipelines/configs/quickstart.yaml "$@"
+exec .venv/bin/gdrt run --config pipelines/configs/quickstart.yaml --jobs 2 "$@"
