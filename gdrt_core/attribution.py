@@ -39,14 +39,13 @@ plots/*.png, manifest.json.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from gdrt_core.config import DTYPES, check_config, device_problem, field, load_config, to_dict
+from gdrt_core.config import DTYPES, check_config, device_problem, field, to_dict
 from gdrt_core.errors import GdrtError
 
 METHODS = ("ablation", "grad_x_input")
@@ -692,21 +691,10 @@ def _track(tracker, config: AttributeConfig, summary: dict) -> None:
     tracker.log_artifacts(out / "plots", "plots")
 
 
-def cli(args: argparse.Namespace) -> None:
-    cfg = load_config(
-        AttributeConfig,
-        args.config,
-        args.overrides,
-        dataset=args.dataset,
-        model=args.model,
-        out=args.out,
-        split=args.split,
-        limit=args.limit,
-        groups=getattr(args, "groups", None),
-    )
-    s = run(cfg)
-    share, ratio = s["aux_share"], s["aux_interaction_ratio"]
-    print(
-        f"attributed {s['n_examples']} {cfg.split} examples -> {cfg.out}: auxiliary share "
+def summary_line(config: AttributeConfig, summary: dict) -> str:
+    """The one line `gdrt attribute` prints."""
+    share, ratio = summary["aux_share"], summary["aux_interaction_ratio"]
+    return (
+        f"attributed {summary['n_examples']} {config.split} examples -> {config.out}: auxiliary share "
         f"{share if share is None else round(share, 3)}, aux:interaction {ratio if ratio is None else round(ratio, 2)}:1"
     )

@@ -1,7 +1,10 @@
 """The stage commands of `gdrt`: argument parsing only.
 
-One subcommand per stage of the registry (`gdrt_core.stages.STAGES`), plus `gdrt recommend`. Each stage
-module exposes `cli(args)`: it builds the stage's typed config from --config / --set / flags and runs it.
+One subcommand per stage of the registry (`gdrt_core.stages.STAGES`), plus `gdrt recommend`. Every stage
+runs through one command, `run_stage_command`: it builds the stage's typed config (the registry's config class)
+from --config, then --set, then the stage's flags (each flag's dest is a config field), calls the stage's
+`run(config)` and prints the line of the stage module's `summary_line(config, result)`. A rule between flags
+(init-model's --size/--seed with --pretrained/--gguf) is the stage's `check` in STAGE_CHECKS.
 The run context (MLflow parent run, run name, tracking on/off) comes from the explicit flags
 --parent-run-id / --run-name / --experiment / --no-tracking, and is handed to the stage's run. A `GdrtError`
 becomes a one-paragraph message on stderr and exit code 2.
@@ -13,11 +16,13 @@ script), which passes them to `main(argv, commands)`: the library knows nothing 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gdrt_core.config import load_config
 from gdrt_core.errors import GdrtError, filesystem_error
 from gdrt_core.stages import STAGES
 
@@ -60,6 +65,12 @@ def _init_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--pretrained", help="pretrained backbone from the package index: smollm2-135m | gemma3-270m")
     p.add_argument("--gguf", help="convert a local GGUF file instead")
+
+
+def _check_init_model(args: argparse.Namespace) -> None:
+    if (args.pretrained or args.gguf) and (args.size is not None or args.seed is not None):
+        raise GdrtError("--size and --seed set the embedded model; a pretrained backbone has its own",
+                        hint="drop --size / --seed, or drop --pretrained / --gguf")
 
 
 def _train(p: argparse.ArgumentParser) -> None:
@@ -107,11 +118,14 @@ def _recommend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None, help="Dataset artifact with the catalogue (default: the model's own)")
 
 
-# stage -> its flags (the flags name config fields; --config, --set and the run context come with every stage)
+# stage -> its flags (each flag's dest names a field of the stage's config; --config, --set and the run context
+# come with every stage)
 STAGE_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "curate": _curate, "init-model": _init_model, "train": _train, "group": _group, "attribute": _attribute,
     "evaluate": _evaluate,
 }
+# stage -> a rule between its flags, checked before the config is built (raises GdrtError)
+STAGE_CHECKS: dict[str, Callable[[argparse.Namespace], None]] = {"init-model": _check_init_model}
 # commands of the library that are not stages
 COMMANDS: dict[str, Command] = {
     "recommend": Command("top-K recommendations from a model dir or models:/ URI", _recommend, "gdrt_core.recommend"),
@@ -137,8 +151,6 @@ def build_parser(commands: dict[str, Command] | None = None) -> argparse.Argumen
 
 def settings_help(stage: str) -> str:
     """The stage's settings (config dataclass fields with defaults and help), for `gdrt <stage> --help`."""
-    import dataclasses
-
     if stage not in STAGES:
         return ""
     lines = ["settings (in --config FILE.yaml, or --set key=value):"]
@@ -161,13 +173,26 @@ def run_context(args: argparse.Namespace):
                       enabled=tracking_enabled() and not args.no_tracking)
 
 
+def run_stage_command(stage: str, args: argparse.Namespace) -> None:
+    """`gdrt <stage>`: the stage's config from --config < --set < its flags, its `run`, its summary line."""
+    if stage in STAGE_CHECKS:
+        STAGE_CHECKS[stage](args)
+    cls = STAGES[stage].config_class()
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    config = load_config(cls, args.config, args.overrides, **values)
+    module = importlib.import_module(STAGES[stage].module)
+    line = module.summary_line(config, module.run(config))
+    if line is not None:  # train prints nothing for a run relaunched as several processes
+        print(line)
+
+
 def dispatch(args: argparse.Namespace, commands: dict[str, Command] | None = None) -> None:
     """Hand the parsed arguments to the command's module (a stage: under its run context)."""
     if args.command in STAGES:
         from gdrt_core.tracking import use_context
 
         with use_context(run_context(args)):
-            importlib.import_module(STAGES[args.command].module).cli(args)
+            run_stage_command(args.command, args)
         return
     importlib.import_module({**COMMANDS, **(commands or {})}[args.command].module).cli(args)
 

@@ -10,12 +10,11 @@ Deterministic: the same dataset, size and seed give byte-identical tokenizer.jso
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from dataclasses import dataclass
 
-from gdrt_core.config import check_config, field, load_config, to_dict
+from gdrt_core.config import check_config, field, to_dict
 from gdrt_core.errors import GdrtError
 from gdrt_core.pretrained import PRETRAINED
 
@@ -249,24 +248,17 @@ def run_pretrained(config: EmbeddedConfig) -> dict:
         )
 
 
-def cli(args: argparse.Namespace) -> None:
-    if (args.pretrained or args.gguf) and (args.size is not None or args.seed is not None):
-        raise GdrtError("--size and --seed set the embedded model; a pretrained backbone has its own",
-                        hint="drop --size / --seed, or drop --pretrained / --gguf")
-    cfg = load_config(
-        EmbeddedConfig, args.config, args.overrides, dataset=args.dataset, out=args.out, size=args.size,
-        seed=args.seed, pretrained=args.pretrained, gguf=args.gguf,
-    )
-    manifest = run(cfg)
+def summary_line(config: EmbeddedConfig, manifest: dict) -> str:
+    """The one line `gdrt init-model` prints."""
     if "backbone" in manifest:
         info = manifest["backbone"]
-        name = cfg.pretrained or cfg.gguf
-        print(f"init-model {name}: {info['architecture']}, {info['num_parameters']:,} parameters, "
-              f"vocabulary {info['vocab_size']}, context {info['max_position_embeddings']} -> {cfg.out}")
-        return
+        name = config.pretrained or config.gguf
+        return (f"init-model {name}: {info['architecture']}, {info['num_parameters']:,} parameters, "
+                f"vocabulary {info['vocab_size']}, context {info['max_position_embeddings']} -> {config.out}")
     info = manifest["embedded"]
-    print(
-        f"init-model {cfg.size}: {info['num_parameters']:,} parameters, vocabulary {info['vocab_size']} -> {cfg.out}"
+    return (
+        f"init-model {config.size}: {info['num_parameters']:,} parameters, vocabulary {info['vocab_size']} "
+        f"-> {config.out}"
     )
 
 

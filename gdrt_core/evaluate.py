@@ -26,14 +26,13 @@ the history at all:
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from gdrt_core.config import DTYPES, check_config, device_problem, field, load_config, to_dict
+from gdrt_core.config import DTYPES, check_config, device_problem, field, to_dict
 from gdrt_core.errors import GdrtError
 
 PREDICTIONS_FILE = "predictions.parquet"
@@ -360,13 +359,9 @@ def _plot(plots_dir: Path, metrics: dict, exposure: dict) -> None:
     plt.close(fig)
 
 
-def cli(args: argparse.Namespace) -> None:
-    cfg = load_config(
-        EvalConfig, args.config, args.overrides, dataset=args.dataset, model=args.model, out=args.out,
-        split=args.split, num_beams=args.num_beams, limit=args.limit,
-    )
-    metrics = run(cfg)
-    print(
-        f"evaluate {cfg.split}: {metrics['n_examples']} examples, HR@10 {metrics['hr@10']:.4f}, "
-        f"NDCG@10 {metrics['ndcg@10']:.4f}, MGU@10 {metrics['mgu@10']:.4f} -> {cfg.out}"
+def summary_line(config: EvalConfig, metrics: dict) -> str:
+    """The one line `gdrt evaluate` prints."""
+    return (
+        f"evaluate {config.split}: {metrics['n_examples']} examples, HR@10 {metrics['hr@10']:.4f}, "
+        f"NDCG@10 {metrics['ndcg@10']:.4f}, MGU@10 {metrics['mgu@10']:.4f} -> {config.out}"
     )

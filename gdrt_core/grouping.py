@@ -26,7 +26,6 @@ directory is removed once the artifact is complete.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gdrt_core.config import DTYPES, check_config, device_problem, field, load_config, to_dict
+from gdrt_core.config import DTYPES, check_config, device_problem, field, to_dict
 from gdrt_core.errors import GdrtError
 
 GROUPS_FILE = "groups.json"
@@ -433,18 +432,10 @@ def read_groups(root: str | os.PathLike) -> tuple[dict, object]:
     )
 
 
-def cli(args: argparse.Namespace) -> None:
-    cfg = load_config(
-        GroupConfig,
-        args.config,
-        args.overrides,
-        dataset=args.dataset,
-        reference=args.reference,
-        out=args.out,
-        num_groups=args.num_groups,
-    )
-    summary = run(cfg)
+def summary_line(config: GroupConfig, summary: dict) -> str:
+    """The one line `gdrt group` prints."""
     sizes = ", ".join(f"{s}: {v}" for s, v in summary["sizes"].items())
-    print(
-        f"grouped {summary['tokens'].get('train', 0)} train target tokens into {cfg.num_groups} groups -> {cfg.out} ({sizes})"
+    return (
+        f"grouped {summary['tokens'].get('train', 0)} train target tokens into {config.num_groups} groups "
+        f"-> {config.out} ({sizes})"
     )

@@ -6,10 +6,9 @@ Formats: `sliding` and `d3` (preprocessed windows, read as published) and `amazo
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
-from gdrt_core.config import check_config, field, load_config, to_dict
+from gdrt_core.config import check_config, field, to_dict
 
 FORMATS = ("sliding", "d3", "amazon2014", "amazon2018")
 
@@ -156,15 +155,11 @@ def complete_splits(config: CurateConfig, titles: dict[int, str], splits: dict) 
     return splits, report, popularity
 
 
-def cli(args: argparse.Namespace) -> None:
-    cfg = load_config(
-        CurateConfig, args.config, args.overrides, source=args.source, format=args.format, out=args.out,
-        domain=args.domain, meta=args.meta, max_train=args.max_train, seed=args.seed, on_bad_rows=args.on_bad_rows,
-    )
-    manifest = run(cfg)
+def summary_line(config: CurateConfig, manifest: dict) -> str:
+    """The one line `gdrt curate` prints."""
     c = manifest["counts"]
     dropped = manifest["recipe"].get("bad_rows", {}).get("dropped", 0)
-    print(
-        f"curated {cfg.source} -> {cfg.out}: {c['items']} items, train {c['train']}, valid {c['valid']}, "
+    return (
+        f"curated {config.source} -> {config.out}: {c['items']} items, train {c['train']}, valid {c['valid']}, "
         f"test {c['test']}" + (f" ({dropped} bad rows dropped)" if dropped else "")
     )

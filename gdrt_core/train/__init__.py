@@ -9,13 +9,12 @@ manifest.json) replaces `<out>` atomically.
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gdrt_core.config import check_config, field, load_config, to_dict
+from gdrt_core.config import check_config, field, to_dict
 from gdrt_core.errors import GdrtError
 from gdrt_core.train.deepspeed import STAGES as DEEPSPEED_STAGES
 
@@ -213,13 +212,11 @@ def _run_locked(config: TrainConfig) -> dict[str, Any] | None:
     return result
 
 
-def cli(args: argparse.Namespace) -> None:
-    cfg = load_config(
-        TrainConfig, args.config, args.overrides, dataset=args.dataset, model=args.model, out=args.out,
-        objective=args.objective, groups=args.groups, num_gpus=args.num_gpus, deepspeed=args.deepspeed,
+def summary_line(config: TrainConfig, manifest: dict | None) -> str | None:
+    """The one line `gdrt train` prints; None (nothing) for a run relaunched as several processes."""
+    if manifest is None:
+        return None
+    m = manifest.get("metrics", {})
+    return f"trained {config.objective} -> {config.out}: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)
     )
-    manifest = run(cfg)
-    if manifest is not None:
-        m = manifest.get("metrics", {})
-        print(f"trained {cfg.objective} -> {cfg.out}: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))

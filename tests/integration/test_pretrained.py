@@ -373,7 +373,7 @@ def test_init_model_pretrained_never_replaces_a_directory_that_is_not_a_model(tm
     ("base_model=\"gguf:/no/such/model.gguf\"", "GGUF file '/no/such/model.gguf' of base_model does not exist"),
 ])
 def test_gdrt_run_checks_base_model_before_the_first_stage(tmp_path, monkeypatch, capsys, override, message):
-    from gdrt_core.cli import main
+    from pipelines.cli import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     repo = Path(__file__).resolve().parents[2]

@@ -601,10 +601,10 @@ def test_attribute_limit_zero_names_the_limit(tmp_path, capsys):
 def test_output_file_system_errors_name_the_path_and_cause(monkeypatch, capsys, code):
     from gdrt_core import cli
 
-    def cli_raising(args):
+    def run_raising(config):
         raise OSError(code, os.strerror(code), "/mnt/out/model.safetensors")
 
-    monkeypatch.setattr("gdrt_core.evaluate.cli", cli_raising)
+    monkeypatch.setattr("gdrt_core.evaluate.run", run_raising)
     assert cli.main(["evaluate", "--dataset", "d", "--model", "m", "--out", "o"]) == 2
     err = capsys.readouterr().err
     assert f"/mnt/out/model.safetensors: cannot write: {os.strerror(code)}" in err

@@ -92,3 +92,64 @@ def test_the_stage_run_gets_the_context_not_the_environment(monkeypatch):
     with tracking.stage_run("train", {}):
         pass
     assert (seen["run_name"], seen["parent"]) == ("train", None)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_flag_names_a_field_of_the_stage_config(stage):
+    """The stage command passes a flag to the config by its dest: a flag naming no field would be ignored."""
+    import dataclasses
+
+    from gdrt_core.cli import STAGE_ARGUMENTS
+
+    p = argparse.ArgumentParser(add_help=False)
+    STAGE_ARGUMENTS[stage](p)
+    flags = {a.dest for a in p._actions}
+    fields = {f.name for f in dataclasses.fields(STAGES[stage].config_class())}
+    assert flags and flags <= fields, f"{stage}: flags naming no config field: {sorted(flags - fields)}"
+
+
+def test_flags_become_the_config_and_the_summary_line_is_printed(monkeypatch, capsys, tmp_path):
+    """--config < --set < flags; the stage's run gets the config under the flags' run context, and the
+    command prints the stage's summary line."""
+    from gdrt_core import tracking
+
+    seen = {}
+
+    def fake_run(config):
+        seen.update(config=config, context=tracking.current_context())
+        return {"n_examples": 3, "hr@10": 0.5, "ndcg@10": 0.25, "mgu@10": 0.125}
+
+    monkeypatch.setattr("gdrt_core.evaluate.run", fake_run)
+    config = tmp_path / "eval.yaml"
+    config.write_text("num_beams: 5\nlimit: 7\nbatch_size: 3\n")
+    assert main(["evaluate", "--dataset", "d", "--model", "m", "--out", "o", "--config", str(config),
+                 "--set", "limit=8", "--set", "batch_size=4", "--num-beams", "6", "--split", "test",
+                 "--run-name", "evaluate sft", "--no-tracking"]) == 0
+    c = seen["config"]
+    assert (c.dataset, c.model, c.out, c.split, c.num_beams, c.limit, c.batch_size) == ("d", "m", "o", "test", 6, 8, 4)
+    assert seen["context"].run_name == "evaluate sft" and not seen["context"].enabled
+    assert capsys.readouterr().out == ("evaluate test: 3 examples, HR@10 0.5000, NDCG@10 0.2500, MGU@10 0.1250 "
+                                       "-> o\n")
+
+
+def test_train_relaunched_prints_nothing(monkeypatch, capsys):
+    monkeypatch.setattr("gdrt_core.train.run", lambda config: None)
+    assert main(["train", "--dataset", "d", "--model", "m", "--out", "o"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_init_model_size_with_pretrained_is_an_error(capsys):
+    assert main(["init-model", "--pretrained", "smollm2-135m", "--seed", "1", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "--size and --seed set the embedded model" in err and "drop --size / --seed" in err
+
+
+def test_stage_modules_have_no_argparse():
+    """The stage modules are `run(config)` plus `summary_line(config, result)`; argument parsing is cli.py's."""
+    import importlib
+    import inspect
+
+    for stage in STAGES.values():
+        module = importlib.import_module(stage.module)
+        assert callable(module.summary_line) and not hasattr(module, "cli")
+        assert "argparse" not in inspect.getsource(module), stage.module
