@@ -40,7 +40,7 @@ def plan_run(params: dict):
     return Plan(nodes, {VARIANT: role}, {VARIANT: Variant(VARIANT, params, {}, VARIANT)})
 
 
-def run(params: dict, out: str | os.PathLike, *, jobs: int = 1, stream=sys.stderr) -> dict:
+def run(params: dict, out: str | os.PathLike, *, jobs: int = 1, stream=None) -> dict:
     """Run the pipeline locally; returns the report's comparison (rows per model) and its directory."""
     from gdrt_core.tracking import RunContext, finish_run, start_pipeline_run
     from pipelines.sweep import _last_line, adopt_existing, execute, node_dir

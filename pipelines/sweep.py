@@ -253,11 +253,13 @@ STAGE_RANK = {"curate": 0, "init-model": 0, "train": 0, "group": 0, "evaluate": 
               "register": 3}
 
 
-def execute(plan_: Plan, out: Path, jobs: int = 1, *, context: dict | None = None, stream=sys.stderr,
+def execute(plan_: Plan, out: Path, jobs: int = 1, *, context: dict | None = None, stream=None,
             title: str = "gdrt sweep") -> dict[str, str]:
     """Run the plan's unfinished nodes, `jobs` processes at a time, inputs first; returns {key: status}
     (done | failed | skipped). A failed node skips what depends on it; the rest goes on. `context` (the
-    parent run id, tracking on/off, experiment) goes to every node in its spec."""
+    parent run id, tracking on/off, experiment) goes to every node in its spec. Progress lines go to `stream`
+    (default: sys.stderr as it is at the call)."""
+    stream = stream or sys.stderr
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     nodes = plan_.nodes
@@ -439,8 +441,9 @@ def _log_variants(parent: str, experiment: str, results: dict, out: Path, plan_:
 
 
 def run(sweep_file: str, out: str | os.PathLike, *, jobs: int = 1, overrides: list[str] = (),
-        only: list[str] | None = None, dry_run: bool = False, stream=sys.stderr) -> dict:
+        only: list[str] | None = None, dry_run: bool = False, stream=None) -> dict:
     """Plan, run and collect a sweep; returns the per-variant results (written to <out>/results.*)."""
+    stream = stream or sys.stderr
     from gdrt_core.artifacts import write_json_atomic
     from gdrt_core.tracking import RunContext, finish_run, start_pipeline_run
 

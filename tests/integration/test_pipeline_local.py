@@ -41,10 +41,17 @@ def test_pipeline_end_to_end_with_mlflow_server(tmp_path, office_source_slice, m
     params = {**FAST, "source": str(office_source_slice), "experiment": "e2e", "run_name": "e2e-office"}
     result = local_run.run(params, tmp_path / "run")
 
-    assert [r["model"] for r in result["rows"]] == ["SFT", "GDRT"]
-    for row in result["rows"]:
+    assert [r["model"] for r in result["rows"]] == ["SFT", "GDRT", "popular"]
+    for row in result["rows"][:2]:
         assert 0.0 <= row["ndcg@10"] <= 1.0 and row["invalid_rate"] == 0.0
         assert 0.0 <= row["aux_share"] <= 1.0
+    # the popularity baseline ranks the same test windows as the models (same split, same limit), untracked
+    popular = result["rows"][2]
+    models_n = {r["n_examples"] for r in result["rows"][:2]}
+    assert models_n == {popular["n_examples"]} and "aux_share" not in popular
+    baseline_dir = tmp_path / "run" / "baselines" / "most-popular-valid"
+    assert json.loads((baseline_dir / "metrics.json").read_text())["ndcg@10"] == popular["ndcg@10"]
+    assert local_run.format_table(result).splitlines()[-1].startswith("popular")
     assert "report.md" in {p.name for p in (tmp_path / "run").rglob("report.md")}
 
     client = MlflowClient(mlflow_server)
