@@ -35,9 +35,18 @@ class GdrtError(Exception):
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM}
 
 
+# a path of the wrong kind: a file where a directory is expected, or the reverse
+PATH_KIND_ERRNOS = {errno.EEXIST, errno.EISDIR, errno.ENOTDIR}
+
+
 def filesystem_error(e: OSError, where: str | os.PathLike | None = None) -> GdrtError | OSError:
-    """A GdrtError naming the path and the cause (disk full, read-only, no permission) for an OSError of
-    writing an output; any other OSError is returned unchanged (raise it as it is)."""
+    """A GdrtError naming the path and the cause for an OSError of the file system: an output that cannot be
+    written (disk full, read-only, no permission), or a path of the wrong kind (a file given as an output
+    directory, a directory given as a config file). Any other OSError is returned unchanged (raise it)."""
+    if e.errno in PATH_KIND_ERRNOS and (e.filename or where):
+        path = e.filename or where
+        return GdrtError(f"{e.strerror or e}: a file where a directory is expected, or a directory where a file "
+                         "is expected", path=str(path), hint="check the path given on the command line")
     if e.errno not in OUTPUT_ERRNOS:
         return e
     path = e.filename or where

@@ -153,3 +153,20 @@ def test_stage_modules_have_no_argparse():
         module = importlib.import_module(stage.module)
         assert callable(module.summary_line) and not hasattr(module, "cli")
         assert "argparse" not in inspect.getsource(module), stage.module
+
+
+def test_a_path_of_the_wrong_kind_is_a_clear_error(tmp_path, capsys):
+    """A file given as an output directory, or a directory as a config file: one paragraph naming the path
+    and exit code 2, not a traceback."""
+    from pipelines.cli import main as gdrt
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert gdrt(["sweep", str(tmp_path), "--dry-run"]) == 2
+    assert f"{tmp_path}: Is a directory" in capsys.readouterr().err
+    assert gdrt(["run", "--out", str(a_file), "--set", f"source={tmp_path}"]) == 2
+    assert f"{a_file}: File exists" in capsys.readouterr().err
+    assert main(["evaluate", "--dataset", str(tmp_path), "--model", "baseline:most-popular",
+                 "--out", str(tmp_path / "e"), "--config", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Is a directory" in err and "Traceback" not in err
