@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gdrt_core.errors import GdrtError, filesystem_error
+from gdrt_core.errors import GdrtError, article, filesystem_error
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -111,7 +111,7 @@ def check_output(
     """
     check_not_input(out, inputs or {})
     target = Path(out).absolute().resolve()
-    a_kind = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+    a_kind = article(kind)
     if not (target.exists() or target.is_symlink()):
         return
     hint = (f"gdrt replaces only an earlier {kind} artifact: choose another --out, or move this one away "
@@ -125,7 +125,8 @@ def check_output(
         except (OSError, ValueError, AttributeError):
             found = None
         if found != kind:
-            raise GdrtError(f"the output directory holds {'a ' + found if isinstance(found, str) else 'an unreadable'}"
+            holds = article(found) if isinstance(found, str) else "an unreadable"
+            raise GdrtError(f"the output directory holds {holds}"
                             f" artifact, not {a_kind}: it would be deleted", path=str(out), hint=hint)
         return
     entries = sorted(p.name for p in target.iterdir())
@@ -270,15 +271,15 @@ def read_manifest(root: str | os.PathLike, kind: str, *, verify: bool = True) ->
         raise GdrtError(f"{kind} artifact directory does not exist", path=str(root))
     if not path.is_file():
         raise GdrtError(
-            f"not a {kind} artifact: manifest.json is missing", path=str(root),
-            hint=f"create it with the gdrt stage that writes a {kind}",
+            f"not {article(kind)} artifact: manifest.json is missing", path=str(root),
+            hint=f"create it with the gdrt stage that writes {article(kind)} artifact",
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GdrtError(f"manifest is not valid JSON ({e})", path=str(path)) from None
     if manifest.get("kind") != kind:
-        raise GdrtError(f"expected a {kind} artifact, found kind={manifest.get('kind')!r}", path=str(path))
+        raise GdrtError(f"expected {article(kind)} artifact, found kind={manifest.get('kind')!r}", path=str(path))
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise GdrtError(
             f"schema_version {manifest.get('schema_version')} is not supported (expected {SCHEMA_VERSION})",

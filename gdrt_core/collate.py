@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gdrt_core.errors import GdrtError
+from gdrt_core.errors import GdrtError, article
 from gdrt_core.tokenization import IGNORE_INDEX, TokenizedExample
 
 PAD_ROLE = -1  # role of padding tokens
@@ -95,7 +95,8 @@ def _columns(example: TokenizedExample | Mapping[str, Any], row: int) -> tuple[d
     elif isinstance(example, Mapping):
         source = example
     else:
-        raise GdrtError(f"batch example {row} is a {type(example).__name__}, not a TokenizedExample or a dict")
+        raise GdrtError(f"batch example {row} is {article(type(example).__name__)}, "
+                        "not a TokenizedExample or a dict")
     if "input_ids" not in source:
         raise GdrtError(f"batch example {row} has no input_ids", hint=f"keys are {sorted(source)}")
     n = len(source["input_ids"])

@@ -31,6 +31,11 @@ class GdrtError(Exception):
         super().__init__(text)
 
 
+def article(noun: str) -> str:
+    """`noun` with its indefinite article, for messages: "an eval", "a model", "an int", "a list"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 # errors of the file system an output is written to (not of a missing or unreadable input)
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM}
 

@@ -109,3 +109,20 @@ def test_saved_weights_of_full_and_lora_models_follow_the_umask(tmp_path, make_t
         os.umask(old)
     for path in (tmp_path / "full" / "model.safetensors", tmp_path / "lora" / "adapter_model.safetensors"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_messages_name_the_artifact_kind_with_its_article(tmp_path):
+    """Kinds that start with a vowel (eval, attribution) read "an eval artifact", the others "a model"."""
+    from gdrt_core.artifacts import check_output
+
+    with atomic_output_dir(tmp_path / "model") as tmp:
+        write_manifest(tmp, "model")
+    with pytest.raises(GdrtError, match="expected an eval artifact, found kind='model'"):
+        read_manifest(tmp_path / "model", "eval")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(GdrtError, match=r"not an attribution artifact: .* writes an attribution artifact"):
+        read_manifest(tmp_path / "plain", "attribution")
+    with pytest.raises(GdrtError, match="holds an eval artifact, not a model"):
+        check_output(_make(tmp_path / "eval"), "model")
+    with pytest.raises(GdrtError, match="holds a model artifact, not an attribution"):
+        check_output(tmp_path / "model", "attribution")
