@@ -197,23 +197,30 @@ def dispatch(args: argparse.Namespace, commands: dict[str, Command] | None = Non
     importlib.import_module({**COMMANDS, **(commands or {})}[args.command].module).cli(args)
 
 
-def main(argv: list[str] | None = None, commands: dict[str, Command] | None = None) -> int:
-    args = build_parser(commands).parse_args(argv)
+def report_errors(prog: str, action: Callable[[], object]) -> int:
+    """Run `action` as a command called `prog`: 0 when it returns; a GdrtError, or an OSError of the file
+    system (a full or read-only output, a path of the wrong kind), is one paragraph on stderr
+    (`prog: error: ...`, no traceback) and its exit code; Ctrl-C is exit code 130."""
     try:
-        dispatch(args, commands)
+        action()
     except GdrtError as e:
-        print(f"gdrt {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except OSError as e:  # a full or read-only output file system: the path and the cause, no traceback
+    except OSError as e:
         error = filesystem_error(e)
         if not isinstance(error, GdrtError):
             raise
-        print(f"gdrt {args.command}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print(f"gdrt {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None, commands: dict[str, Command] | None = None) -> int:
+    args = build_parser(commands).parse_args(argv)
+    return report_errors(f"gdrt {args.command}", lambda: dispatch(args, commands))
 
 
 if __name__ == "__main__":

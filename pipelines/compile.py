@@ -17,11 +17,11 @@ if str(ROOT) not in sys.path:
 
 
 def compile_all(out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)  # a path of the wrong kind fails here, before kfp is imported
     from kfp import compiler
 
     from pipelines.gdrt_pipeline import build_pipeline
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     from pipelines import resources
     from pipelines.gdrt_pipeline_multinode import build_multinode_pipeline
@@ -37,12 +37,17 @@ def compile_all(out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from gdrt_core.cli import report_errors
+
+    parser = argparse.ArgumentParser(prog="pipelines/compile.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=str(ROOT / "pipelines" / "compiled"))
     args = parser.parse_args(argv)
-    for path in compile_all(Path(args.out_dir)):
-        print(f"wrote {path}")
-    return 0
+
+    def compile_and_list() -> None:
+        for path in compile_all(Path(args.out_dir)):
+            print(f"wrote {path}")
+
+    return report_errors(parser.prog, compile_and_list)
 
 
 if __name__ == "__main__":

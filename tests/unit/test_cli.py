@@ -170,3 +170,15 @@ def test_a_path_of_the_wrong_kind_is_a_clear_error(tmp_path, capsys):
                  "--out", str(tmp_path / "e"), "--config", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "Is a directory" in err and "Traceback" not in err
+
+
+def test_compile_into_a_file_is_a_clear_error(tmp_path, capsys):
+    """`python pipelines/compile.py --out-dir FILE`: the CLI's one-paragraph error naming the path."""
+    from pipelines.compile import main as compile_main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert compile_main(["--out-dir", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"pipelines/compile.py: error: {a_file}: File exists" in err and "Traceback" not in err
+    assert a_file.read_text() == "x"
