@@ -18,7 +18,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from gdrt_core.errors import GdrtError
+from gdrt_core.errors import GdrtError, article
 
 T = TypeVar("T")
 
@@ -245,18 +245,22 @@ def set_dotted(data: dict, key: str, value: Any, where: str | None = None) -> No
 
 
 def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
-    """A YAML file holding a mapping ({} when empty); missing file, bad YAML or a non-mapping is a GdrtError."""
+    """A YAML file holding a mapping; a missing file, bad YAML, an empty file (nothing but comments) or a
+    value other than a mapping is a GdrtError naming the file. Every config file (a stage's --config, the
+    pipeline config of `gdrt run`, a sweep file) is read here, so they are refused alike."""
     import yaml
 
     try:
         with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+            loaded = yaml.safe_load(f)
     except FileNotFoundError:
         raise GdrtError(f"{what} not found", path=str(path)) from None
     except yaml.YAMLError as e:
         raise GdrtError(f"invalid YAML: {e}", path=str(path)) from None
     if not isinstance(loaded, dict):
-        raise GdrtError(f"the {what} must hold a mapping", path=str(path))
+        found = "nothing (it is empty)" if loaded is None else article(type(loaded).__name__)
+        raise GdrtError(f"the {what} must hold a mapping of settings (key: value lines), not {found}",
+                        path=str(path), hint="write its settings into it as `key: value` lines")
     return loaded
 
 

@@ -3,6 +3,7 @@ context comes from explicit flags; errors become exit code 2. The `gdrt` console
 orchestration commands (pipelines/cli.py)."""
 
 import argparse
+import os
 
 import pytest
 
@@ -215,3 +216,28 @@ def test_one_missing_setting_is_spelled_out_with_the_config_file_it_was_looked_f
     assert main(["train", "--config", str(config), "--no-tracking"]) == 2
     assert (f"gdrt train: error: {config}: missing required setting out (give it as --out VALUE, as `out: VALUE` "
             "in --config FILE.yaml or as --set out=VALUE)\n") == capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, found", [("", "nothing (it is empty)"), ("# a comment\n", "nothing (it is empty)"),
+                                         ("- a\n- b\n", "a list"), ("42\n", "an int")])
+def test_an_empty_or_non_mapping_config_is_refused_by_run_sweep_and_stages(tmp_path, capsys, monkeypatch, text,
+                                                                         found):
+    """`gdrt run`, `gdrt sweep` and a stage's --config refuse such a file alike (one reader, one wording)."""
+    from pipelines.cli import main as gdrt
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    expected = f"must hold a mapping of settings (key: value lines), not {found}"
+    assert gdrt(["run", "--config", str(config), "--out", str(tmp_path / "r"),
+                 "--set", f"source={tmp_path / 'no-data'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: the pipeline config {expected}" in err
+    assert gdrt(["sweep", str(config), "--dry-run"]) == 2
+    assert f"{config}: the sweep file {expected}" in capsys.readouterr().err
+    assert main(["evaluate", "--config", str(config), "--dataset", "d", "--model", "m", "--out", "o"]) == 2
+    assert f"{config}: the config file {expected}" in capsys.readouterr().err
+    (tmp_path / "s.yaml").write_text("config: c.yaml\nvariants: {a: {}}\n")  # the sweep's pipeline config
+    assert gdrt(["sweep", str(tmp_path / "s.yaml"), "--dry-run"]) == 2
+    assert f"{config}: the pipeline config {expected}" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["c.yaml", "s.yaml"]
