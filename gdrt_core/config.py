@@ -264,12 +264,27 @@ def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
     return loaded
 
 
-def parse_override(item: str) -> tuple[str, str]:
-    """`key=value` (from --set) as (key, raw value)."""
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` (from --set) as (key, value), the value read as YAML, as if it stood in a config file:
+    `tau=0.5` is a number, `lora=false` a boolean, `lora_target_modules=[q_proj, v_proj]` a list, and
+    plain text stays the string it is (`model=org/name`), also text that YAML cannot read (`*`, `@x`). A
+    broken list or mapping (`[q_proj`) is an error; an empty value is the empty string (`null` spells None)."""
+    import yaml
+
     key, sep, value = item.partition("=")
     if not sep:
         raise GdrtError(f"override {item!r} is not of the form key=value", path="--set")
-    return key.strip(), value
+    if not value.strip():
+        return key.strip(), value
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        if not value.lstrip().startswith(("[", "{")):
+            return key.strip(), value
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise GdrtError(f"the value of {item!r} is not a valid YAML list or mapping ({problem})", path="--set",
+                        hint="write a list as [a, b] and a mapping as {k: v}; quote text that starts with [ or {: "
+                             "--set 'key=\"[text\"'") from None
 
 
 def load_config(

@@ -45,8 +45,6 @@ PARAMETER_SETTINGS: dict[str, tuple[str, str]] = {
 
 def load_params(config: str | os.PathLike | None, overrides: list[str]) -> dict:
     """Pipeline parameters from the YAML file, then `key=value` overrides (YAML-typed values)."""
-    import yaml
-
     from gdrt_core.config import parse_override, read_yaml, set_dotted
 
     params: dict = {}
@@ -54,8 +52,7 @@ def load_params(config: str | os.PathLike | None, overrides: list[str]) -> dict:
     if config or path.is_file():
         params = read_yaml(path, "pipeline config")
     for item in overrides:
-        key, value = parse_override(item)
-        set_dotted(params, key, yaml.safe_load(value), where=f"--set {item}")
+        set_dotted(params, *parse_override(item), where=f"--set {item}")
     return params
 
 

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from gdrt_core.cli import build_parser, main, run_context, settings_help
+from gdrt_core.errors import GdrtError
 from gdrt_core.stages import STAGES
 
 
@@ -241,3 +242,37 @@ def test_an_empty_or_non_mapping_config_is_refused_by_run_sweep_and_stages(tmp_p
     assert gdrt(["sweep", str(tmp_path / "s.yaml"), "--dry-run"]) == 2
     assert f"{config}: the pipeline config {expected}" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["c.yaml", "s.yaml"]
+
+
+def test_set_values_are_yaml(monkeypatch):
+    """`--set` reads its value as YAML (lists, numbers, booleans), keeps plain text as text, and refuses a
+    broken list naming the --set."""
+    from gdrt_core.config import parse_override
+
+    seen = {}
+    monkeypatch.setattr("gdrt_core.train.run", lambda config: seen.update(config=config))
+    assert main(["train", "--dataset", "d", "--model", "org/name", "--out", "o", "--no-tracking",
+                 "--set", "lora_target_modules=[q_proj, v_proj]", "--set", "lr=0.5", "--set", "lora=false"]) == 0
+    c = seen["config"]
+    assert (c.lora_target_modules, c.lr, c.lora, c.model) == (["q_proj", "v_proj"], 0.5, False, "org/name")
+    assert parse_override("lora_target_modules=q_proj,k_proj") == ("lora_target_modules", "q_proj,k_proj")
+    assert parse_override("model=models:/gdrt-office@champion") == ("model", "models:/gdrt-office@champion")
+    assert parse_override("device=cuda:0") == ("device", "cuda:0")
+    assert parse_override("limit=") == ("limit", "")
+    assert parse_override("limit=null") == ("limit", None)
+    assert parse_override("neutral_token=*") == ("neutral_token", "*")  # not YAML: the text itself
+    with pytest.raises(GdrtError, match=r"--set: the value of .lora_target_modules=\[q_proj. is not a valid YAML"):
+        parse_override("lora_target_modules=[q_proj")
+
+
+def test_the_pipeline_and_sweep_read_set_values_as_the_stages_do(tmp_path):
+    from pipelines.params import load_params
+    from pipelines.sweep import load_sweep
+
+    sets = ["train_settings.lora_target_modules=[q_proj, v_proj]", "tau=0.5"]
+    params = load_params(None, sets)
+    assert params["train_settings"]["lora_target_modules"] == ["q_proj", "v_proj"] and params["tau"] == 0.5
+    (tmp_path / "cfg.yaml").write_text("source: data/office\n")
+    (tmp_path / "s.yaml").write_text("config: cfg.yaml\nvariants: {a: {}}\n")
+    _, variants = load_sweep(tmp_path / "s.yaml", sets)
+    assert variants["a"].params["train_settings"]["lora_target_modules"] == ["q_proj", "v_proj"]
