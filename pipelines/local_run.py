@@ -8,7 +8,8 @@ YAML config (pipelines/configs/quickstart.yaml by default) and `--set key=value`
 under --out (default runs/<timestamp>): <out>/stages/<step>, each step's log in <out>/logs/. MLflow logs to
 MLFLOW_TRACKING_URI or the embedded sqlite store ./mlflow.db: the runner opens the parent run, nests every
 step's run under it (run names as in KFP) and closes it as FINISHED or FAILED. One progress line per step.
-Re-running with the same --out resumes: finished steps are kept.
+Re-running with the same --out resumes: finished steps are kept. An --out that is neither new, empty nor an
+earlier run's working directory is refused before the first step (`sweep.check_work_dir`).
 """
 
 from __future__ import annotations
@@ -43,15 +44,17 @@ def plan_run(params: dict):
 def run(params: dict, out: str | os.PathLike, *, jobs: int = 1, stream=None) -> dict:
     """Run the pipeline locally; returns the report's comparison (rows per model) and its directory."""
     from gdrt_core.tracking import RunContext, finish_run, start_pipeline_run
-    from pipelines.sweep import _last_line, adopt_existing, execute, node_dir
+    from pipelines.sweep import _last_line, adopt_existing, check_work_dir, execute, node_dir
 
     out = Path(out).absolute()
+    check_work_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     plan_ = plan_run(params)
     adopt_existing(plan_, out)
     p = plan_.variants[VARIANT].params
+    print(f"gdrt run: pipeline on {p['source']} -> {out} (step logs: {out / 'logs'})", file=stream or sys.stderr)
     enabled = RunContext().enabled
     parent = start_pipeline_run(p["experiment"], p["run_name"],
                                 {k: v for k, v in p.items() if not isinstance(v, dict)}) if enabled else ""
@@ -112,7 +115,8 @@ def format_table(comparison: dict) -> str:
 def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="pipeline config (default: pipelines/configs/quickstart.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", default=None, help="working directory for artifacts (default: runs/<timestamp>)")
+    p.add_argument("--out", default=None, help="working directory for artifacts: new, empty, or an earlier "
+                   "run's, which resumes (default: runs/<timestamp>)")
     p.add_argument("--jobs", type=int, default=1, help="independent steps run at the same time (processes)")
 
 
@@ -122,8 +126,6 @@ def cli(args: argparse.Namespace) -> None:
     params = load_params(args.config, args.overrides)
     check_local_inputs(params, config_source(args.config, args.overrides))
     out = Path(args.out or Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    print(f"gdrt run: pipeline on {params.get('source', 'data/office')} -> {out} (step logs: {out / 'logs'})",
-          file=sys.stderr)
     t0 = time.time()
     comparison = run(params, out, jobs=args.jobs)
     uri = os.environ["MLFLOW_TRACKING_URI"]

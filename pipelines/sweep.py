@@ -189,6 +189,21 @@ def plan(variants: dict[str, Variant]) -> Plan:
     return Plan(nodes, roles, variants)
 
 
+def check_work_dir(out: Path) -> None:
+    """Refuse, before any work, an --out that is a directory holding other things than an earlier run of this
+    executor (`gdrt run` or `gdrt sweep`), whose stages/*.done.json and logs/*.spec.json mark it: that one
+    resumes; a new or empty directory starts a run; anything else would get the run's files mixed into it."""
+    if not out.is_dir():
+        return  # new (created by the run); a file is refused by the file system, naming it
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries or any((out / "stages").glob("*.done.json")) or any((out / "logs").glob("*.spec.json")):
+        return
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    raise GdrtError(f"the output directory is not empty (it holds {shown}) and is not an earlier run's working "
+                    "directory (no stages/*.done.json or logs/*.spec.json)", path=str(out),
+                    hint="choose a new or empty --out; to resume a run, give the --out it wrote to")
+
+
 def adopt_existing(plan_: Plan, out: Path) -> None:
     """Find each node's earlier output by its key, whatever it was named after: a stage first run by a
     sweep over other variants (or another `--only`) carries another variant's name. Finished stages win
@@ -446,6 +461,7 @@ def run(sweep_file: str, out: str | os.PathLike, *, jobs: int = 1, overrides: li
     experiment, variants = load_sweep(sweep_file, list(overrides), only)
     plan_ = plan(variants)
     out = Path(out)
+    check_work_dir(out)
     adopt_existing(plan_, out)
     if dry_run:
         for key, node in plan_.nodes.items():

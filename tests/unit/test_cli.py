@@ -276,3 +276,32 @@ def test_the_pipeline_and_sweep_read_set_values_as_the_stages_do(tmp_path):
     (tmp_path / "s.yaml").write_text("config: cfg.yaml\nvariants: {a: {}}\n")
     _, variants = load_sweep(tmp_path / "s.yaml", sets)
     assert variants["a"].params["train_settings"]["lora_target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_run_refuses_a_non_empty_directory_that_is_no_earlier_run(tmp_path, capsys, monkeypatch):
+    """`gdrt run --out DIR` / `gdrt sweep --out DIR`: a new or empty directory starts, an earlier run's
+    (its stages/*.done.json, logs/*.spec.json) resumes, anything else is refused before any work."""
+    from pipelines.cli import main as gdrt
+    from pipelines.sweep import check_work_dir
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    assert gdrt(["run", "--out", str(out), "--set", f"source={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: the output directory is not empty (it holds notes.txt)" in err and "Traceback" not in err
+    assert gdrt(["sweep", "pipelines/sweeps/office.yaml", "--out", str(out), "--dry-run"]) == 2
+    assert "(it holds notes.txt) and is not an earlier run's working directory" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+    check_work_dir(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    check_work_dir(tmp_path / "empty")
+    (out / "logs").mkdir()
+    with pytest.raises(GdrtError, match="not an earlier run's"):
+        check_work_dir(out)  # a logs/ of something else is no marker
+    (out / "logs" / "curate-office-0123abcd.spec.json").write_text("{}")
+    check_work_dir(out)
+    (tmp_path / "done" / "stages").mkdir(parents=True)
+    (tmp_path / "done" / "stages" / "curate-office-0123abcd.done.json").write_text("{}")
+    check_work_dir(tmp_path / "done")
