@@ -109,7 +109,8 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _recommend(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="model directory, models:/NAME@ALIAS, runs:/RUN_ID/PATH, hub id "
+                   "(with --dataset), or baseline:most-popular | baseline:most-popular-valid (with --dataset)")
     p.add_argument("--history", nargs="+", help="history titles, oldest first")
     p.add_argument("--input", help="parquet with a `history` column (list of titles) for batch use")
     p.add_argument("--out", help="output parquet for --input")

@@ -2,8 +2,11 @@
 
     gdrt recommend --model models:/gdrt-office@champion --history "title a" "title b" --k 10
     gdrt recommend --model runs/x/model --input histories.parquet --out recs.parquet
+    gdrt recommend --model baseline:most-popular --dataset runs/x/stages/curate --history "title a"
 
-The same prompt, tokenisation, trie and constrained beam search as the evaluate stage.
+The same prompt, tokenisation, trie and constrained beam search as the evaluate stage; a popularity baseline
+(`baseline:most-popular`, `baseline:most-popular-valid`) gives every history the ranking the evaluate stage
+gives it, from the --dataset's counts, with no model loaded.
 """
 
 from __future__ import annotations
@@ -81,6 +84,29 @@ class Recommender:
         return [Recommendation(list(r.titles), [float(s) for s in r.scores]) for r in rankings]
 
 
+class PopularityRecommender:
+    """A popularity baseline as a recommender: every history gets the same titles, the ones counted most
+    often (`evaluate.most_popular_titles`), with the count as score."""
+
+    def __init__(self, titles: dict[int, str], counts: dict[int, int]):
+        self.titles, self.counts = titles, counts
+
+    def recommend(self, histories: list[list[str]], k: int = 10) -> list[Recommendation]:
+        from gdrt_core.evaluate import most_popular_titles
+
+        if k < 1:
+            raise GdrtError(f"k must be positive, got {k}")
+        check_histories(histories)
+        top = most_popular_titles(self.titles, self.counts, k)
+        return [Recommendation([t for t, _ in top], [float(c) for _, c in top]) for _ in histories]
+
+
+# what --model accepts, for the errors of a value that is none of them
+MODEL_FORMS = ("a model directory, an MLflow URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH), "
+               "a hub id with --dataset, or a popularity baseline (baseline:most-popular, "
+               "baseline:most-popular-valid) with --dataset")
+
+
 def check_histories(histories, where: str | None = None) -> None:
     """Every history is a list of non-empty title strings (curate refuses empty titles: none can match)."""
     for row, history in enumerate(histories):
@@ -150,7 +176,21 @@ def trained_dataset(model_dir: str | os.PathLike) -> str:
 
 
 def load_recommender(model: str, *, dataset: str | None = None, domain: str | None = None):
-    """A Recommender from a model dir, or the python model inside an MLflow `models:/...` URI."""
+    """A Recommender from a model dir, or the python model inside an MLflow `models:/...` URI; a
+    PopularityRecommender for a `baseline:...` with a `dataset`. A path that does not exist, or an unknown
+    baseline, is an error listing what `model` may be (before anything is loaded)."""
+    if model.startswith("baseline:"):
+        from gdrt_core.dataset import Dataset
+        from gdrt_core.evaluate import BASELINES, baseline_counts
+
+        if model not in BASELINES:
+            raise GdrtError(f"unknown popularity baseline {model!r}", path="--model",
+                            hint=f"--model takes {MODEL_FORMS}")
+        if not dataset:
+            raise GdrtError(f"{model} ranks the titles of a Dataset artifact: give it with --dataset DIR",
+                            path="--model")
+        checked = Dataset(dataset)
+        return PopularityRecommender(checked.titles, baseline_counts(checked, model))
     if model.startswith(("models:/", "runs:/")):
         import shutil
 
@@ -166,6 +206,10 @@ def load_recommender(model: str, *, dataset: str | None = None, domain: str | No
             raise GdrtError(f"cannot load {model} from MLflow at {tracking_uri()}: {e}") from None
         shutil.rmtree(local, ignore_errors=True)  # loaded into memory; nothing reads the files again
         return loaded.unwrap_python_model().recommender
+    from gdrt_core.models import _looks_local
+
+    if _looks_local(model) and not Path(model).expanduser().exists():
+        raise GdrtError(f"no model directory at {model}", path="--model", hint=f"--model takes {MODEL_FORMS}")
     items = None
     if dataset:
         from gdrt_core.dataset import Dataset

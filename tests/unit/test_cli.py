@@ -305,3 +305,30 @@ def test_run_refuses_a_non_empty_directory_that_is_no_earlier_run(tmp_path, caps
     (tmp_path / "done" / "stages").mkdir(parents=True)
     (tmp_path / "done" / "stages" / "curate-office-0123abcd.done.json").write_text("{}")
     check_work_dir(tmp_path / "done")
+
+
+def test_recommend_names_what_model_accepts(tmp_path, capsys):
+    """A path that does not exist is "no model directory"; an unknown `baseline:` lists what --model takes;
+    a popularity baseline ranks the --dataset's titles, as the evaluate stage does."""
+    from gdrt_core.artifacts import atomic_output_dir
+    from gdrt_core.dataset import write_dataset
+
+    for missing in ("/nonexistent/path", "./no-such-model", "../no/such/model"):
+        assert main(["recommend", "--model", missing, "--history", "Desk Lamp"]) == 2
+        err = capsys.readouterr().err
+        assert f"--model: no model directory at {missing}" in err and "models:/NAME@ALIAS" in err
+    assert main(["recommend", "--model", "baseline:popular", "--history", "Desk Lamp"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown popularity baseline 'baseline:popular'" in err
+    assert "baseline:most-popular, baseline:most-popular-valid" in err and "a model directory" in err
+    assert main(["recommend", "--model", "baseline:most-popular", "--history", "Desk Lamp"]) == 2
+    assert "give it with --dataset DIR" in capsys.readouterr().err
+    train = {"example_id": [0, 1], "user_id": ["u", "v"], "history": [[1], [3]], "target": [2, 2],
+             "timestamp": [1, 2]}
+    titles = {1: "Desk Lamp", 2: "Stapler", 3: "Pens"}
+    with atomic_output_dir(tmp_path / "ds") as tmp:
+        write_dataset(tmp, titles=titles, splits={"train": train}, domain="office")
+    assert main(["recommend", "--model", "baseline:most-popular", "--dataset", str(tmp_path / "ds"),
+                 "--history", "Desk Lamp", "--k", "2"]) == 0
+    # interactions: Stapler 2 (both users), Desk Lamp 1 and Pens 1 (a tie: alphabetical)
+    assert capsys.readouterr().out == "  1.    2.0000  Stapler\n  2.    1.0000  Desk Lamp\n"
