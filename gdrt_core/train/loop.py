@@ -332,7 +332,11 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
             metrics["valid_ndcg_curve"] = [{"step": s, "ndcg@10": v} for s, v in ndcg]
             metrics["eval_ndcg@10"] = ndcg[-1][1]
         if valid_features:
-            final = trainer.evaluate()  # the kept model: the best checkpoint when selecting
+            # the kept model (the best checkpoint when selecting) was evaluated at its step already, unless the
+            # last evaluation came before the last step: evaluate it again only then (valid NDCG is a beam search)
+            kept_step = _checkpoint_step(trainer.state.best_model_checkpoint) if config.select_best != "none" else None
+            final = _logged_evaluation(trainer.state.log_history, kept_step or trainer.state.global_step,
+                                       with_ndcg=trainer.ndcg_in_evaluate) or trainer.evaluate()
             metrics["eval_loss"] = final["eval_loss"]
             if "eval_ndcg@10" in final:
                 metrics["eval_ndcg@10"] = final["eval_ndcg@10"]
@@ -371,6 +375,17 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
                             step=trainer.state.global_step)
         tracker.log_artifacts(out, "model")
     return manifest
+
+
+def _logged_evaluation(log_history: list[dict], step: int, *, with_ndcg: bool) -> dict | None:
+    """The evaluation logged at optimiser step `step`: its `eval_loss`, and its `eval_ndcg@10` when evaluate()
+    computes it (logged as an entry of its own), or None when either is missing at that step."""
+    found: dict[str, float] = {}
+    for entry in log_history:
+        if entry.get("step") == step:
+            found.update({k: entry[k] for k in ("eval_loss", "eval_ndcg@10") if k in entry})
+    wanted = ("eval_loss", "eval_ndcg@10") if with_ndcg else ("eval_loss",)
+    return found if all(k in found for k in wanted) else None
 
 
 def _checkpoint_step(path: str | None) -> int | None:

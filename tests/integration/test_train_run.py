@@ -157,7 +157,7 @@ def test_select_best_by_valid_ndcg_keeps_the_best_epoch(tiny, tmp_path, monkeypa
 
     from gdrt_core.train import loop, run
 
-    scripted = iter([0.1, 0.5, 0.2, 0.5])  # the 4th call is the final evaluation of the kept model
+    scripted = iter([0.1, 0.5, 0.2])  # a 4th call (evaluating the kept model again) would raise StopIteration
 
     class Scripted:
         def __call__(self, model):
@@ -173,12 +173,12 @@ def test_select_best_by_valid_ndcg_keeps_the_best_epoch(tiny, tmp_path, monkeypa
     steps_per_epoch = 2  # 32 windows / batch 16
     assert [c["step"] for c in metrics["valid_ndcg_curve"]] == [2, 4, 6]
     assert [c["ndcg@10"] for c in metrics["valid_ndcg_curve"]] == [0.1, 0.5, 0.2]
-    assert metrics["eval_ndcg@10"] == 0.5  # the kept model's, evaluated again at the end
+    assert metrics["eval_ndcg@10"] == 0.5  # the kept model's, as logged at its step: not evaluated again
     assert metrics["selected_by"] == "valid_ndcg@10" and metrics["best_metric"] == 0.5
     assert metrics["best_checkpoint_step"] == 2 * steps_per_epoch
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    losses = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]  # 3 epoch ends, then the final
-    assert [step for step, _ in losses] == [2, 4, 6, 6]
+    losses = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]  # the 3 epoch ends, no more
+    assert [step for step, _ in losses] == [2, 4, 6]
     assert metrics["eval_loss"] == pytest.approx(losses[1][1], abs=1e-6)  # epoch 2's weights were kept
     assert losses[1][1] != pytest.approx(losses[2][1], abs=1e-6)
     assert manifest["metrics"]["best_checkpoint_step"] == 4
@@ -211,3 +211,21 @@ def test_valid_ndcg_during_training_equals_the_evaluate_stage(tiny, tmp_path, mo
     with pytest.raises(RuntimeError, match="ranking failed"):
         run(_ndcg_run_config(tiny, tmp_path / "model2", epochs=1))
     assert not (tmp_path / "model2" / "train_metrics.json").exists()
+
+
+@pytest.mark.parametrize(("settings", "eval_steps"), [
+    (dict(epochs=1), [2]),  # the epoch end is the last step: its evaluation is the final one
+    (dict(max_steps=3, eval_every=2), [2, 3]),  # the last evaluation (step 2) is stale: evaluated again at 3
+])
+def test_the_final_valid_loss_is_evaluated_only_when_not_logged_at_the_last_step(tiny, tmp_path, monkeypatch,
+                                                                                  settings, eval_steps):
+    from gdrt_core.train import run
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    out = tmp_path / "model"
+    run(_ndcg_run_config(tiny, out, select_best="none", ndcg_every_epoch=False, **settings))
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    assert [step for step, _ in losses] == eval_steps
+    assert metrics["eval_loss"] == pytest.approx(losses[-1][1], abs=1e-9)
