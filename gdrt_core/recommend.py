@@ -208,8 +208,10 @@ def load_recommender(model: str, *, dataset: str | None = None, domain: str | No
         return loaded.unwrap_python_model().recommender
     from gdrt_core.models import _looks_local
 
-    if _looks_local(model) and not Path(model).expanduser().exists():
-        raise GdrtError(f"no model directory at {model}", path="--model", hint=f"--model takes {MODEL_FORMS}")
+    if _looks_local(model):
+        if not Path(model).expanduser().exists():
+            raise GdrtError(f"no model directory at {model}", path="--model", hint=f"--model takes {MODEL_FORMS}")
+        model = str(Path(model).expanduser())  # `~/models/x` as typed in a config or quoted on a command line
     items = None
     if dataset:
         from gdrt_core.dataset import Dataset

@@ -41,3 +41,13 @@ def test_printed_recommendations_have_no_control_characters(monkeypatch, capsys)
     lines = out.splitlines()
     assert len(lines) == 4
     assert lines[0].endswith("\\x1b[2JWiped") and lines[2].endswith("Two\\nlines")
+
+
+def test_a_model_path_under_the_home_directory_is_expanded(tmp_path, monkeypatch):
+    """`--model ~/models/x` (quoted, so the shell left the ~) loads the directory under $HOME."""
+    (tmp_path / "models" / "x").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(recommend.Recommender, "load", classmethod(lambda cls, path, **kw: seen.append(path)))
+    recommend.load_recommender("~/models/x")
+    assert seen == [str(tmp_path / "models" / "x")]
