@@ -107,8 +107,12 @@ def check_output(
     The output must not be one of the `inputs` ({what: path}; paths that do not exist, such as hub ids,
     are skipped), contain one, or lie inside an input directory. An existing output must be an artifact
     of the same `kind` (it is replaced once the new one is complete), an empty directory, or a directory
-    holding only the entries named in `keep` (train's checkpoints of an interrupted run).
+    holding only the entries named in `keep` (train's checkpoints of an interrupted run). An empty path
+    (the current directory) is refused.
     """
+    if not str(out).strip():
+        raise GdrtError("the output path is empty: it would be the current directory, replaced by the "
+                        f"{kind} artifact", path="out", hint="give --out the directory to write")
     check_not_input(out, inputs or {})
     target = Path(out).absolute().resolve()
     a_kind = article(kind)

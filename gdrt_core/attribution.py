@@ -56,9 +56,9 @@ ATTRIBUTIONS_FILE = "attributions.parquet"
 
 @dataclass
 class AttributeConfig:
-    dataset: str = field(help="Dataset artifact directory")
-    model: str = field(help="model dir or hub id to diagnose")
-    out: str = field(help="output Attribution directory")
+    dataset: str = field(path=True, help="Dataset artifact directory")
+    model: str = field(path=True, help="model dir or hub id to diagnose")
+    out: str = field(path=True, help="output Attribution directory")
     split: str = field("test", choices=("train", "valid", "test"), help="split to attribute: train | valid | test")
     limit: int | None = field(None, ge=1, help="attribute at most this many examples (None = the whole split)")
     method: str = field("ablation", choices=METHODS, help="ablation (feature ablation, default) | grad_x_input")
@@ -75,7 +75,7 @@ class AttributeConfig:
     )
     seed: int = field(0, ge=0, le=2**32 - 1, help="seed for the negatives and the shuffled histories")
     groups: str | None = field(
-        None, help="Groups artifact: draw its relevance histogram with the group edges"
+        None, path=True, help="Groups artifact: draw its relevance histogram with the group edges"
     )
     batch_size: int = field(16, ge=1, help="sequences per forward pass")
     max_batch_tokens: int | None = field(None, ge=1, help="cap on padded tokens per forward pass (None = no cap)")

@@ -181,7 +181,7 @@ def run_stage_command(stage: str, args: argparse.Namespace) -> None:
     cls = STAGES[stage].config_class()
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
     try:
-        config = load_config(cls, args.config, args.overrides, **values)
+        config = load_config(cls, args.config, args.overrides, explicit_are_flags=True, **values)
     except MissingSettings as e:  # name the stage's flag for each, the first of the three ways to give it
         flags = {n: "--" + n.replace("_", "-") for n in e.names if hasattr(args, n)}
         raise MissingSettings(e.names, e.source, flags) from None

@@ -27,15 +27,19 @@ def field(
     default: Any = dataclasses.MISSING, *, help: str,  # noqa: A002
     choices: tuple | list | None = None, ge: float | None = None, gt: float | None = None,
     le: float | None = None, lt: float | None = None, check: Callable[[Any], str | None] | None = None,
-    **kw: Any,
+    path: bool = False, **kw: Any,
 ) -> Any:
     """A dataclass field with its help string (shown by `gdrt <stage> --help` and in docs) and its range.
 
     choices: the allowed values (for a list field: of each element); ge / gt / le / lt: bounds of a
     number; check: a function of the value returning what is wrong with it, or None. None values (an
-    optional setting left unset) are not checked; float values must always be finite.
+    optional setting left unset) are not checked; float values must always be finite. path: the setting is a
+    file or directory: `~` is expanded when the config is built (`from_dict`), and an empty value is refused
+    (it would be the current directory).
     """
     meta: dict[str, Any] = {"help": help}
+    if path:
+        meta["path"] = True
     for name, value in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("check", check)):
         if value is not None:
             meta[name] = tuple(value) if name == "choices" else value
@@ -81,6 +85,8 @@ def _value_problem(value: Any, meta: dict) -> str | None:
         for key in ("ge", "gt", "le", "lt"):
             if key in meta and number and not getattr(operator, key)(value, meta[key]):
                 return "must be " + range_text({k: meta[k] for k in ("ge", "gt", "le", "lt") if k in meta})
+    if meta.get("path") and isinstance(value, str) and not value.strip():
+        return "an empty path is the current directory: give a file or directory"
     if "check" in meta:
         return meta["check"](value)
     return None
@@ -103,25 +109,70 @@ def _check_value(key: str, value: Any, meta: dict, source: str) -> None:
                         hint=f"{key}: {meta.get('help', '')}".rstrip(": "))
 
 
-def check_config(cfg: Any, source: str = "<config>", prefix: str = "") -> None:
+def check_config(cfg: Any, source: str = "<config>", prefix: str = "", sources: dict[str, str] | None = None) -> None:
     """Check every field of a config dataclass against its range, then the dataclass's own `check(source)`
     (rules across fields). The first problem is a GdrtError naming the setting, its value, the file or
-    command line it came from, and what it means."""
+    command line it came from (`sources`: setting -> where it was given, else `source`), and what it means."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if value is None:
             continue
+        where = (sources or {}).get(f.name, source)
         if dataclasses.is_dataclass(value):
-            check_config(value, source, f"{prefix}{f.name}.")
+            check_config(value, where, f"{prefix}{f.name}.")
             continue
-        _check_value(f"{prefix}{f.name}", value, f.metadata, source)
+        _check_value(f"{prefix}{f.name}", value, f.metadata, where)
     own_check = getattr(cfg, "check", None)
     if callable(own_check):
         own_check(source)
 
 
+class SetText(str):
+    """The value of a `--set key=value` exactly as typed. The type of the setting it is given to decides how
+    it is read (`set_value`): kept as typed for a text setting, read as YAML for any other."""
+
+
+def is_text(tp: Any) -> bool:
+    """Whether a field type is text: str, a Literal of strings, or a union of those with None."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is str:
+        return True
+    if origin is typing.Literal:
+        return all(isinstance(a, str) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        return bool(kinds) and all(is_text(a) for a in kinds)
+    return False
+
+
+def set_value(value: Any, tp: Any, key: str, source: str) -> Any:
+    """A `--set` value (`SetText`) for a setting of type `tp`: the text as typed when `tp` is text (a path,
+    a name: `out=010`, `out=on`, `out=/tmp/run #2` stay what they say), else read as YAML, as if it stood in
+    a config file (`tau=0.5` a number, `lora=false` a boolean, `modules=[q_proj, v_proj]` a list; text YAML
+    cannot read stays text; an empty value is the empty string). A broken list or mapping (`[q_proj`) is
+    a GdrtError naming the --set. Any other value is returned as it is."""
+    if not isinstance(value, SetText):
+        return value
+    if is_text(tp):
+        return str(value)
+    import yaml
+
+    if not value.strip():
+        return str(value)
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        if not value.lstrip().startswith(("[", "{")):
+            return str(value)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise GdrtError(f"the value of {key} is not a valid YAML list or mapping ({problem})", path=source,
+                        hint="write a list as [a, b] and a mapping as {k: v}; quote text that starts with [ or {: "
+                             "--set 'key=\"[text\"'") from None
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Convert a YAML or string value to the field type `tp`, with a clear error."""
+    """Convert a YAML, string or `--set` value to the field type `tp`, with a clear error."""
+    value = set_value(value, tp, key, source)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -135,7 +186,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             try:
                 return _coerce(value, a, key, source)
             except GdrtError as e:
-                errors.append(str(e))
+                errors.append(e)
+        if len(errors) == 1:  # an optional setting (`int | None`): the one type's own error says more
+            raise errors[0]
         raise GdrtError(f"{key}: cannot read {value!r} as {tp}", path=source)
     if origin is typing.Literal:
         for a in args:
@@ -160,6 +213,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
         raise GdrtError(f"{key}: expected true/false, got {value!r}", path=source)
+    if tp in (int, float) and isinstance(value, bool):  # int(True) would be a silent 1
+        raise GdrtError(f"{key}: expected {tp.__name__}, got the boolean {value!r}", path=source)
     if tp in (int, float, str):
         try:
             if tp is int and isinstance(value, float) and not value.is_integer():
@@ -202,23 +257,31 @@ class MissingSettings(GdrtError):
                          hint=f"give {'it' if one else 'each'} {', '.join(ways[:-1])} or {ways[-1]}")
 
 
-def from_dict(cls: type[T], data: dict, *, source: str = "<config>", prefix: str = "") -> T:
-    """Build `cls` from a (possibly nested) mapping; unknown keys are an error that names them."""
+def from_dict(cls: type[T], data: dict, *, source: str = "<config>", prefix: str = "",
+              sources: dict[str, str] | None = None) -> T:
+    """Build `cls` from a (possibly nested) mapping; unknown keys are an error that names them. `sources`
+    (setting -> the file, --set or flag it came from) names each setting's own source in its errors;
+    `source` names the config as a whole. A path setting (`field(path=True)`) has its `~` expanded."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    sources = sources or {}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise GdrtError(
-            f"unknown setting(s) {', '.join(prefix + u for u in unknown)}", path=source,
-            hint=f"known: {', '.join(sorted(prefix + n for n in names))}",
+            f"unknown setting(s) {', '.join(prefix + u for u in unknown)}",
+            path=", ".join(dict.fromkeys(sources.get(u, source) for u in unknown)),
+            hint=f"known: {', '.join(sorted(prefix + n for n in fields))}",
         )
     missing = [prefix + n for n in required_settings(cls) if n not in data]
     if missing:
         raise MissingSettings(missing, source)
-    kwargs = {k: _coerce(v, hints[k], prefix + k, source) for k, v in data.items()}
+    kwargs = {k: _coerce(v, hints[k], prefix + k, sources.get(k, source)) for k, v in data.items()}
+    for k, v in kwargs.items():
+        if fields[k].metadata.get("path") and isinstance(v, str) and v.startswith("~"):
+            kwargs[k] = os.path.expanduser(v)
     cfg = cls(**kwargs)
     if not prefix:  # nested dataclasses are checked with their parent
-        check_config(cfg, source)
+        check_config(cfg, source, sources=sources)
     return cfg
 
 
@@ -234,6 +297,7 @@ def set_dotted(data: dict, key: str, value: Any, where: str | None = None) -> No
         if not isinstance(data, dict):
             raise GdrtError(f"{key!r}: {p!r} is not a settings dict", path=where)
     if isinstance(data.get(last), dict):
+        value = set_value(value, dict, key, where or "--set")  # `--set model={lora: true}` onto a section
         if not isinstance(value, dict):
             inner = ", ".join(f"{key}.{k}" for k in data[last])
             raise GdrtError(f"{key!r} is given both as a single value ({value!r}) and as a section ({inner})",
@@ -264,27 +328,13 @@ def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
     return loaded
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """`key=value` (from --set) as (key, value), the value read as YAML, as if it stood in a config file:
-    `tau=0.5` is a number, `lora=false` a boolean, `lora_target_modules=[q_proj, v_proj]` a list, and
-    plain text stays the string it is (`model=org/name`), also text that YAML cannot read (`*`, `@x`). A
-    broken list or mapping (`[q_proj`) is an error; an empty value is the empty string (`null` spells None)."""
-    import yaml
-
+def parse_override(item: str) -> tuple[str, SetText]:
+    """`key=value` (from --set) as (key, the value as typed): how it is read depends on the type of the
+    setting it is given to (`set_value`: text as typed, anything else as YAML)."""
     key, sep, value = item.partition("=")
     if not sep:
         raise GdrtError(f"override {item!r} is not of the form key=value", path="--set")
-    if not value.strip():
-        return key.strip(), value
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        if not value.lstrip().startswith(("[", "{")):
-            return key.strip(), value
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise GdrtError(f"the value of {item!r} is not a valid YAML list or mapping ({problem})", path="--set",
-                        hint="write a list as [a, b] and a mapping as {k: v}; quote text that starts with [ or {: "
-                             "--set 'key=\"[text\"'") from None
+    return key.strip(), SetText(value)
 
 
 def load_config(
@@ -292,13 +342,17 @@ def load_config(
     path: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
     section: str | None = None,
+    explicit_are_flags: bool = False,
     **explicit: Any,
 ) -> T:
     """YAML file (optionally one `section` of it) < `key=value` overrides < explicit keyword values.
 
-    Explicit values of None are ignored (an unset CLI flag keeps the file's or the default value).
+    Explicit values of None are ignored (an unset CLI flag keeps the file's or the default value). An error
+    in one setting names where its value came from: the file, `--set key=value`, or (`explicit_are_flags`)
+    the command's flag `--key`.
     """
     data: dict = {}
+    sources: dict[str, str] = {}
     source = str(path) if path else "<command line>"
     if path:
         loaded = read_yaml(path)
@@ -307,12 +361,19 @@ def load_config(
             if not isinstance(loaded, dict):
                 raise GdrtError(f"section {section!r} must hold a mapping of settings", path=str(path))
         data.update(loaded)
+        sources.update(dict.fromkeys(map(str, loaded), source))
     for item in overrides or []:
-        set_dotted(data, *parse_override(item), where=source)
+        key, value = parse_override(item)
+        set_dotted(data, key, value, where=f"--set {item}")
+        sources[key.split(".")[0]] = f"--set {item}"
     for k, v in explicit.items():
         if v is not None:
-            set_dotted(data, k, v, where=source)
-    return from_dict(cls, data, source=source)
+            where = "--" + k.replace("_", "-") if explicit_are_flags else source
+            set_dotted(data, k, v, where=where)
+            sources[k.split(".")[0]] = where
+    given = list(dict.fromkeys(sources.values()))
+    whole = source if given in ([], [source]) else " with ".join([source, ", ".join(w for w in given if w != source)])
+    return from_dict(cls, data, source=whole, sources=sources)
 
 
 def to_dict(cfg: Any) -> dict:

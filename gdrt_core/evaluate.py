@@ -43,9 +43,9 @@ BASELINES = ("baseline:most-popular", "baseline:most-popular-valid")
 
 @dataclass
 class EvalConfig:
-    dataset: str = field(help="Dataset artifact directory")
-    model: str = field(help=f"model directory or hub id (a PEFT adapter directory works too), or one of {', '.join(BASELINES)}")
-    out: str = field(help="output Eval directory")
+    dataset: str = field(path=True, help="Dataset artifact directory")
+    model: str = field(path=True, help=f"model directory or hub id (a PEFT adapter directory works too), or one of {', '.join(BASELINES)}")
+    out: str = field(path=True, help="output Eval directory")
     split: str = field("test", choices=("train", "valid", "test"), help="split to evaluate: train | valid | test")
     limit: int | None = field(None, ge=1, help="evaluate only the first N examples of the split (quick looks)")
     num_beams: int = field(10, ge=1, le=127, help="beams of the constrained beam search (= ranking length; ranks are int8)")

@@ -50,11 +50,11 @@ MAX_GROUPS = 128  # group ids are stored as int8 (0..127)
 
 @dataclass
 class GroupConfig:
-    dataset: str = field(help="Dataset artifact directory")
+    dataset: str = field(path=True, help="Dataset artifact directory")
     reference: str = field(
-        help="reference model p_ref: a model dir (the SFT model in the pipeline) or hub id"
+        path=True, help="reference model p_ref: a model dir (the SFT model in the pipeline) or hub id"
     )
-    out: str = field(help="output Groups directory")
+    out: str = field(path=True, help="output Groups directory")
     num_groups: int = field(4, ge=1, le=MAX_GROUPS, help=f"number of quantile groups G (group ids are int8: at most {MAX_GROUPS})")
     history_removal: str = field(
         "drop", choices=REMOVALS, help="drop: render with an empty history | mask: hide history tokens from attention"
@@ -68,7 +68,7 @@ class GroupConfig:
     max_batch_tokens: int | None = field(None, ge=1, help="cap on padded tokens per forward pass (None = no cap)")
     part_size: int = field(1024, ge=1, help="examples per resumable part file")
     work_dir: str | None = field(
-        None, help="where finished parts are kept until the stage completes (default <out>.parts)"
+        None, path=True, help="where finished parts are kept until the stage completes (default <out>.parts)"
     )
     device: str = field("auto", check=device_problem, help="auto | cpu | cuda | cuda:N")
     dtype: str = field("auto", choices=DTYPES, help="auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16")

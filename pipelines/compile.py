@@ -16,7 +16,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def compile_all(out_dir: Path) -> list[Path]:
+def compile_all(out_dir: str | Path) -> list[Path]:
+    if not str(out_dir).strip():  # Path("") is the current directory
+        from gdrt_core.errors import GdrtError
+
+        raise GdrtError("the output directory is empty: it would be the current directory", path="--out-dir",
+                        hint="give --out-dir the directory to write the compiled pipelines to")
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # a path of the wrong kind fails here, before kfp is imported
     from kfp import compiler
 
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def compile_and_list() -> None:
-        for path in compile_all(Path(args.out_dir)):
+        for path in compile_all(args.out_dir):
             print(f"wrote {path}")
 
     return report_errors(parser.prog, compile_and_list)

@@ -43,16 +43,43 @@ PARAMETER_SETTINGS: dict[str, tuple[str, str]] = {
 }
 
 
+def parameter_type(key: str) -> Any:
+    """The type of a pipeline parameter or of one stage setting in it (`train_settings.out`): the type of
+    its default, or of the setting in the config class of the stage that receives it; Any when unknown."""
+    import typing
+
+    from gdrt_core.stages import STAGES
+    from pipelines import graph
+
+    top, _, rest = key.partition(".")
+    if not rest:
+        default = PIPELINE_DEFAULTS.get(top)
+        return Any if default is None else type(default)
+    classes = {s.settings: STAGES[s.stage].config_class() for s in graph.steps() if s.settings and s.stage in STAGES}
+    if top not in classes:
+        return Any
+    return typing.get_type_hints(classes[top]).get(rest, Any)
+
+
+def override(item: str) -> tuple[str, Any]:
+    """A `--set key=value` of `gdrt run` / `gdrt sweep` as (key, value), read as the stage settings' --set
+    values are (`config.set_value`): text as typed for a text parameter or setting, YAML otherwise."""
+    from gdrt_core.config import parse_override, set_value
+
+    key, value = parse_override(item)
+    return key, set_value(value, parameter_type(key), key, f"--set {item}")
+
+
 def load_params(config: str | os.PathLike | None, overrides: list[str]) -> dict:
-    """Pipeline parameters from the YAML file, then `key=value` overrides (YAML-typed values)."""
-    from gdrt_core.config import parse_override, read_yaml, set_dotted
+    """Pipeline parameters from the YAML file, then `key=value` overrides (`override`)."""
+    from gdrt_core.config import read_yaml, set_dotted
 
     params: dict = {}
     path = Path(config) if config else DEFAULT_CONFIG
     if config or path.is_file():
         params = read_yaml(path, "pipeline config")
     for item in overrides:
-        set_dotted(params, *parse_override(item), where=f"--set {item}")
+        set_dotted(params, *override(item), where=f"--set {item}")
     return params
 
 
@@ -78,7 +105,7 @@ def check_pipeline_params(params: dict, source: str) -> None:
     for key, default in PIPELINE_DEFAULTS.items():  # KFP passes str parameters as strings only
         if isinstance(default, str) and p[key] is not None and not isinstance(p[key], str):
             raise GdrtError(f"pipeline parameter {key} must be a string, got {p[key]!r}", path=source,
-                            hint=f"quote the value: {key}: \"VALUE\" in the config, --set {key}='\"VALUE\"' on the command line")
+                            hint=f"quote the value in the config: {key}: \"VALUE\"")
     for key, (stage, setting) in PARAMETER_SETTINGS.items():
         p[key] = check_setting(STAGES[stage].config_class(), setting, p[key], key, source)
     for key in PIPELINE_DEFAULTS:

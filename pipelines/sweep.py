@@ -104,8 +104,8 @@ def _set_param(params: dict, key: str, value: Any, where: str) -> None:
 def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[str] | None = None
                ) -> tuple[str, dict[str, Variant]]:
     """(experiment, variants) from a sweep file; `overrides` (key=value) apply to every variant."""
-    from gdrt_core.config import parse_override, read_yaml
-    from pipelines.params import PIPELINE_DEFAULTS, check_pipeline_params, load_params
+    from gdrt_core.config import read_yaml
+    from pipelines.params import PIPELINE_DEFAULTS, check_pipeline_params, load_params, override
 
     path = Path(path)
     spec = read_yaml(path, "sweep file")
@@ -120,7 +120,7 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[st
     config_path = (path.parent / spec["config"]) if not Path(spec["config"]).is_absolute() else Path(spec["config"])
     base = {**copy.deepcopy(PIPELINE_DEFAULTS), **load_params(config_path, [])}
     common = dict(spec.get("set") or {})
-    common.update(parse_override(item) for item in overrides)
+    common.update(override(item) for item in overrides)
     if only:
         missing = [v for v in only if v not in variants_spec]
         if missing:

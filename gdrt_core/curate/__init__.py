@@ -21,11 +21,11 @@ def _domain_problem(name: str) -> str | None:
 
 @dataclass
 class CurateConfig:
-    source: str = field(help="source directory (sliding, d3) or raw review file (amazon2014/2018)")
+    source: str = field(path=True, help="source directory (sliding, d3) or raw review file (amazon2014/2018)")
     format: str = field(choices=FORMATS, help="sliding | d3 | amazon2014 | amazon2018")
-    out: str = field(help="output Dataset directory")
+    out: str = field(path=True, help="output Dataset directory")
     domain: str = field("generic", check=_domain_problem, help="prompt wording: office, toys, books, clothing, games, cds, generic")
-    meta: str | None = field(None, help="amazon2014/2018 metadata file (default: meta_*.json[.gz] next to the reviews)")
+    meta: str | None = field(None, path=True, help="amazon2014/2018 metadata file (default: meta_*.json[.gz] next to the reviews)")
     name: str | None = field(None, help="d3: the dataset file stem when the source holds several")
     train_file: str | None = field(None, help="sliding: training file (default train.csv, else the largest train_<N>.csv)")
     max_history: int = field(10, ge=1, help="longest history kept per window")

@@ -41,12 +41,12 @@ MAX_GROUPS = 128  # group ids are stored as int8 (0..127) in the Groups artifact
 
 @dataclass
 class TrainConfig:
-    dataset: str = field(help="Dataset artifact directory (gdrt curate)")
-    model: str = field(help="base model: hub id or directory (gdrt init-model writes one)")
-    out: str = field(help="output Model directory (checkpoints live in <out>/checkpoints while training)")
+    dataset: str = field(path=True, help="Dataset artifact directory (gdrt curate)")
+    model: str = field(path=True, help="base model: hub id or directory (gdrt init-model writes one)")
+    out: str = field(path=True, help="output Model directory (checkpoints live in <out>/checkpoints while training)")
     objective: str = field("sft", choices=("sft", "gdrt"),
                            help="sft (token-mean cross-entropy) | gdrt (group-DRO over token groups)")
-    groups: str | None = field(None, help="Groups artifact directory (gdrt group); required for objective gdrt")
+    groups: str | None = field(None, path=True, help="Groups artifact directory (gdrt group); required for objective gdrt")
     num_groups: int | None = field(None, ge=1, le=MAX_GROUPS,
                                    help="number of token groups (default: from the Groups artifact)")
     tau: float = field(1.0, gt=0, help="GDRT temperature: large -> prior-weighted mean, small -> worst group")

@@ -160,7 +160,7 @@ def test_every_stage_setting_is_range_checked_when_resolved(stage, setting, expe
     with pytest.raises(GdrtError) as e:
         load_config(_stage_cls(stage), None, overrides, **REQUIRED[stage])
     assert expected in str(e.value)
-    assert "<command line>" in str(e.value)
+    assert f"--set {setting}" in str(e.value)  # where the bad value came from
 
 
 @pytest.mark.parametrize("args, problem", [

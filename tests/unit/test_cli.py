@@ -8,8 +8,10 @@ import os
 import pytest
 
 from gdrt_core.cli import build_parser, main, run_context, settings_help
+from gdrt_core.config import SetText, from_dict, load_config, parse_override, set_value
 from gdrt_core.errors import GdrtError
 from gdrt_core.stages import STAGES
+from gdrt_core.train import TrainConfig
 
 
 @pytest.mark.parametrize("stage", ["curate", "init-model", "train", "group", "attribute", "evaluate"])
@@ -247,22 +249,112 @@ def test_an_empty_or_non_mapping_config_is_refused_by_run_sweep_and_stages(tmp_p
 def test_set_values_are_yaml(monkeypatch):
     """`--set` reads its value as YAML (lists, numbers, booleans), keeps plain text as text, and refuses a
     broken list naming the --set."""
-    from gdrt_core.config import parse_override
-
     seen = {}
     monkeypatch.setattr("gdrt_core.train.run", lambda config: seen.update(config=config))
     assert main(["train", "--dataset", "d", "--model", "org/name", "--out", "o", "--no-tracking",
                  "--set", "lora_target_modules=[q_proj, v_proj]", "--set", "lr=0.5", "--set", "lora=false"]) == 0
     c = seen["config"]
     assert (c.lora_target_modules, c.lr, c.lora, c.model) == (["q_proj", "v_proj"], 0.5, False, "org/name")
-    assert parse_override("lora_target_modules=q_proj,k_proj") == ("lora_target_modules", "q_proj,k_proj")
-    assert parse_override("model=models:/gdrt-office@champion") == ("model", "models:/gdrt-office@champion")
-    assert parse_override("device=cuda:0") == ("device", "cuda:0")
-    assert parse_override("limit=") == ("limit", "")
-    assert parse_override("limit=null") == ("limit", None)
-    assert parse_override("neutral_token=*") == ("neutral_token", "*")  # not YAML: the text itself
-    with pytest.raises(GdrtError, match=r"--set: the value of .lora_target_modules=\[q_proj. is not a valid YAML"):
-        parse_override("lora_target_modules=[q_proj")
+    for item, tp, value in [("lora_target_modules=q_proj,k_proj", list[str], "q_proj,k_proj"),
+                            ("model=models:/gdrt-office@champion", str, "models:/gdrt-office@champion"),
+                            ("device=cuda:0", str, "cuda:0"), ("limit=", int | None, ""),
+                            ("limit=null", int | None, None), ("neutral_token=*", list[str], "*")]:
+        assert set_value(parse_override(item)[1], tp, "key", "--set") == value, item  # `*`: not YAML, the text
+    with pytest.raises(GdrtError, match=r"--set lora_target_modules=\[q_proj: the value of lora_target_modules is "
+                                        "not a valid YAML"):
+        load_config(TrainConfig, None, ["dataset=d", "model=m", "out=o", "lora_target_modules=[q_proj"])
+
+
+EVAL_METRICS = {"n_examples": 1, "hr@10": 0.0, "ndcg@10": 0.0, "mgu@10": 0.0}  # what a fake evaluate run returns
+
+
+@pytest.mark.parametrize("typed", ["null", "010", "1_000", "1.10", "on", "/tmp/run #2", "&a b", "!!binary aGVsbG8=",
+                                   "[x"])
+def test_set_values_of_text_settings_are_kept_as_typed(monkeypatch, typed):
+    """A --set value for a text setting is the text typed: YAML would make `null` None (a directory named
+    `None`), `010` 8, `1_000` 1000, `1.10` 1.1, `on` True, drop `#2` as a comment, `&a` as an anchor and
+    decode `!!binary` (bytes). A Literal of strings is text too."""
+    from typing import Literal
+
+    seen = {}
+    monkeypatch.setattr("gdrt_core.evaluate.run", lambda config: seen.update(config=config) or EVAL_METRICS)
+    assert main(["evaluate", "--dataset", "d", "--model", "m", "--no-tracking", "--set", f"out={typed}"]) == 0
+    assert seen["config"].out == typed
+    assert set_value(SetText(typed), Literal["010", "on"] | None, "k", "--set") == typed
+
+
+def test_pipeline_set_values_follow_the_parameter_type():
+    """gdrt run / sweep: a text parameter (run_name, a str default) or a text stage setting
+    (train_settings.out) keeps its text; numbers and mappings are still YAML."""
+    from pipelines.params import load_params
+
+    params = load_params(None, ["run_name=010", "tau=0.5", "train_settings.out=on", "train_settings.lr=0.5",
+                                "eval_settings={limit: 3}"])
+    assert (params["run_name"], params["tau"], params["eval_settings"]) == ("010", 0.5, {"limit": 3})
+    assert (params["train_settings"]["out"], params["train_settings"]["lr"]) == ("on", 0.5)
+
+
+@pytest.mark.parametrize("item", ["max_train=true", "batch_size=false"])
+def test_a_boolean_is_not_a_number(monkeypatch, capsys, item):
+    """int(True) is 1: `--set max_train=true` (an int | None setting) and `batch_size: false` in a config
+    file are errors naming the setting."""
+    monkeypatch.setattr("gdrt_core.train.run", lambda config: pytest.fail("ran"))
+    assert main(["train", "--dataset", "d", "--model", "m", "--out", "o", "--no-tracking", "--set", item]) == 2
+    assert f"--set {item}: {item.split('=')[0]}: expected int, got the boolean" in capsys.readouterr().err
+    with pytest.raises(GdrtError, match="f.yaml: batch_size: expected int, got the boolean False"):
+        from_dict(TrainConfig, {"dataset": "d", "model": "m", "out": "o", "batch_size": False}, source="f.yaml")
+
+
+@pytest.mark.parametrize("line", [["--out", ""], ["--out", "  "], ["--set", "out="], ["--dataset", ""],
+                                  ["--set", "model= "]])
+def test_an_empty_path_setting_is_refused(monkeypatch, capsys, tmp_path, line):
+    """An empty path is the current directory: `--out ""` replaced the working directory with the artifact."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("gdrt_core.evaluate.run", lambda config: pytest.fail("ran"))
+    key = line[1].split("=")[0] if line[0] == "--set" else line[0][2:]
+    flags = [x for k in ("dataset", "model", "out") if k != key for x in (f"--{k}", k[0])]
+    assert main(["evaluate", *flags, *line, "--no-tracking"]) == 2
+    err = capsys.readouterr().err
+    assert f"setting {key}=" in err and "an empty path is the current directory" in err
+
+
+def test_the_output_guard_refuses_an_empty_path(tmp_path, monkeypatch):
+    from gdrt_core.artifacts import check_output
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GdrtError, match="the output path is empty"):
+        check_output("", "eval")
+
+
+@pytest.mark.parametrize("how", ["flag", "set", "config"])
+def test_a_path_under_home_is_expanded_however_it_is_given(monkeypatch, tmp_path, how):
+    """`~` in a path setting is the home directory, from a flag, --set or --config alike (it created
+    `./~/ev2` and said an existing `~/ds` did not exist)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    seen = {}
+    monkeypatch.setattr("gdrt_core.evaluate.run", lambda config: seen.update(config=config) or EVAL_METRICS)
+    config = tmp_path / "c.yaml"
+    config.write_text("dataset: ~/ds\n" if how == "config" else "num_beams: 5\n")
+    given = {"flag": ["--dataset", "~/ds"], "set": ["--set", "dataset=~/ds"], "config": []}[how]
+    assert main(["evaluate", "--config", str(config), *given, "--model", "m", "--set", "out=~/ev2",
+                 "--no-tracking"]) == 0
+    assert (seen["config"].dataset, seen["config"].out) == (str(tmp_path / "ds"), str(tmp_path / "ev2"))
+
+
+def test_an_error_names_where_the_value_came_from(tmp_path, capsys):
+    """With --config F.yaml --set limit=-1, the bad limit came from the --set, not from F.yaml; a bad value in
+    the file is the file's; a bad flag is the flag's."""
+    config = tmp_path / "F.yaml"
+    config.write_text("num_beams: 10\n")
+    base = ["evaluate", "--config", str(config), "--dataset", "d", "--model", "m", "--out", "o", "--no-tracking"]
+    assert main([*base, "--set", "limit=-1"]) == 2
+    assert "gdrt evaluate: error: --set limit=-1: setting limit=-1 is invalid" in capsys.readouterr().err
+    config.write_text("num_beams: 0\n")
+    assert main([*base, "--set", "limit=3"]) == 2
+    assert f"error: {config}: setting num_beams=0 is invalid" in capsys.readouterr().err
+    config.write_text("{}\n")
+    assert main([*base, "--set", "bogus=1"]) == 2
+    assert "error: --set bogus=1: unknown setting(s) bogus" in capsys.readouterr().err
 
 
 def test_the_pipeline_and_sweep_read_set_values_as_the_stages_do(tmp_path):

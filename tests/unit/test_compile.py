@@ -108,3 +108,14 @@ def test_committed_yaml_is_current(tmp_path):
     committed = REPO / "pipelines" / "compiled" / "gdrt_pipeline.yaml"
     assert (tmp_path / "gdrt_pipeline.yaml").read_bytes() == committed.read_bytes(), \
         "run `python pipelines/compile.py` and commit pipelines/compiled/"
+
+
+@pytest.mark.parametrize("out_dir", ["", "  "])
+def test_an_empty_out_dir_is_refused(tmp_path, monkeypatch, capsys, out_dir):
+    """`--out-dir ''` is the current directory: the pipelines were written into the cwd."""
+    from pipelines.compile import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--out-dir", out_dir]) == 2
+    assert "--out-dir: the output directory is empty" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
