@@ -147,15 +147,24 @@ def is_text(tp: Any) -> bool:
 
 def set_value(value: Any, tp: Any, key: str, source: str) -> Any:
     """A `--set` value (`SetText`) for a setting of type `tp`: the text as typed when `tp` is text (a path,
-    a name: `out=010`, `out=on`, `out=/tmp/run #2` stay what they say), else read as YAML, as if it stood in
+    a name: `out=010`, `out=on`, `out=/tmp/run #2` stay what they say; a value in YAML quotes, `out="a b"`,
+    is the quoted text), else read as YAML, as if it stood in
     a config file (`tau=0.5` a number, `lora=false` a boolean, `modules=[q_proj, v_proj]` a list; text YAML
     cannot read stays text; an empty value is the empty string). A broken list or mapping (`[q_proj`) is
     a GdrtError naming the --set. Any other value is returned as it is."""
     if not isinstance(value, SetText):
         return value
-    if is_text(tp):
-        return str(value)
     import yaml
+
+    if is_text(tp):
+        text = str(value)
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # a quoted YAML string: its content
+            try:
+                unquoted = yaml.safe_load(text)
+            except yaml.YAMLError:
+                return text
+            return unquoted if isinstance(unquoted, str) else text
+        return text
 
     if not value.strip():
         return str(value)

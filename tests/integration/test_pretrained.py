@@ -368,7 +368,7 @@ def test_init_model_pretrained_never_replaces_a_directory_that_is_not_a_model(tm
 @pytest.mark.parametrize("override, message", [
     ("base_model=pretrained:nope", "pretrained='nope' is invalid"),
     ("base_model=embedded:huge", "size='huge' is invalid"),
-    ("base_model=gguf:", "base_model must be a string"),
+    ("base_model=gguf:", "names no gguf model"),  # text as typed: not the YAML mapping {gguf: null}
     ("base_model=\"gguf:\"", "names no gguf model"),
     ("base_model=\"gguf:/no/such/model.gguf\"", "GGUF file '/no/such/model.gguf' of base_model does not exist"),
 ])

@@ -283,6 +283,14 @@ def test_set_values_of_text_settings_are_kept_as_typed(monkeypatch, typed):
     assert set_value(SetText(typed), Literal["010", "on"] | None, "k", "--set") == typed
 
 
+@pytest.mark.parametrize(("typed", "meant"), [('"gguf:"', "gguf:"), ("'a b #2'", "a b #2"), ('"010"', "010"),
+                                             ('"unclosed', '"unclosed'), ("'x'y'", "'x'y'")])
+def test_a_quoted_text_value_is_its_content(typed, meant):
+    """Quotes remain the way to write text YAML-style (`--set 'model="gguf:"'`): a well-formed quoted YAML
+    string gives its content; anything else stays as typed."""
+    assert set_value(SetText(typed), str, "k", "--set") == meant
+
+
 def test_pipeline_set_values_follow_the_parameter_type():
     """gdrt run / sweep: a text parameter (run_name, a str default) or a text stage setting
     (train_settings.out) keeps its text; numbers and mappings are still YAML."""
