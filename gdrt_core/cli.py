@@ -223,7 +223,29 @@ def report_errors(prog: str, action: Callable[[], object]) -> int:
     return 0
 
 
+PLUGIN_GROUP = "gdrt.commands"  # entry points naming a dict of extra Commands (pipelines: run, sweep)
+
+
+def plugin_commands() -> dict[str, Command]:
+    """The commands that installed packages add to `gdrt` through the `gdrt.commands` entry-point group
+    (importlib.metadata); a plugin whose package is not importable here (a stage image without it) is left out."""
+    from importlib.metadata import entry_points
+
+    found: dict[str, Command] = {}
+    for point in entry_points(group=PLUGIN_GROUP):
+        try:
+            found.update(point.load())
+        except ModuleNotFoundError as e:
+            if not point.value.startswith(f"{e.name}.") and point.value.split(":")[0] != e.name:
+                raise
+    return found
+
+
 def main(argv: list[str] | None = None, commands: dict[str, Command] | None = None) -> int:
+    """`python -m gdrt_core.cli`: the stage commands, plus the installed plugins' (`gdrt run` and `gdrt sweep`
+    when the pipelines package is installed) unless `commands` is given."""
+    if commands is None:
+        commands = plugin_commands()
     args = build_parser(commands).parse_args(argv)
     return report_errors(f"gdrt {args.command}", lambda: dispatch(args, commands))
 

@@ -432,3 +432,17 @@ def test_recommend_names_what_model_accepts(tmp_path, capsys):
                  "--history", "Desk Lamp", "--k", "2"]) == 0
     # interactions: Stapler 2 (both users), Desk Lamp 1 and Pens 1 (a tie: alphabetical)
     assert capsys.readouterr().out == "  1.    2.0000  Stapler\n  2.    1.0000  Desk Lamp\n"
+
+
+def test_the_library_cli_has_the_installed_pipeline_commands(tmp_path, capsys):
+    """`python -m gdrt_core.cli run|sweep` works where the pipelines package is installed (the `gdrt.commands`
+    entry points), without the library importing it: a bad setting is refused before any step runs."""
+    from pathlib import Path
+
+    from gdrt_core import cli
+
+    assert {"run", "sweep"} <= set(cli.plugin_commands())
+    config = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "quickstart.yaml"
+    rc = cli.main(["run", "--config", str(config), "--set", "train_settings.bogus=1", "--out", str(tmp_path / "r")])
+    assert rc == 2 and "unknown setting(s) bogus" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
