@@ -235,8 +235,8 @@ def plugin_commands() -> dict[str, Command]:
     for point in entry_points(group=PLUGIN_GROUP):
         try:
             found.update(point.load())
-        except ModuleNotFoundError as e:
-            if not point.value.startswith(f"{e.name}.") and point.value.split(":")[0] != e.name:
+        except ModuleNotFoundError as e:  # only the plugin's own module (or a package above it) may be missing
+            if not e.name or not (point.module == e.name or point.module.startswith(e.name + ".")):
                 raise
     return found
 
