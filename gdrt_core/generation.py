@@ -193,10 +193,10 @@ class SharedPromptDecoder:
         """Logits [examples, vocab] of each prompt's last token; stores the prompts' keys/values.
 
         Prompts are right-aligned in the key/value store (as `collate.pad_token_ids` lays them out); the positions
-        before a shorter prompt get bias -inf, so no beam attends to them.
+        before a shorter prompt get bias -inf, so no beam attends to them. The tokens all prompts of the batch
+        start with (the task template) are run once: a token's keys/values depend only on the tokens before it,
+        so every prompt's suffix attends to the same prefix keys/values.
         """
-        from torch.nn.functional import scaled_dot_product_attention
-
         width = max(len(p) for p in prompts)
         kv_heads = self.layers[0].self_attn.k_proj.out_features // self.head_dim
         shape = (len(prompts), kv_heads, width, self.head_dim)
@@ -204,33 +204,62 @@ class SharedPromptDecoder:
         self.prompt_kt = [torch.zeros(shape, dtype=self.dtype, device=device).transpose(2, 3) for _ in self.layers]
         self.prompt_v = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
         self.prompt_bias = torch.full((len(prompts), width), float("-inf"), device=device)  # [examples, prompt]
-        last_layer = len(self.layers) - 1
+        shared = common_prefix_length(prompts) if len(prompts) > 1 else 0
+        shared = min(shared, min(len(p) for p in prompts) - 1)  # every prompt keeps its last token to run
+        prefix_k = prefix_v = None
+        if shared > 0:
+            prefix_k, prefix_v, _ = self._run(list(prompts[0][:shared]), None, None, device, logits=False)
         last_hidden = []
         for e, prompt in enumerate(prompts):
-            n, start = len(prompt), width - len(prompt)
+            start = width - len(prompt)
             self.prompt_bias[e, start:] = 0.0
-            hidden = self.embed(torch.as_tensor(list(prompt), dtype=torch.long, device=device)[None])  # [1, n, hidden]
-            cos, sin = self.rotary(hidden, torch.arange(n, device=device)[None])
-            for i, layer in enumerate(self.layers):
-                attn = layer.self_attn
-                x = layer.input_layernorm(hidden)
-                q = self._linear(attn.q_proj, x).view(1, n, -1, self.head_dim).transpose(1, 2)  # [1, heads, n, head_dim]
-                k = self._linear(attn.k_proj, x).view(1, n, -1, self.head_dim).transpose(1, 2)  # [1, kv_heads, n, head_dim]
-                v = self._linear(attn.v_proj, x).view(1, n, -1, self.head_dim).transpose(1, 2)
-                q, k = self.apply_rotary(q, k, cos, sin)
-                self.prompt_kt[i][e, :, :, start:] = k[0].transpose(1, 2)
-                self.prompt_v[i][e, :, start:] = v[0]
-                causal = i < last_layer
-                if not causal:  # the last layer: only the last token's output is needed
-                    q, hidden = q[:, :, -1:], hidden[:, -1:]
-                out = scaled_dot_product_attention(
-                    q, k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1),
-                    is_causal=causal, scale=self.scaling,
-                )  # [1, heads, n or 1, head_dim]
-                hidden = hidden + self._linear(attn.o_proj, out.transpose(1, 2).reshape(1, q.shape[2], -1))
-                hidden = hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+            keys, values, hidden = self._run(list(prompt[shared:]), prefix_k, prefix_v, device, logits=True)
+            for i in range(len(self.layers)):
+                self.prompt_kt[i][e, :, :, start:] = keys[i][0].transpose(1, 2)
+                self.prompt_v[i][e, :, start:] = values[i][0]
             last_hidden.append(hidden[:, -1])
         return self._logits(torch.cat(last_hidden))  # [examples, vocab]
+
+    def _run(self, tokens: list[int], past_k, past_v, device, *, logits: bool):
+        """One prompt segment through the blocks, after `past` keys/values ([1, kv_heads, past, head_dim] per
+        layer, or None). Returns the segment's keys/values including the past, per layer, and the last hidden
+        state [1, 1, hidden] (None with logits=False: the last layer then only computes keys/values).
+
+        Attention is SDPA's causal kernel without a past, and a lower-right causal mask with one; in the last
+        layer only the last token's query, attention output and MLP are computed.
+        """
+        from torch.nn.functional import scaled_dot_product_attention
+
+        n = len(tokens)
+        past = 0 if past_k is None else past_k[0].shape[2]
+        hidden = self.embed(torch.as_tensor(tokens, dtype=torch.long, device=device)[None])  # [1, n, hidden]
+        cos, sin = self.rotary(hidden, torch.arange(past, past + n, device=device)[None])
+        mask = None if past == 0 else torch.ones(n, past + n, dtype=torch.bool, device=device).tril(past)
+        last_layer = len(self.layers) - 1
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = self._linear(attn.q_proj, x).view(1, n, -1, self.head_dim).transpose(1, 2)  # [1, heads, n, head_dim]
+            k = self._linear(attn.k_proj, x).view(1, n, -1, self.head_dim).transpose(1, 2)  # [1, kv_heads, n, head_dim]
+            v = self._linear(attn.v_proj, x).view(1, n, -1, self.head_dim).transpose(1, 2)
+            q, k = self.apply_rotary(q, k, cos, sin)
+            if past:
+                k, v = torch.cat((past_k[i], k), dim=2), torch.cat((past_v[i], v), dim=2)
+            keys.append(k)
+            values.append(v)
+            if i == last_layer:
+                if not logits:
+                    return keys, values, None
+                q, hidden = q[:, :, -1:], hidden[:, -1:]  # the last token sees every key: no mask
+            causal = i < last_layer
+            out = scaled_dot_product_attention(
+                q, k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1),
+                attn_mask=mask if causal else None, is_causal=causal and mask is None, scale=self.scaling,
+            )  # [1, heads, n or 1, head_dim]
+            hidden = hidden + self._linear(attn.o_proj, out.transpose(1, 2).reshape(1, q.shape[2], -1))
+            hidden = hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+        return keys, values, hidden
 
     def keep_examples(self, keep: torch.Tensor) -> None:
         """Drop finished examples from the prompt cache (`keep` = indices of the remaining ones)."""
@@ -239,21 +268,37 @@ class SharedPromptDecoder:
         self.prompt_bias = self.prompt_bias.index_select(0, keep)
 
     def step(
-        self, tokens: torch.Tensor, positions: torch.Tensor, src_rows: torch.Tensor, rows_per_example: int
+        self, tokens: torch.Tensor, positions: torch.Tensor, src_rows: torch.Tensor, rows_per_example: int,
+        live: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [rows, vocab] for one new token per beam; beam caches reordered by `src_rows` first."""
+        """Logits [live rows, vocab] for one new token per beam; beam caches reordered by `src_rows` first.
+
+        `live` (row indices, ascending; None = all rows) are the rows whose logits are needed: the others are
+        fillers of examples with fewer than num_beams running beams. Only live rows go through the linears,
+        the MLP and the LM head; fillers keep their slot (zero keys/values) so the layout stays [examples, beams].
+        """
         rows = len(tokens)
         examples = rows // rows_per_example
-        hidden = self.embed(tokens[:, None])  # [rows, 1, hidden]
+        if live is not None and len(live) == rows:
+            live = None
+        if live is not None:
+            tokens, positions = tokens[live], positions[live]
+        hidden = self.embed(tokens[:, None])  # [live, 1, hidden]
         cos, sin = self.rotary(hidden, positions[:, None])
+        n = len(tokens)
+
+        def all_rows(t: torch.Tensor) -> torch.Tensor:  # [live, ...] -> [rows, ...], zeros for fillers
+            return t if live is None else t.new_zeros((rows, *t.shape[1:])).index_copy_(0, live, t)
+
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             residual = hidden
             x = layer.input_layernorm(hidden)
-            q = self._linear(attn.q_proj, x).view(rows, 1, -1, self.head_dim).transpose(1, 2)  # [rows, heads, 1, head_dim]
-            k = self._linear(attn.k_proj, x).view(rows, 1, -1, self.head_dim).transpose(1, 2)  # [rows, kv_heads, 1, head_dim]
-            v = self._linear(attn.v_proj, x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
+            q = self._linear(attn.q_proj, x).view(n, 1, -1, self.head_dim).transpose(1, 2)  # [live, heads, 1, head_dim]
+            k = self._linear(attn.k_proj, x).view(n, 1, -1, self.head_dim).transpose(1, 2)  # [live, kv_heads, 1, head_dim]
+            v = self._linear(attn.v_proj, x).view(n, 1, -1, self.head_dim).transpose(1, 2)
             q, k = self.apply_rotary(q, k, cos, sin)
+            q, k, v = all_rows(q), all_rows(k), all_rows(v)  # [rows, ...]
             if self.beam_k[i] is None:
                 self.beam_k[i], self.beam_v[i] = k, v
             else:
@@ -278,9 +323,25 @@ class SharedPromptDecoder:
             out = out.view(examples, kv_heads, rows_per_example, self.groups, self.head_dim)
             out = out.permute(0, 2, 1, 3, 4).reshape(rows, kv_heads, self.groups, self.head_dim)
             out = out + torch.matmul(probs[..., prompt_len:], self.beam_v[i])  # [rows, kv_heads, groups, head_dim]
-            hidden = residual + self._linear(attn.o_proj, out.reshape(rows, 1, -1))
+            if live is not None:
+                out = out.index_select(0, live)  # [live, kv_heads, groups, head_dim]
+            hidden = residual + self._linear(attn.o_proj, out.reshape(n, 1, -1))
             hidden = hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
-        return self._logits(hidden)[:, -1, :]  # [rows, vocab]
+        return self._logits(hidden)[:, -1, :]  # [live, vocab]
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest prefix all `sequences` share (0 for none or an empty list)."""
+    if not sequences:
+        return 0
+    first = sequences[0]
+    length = min(len(s) for s in sequences)
+    for other in sequences[1:]:
+        for j in range(length):
+            if other[j] != first[j]:
+                length = j
+                break
+    return length
 
 
 def _unwrap(model):
@@ -348,9 +409,10 @@ def constrained_beam_search(
 
     for step in range(1, max_new_tokens + 1):
         num_active = len(example)
-        log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)  # [rows, vocab]
+        log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)  # [live rows, vocab]
         rows, tokens, children = trie.expand(node, alive)  # [edges] each
-        edge_logp = log_probs[rows, tokens]  # [edges]
+        live_index = torch.cumsum(alive, 0) - 1  # [rows] row -> its row in log_probs (alive rows only)
+        edge_logp = log_probs[live_index[rows], tokens]  # [edges]
         if settings.renormalize:
             edge_logp = _segment_log_softmax(edge_logp, rows, len(node))
         edge_score = score[rows] + edge_logp  # [edges]
@@ -417,10 +479,11 @@ def constrained_beam_search(
         example = example[keep]
         src_row = src_row.flatten()  # [rows']
         positions = (prompt_lens[example] + step - 1).repeat_interleave(num_beams)  # [rows']
+        live = torch.nonzero(alive).flatten()  # [live rows']: fillers' logits are never read
         if decoder is not None:
             if len(keep) < num_active:
                 decoder.keep_examples(keep)
-            logits = decoder.step(next_token.flatten(), positions, src_row, num_beams)  # [rows', vocab]
+            logits = decoder.step(next_token.flatten(), positions, src_row, num_beams, live)  # [live rows', vocab]
         else:
             cache.reorder_cache(src_row)
             attention_mask = torch.cat(
@@ -428,7 +491,7 @@ def constrained_beam_search(
             )  # [rows', width + step]
             out = model(input_ids=next_token.reshape(-1, 1), attention_mask=attention_mask,
                         position_ids=positions[:, None], use_cache=True, **{cache_kw: cache})
-            logits = out.logits[:, -1, :]  # [rows', vocab]
+            logits = out.logits[:, -1, :][live]  # [live rows', vocab]
             del out
         rows_per_example = num_beams
     return [r if r is not None else Ranking([], [], []) for r in results]

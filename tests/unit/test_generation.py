@@ -333,3 +333,74 @@ def test_other_architectures_match_the_oracle(kind, tokenizer, trie, allowed, te
     settings = BeamSearchSettings()
     ours = constrained_beam_search(model, trie.to_torch(), prompts, settings, pad_token_id=tokenizer.pad_token_id)
     assert_same_rankings(ours, hf_reference(model, tokenizer, trie, prompts, settings, allowed))
+
+
+def test_common_prefix_length_hand_computed():
+    from gdrt_core.generation import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[7, 8], [7, 8]]) == 2
+    assert common_prefix_length([[1, 2], [3, 2]]) == 0
+    assert common_prefix_length([[1, 2, 3]]) == 3
+    assert common_prefix_length([]) == 0
+
+
+def test_shared_prefix_prefill_equals_prompt_by_prompt(trained_tiny, test_prompts):
+    """The task template runs once per batch: each prompt's logits and stored keys/values are those of running
+    it alone (to float32 rounding), for prompts of different lengths right-aligned in the store."""
+    from gdrt_core.generation import SharedPromptDecoder, common_prefix_length
+
+    prompts = test_prompts[:4]
+    assert common_prefix_length(prompts) > 10 and len({len(p) for p in prompts}) > 1  # a template, ragged
+    batch = SharedPromptDecoder(trained_tiny)
+    with torch.no_grad():
+        logits = batch.prefill(prompts, "cpu")  # [4, vocab]
+        for e, prompt in enumerate(prompts):
+            alone = SharedPromptDecoder(trained_tiny)
+            assert torch.allclose(logits[e], alone.prefill([prompt], "cpu")[0], atol=1e-4)
+            n = len(prompt)
+            for i in range(len(batch.layers)):
+                assert torch.allclose(batch.prompt_kt[i][e, :, :, -n:], alone.prompt_kt[i][0], atol=1e-5)
+                assert torch.allclose(batch.prompt_v[i][e, :, -n:], alone.prompt_v[i][0], atol=1e-5)
+            assert torch.isinf(batch.prompt_bias[e, :-n]).all() and (batch.prompt_bias[e, -n:] == 0).all()
+    # the model's own forward agrees on the last token's logits
+    with torch.no_grad():
+        full = trained_tiny(input_ids=torch.tensor([prompts[0]])).logits[0, -1]
+    assert torch.allclose(logits[0], full, atol=1e-4)
+
+
+def test_filler_rows_are_not_computed_and_change_nothing(trained_tiny, tokenizer, trie, test_prompts,
+                                                         default_reference, monkeypatch):
+    """Rows of examples with fewer than num_beams running beams (fillers) skip the linears and the LM head:
+    the live rows' logits equal a step over every row, the search still equals `generate`, and fewer rows
+    are computed than decoded."""
+    from gdrt_core import generation
+
+    computed = {"rows": 0, "live": 0}
+    step = generation.SharedPromptDecoder.step
+
+    def counted(decoder, tokens, positions, src_rows, rows_per_example, live=None):
+        computed["rows"] += len(tokens)
+        computed["live"] += len(tokens) if live is None else len(live)
+        return step(decoder, tokens, positions, src_rows, rows_per_example, live)
+
+    monkeypatch.setattr(generation.SharedPromptDecoder, "step", counted)
+    ours = rank_prompts(trained_tiny, trie.to_torch(), test_prompts, BeamSearchSettings(), batch_size=6,
+                        pad_token_id=tokenizer.pad_token_id)
+    assert_same_rankings(ours, default_reference)
+    assert computed["live"] < computed["rows"]
+
+    # one step by hand: 2 examples x 3 beams, rows 1 and 5 fillers
+    monkeypatch.setattr(generation.SharedPromptDecoder, "step", step)
+    prompts = test_prompts[:2]
+    tokens = torch.tensor([5, 6, 7, 8, 9, 10])
+    positions = torch.tensor([len(prompts[0])] * 3 + [len(prompts[1])] * 3)
+    src = torch.arange(6)
+    live = torch.tensor([0, 2, 3, 4])
+    with torch.no_grad():
+        every, some = generation.SharedPromptDecoder(trained_tiny), generation.SharedPromptDecoder(trained_tiny)
+        every.prefill(prompts, "cpu"), some.prefill(prompts, "cpu")
+        all_rows = every.step(tokens, positions, src, 3)  # [6, vocab]
+        live_rows = some.step(tokens, positions, src, 3, live)  # [4, vocab]
+    assert live_rows.shape[0] == 4
+    assert torch.allclose(live_rows, all_rows[live], atol=1e-5)
