@@ -125,14 +125,18 @@ class SearchWork:
         prefill, step = self.saved
 
         def counted_prefill(decoder, prompts, device):
-            self.prompt_tokens += sum(len(p) for p in prompts)
-            self.prefill_attention += sum(len(p) * (len(p) + 1) // 2 for p in prompts)  # causal query-key pairs
+            # the common prefix (run once, as the decoder does when it has one) plus each prompt's rest
+            shared = self.generation.common_prefix_length(prompts) if len(prompts) > 1 else 0
+            shared = min(shared, min(len(p) for p in prompts) - 1)
+            self.prompt_tokens += shared + sum(len(p) - shared for p in prompts)
+            pairs = lambda n: n * (n + 1) // 2  # noqa: E731 - causal query-key pairs of n tokens
+            self.prefill_attention += pairs(shared) + sum(pairs(len(p)) - pairs(shared) for p in prompts)
             return prefill(decoder, prompts, device)
 
-        def counted_step(decoder, tokens, positions, *rest):
-            self.row_steps += len(tokens)
-            self.attended += int(positions.sum()) + len(tokens)  # keys each new token attends to
-            return step(decoder, tokens, positions, *rest)
+        def counted_step(decoder, tokens, positions, src_rows, rows_per_example, live=None):
+            self.row_steps += len(tokens) if live is None else len(live)  # rows through the linears / LM head
+            self.attended += int(positions.sum()) + len(tokens)  # keys each new token attends to (every row)
+            return step(decoder, tokens, positions, src_rows, rows_per_example, live)
 
         cls.prefill, cls.step = counted_prefill, counted_step
         return self
@@ -176,6 +180,7 @@ def time_evaluation(model_dir: Path, dataset, args, oracle) -> dict:
     from gdrt_core.trie import build_trie
 
     device = args.device
+    model_dir = Path(args.model) if args.model else model_dir
     tokenizer = load_tokenizer(model_dir, padding_side="left")
     model = load_model(model_dir, device=device).eval()
     trie = build_trie(tokenizer, dataset.titles)
@@ -308,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dataset", help="a curated Office Dataset dir (default: curate data/office)")
+    parser.add_argument("--model", help="evaluate this model dir (e.g. a fine-tuned SmolLM2 adapter) instead of the "
+                                        "base model")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -324,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-pretrained-work-"))
     load = [os.getloadavg()[0]]
     results = {
-        "model": "smollm2-135m", "parameters": facts["num_parameters"], "device": args.device,
+        "model": args.model or "smollm2-135m", "parameters": facts["num_parameters"], "device": args.device,
         "threads": args.threads, "torch": torch.__version__,
         "processor": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine(),
     }

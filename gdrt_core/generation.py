@@ -12,9 +12,11 @@ the tests compare against), but runs several times faster because:
   example of the batch is done;
 - for Llama-family models (`SharedPromptDecoder`) the prompt's keys/values are stored once per example
   and only the generated tokens' keys/values follow the beams, so nothing prompt-sized is copied per step.
-  It also pre-fills each prompt alone on SDPA's causal path (no padding, no 4D mask). Its attention sums
-  in another order than the model's kernel, so scores can differ in the last bits (rankings are equal
-  unless two titles tie to ~1e-6); `shared_prompt=False` uses the model's forward.
+  It also pre-fills each prompt alone on SDPA's causal path (no padding, no 4D mask), runs the tokens all
+  prompts of a batch start with (the task template) once, and computes the linears and the LM head only for
+  real beams (an example with fewer than K running beams pads its slots with fillers whose logits are never
+  read). Its attention sums in another order than the model's kernel, so scores can differ in the last bits
+  (rankings are equal unless two titles tie to ~1e-6); `shared_prompt=False` uses the model's forward.
 
 `matmul_dtype="bfloat16"` runs the decoder blocks' matmuls in bfloat16 (about 1.35x less CPU time on
 SmolLM2-135M with avx512_bf16, docs/benchmarks.md); scores then move by rounding (up to ~0.2 there) and
