@@ -18,9 +18,10 @@ the tests compare against), but runs several times faster because:
   read). Its attention sums in another order than the model's kernel, so scores can differ in the last bits
   (rankings are equal unless two titles tie to ~1e-6); `shared_prompt=False` uses the model's forward.
 
-`matmul_dtype="bfloat16"` runs the decoder blocks' matmuls in bfloat16 (about 1.35x less CPU time on
-SmolLM2-135M with avx512_bf16, docs/benchmarks.md); scores then move by rounding (up to ~0.2 there) and
-near-ties can swap, so the default keeps the model's dtype and the exactness below.
+`matmul_dtype="bfloat16"` runs the decoder blocks' matmuls in bfloat16 (about 1.25x less CPU time on a
+fine-tuned SmolLM2-135M with avx512_bf16, docs/benchmarks.md); scores then move by rounding (up to ~0.4 there)
+and the beams kept early can change (10 of 64 top-10 lists differed), so the default keeps the model's dtype
+and the exactness below.
 
 Semantics (the vectorised beam search of transformers 5.x, the version pinned in pyproject.toml, reproduced
 step by step; tests/unit/test_generation.py checks it against `generate`):
