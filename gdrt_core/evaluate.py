@@ -56,7 +56,7 @@ class EvalConfig:
     batch_size: int = field(16, ge=1, help="examples per beam-search batch (x num_beams rows per forward)")
     chunk_size: int = field(512, ge=1, help="examples read, length-sorted and written to disk together")
     dtype: str = field("auto", choices=DTYPES, help="auto (float32 on CPU, bfloat16 on a GPU) | float32 | bfloat16 | float16")
-    matmul_dtype: str | None = field(None, choices=("float32", "bfloat16"), help="unset: the model's dtype | float32 | bfloat16: the beam search's linear layers in bfloat16 on a float32 model (faster on CPUs with avx512_bf16/AMX; near-tie rankings can differ, docs/benchmarks.md)")
+    matmul_dtype: str | None = field(None, choices=("float32", "bfloat16"), help="unset: the model's dtype | float32 | bfloat16: the beam search's linear layers in bfloat16 on a float32 model (faster on CPUs with avx512_bf16/AMX; rankings can differ: 10 of 64 top-10 lists on a fine-tuned SmolLM2, docs/benchmarks.md)")
     device: str = field("auto", check=device_problem, help="auto | cpu | cuda | cuda:N")
     threads: int | None = field(None, ge=1, help="torch CPU threads (None = torch's default; 1 is fastest for tiny models)")
     plots: bool = field(True, help="draw plots/ranking.png and plots/exposure.png")
