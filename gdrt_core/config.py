@@ -318,16 +318,22 @@ def set_dotted(data: dict, key: str, value: Any, where: str | None = None) -> No
 
 
 def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
-    """A YAML file holding a mapping; a missing file, bad YAML, an empty file (nothing but comments) or a
-    value other than a mapping is a GdrtError naming the file. Every config file (a stage's --config, the
-    pipeline config of `gdrt run`, a sweep file) is read here, so they are refused alike."""
+    """A YAML file holding a mapping; a missing file, text that is not UTF-8, bad YAML, an empty file (nothing
+    but comments) or a value other than a mapping is a GdrtError naming the file (and the line of a byte that
+    is not UTF-8). Every config file (a stage's --config, the pipeline config of `gdrt run`, a sweep file) is
+    read here, so they are refused alike."""
     import yaml
 
     try:
-        with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            data = f.read()
+        loaded = yaml.safe_load(data.decode("utf-8"))
     except FileNotFoundError:
         raise GdrtError(f"{what} not found", path=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise GdrtError(f"the {what} is not UTF-8 text (byte 0x{data[e.start]:02x})", path=str(path),
+                        line=data[: e.start].count(b"\n") + 1,
+                        hint="save it as UTF-8, e.g. `iconv -f ITS-ENCODING -t UTF-8`") from None
     except yaml.YAMLError as e:
         raise GdrtError(f"invalid YAML: {e}", path=str(path)) from None
     if not isinstance(loaded, dict):

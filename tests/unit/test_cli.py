@@ -246,6 +246,26 @@ def test_an_empty_or_non_mapping_config_is_refused_by_run_sweep_and_stages(tmp_p
     assert sorted(os.listdir(tmp_path)) == ["c.yaml", "s.yaml"]
 
 
+def test_a_config_file_that_is_not_utf8_is_refused_naming_its_line(tmp_path, capsys, monkeypatch):
+    """A Latin-1 config (`run_name: café`) was a UnicodeDecodeError traceback; now every reader refuses it
+    (`config.read_yaml`), naming the file and the line of the first byte that is not UTF-8."""
+    from pipelines.cli import main as gdrt
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    config = tmp_path / "c.yaml"
+    config.write_bytes("tau: 1.0\nrun_name: café\n".encode("latin-1"))
+    expected = f"{config}, line 2: the pipeline config is not UTF-8 text (byte 0xe9) (save it as UTF-8"
+    assert gdrt(["run", "--config", str(config), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert main(["evaluate", "--config", str(config), "--dataset", "d", "--model", "m", "--out", "o"]) == 2
+    assert f"{config}, line 2: the config file is not UTF-8 text" in capsys.readouterr().err
+    (tmp_path / "s.yaml").write_bytes(b"config: c.yaml\n# r\xe9sum\xe9\nvariants: {a: {}}\n")
+    assert gdrt(["sweep", str(tmp_path / "s.yaml"), "--dry-run"]) == 2
+    assert f"{tmp_path / 's.yaml'}, line 2: the sweep file is not UTF-8 text" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["c.yaml", "s.yaml"]
+
+
 def test_set_values_are_yaml(monkeypatch):
     """`--set` reads its value as YAML (lists, numbers, booleans), keeps plain text as text, and refuses a
     broken list naming the --set."""
