@@ -231,6 +231,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return tp(value)
         except (TypeError, ValueError):
             raise GdrtError(f"{key}: expected {tp.__name__}, got {value!r}", path=source) from None
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise GdrtError(f"{key}: expected a mapping, got {value!r}", path=source)
+        return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

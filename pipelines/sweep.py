@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gdrt_core import config as cfg
 from gdrt_core.errors import GdrtError
 from pipelines import graph
 
@@ -90,6 +91,32 @@ class Plan:
     variants: dict[str, Variant]
 
 
+@dataclass
+class VariantSpec:
+    """One variant of a sweep file (`variants: {NAME: {set, pool, reference}}`)."""
+
+    set: dict = cfg.field({}, help="pipeline parameters of this variant (dotted keys), after the sweep's own `set`")
+    pool: str | None = cfg.field(None, help="the variants of one pool are pooled as mean ± std (default: its name)")
+    reference: str = cfg.field("sft", choices=graph.REFERENCES,
+                               help="the grouping reference: sft (the method) or base (the ablation)")
+
+
+@dataclass
+class SweepSpec:
+    """A sweep file, read as a typed config: a wrong type or an unknown key is an error naming it."""
+
+    config: str | None = cfg.field(None, path=True, help="the pipeline config the variants start from (relative to "
+                                   "the sweep file)")
+    variants: dict = cfg.field({}, help="variant name -> its set / pool / reference")
+    experiment: str | None = cfg.field(None, help="MLflow experiment of the sweep's runs")
+    set: dict = cfg.field({}, help="pipeline parameters every variant gets")
+
+
+def _given(spec: dict) -> dict:
+    """The keys a sweep file (or one variant) gives a value: an empty `set:` is no set."""
+    return {k: v for k, v in spec.items() if v is not None}
+
+
 def _set_param(params: dict, key: str, value: Any, where: str) -> None:
     """A pipeline parameter (dotted into its settings dict); an unknown parameter name is an error."""
     from gdrt_core.config import set_dotted
@@ -108,42 +135,41 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[st
     from pipelines.params import PIPELINE_DEFAULTS, check_pipeline_params, load_params, override
 
     path = Path(path)
-    spec = read_yaml(path, "sweep file")
-    unknown = set(spec) - {"config", "experiment", "set", "variants"}
-    if unknown:
-        raise GdrtError(f"unknown keys {sorted(unknown)} (known: config, experiment, set, variants)", path=str(path))
-    if not spec.get("config"):
+    spec = cfg.from_dict(SweepSpec, _given(read_yaml(path, "sweep file")), source=str(path))
+    if not spec.config:
         raise GdrtError("`config` (the pipeline config the variants start from) is missing", path=str(path))
-    variants_spec = spec.get("variants") or {}
-    if not isinstance(variants_spec, dict) or not variants_spec:
+    if not spec.variants:
         raise GdrtError("`variants` must map at least one variant name to its settings", path=str(path))
-    config_path = (path.parent / spec["config"]) if not Path(spec["config"]).is_absolute() else Path(spec["config"])
+    for name in spec.variants:
+        if isinstance(name, bool) or not isinstance(name, (str, int)):
+            raise GdrtError(f"variant name {name!r} is not text", path=str(path),
+                            hint="quote it, `\"NAME\": {...}`: YAML reads yes, no, on and off as booleans")
+    config_path = path.parent / spec.config  # an absolute config stays itself
     base = {**copy.deepcopy(PIPELINE_DEFAULTS), **load_params(config_path, [])}
-    common = dict(spec.get("set") or {})
+    common = {str(k): v for k, v in spec.set.items()}
     common.update(override(item) for item in overrides)
     if only:
-        missing = [v for v in only if v not in variants_spec]
+        names = [str(n) for n in spec.variants]
+        missing = [v for v in only if v not in names]
         if missing:
-            raise GdrtError(f"no variant {missing} (variants: {', '.join(variants_spec)})", path=str(path))
+            raise GdrtError(f"no variant {missing} (variants: {', '.join(names)})", path=str(path))
     variants: dict[str, Variant] = {}
-    for name, vspec in variants_spec.items():
+    for name, given in spec.variants.items():
+        name = str(name)
         if only and name not in only:
             continue
-        vspec = vspec or {}
         where = f"{path}: variant {name}"
-        unknown = set(vspec) - {"set", "pool", "reference"}
-        if unknown:
-            raise GdrtError(f"unknown keys {sorted(unknown)} (known: set, pool, reference)", path=where)
-        reference = vspec.get("reference", "sft")
-        if reference not in REFERENCES:
-            raise GdrtError(f"reference {reference!r} is not one of {REFERENCES}", path=where)
+        if not isinstance(given or {}, dict):
+            raise GdrtError(f"must be a mapping of set / pool / reference, not {given!r}", path=where,
+                            hint=f"write it as `{name}: {{set: {{KEY: VALUE}}}}`, or `{name}: {{}}` for the config as it is")
+        vspec = cfg.from_dict(VariantSpec, _given(given or {}), source=where)
         params = copy.deepcopy(base)
-        own = {**common, **(vspec.get("set") or {})}
+        own = {**common, **{str(k): v for k, v in vspec.set.items()}}
         for key, value in own.items():
             _set_param(params, key, value, where)
         check_pipeline_params(params, where)  # every variant's every stage, before the first stage runs
-        variants[str(name)] = Variant(str(name), params, own, str(vspec.get("pool", name)), reference)
-    return spec.get("experiment") or base.get("experiment") or "gdrt", variants
+        variants[name] = Variant(name, params, own, vspec.pool or name, vspec.reference)
+    return spec.experiment or base.get("experiment") or "gdrt", variants
 
 
 def _key(stage: str, settings: dict, values: dict, inputs: dict) -> str:

@@ -18,7 +18,8 @@ def _write(tmp_path, variants, **extra):
     config = {"source": "data/office", "tau": 1.0, "num_groups": 4, "train_settings": {"epochs": 1, "seed": 42},
               "model_settings": {"size": "tiny", "seed": 0}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    spec = {"config": "cfg.yaml", "variants": variants, **extra}
+    spec = {"config": "cfg.yaml", "variants": variants}
+    spec.update(extra)
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return tmp_path / "sweep.yaml"
 
@@ -40,15 +41,27 @@ def test_load_sweep_fills_defaults_and_merges_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("variants, extra, message", [
-    ({"a": {"set": {"tua": 1}}}, {}, "unknown pipeline parameter 'tua'"),
-    ({"a": {"sett": {}}}, {}, "unknown keys ['sett']"),
-    ({"a": {"reference": "sft2"}}, {}, "reference 'sft2'"),
+    ({"a": {"set": {"tua": 1}}}, {}, "variant a: unknown pipeline parameter 'tua'"),
+    ({"a": {"sett": {}}}, {}, "variant a: unknown setting(s) sett (known: pool, reference, set)"),
+    ({"a": {"reference": "sft2"}}, {}, "variant a: setting reference='sft2' is invalid: must be one of sft, base"),
     ({}, {}, "`variants` must map"),
-    ({"a": {}}, {"runs": 1}, "unknown keys ['runs']"),
+    ({"a": {}}, {"runs": 1}, "unknown setting(s) runs (known: config, experiment, set, variants)"),
+    # malformed values: each a message naming the key, never a TypeError
+    (["a", "b"], {}, "variants: expected a mapping, got ['a', 'b']"),
+    ({"a": [1]}, {}, "variant a: must be a mapping of set / pool / reference, not [1]"),
+    ({"a": 5}, {}, "variant a: must be a mapping of set / pool / reference, not 5"),
+    ({"a": {"set": [1]}}, {}, "variant a: set: expected a mapping, got [1]"),
+    ({"a": {"pool": [1]}}, {}, "variant a: pool: expected a single str value, got [1]"),
+    ({"a": {"reference": ["sft"]}}, {}, "variant a: reference: expected a single str value"),
+    ({"a": {"set": {1: 2}}}, {}, "variant a: unknown pipeline parameter '1'"),
+    ({True: {}}, {}, "variant name True is not text"),
+    ({"a": {}}, {"set": [1]}, "set: expected a mapping, got [1]"),
+    ({"a": {}}, {"experiment": ["e"]}, "experiment: expected a single str value"),
+    ({"a": {}}, {"config": ["cfg.yaml"]}, "config: expected a single str value"),
 ])
 def test_load_sweep_errors_name_the_problem(tmp_path, variants, extra, message):
     path = _write(tmp_path, variants, **extra)
-    with pytest.raises(GdrtError) as e:
+    with pytest.raises(GdrtError) as e:  # a GdrtError: the CLI prints it as one paragraph, no traceback
         sweep.load_sweep(path)
     assert message in str(e.value) and str(path) in str(e.value)
 
