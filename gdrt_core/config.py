@@ -180,8 +180,13 @@ def set_value(value: Any, tp: Any, key: str, source: str) -> Any:
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Convert a YAML, string or `--set` value to the field type `tp`, with a clear error."""
+    """Convert a YAML, string or `--set` value to the field type `tp`, with a clear error. A YAML boolean
+    given for a text setting (`out: on` is True) is an error: its text ("True") is not what was written."""
     value = set_value(value, tp, key, source)
+    if isinstance(value, bool) and is_text(tp):
+        raise GdrtError(f"{key}: got the YAML boolean {value!r} for a text setting", path=source,
+                        hint=f"YAML reads unquoted on, off, yes, no, true and false as booleans: quote the value, "
+                             f"e.g. `{key.rsplit('.', 1)[-1]}: \"on\"`")
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -222,6 +227,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
         raise GdrtError(f"{key}: expected true/false, got {value!r}", path=source)
+    if tp is str and value is None:  # str(None) would be a directory named "None"
+        raise GdrtError(f"{key}: has no value", path=source,
+                        hint=f"give it one (`{key.rsplit('.', 1)[-1]}: VALUE`), or leave the key out for its default")
     if tp in (int, float) and isinstance(value, bool):  # int(True) would be a silent 1
         raise GdrtError(f"{key}: expected {tp.__name__}, got the boolean {value!r}", path=source)
     if tp in (int, float, str):

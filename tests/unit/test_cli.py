@@ -333,6 +333,40 @@ def test_a_boolean_is_not_a_number(monkeypatch, capsys, item):
         from_dict(TrainConfig, {"dataset": "d", "model": "m", "out": "o", "batch_size": False}, source="f.yaml")
 
 
+@pytest.mark.parametrize(("line", "found"), [("out: on", "True"), ("out: yes", "True"), ("out: off", "False"),
+                                             ("out: no", "False"), ("split: no", "False")])
+def test_a_yaml_boolean_for_a_text_setting_in_a_config_file_is_refused(monkeypatch, capsys, tmp_path, line, found):
+    """`out: on` in a config file was the directory "True" (YAML reads on/off/yes/no as booleans); the
+    error names the file and the setting and says to quote the value. Quoted, it is the text."""
+    monkeypatch.setattr("gdrt_core.evaluate.run", lambda config: pytest.fail("ran"))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{line}\n")
+    key = line.split(":")[0]
+    args = ["evaluate", "--config", str(config), "--dataset", "d", "--model", "m", "--no-tracking"]
+    assert main([*args, *(["--out", "o"] if key != "out" else [])]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: {key}: got the YAML boolean {found} for a text setting" in err and "quote the value" in err
+    from pipelines.params import check_pipeline_params
+
+    with pytest.raises(GdrtError, match=f"cfg.yaml: train_settings .*: optim: got the YAML boolean {found}"):
+        check_pipeline_params({"train_settings": {"optim": found == "True"}}, "cfg.yaml")  # a stage setting too
+
+
+def test_a_quoted_or_boolean_setting_keeps_its_meaning(monkeypatch, tmp_path):
+    """Quoted, `out: "on"` is the text; an empty `out:` has no value (not the text "None"); bf16 and
+    select_best take YAML booleans (their type says so)."""
+    seen = {}
+    monkeypatch.setattr("gdrt_core.evaluate.run", lambda config: seen.update(config=config) or EVAL_METRICS)
+    config = tmp_path / "c.yaml"
+    config.write_text('out: "on"\n')
+    assert main(["evaluate", "--config", str(config), "--dataset", "d", "--model", "m", "--no-tracking"]) == 0
+    assert seen["config"].out == "on"
+    with pytest.raises(GdrtError, match="f.yaml: out: has no value"):
+        from_dict(TrainConfig, {"dataset": "d", "model": "m", "out": None}, source="f.yaml")
+    c = from_dict(TrainConfig, {"dataset": "d", "model": "m", "out": "o", "bf16": False, "select_best": False})
+    assert (c.bf16, c.select_best) == ("false", "none")
+
+
 @pytest.mark.parametrize("line", [["--out", ""], ["--out", "  "], ["--set", "out="], ["--dataset", ""],
                                   ["--set", "model= "]])
 def test_an_empty_path_setting_is_refused(monkeypatch, capsys, tmp_path, line):
