@@ -27,7 +27,7 @@ def field(
     default: Any = dataclasses.MISSING, *, help: str,  # noqa: A002
     choices: tuple | list | None = None, ge: float | None = None, gt: float | None = None,
     le: float | None = None, lt: float | None = None, check: Callable[[Any], str | None] | None = None,
-    path: bool = False, **kw: Any,
+    path: bool = False, unused_with: tuple[str, ...] = (), **kw: Any,
 ) -> Any:
     """A dataclass field with its help string (shown by `gdrt <stage> --help` and in docs) and its range.
 
@@ -35,11 +35,14 @@ def field(
     number; check: a function of the value returning what is wrong with it, or None. None values (an
     optional setting left unset) are not checked; float values must always be finite. path: the setting is a
     file or directory: `~` is expanded when the config is built (`from_dict`), and an empty value is refused
-    (it would be the current directory).
+    (it would be the current directory). unused_with: settings that make this one have no effect when they are
+    set (init-model's size with pretrained): giving both is an error naming both (`from_dict`).
     """
     meta: dict[str, Any] = {"help": help}
     if path:
         meta["path"] = True
+    if unused_with:
+        meta["unused_with"] = tuple(unused_with)
     for name, value in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("check", check)):
         if value is not None:
             meta[name] = tuple(value) if name == "choices" else value
@@ -296,6 +299,13 @@ def from_dict(cls: type[T], data: dict, *, source: str = "<config>", prefix: str
     missing = [prefix + n for n in required_settings(cls) if n not in data]
     if missing:
         raise MissingSettings(missing, source)
+    for name in data:
+        for other in fields[name].metadata.get("unused_with", ()):
+            if data.get(other):
+                raise GdrtError(f"setting {prefix}{name} has no effect with {prefix}{other}, given by "
+                                f"{sources.get(other, source)}", path=sources.get(name, source),
+                                hint=f"{name}: {fields[name].metadata['help']}. Drop {prefix}{name}, or drop "
+                                     f"{prefix}{other}")
     kwargs = {k: _coerce(v, hints[k], prefix + k, sources.get(k, source)) for k, v in data.items()}
     for k, v in kwargs.items():
         if fields[k].metadata.get("path") and isinstance(v, str) and v.startswith("~"):

@@ -142,10 +142,25 @@ def test_train_relaunched_prints_nothing(monkeypatch, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_init_model_size_with_pretrained_is_an_error(capsys):
-    assert main(["init-model", "--pretrained", "smollm2-135m", "--seed", "1", "--out", "o"]) == 2
-    err = capsys.readouterr().err
-    assert "--size and --seed set the embedded model" in err and "drop --size / --seed" in err
+@pytest.mark.parametrize(("given", "where"), [(["--seed", "1"], "--seed"), (["--size", "tiny"], "--size"),
+                                              (["--set", "size=tiny"], "--set size=tiny"),
+                                              (["--set", "vocab_size=600"], "--set vocab_size=600"),
+                                              (["--config", "CONFIG"], "CONFIG")])
+def test_init_model_embedded_settings_with_pretrained_are_an_error(capsys, monkeypatch, tmp_path, given, where):
+    """A setting of the embedded model (size, seed, vocab_size, prompt_examples) has no effect with a pretrained
+    backbone: from a flag, --set or --config alike it is refused, naming the setting (it was dropped silently
+    unless given as --size / --seed)."""
+    monkeypatch.setattr("gdrt_core.embedded.run", lambda config: pytest.fail("ran"))
+    config = tmp_path / "m.yaml"
+    config.write_text("seed: 3\n")
+    given = [str(config) if g == "CONFIG" else g for g in given]
+    where = str(config) if where == "CONFIG" else where
+    name = {"--seed": "seed", "--size": "size"}.get(where, "seed" if where == str(config) else where[6:].split("=")[0])
+    for backbone in (["--pretrained", "smollm2-135m"], ["--gguf", "m.gguf"]):
+        assert main(["init-model", *backbone, *given, "--out", "o", "--no-tracking"]) == 2
+        err = capsys.readouterr().err
+        assert (f"gdrt init-model: error: {where}: setting {name} has no effect with {backbone[0][2:]}, given by "
+                f"{backbone[0]}") in err and f"Drop {name}, or drop {backbone[0][2:]}" in err
 
 
 def test_stage_modules_have_no_argparse():
