@@ -28,7 +28,7 @@ PIPELINE_DEFAULTS: dict[str, Any] = {
     "deepspeed": "zero2",
     "eval_split": "test",
     "curate_settings": {},
-    "model_settings": {"size": "small"},
+    "model_settings": {},  # the embedded model's settings (EmbeddedConfig's defaults: size small, seed 0)
     "train_settings": {},
     "group_settings": {},
     "eval_settings": {},
@@ -111,6 +111,7 @@ def check_pipeline_params(params: dict, source: str) -> None:
     for key in PIPELINE_DEFAULTS:
         if key.endswith("_settings") and not isinstance(p[key] or {}, dict):
             raise GdrtError(f"{key} must be a mapping of the stage's settings, got {p[key]!r}", path=source)
+    check_wiring(p, source)
     for s in graph.steps():
         if s.stage not in STAGES:
             continue
@@ -130,6 +131,52 @@ def check_pipeline_params(params: dict, source: str) -> None:
                       source=f"{s.settings} (the {s.stage} stage)")
         except GdrtError as e:
             raise GdrtError(str(e), path=source) from None
+
+
+def wired_settings(s, params: dict) -> dict[str, tuple[str, str]]:
+    """The settings of step `s`'s stage that the pipeline gives the step itself, from its parameters, its
+    constants, its inputs and its output: {config field: (what sets it, what to do instead)}."""
+    from gdrt_core.embedded import BACKBONES
+    from gdrt_core.stages import STEP_ARGUMENTS, base_model_settings
+    from pipelines import graph
+
+    field = STEP_ARGUMENTS.get(s.stage, {})
+    drop = f"remove {s.settings}.{{key}}"
+    wired = {field.get(arg, arg): (f"the pipeline parameter {param}",
+                                   f"set `{param}: {{value}}` in the pipeline config or --set {param}={{value}}, and {drop}")
+             for arg, param in s.params.items()}
+    wired.update({field.get(arg, arg): (f"the pipeline, which always runs it with {arg} {value!r}", drop)
+                  for arg, value in s.fixed.items()})
+    wired.update({field.get(arg, arg): (f"the pipeline, which passes it the output of the {graph.step(src).display} "
+                                        "step", drop) for arg, src in s.inputs.items()})
+    wired["out"] = ("the runner, which chooses each step's output directory", drop)
+    if s.stage == "init-model":  # base_model picks the backbone (and embedded:SIZE the size)
+        base = str(params["base_model"] or "")
+        for key in BACKBONES:
+            wired[key] = ("the pipeline parameter base_model",
+                          f"choose the backbone with `base_model: {key}:{{value}}`, and {drop}")
+        if "size" in (base_model_settings(base) or {}):
+            wired["size"] = (f"the pipeline parameter base_model ({base!r})",
+                             "give the size once: `base_model: embedded:SIZE`, or `base_model: \"\"` with "
+                             "model_settings.size")
+    return wired
+
+
+def check_wiring(p: dict, source: str) -> None:
+    """A stage setting in a *_settings mapping that the pipeline sets itself for a step (train_settings.tau:
+    the tau parameter; eval_settings.split: eval_split; train_settings.objective, *.out: the wiring) would be
+    overridden silently: an error naming the setting, what sets it and what to do instead."""
+    from pipelines import graph
+
+    for s in graph.steps():
+        if not s.settings:
+            continue
+        wired = wired_settings(s, p)
+        for key, value in (p[s.settings] or {}).items():
+            if key in wired:
+                what, instead = wired[key]
+                raise GdrtError(f"{s.settings}.{key} would be overridden: the {s.display} step gets its {key} "
+                                f"from {what}", path=source, hint=instead.format(key=key, value=value))
 
 
 def check_local_inputs(params: dict, source: str) -> None:

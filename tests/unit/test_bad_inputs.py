@@ -280,6 +280,62 @@ def test_an_empty_split_is_refused_before_the_model_loads(tmp_path, monkeypatch,
     assert sorted(os.listdir(tmp_path)) == ["MODEL", "ds"]
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["train_settings.tau=5"], "train_settings.tau would be overridden: the train GDRT step gets its tau from the "
+                               "pipeline parameter tau (set `tau: 5` in the pipeline config or --set tau=5, and remove "
+                               "train_settings.tau)"),
+    (["eval_settings.split=valid"], "eval_settings.split would be overridden: the evaluate SFT step gets its split "
+                                    "from the pipeline parameter eval_split"),
+    (["valid_eval_settings.split=test"], "the evaluate GDRT (valid) step gets its split from the pipeline, which "
+                                         "always runs it with split 'valid' (remove valid_eval_settings.split)"),
+    (["train_settings.objective=gdrt"], "train_settings.objective would be overridden"),
+    (["group_settings.reference=x"], "passes it the output of the train SFT step"),
+    (["model_settings.pretrained=smollm2-135m"], "model_settings.pretrained would be overridden: the base model step "
+                                                 "gets its pretrained from the pipeline parameter base_model"),
+    (["base_model=embedded:tiny"], "model_settings.size would be overridden: the base model step gets its size from "
+                                   "the pipeline parameter base_model ('embedded:tiny')"),
+])
+def test_a_stage_setting_the_pipeline_sets_itself_is_refused(tmp_path, capsys, overrides, expected):
+    """`train_settings.tau` was overridden by the tau parameter without a word (and eval_settings.split by
+    eval_split, ...): now an error naming the setting and what to use instead. (The source does not exist, so
+    a config that got past the check fails at once instead of running the pipeline.)"""
+    from pipelines.cli import main
+
+    config = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "quickstart.yaml"
+    args = ["run", "--config", str(config), "--out", str(tmp_path / "r"), "--set", f"source={tmp_path / 'none'}"]
+    for item in overrides:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(config) in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_no_stage_setting_is_overridden_by_the_pipeline_silently():
+    """Every setting a runner gives a step itself (its parameters, constants, inputs, output: what
+    `stages.run_step` lays over the step's settings) is refused in the step's *_settings mapping, for every
+    step of the graph; so is the backbone that base_model chooses."""
+    import dataclasses
+
+    from gdrt_core.stages import STAGES, step_values
+    from pipelines import graph
+    from pipelines.params import PIPELINE_DEFAULTS, check_pipeline_params
+
+    checked = set()
+    for s in graph.steps():
+        if not s.settings or s.stage not in STAGES:
+            continue
+        args = {**graph.step_args(s, PIPELINE_DEFAULTS), **dict.fromkeys(s.inputs, "<input>"), "out": "<out>"}
+        fields = {f.name for f in dataclasses.fields(STAGES[s.stage].config_class())}
+        backbone = {"pretrained", "gguf"} if s.stage == "init-model" else set()
+        for key in (set(step_values(s.stage, args)) | backbone) & fields:
+            with pytest.raises(GdrtError, match=rf"cfg.yaml: {s.settings}.{key} would be overridden"):
+                check_pipeline_params({s.settings: {key: "x"}}, "cfg.yaml")
+            checked.add(f"{s.settings}.{key}")
+    assert {"train_settings.tau", "train_settings.objective", "eval_settings.split", "valid_eval_settings.split",
+            "attribute_settings.split", "curate_settings.format", "model_settings.out"} <= checked
+
+
 def test_a_base_model_makes_the_model_settings_irrelevant():
     from pipelines.params import check_pipeline_params
 
