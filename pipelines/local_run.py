@@ -4,8 +4,9 @@ The same graph the cluster runs (pipelines/graph.py, with the registry step), ex
 executor (pipelines/sweep.py) as one variant: each step in its own process through
 `gdrt_core.stages.run_step`, the function the pipeline's components call, so a step resolves the same
 config here as in KFP. Independent steps run at once with `--jobs N` (default 1). Parameters come from a
-YAML config (pipelines/configs/quickstart.yaml by default) and `--set key=value` overrides. Artifacts go
-under --out (default runs/<timestamp>): <out>/stages/<step>, each step's log in <out>/logs/. MLflow logs to
+YAML config (default: the quickstart.yaml in pipelines/configs/ beside this module, wherever the command is
+started) and `--set key=value` overrides. Artifacts go under --out (default runs/<timestamp>):
+<out>/stages/<step>, each step's log in <out>/logs/. MLflow logs to
 MLFLOW_TRACKING_URI or the embedded sqlite store ./mlflow.db: the runner opens the parent run, nests every
 step's run under it (run names as in KFP) and closes it as FINISHED or FAILED. One progress line per step.
 Re-running with the same --out resumes: finished steps are kept. An --out that is neither new, empty nor an
@@ -113,7 +114,7 @@ def format_table(comparison: dict) -> str:
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="pipeline config (default: pipelines/configs/quickstart.yaml)")
+    p.add_argument("--config", default=None, help="pipeline config (default: the package's pipelines/configs/quickstart.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="working directory for artifacts: new, empty, or an earlier "
                    "run's, which resumes (default: runs/<timestamp>)")

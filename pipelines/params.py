@@ -13,7 +13,9 @@ from typing import Any
 
 from gdrt_core.errors import GdrtError
 
-DEFAULT_CONFIG = Path("pipelines/configs/quickstart.yaml")
+# `gdrt run` without --config: the quickstart beside this module, wherever the command is started (relative
+# paths inside a config, such as its `source`, are relative to the current directory)
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
 PIPELINE_DEFAULTS: dict[str, Any] = {
     "source": "data/office",
     "source_format": "sliding",
@@ -71,13 +73,11 @@ def override(item: str) -> tuple[str, Any]:
 
 
 def load_params(config: str | os.PathLike | None, overrides: list[str]) -> dict:
-    """Pipeline parameters from the YAML file, then `key=value` overrides (`override`)."""
+    """Pipeline parameters from the YAML file (default: `DEFAULT_CONFIG`, which must exist: the built-in
+    defaults alone would be a different run), then `key=value` overrides (`override`)."""
     from gdrt_core.config import read_yaml, set_dotted
 
-    params: dict = {}
-    path = Path(config) if config else DEFAULT_CONFIG
-    if config or path.is_file():
-        params = read_yaml(path, "pipeline config")
+    params = read_yaml(Path(config) if config else DEFAULT_CONFIG, "pipeline config")
     for item in overrides:
         set_dotted(params, *override(item), where=f"--set {item}")
     return params
@@ -188,8 +188,11 @@ def check_local_inputs(params: dict, source: str) -> None:
     check_pipeline_params(params, source)
     data = str(params.get("source", PIPELINE_DEFAULTS["source"]))
     if not Path(data).expanduser().exists():
-        raise GdrtError(f"the source data {data!r} does not exist (relative to {Path.cwd()})", path=source,
-                        hint="set `source:` in the config or --set source=PATH")
+        relative = not Path(data).expanduser().is_absolute()
+        raise GdrtError(f"the source data {data!r} does not exist" + (f" (relative to {Path.cwd()})" if relative else ""),
+                        path=source, hint="set `source:` in the config or --set source=PATH" + (
+                            "; a relative path in a config is relative to the current directory: the configs in "
+                            "pipelines/configs/ are written for the repository root" if relative else ""))
     base = str(params.get("base_model") or "").strip()
     init_settings = base_model_settings(base)  # a form init-model builds; None for a directory or hub id
     if init_settings is not None:

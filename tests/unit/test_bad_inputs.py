@@ -260,6 +260,30 @@ def test_gdrt_run_checks_local_paths_before_its_first_stage(tmp_path, monkeypatc
     assert sorted(os.listdir(tmp_path)) == ["run.yaml", "src"]
 
 
+def test_gdrt_run_outside_the_repository_reads_the_packaged_default_config(tmp_path, monkeypatch, capsys):
+    """Started elsewhere, `gdrt run` without --config fell back to the built-in defaults (the full data, no
+    limits: another run) while its errors named pipelines/configs/quickstart.yaml. The default config is the
+    one beside the package, wherever the command starts; a relative source in it is refused, saying what
+    it is relative to."""
+    import yaml
+
+    from pipelines.cli import main
+    from pipelines.params import DEFAULT_CONFIG, load_params
+
+    monkeypatch.chdir(tmp_path)
+    quickstart = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "quickstart.yaml"
+    assert DEFAULT_CONFIG == quickstart
+    assert load_params(None, []) == yaml.safe_load(quickstart.read_text(encoding="utf-8"))
+    assert main(["run", "--out", "r"]) == 2
+    err = capsys.readouterr().err
+    assert f"{quickstart}: the source data 'data/office' does not exist (relative to {tmp_path})" in err
+    assert "the configs in pipelines/configs/ are written for the repository root" in err
+    monkeypatch.setattr("pipelines.params.DEFAULT_CONFIG", tmp_path / "gone.yaml")
+    assert main(["run", "--out", "r"]) == 2
+    assert f"{tmp_path / 'gone.yaml'}: pipeline config not found" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("stage, args, problem", [
     ("evaluate", ["--model", "MODEL", "--out", "ev", "--split", "valid"], "the valid split has no examples to evaluate"),
     ("group", ["--reference", "MODEL", "--out", "gr"], "the train split has no examples to fit the group edges on"),
