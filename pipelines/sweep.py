@@ -261,11 +261,12 @@ def done_path(out: Path, node: Node) -> Path:
     return out / "stages" / f"{node.dirname}.done.json"
 
 
-def node_spec(plan_: Plan, key: str, out: Path, context: dict | None = None) -> dict:
-    """What the node's process needs: the stage, its settings and arguments, its inputs as paths, and its
-    MLflow run context (`context`: parent_run_id, enabled, experiment; the run name is the node's)."""
+def node_spec(plan_: Plan, key: str, out: Path, context: dict | None = None, command: str = "gdrt sweep") -> dict:
+    """What the node's process needs: the stage, its settings and arguments, its inputs as paths, its MLflow
+    run context (`context`: parent_run_id, enabled, experiment; the run name is the node's), and the command
+    that runs it (`gdrt run` or `gdrt sweep`, which labels its errors)."""
     node = plan_.nodes[key]
-    return {"key": key, "stage": node.stage, "label": node.label, "settings": node.settings,
+    return {"key": key, "command": command, "stage": node.stage, "label": node.label, "settings": node.settings,
             "args": node.args, "out": str(node_dir(out, node)), "done": str(done_path(out, node)),
             "inputs": {name: str(node_dir(out, plan_.nodes[k])) for name, k in node.inputs.items()},
             "context": {**(context or {}), "run_name": node.run_name}}
@@ -295,7 +296,8 @@ def execute(plan_: Plan, out: Path, jobs: int = 1, *, context: dict | None = Non
     """Run the plan's unfinished nodes, `jobs` processes at a time, inputs first; returns {key: status}
     (done | failed | skipped). A failed node skips what depends on it; the rest goes on. `context` (the
     parent run id, tracking on/off, experiment) goes to every node in its spec. Progress lines go to `stream`
-    (default: sys.stderr as it is at the call)."""
+    (default: sys.stderr as it is at the call); `title` is the command (`gdrt run`, `gdrt sweep`) that labels
+    them and the nodes' errors."""
     stream = stream or sys.stderr
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
@@ -328,7 +330,7 @@ def execute(plan_: Plan, out: Path, jobs: int = 1, *, context: dict | None = Non
             for key in ready[: max(0, jobs - len(running))]:
                 pending.remove(key)
                 spec_path = out / "logs" / f"{nodes[key].dirname}.spec.json"
-                spec_path.write_text(json.dumps(node_spec(plan_, key, out, context), indent=2, default=str),
+                spec_path.write_text(json.dumps(node_spec(plan_, key, out, context, title), indent=2, default=str),
                                      encoding="utf-8")
                 log = open(out / "logs" / f"{nodes[key].dirname}.log", "ab")  # noqa: SIM115 - closed when it ends
                 child_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -543,7 +545,7 @@ def _node_main(spec_path: str) -> int:
     try:
         run_spec(spec)
     except GdrtError as e:
-        print(f"gdrt sweep: {spec['label']}: error: {e}", file=sys.stderr)
+        print(f"{spec.get('command', 'gdrt sweep')}: {spec['label']}: error: {e}", file=sys.stderr)
         return e.exit_code
     return 0
 

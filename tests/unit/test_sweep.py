@@ -142,6 +142,7 @@ def test_failed_stage_skips_its_dependents_and_keeps_the_results(tmp_path, monke
     log = stream.getvalue()
     assert "curate office" in log and "FAILED" in log and log.count("SKIPPED") == 10
     assert "see " in log  # the failing stage's log is named
+    assert "gdrt sweep: curate office: error:" in log
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["a"]["sft"] == {"model": "SFT", "aux_share": None}
     assert not list((tmp_path / "out" / "stages").glob("*.done.json"))
@@ -178,3 +179,15 @@ def test_a_stage_run_under_another_variant_name_is_found_by_its_key(tmp_path):
     assert t_sft.dirname == sft.dirname and sweep.done_path(out, t_sft).is_file()
     gdrt = only_t.nodes[only_t.roles["t"]["gdrt"]]
     assert gdrt.dirname.startswith("train-gdrt-t-")  # nothing earlier: keeps its own name
+
+
+def test_a_failed_gdrt_run_step_is_labelled_gdrt_run(tmp_path, monkeypatch):
+    """The steps of `gdrt run` run in the sweep's executor; their errors said `gdrt sweep: curate: error:`."""
+    from pipelines import local_run
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    stream = io.StringIO()
+    with pytest.raises(GdrtError) as e:
+        local_run.run({"source": str(tmp_path / "no-such-source")}, tmp_path / "out", stream=stream)
+    assert "the pipeline failed at curate: gdrt run: curate: error:" in str(e.value)
+    assert "gdrt sweep" not in str(e.value) + stream.getvalue()
