@@ -483,7 +483,7 @@ def run(sweep_file: str, out: str | os.PathLike, *, jobs: int = 1, overrides: li
         only: list[str] | None = None, dry_run: bool = False, stream=None) -> dict:
     """Plan, run and collect a sweep; returns the per-variant results (written to <out>/results.*)."""
     stream = stream or sys.stderr
-    from gdrt_core.artifacts import write_json_atomic
+    from gdrt_core.artifacts import atomic_file, write_json_atomic
     from gdrt_core.tracking import RunContext, finish_run, start_pipeline_run
 
     experiment, variants = load_sweep(sweep_file, list(overrides), only)
@@ -508,9 +508,8 @@ def run(sweep_file: str, out: str | os.PathLike, *, jobs: int = 1, overrides: li
     finally:
         results = collect(plan_, out)
         write_json_atomic(out / "results.json", results)
-        tmp = out / ".results.md.tmp"
-        tmp.write_text(results_markdown(results, f"gdrt sweep {Path(sweep_file).name}"), encoding="utf-8")
-        os.replace(tmp, out / "results.md")
+        with atomic_file(out / "results.md") as tmp:
+            tmp.write_text(results_markdown(results, f"gdrt sweep {Path(sweep_file).name}"), encoding="utf-8")
         pooled = pooled_rows(results)
         if any(isinstance(r.get("ndcg@10"), float) for rows in pooled.values() for r in rows):
             from gdrt_core.results import plot

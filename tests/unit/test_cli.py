@@ -203,6 +203,33 @@ def test_compile_into_a_file_is_a_clear_error(tmp_path, capsys):
     assert a_file.read_text() == "x"
 
 
+def test_compile_with_a_directory_in_the_way_leaves_no_temporary_file(tmp_path, capsys):
+    """A directory where the second YAML goes: the first is written, the second is a one-paragraph error naming
+    the path, and its temporary file (`.gdrt_pipeline_multinode.tmp.yaml`) is removed, not left behind."""
+    from pipelines.compile import main as compile_main
+
+    (tmp_path / "gdrt_pipeline_multinode.yaml").mkdir()
+    assert compile_main(["--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"pipelines/compile.py: error: {tmp_path / 'gdrt_pipeline_multinode.yaml'}: Is a directory" in err
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["gdrt_pipeline.yaml", "gdrt_pipeline_multinode.yaml"]
+
+
+def test_atomic_file_removes_its_temporary_file_on_any_failure(tmp_path):
+    from gdrt_core.artifacts import atomic_file, write_json_atomic
+
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "a.txt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    (tmp_path / "b.json").mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_json_atomic(tmp_path / "b.json", {"x": 1})
+    assert sorted(os.listdir(tmp_path)) == ["b.json"]
+    write_json_atomic(tmp_path / "c.json", {"x": 1})
+    assert (tmp_path / "c.json").read_text() == '{\n  "x": 1\n}\n'
+
+
 def test_required_settings_can_come_from_the_config_or_set(tmp_path, monkeypatch):
     """What `--help` says: a required setting is a flag, a key of --config FILE.yaml, or a --set."""
     seen = {}
