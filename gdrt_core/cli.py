@@ -108,7 +108,8 @@ def _recommend(p: argparse.ArgumentParser) -> None:
                    "(with --dataset), or baseline:most-popular | baseline:most-popular-valid (with --dataset)")
     p.add_argument("--history", nargs="+", help="history titles, oldest first")
     p.add_argument("--input", help="parquet with a `history` column (list of titles) for batch use")
-    p.add_argument("--out", help="output parquet for --input")
+    p.add_argument("--out", help="write the rankings to this parquet file (required with --input): the input's "
+                   "columns, or a `history` column for --history, plus `recommendations` and `scores`")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--domain", default=None, help="prompt domain (default: the model's training domain)")
     p.add_argument("--dataset", default=None, help="Dataset artifact with the catalogue (default: the model's own)")

@@ -530,6 +530,29 @@ def test_recommend_names_what_model_accepts(tmp_path, capsys):
     assert capsys.readouterr().out == "  1.    2.0000  Stapler\n  2.    1.0000  Desk Lamp\n"
 
 
+def test_recommend_history_with_out_writes_the_ranking(tmp_path, capsys):
+    """`--history ... --out recs.parquet` printed the ranking and ignored --out; now it also writes the file
+    --input writes (a `history` column, `recommendations`, `scores`), atomically."""
+    import pyarrow.parquet as pq
+
+    from gdrt_core.artifacts import atomic_output_dir
+    from gdrt_core.dataset import write_dataset
+
+    train = {"example_id": [0, 1], "user_id": ["u", "v"], "history": [[1], [3]], "target": [2, 2], "timestamp": [1, 2]}
+    with atomic_output_dir(tmp_path / "ds") as tmp:
+        write_dataset(tmp, titles={1: "Desk Lamp", 2: "Stapler", 3: "Pens"}, splits={"train": train}, domain="office")
+    out = tmp_path / "recs.parquet"
+    args = ["recommend", "--model", "baseline:most-popular", "--dataset", str(tmp_path / "ds"), "--k", "2"]
+    assert main([*args, "--history", "Desk Lamp", "Pens", "--out", str(out)]) == 0
+    assert capsys.readouterr().out == ("  1.    2.0000  Stapler\n  2.    1.0000  Desk Lamp\n"
+                                       f"wrote 1 ranking to {out}\n")
+    assert pq.read_table(out).to_pylist() == [{"history": ["Desk Lamp", "Pens"],
+                                               "recommendations": ["Stapler", "Desk Lamp"], "scores": [2.0, 1.0]}]
+    assert sorted(os.listdir(tmp_path)) == ["ds", "recs.parquet"]
+    assert main([*args, "--history", "Desk Lamp", "--out", str(tmp_path / "ds")]) == 2
+    assert "the output is an input (the dataset)" in capsys.readouterr().err
+
+
 def test_the_library_cli_has_the_installed_pipeline_commands(tmp_path, capsys):
     """`python -m gdrt_core.cli run|sweep` works where the pipelines package is installed (the `gdrt.commands`
     entry points), without the library importing it: a bad setting is refused before any step runs."""
