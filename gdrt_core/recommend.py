@@ -195,10 +195,9 @@ def load_recommender(model: str, *, dataset: str | None = None, domain: str | No
         import shutil
 
         from gdrt_core.registry import load_verified_model
-        from gdrt_core.tracking import reachable_uri, tracking_uri
+        from gdrt_core.tracking import tracking_uri
 
-        reachable_uri()  # a dead server: an error naming it in seconds, not minutes (and bounded retries)
-        try:
+        try:  # a dead server or a missing store: an error naming it in seconds (tracking.model_store_uri)
             loaded, local = load_verified_model(model)
         except GdrtError:
             raise

@@ -633,6 +633,29 @@ def test_models_uri_with_a_dead_server_fails_fast_naming_it(monkeypatch):
     assert time.monotonic() - started < 15
 
 
+def test_a_models_uri_without_a_tracking_store_is_refused_not_created(tmp_path, monkeypatch):
+    """With no MLFLOW_TRACKING_URI, `gdrt recommend --model models:/...` created ./mlflow.db (an empty
+    store) and then said the model was not found; now it is refused before any store is opened, saying to set
+    MLFLOW_TRACKING_URI. An explicit sqlite store that does not exist is refused too; an existing
+    ./mlflow.db (the store `gdrt run` writes) is used."""
+    from gdrt_core.recommend import load_recommender
+    from gdrt_core.tracking import model_store_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for model in ("models:/gdrt-office@champion", "runs:/0123/model"):
+        with pytest.raises(GdrtError, match=f"{model} is a model in MLflow, but MLFLOW_TRACKING_URI is not set and "
+                                            r"there is no MLflow store in this directory .*set MLFLOW_TRACKING_URI"):
+            load_recommender(model)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///typo.db")
+    with pytest.raises(GdrtError, match="the store of MLFLOW_TRACKING_URI=sqlite:///typo.db does not exist"):
+        load_recommender("models:/gdrt-office@champion")
+    assert os.listdir(tmp_path) == []
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    (tmp_path / "mlflow.db").touch()
+    assert model_store_uri("models:/gdrt-office@champion") == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
 def test_client_http_retries_are_bounded_unless_set(monkeypatch):
     from gdrt_core import tracking
 
