@@ -215,14 +215,19 @@ def plan(variants: dict[str, Variant]) -> Plan:
     return Plan(nodes, roles, variants)
 
 
+RUN_PARAMS = "params.json"  # gdrt run's record of the parameters its working directory was started with
+
+
 def check_work_dir(out: Path) -> None:
     """Refuse, before any work, an --out that is a directory holding other things than an earlier run of this
-    executor (`gdrt run` or `gdrt sweep`), whose stages/*.done.json and logs/*.spec.json mark it: that one
-    resumes; a new or empty directory starts a run; anything else would get the run's files mixed into it."""
+    executor (`gdrt run` or `gdrt sweep`), whose stages/*.done.json, logs/*.spec.json or (gdrt run)
+    params.json mark it: that one resumes; a new or empty directory starts a run; anything else would get the
+    run's files mixed into it."""
     if not out.is_dir():
         return  # new (created by the run); a file is refused by the file system, naming it
     entries = sorted(p.name for p in out.iterdir())
-    if not entries or any((out / "stages").glob("*.done.json")) or any((out / "logs").glob("*.spec.json")):
+    if (not entries or any((out / "stages").glob("*.done.json")) or any((out / "logs").glob("*.spec.json"))
+            or (out / RUN_PARAMS).is_file()):
         return
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     raise GdrtError(f"the output directory is not empty (it holds {shown}) and is not an earlier run's working "

@@ -191,3 +191,30 @@ def test_a_failed_gdrt_run_step_is_labelled_gdrt_run(tmp_path, monkeypatch):
         local_run.run({"source": str(tmp_path / "no-such-source")}, tmp_path / "out", stream=stream)
     assert "the pipeline failed at curate: gdrt run: curate: error:" in str(e.value)
     assert "gdrt sweep" not in str(e.value) + stream.getvalue()
+
+
+def test_gdrt_run_resumes_only_the_config_a_directory_was_started_with(tmp_path, monkeypatch):
+    """`gdrt run --out DIR` with another config resumed silently, mixing two configs' stages in one run
+    directory. DIR/params.json records the parameters; a difference is refused before any step, naming DIR
+    and each difference. A directory without the record (a sweep's) resumes only with its own stages."""
+    from pipelines import local_run
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    out = tmp_path / "out"
+    params = {"source": str(tmp_path / "no-such-source")}  # curate fails at once: no model is trained
+    for _ in range(2):  # the same config resumes (and fails at curate again)
+        with pytest.raises(GdrtError, match="the pipeline failed at curate"):
+            local_run.run(params, out, stream=io.StringIO())
+    assert json.loads((out / "params.json").read_text())["source"] == params["source"]
+    logs = sorted((out / "logs").iterdir())
+    with pytest.raises(GdrtError) as e:
+        local_run.run({**params, "tau": 0.5, "train_settings": {"epochs": 2}}, out, stream=io.StringIO())
+    assert (f"{out}: the run directory was started with another config: tau 1.0 then, 0.5 now; "
+            "train_settings.epochs unset then, 2 now (to resume it, give it the config it was started with") in str(e.value)
+    assert sorted((out / "logs").iterdir()) == logs  # refused before any step
+    (out / "params.json").unlink()
+    (out / "stages").mkdir(exist_ok=True)
+    (out / "stages" / "train-sft-a-0123abcd.done.json").write_text("{}")  # another config's (a sweep's) stage
+    with pytest.raises(GdrtError, match="holds finished stages that this config does not have "
+                                        r"\(train-sft-a-0123abcd\)"):
+        local_run.run(params, out, stream=io.StringIO())
