@@ -61,21 +61,33 @@ def follow_umask(root: str | os.PathLike) -> None:
         os.chmod(path, _umask_mode(full))
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to `path` via a temporary file and an atomic rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path beside `path` (same suffix, for writers that pick the format by it); when
+    the block succeeds it replaces `path` in one rename, with the mode the umask allows. On any failure,
+    the write's or the rename's (a directory in the way of `path`), the temporary file is removed: no
+    half-written `path` and no leftover."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
+        yield tmp
         os.chmod(tmp, _umask_mode(0o666))
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:  # name the path that was in the way, not the temporary file
+            raise type(e)(e.errno, e.strerror, str(path)) from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to `path` via a temporary file and an atomic rename (`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
 def check_not_input(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:

@@ -3,8 +3,9 @@
 One subcommand per stage of the registry (`gdrt_core.stages.STAGES`), plus `gdrt recommend`. Every stage
 runs through one command, `run_stage_command`: it builds the stage's typed config (the registry's config class)
 from --config, then --set, then the stage's flags (each flag's dest is a config field), calls the stage's
-`run(config)` and prints the line of the stage module's `summary_line(config, result)`. A rule between flags
-(init-model's --size/--seed with --pretrained/--gguf) is the stage's `check` in STAGE_CHECKS.
+`run(config)` and prints the line of the stage module's `summary_line(config, result)`. Rules between settings
+(init-model's size / seed with pretrained / gguf) belong to the config (`config.field`), whichever way the
+settings were given.
 The run context (MLflow parent run, run name, tracking on/off) comes from the explicit flags
 --parent-run-id / --run-name / --experiment / --no-tracking, and is handed to the stage's run. A `GdrtError`
 becomes a one-paragraph message on stderr and exit code 2.
@@ -67,12 +68,6 @@ def _init_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf", help="convert a local GGUF file instead")
 
 
-def _check_init_model(args: argparse.Namespace) -> None:
-    if (args.pretrained or args.gguf) and (args.size is not None or args.seed is not None):
-        raise GdrtError("--size and --seed set the embedded model; a pretrained backbone has its own",
-                        hint="drop --size / --seed, or drop --pretrained / --gguf")
-
-
 def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset")
     p.add_argument("--model", help="hub id or model directory")
@@ -113,7 +108,8 @@ def _recommend(p: argparse.ArgumentParser) -> None:
                    "(with --dataset), or baseline:most-popular | baseline:most-popular-valid (with --dataset)")
     p.add_argument("--history", nargs="+", help="history titles, oldest first")
     p.add_argument("--input", help="parquet with a `history` column (list of titles) for batch use")
-    p.add_argument("--out", help="output parquet for --input")
+    p.add_argument("--out", help="write the rankings to this parquet file (required with --input): the input's "
+                   "columns, or a `history` column for --history, plus `recommendations` and `scores`")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--domain", default=None, help="prompt domain (default: the model's training domain)")
     p.add_argument("--dataset", default=None, help="Dataset artifact with the catalogue (default: the model's own)")
@@ -125,8 +121,6 @@ STAGE_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "curate": _curate, "init-model": _init_model, "train": _train, "group": _group, "attribute": _attribute,
     "evaluate": _evaluate,
 }
-# stage -> a rule between its flags, checked before the config is built (raises GdrtError)
-STAGE_CHECKS: dict[str, Callable[[argparse.Namespace], None]] = {"init-model": _check_init_model}
 # commands of the library that are not stages
 COMMANDS: dict[str, Command] = {
     "recommend": Command("top-K recommendations from a model dir or models:/ URI", _recommend, "gdrt_core.recommend"),
@@ -176,8 +170,6 @@ def run_context(args: argparse.Namespace):
 
 def run_stage_command(stage: str, args: argparse.Namespace) -> None:
     """`gdrt <stage>`: the stage's config from --config < --set < its flags, its `run`, its summary line."""
-    if stage in STAGE_CHECKS:
-        STAGE_CHECKS[stage](args)
     cls = STAGES[stage].config_class()
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
     try:

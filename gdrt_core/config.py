@@ -27,7 +27,7 @@ def field(
     default: Any = dataclasses.MISSING, *, help: str,  # noqa: A002
     choices: tuple | list | None = None, ge: float | None = None, gt: float | None = None,
     le: float | None = None, lt: float | None = None, check: Callable[[Any], str | None] | None = None,
-    path: bool = False, **kw: Any,
+    path: bool = False, unused_with: tuple[str, ...] = (), **kw: Any,
 ) -> Any:
     """A dataclass field with its help string (shown by `gdrt <stage> --help` and in docs) and its range.
 
@@ -35,11 +35,14 @@ def field(
     number; check: a function of the value returning what is wrong with it, or None. None values (an
     optional setting left unset) are not checked; float values must always be finite. path: the setting is a
     file or directory: `~` is expanded when the config is built (`from_dict`), and an empty value is refused
-    (it would be the current directory).
+    (it would be the current directory). unused_with: settings that make this one have no effect when they are
+    set (init-model's size with pretrained): giving both is an error naming both (`from_dict`).
     """
     meta: dict[str, Any] = {"help": help}
     if path:
         meta["path"] = True
+    if unused_with:
+        meta["unused_with"] = tuple(unused_with)
     for name, value in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("check", check)):
         if value is not None:
             meta[name] = tuple(value) if name == "choices" else value
@@ -180,8 +183,13 @@ def set_value(value: Any, tp: Any, key: str, source: str) -> Any:
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Convert a YAML, string or `--set` value to the field type `tp`, with a clear error."""
+    """Convert a YAML, string or `--set` value to the field type `tp`, with a clear error. A YAML boolean
+    given for a text setting (`out: on` is True) is an error: its text ("True") is not what was written."""
     value = set_value(value, tp, key, source)
+    if isinstance(value, bool) and is_text(tp):
+        raise GdrtError(f"{key}: got the YAML boolean {value!r} for a text setting", path=source,
+                        hint=f"YAML reads unquoted on, off, yes, no, true and false as booleans: quote the value, "
+                             f"e.g. `{key.rsplit('.', 1)[-1]}: \"on\"`")
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -222,6 +230,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
         raise GdrtError(f"{key}: expected true/false, got {value!r}", path=source)
+    if tp is str and value is None:  # str(None) would be a directory named "None"
+        raise GdrtError(f"{key}: has no value", path=source,
+                        hint=f"give it one (`{key.rsplit('.', 1)[-1]}: VALUE`), or leave the key out for its default")
     if tp in (int, float) and isinstance(value, bool):  # int(True) would be a silent 1
         raise GdrtError(f"{key}: expected {tp.__name__}, got the boolean {value!r}", path=source)
     if tp in (int, float, str):
@@ -231,6 +242,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return tp(value)
         except (TypeError, ValueError):
             raise GdrtError(f"{key}: expected {tp.__name__}, got {value!r}", path=source) from None
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise GdrtError(f"{key}: expected a mapping, got {value!r}", path=source)
+        return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -284,6 +299,13 @@ def from_dict(cls: type[T], data: dict, *, source: str = "<config>", prefix: str
     missing = [prefix + n for n in required_settings(cls) if n not in data]
     if missing:
         raise MissingSettings(missing, source)
+    for name in data:
+        for other in fields[name].metadata.get("unused_with", ()):
+            if data.get(other):
+                raise GdrtError(f"setting {prefix}{name} has no effect with {prefix}{other}, given by "
+                                f"{sources.get(other, source)}", path=sources.get(name, source),
+                                hint=f"{name}: {fields[name].metadata['help']}. Drop {prefix}{name}, or drop "
+                                     f"{prefix}{other}")
     kwargs = {k: _coerce(v, hints[k], prefix + k, sources.get(k, source)) for k, v in data.items()}
     for k, v in kwargs.items():
         if fields[k].metadata.get("path") and isinstance(v, str) and v.startswith("~"):
@@ -318,16 +340,22 @@ def set_dotted(data: dict, key: str, value: Any, where: str | None = None) -> No
 
 
 def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
-    """A YAML file holding a mapping; a missing file, bad YAML, an empty file (nothing but comments) or a
-    value other than a mapping is a GdrtError naming the file. Every config file (a stage's --config, the
-    pipeline config of `gdrt run`, a sweep file) is read here, so they are refused alike."""
+    """A YAML file holding a mapping; a missing file, text that is not UTF-8, bad YAML, an empty file (nothing
+    but comments) or a value other than a mapping is a GdrtError naming the file (and the line of a byte that
+    is not UTF-8). Every config file (a stage's --config, the pipeline config of `gdrt run`, a sweep file) is
+    read here, so they are refused alike."""
     import yaml
 
     try:
-        with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            data = f.read()
+        loaded = yaml.safe_load(data.decode("utf-8"))
     except FileNotFoundError:
         raise GdrtError(f"{what} not found", path=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise GdrtError(f"the {what} is not UTF-8 text (byte 0x{data[e.start]:02x})", path=str(path),
+                        line=data[: e.start].count(b"\n") + 1,
+                        hint="save it as UTF-8, e.g. `iconv -f ITS-ENCODING -t UTF-8`") from None
     except yaml.YAMLError as e:
         raise GdrtError(f"invalid YAML: {e}", path=str(path)) from None
     if not isinstance(loaded, dict):

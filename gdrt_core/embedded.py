@@ -10,6 +10,7 @@ Deterministic: the same dataset, size and seed give byte-identical tokenizer.jso
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ SIZES: dict[str, ModelSize] = {
     "small": ModelSize(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=344, vocab=4096),
 }
 MAX_POSITIONS = 2048  # RoPE: no parameters; Office prompts are ~350 tokens, the longest ~470
+BACKBONES = ("pretrained", "gguf")  # the settings that install a pretrained backbone instead of the embedded model
 
 
 @dataclass
@@ -53,10 +55,11 @@ class EmbeddedConfig:
         "gemma3-270m (fetched once into the cache, de-quantised to float32; docs/models.md)"
     )
     gguf: str | None = field(None, path=True, help="convert this local GGUF file (any architecture transformers' GGUF loader supports)")
-    size: str = field("small", choices=tuple(SIZES), help="tiny (tests) | small (the main job)")
-    seed: int = field(0, ge=0, le=2**32 - 1, help="seed of the random weights")
-    vocab_size: int | None = field(None, ge=512, le=2**31 - 1, help="BPE vocabulary size (default: by size, 2048 tiny / 4096 small; at least 256 bytes + merges)")
-    prompt_examples: int = field(8, ge=0, help="train windows rendered with every domain wording for the tokenizer corpus")
+    # settings of the embedded model alone: with pretrained / gguf they have no effect, and giving one is an error
+    size: str = field("small", choices=tuple(SIZES), unused_with=BACKBONES, help="the embedded model's size: tiny (tests) | small (the main job)")
+    seed: int = field(0, ge=0, le=2**32 - 1, unused_with=BACKBONES, help="seed of the embedded model's random weights")
+    vocab_size: int | None = field(None, ge=512, le=2**31 - 1, unused_with=BACKBONES, help="the embedded model's BPE vocabulary size (default: by size, 2048 tiny / 4096 small; at least 256 bytes + merges)")
+    prompt_examples: int = field(8, ge=0, unused_with=BACKBONES, help="train windows rendered with every domain wording for the embedded model's tokenizer corpus")
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -192,7 +195,7 @@ def _write_model(config: EmbeddedConfig, guard: dict, dataset, tokenizer, model)
         )
 
 
-EMBEDDED_ONLY = ("size", "seed", "vocab_size", "prompt_examples")  # settings of the embedded model alone
+EMBEDDED_ONLY = tuple(f.name for f in dataclasses.fields(EmbeddedConfig) if f.metadata.get("unused_with"))
 
 
 def recorded_config(config: EmbeddedConfig) -> dict:
@@ -200,7 +203,7 @@ def recorded_config(config: EmbeddedConfig) -> dict:
     values = to_dict(config)
     if config.pretrained or config.gguf:
         return {k: v for k, v in values.items() if k not in EMBEDDED_ONLY}
-    return {k: v for k, v in values.items() if k not in ("pretrained", "gguf")}
+    return {k: v for k, v in values.items() if k not in BACKBONES}
 
 
 def run_pretrained(config: EmbeddedConfig) -> dict:

@@ -237,9 +237,10 @@ def _open_work_dir(config: GroupConfig) -> Path:
 def _write_table_atomic(table, path: Path) -> None:
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    from gdrt_core.artifacts import atomic_file
+
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _score_split(model, tokenizer, ds, split: str, config: GroupConfig, work: Path, bar) -> list[Path]:

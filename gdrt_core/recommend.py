@@ -1,6 +1,6 @@
 """`gdrt recommend`: top-K catalogue titles for a history, from a model dir or an MLflow models:/ URI.
 
-    gdrt recommend --model models:/gdrt-office@champion --history "title a" "title b" --k 10
+    gdrt recommend --model models:/gdrt-office@champion --history "title a" "title b" --k 10 [--out recs.parquet]
     gdrt recommend --model runs/x/model --input histories.parquet --out recs.parquet
     gdrt recommend --model baseline:most-popular --dataset runs/x/stages/curate --history "title a"
 
@@ -195,10 +195,9 @@ def load_recommender(model: str, *, dataset: str | None = None, domain: str | No
         import shutil
 
         from gdrt_core.registry import load_verified_model
-        from gdrt_core.tracking import reachable_uri, tracking_uri
+        from gdrt_core.tracking import tracking_uri
 
-        reachable_uri()  # a dead server: an error naming it in seconds, not minutes (and bounded retries)
-        try:
+        try:  # a dead server or a missing store: an error naming it in seconds (tracking.model_store_uri)
             loaded, local = load_verified_model(model)
         except GdrtError:
             raise
@@ -222,6 +221,8 @@ def load_recommender(model: str, *, dataset: str | None = None, domain: str | No
 
 
 def cli(args: argparse.Namespace) -> None:
+    """Rank --history (printed) or the histories of --input; --out writes them as parquet (required with
+    --input): the input's columns, or a `history` column for --history, plus `recommendations` and `scores`."""
     if bool(args.history) == bool(args.input):
         raise GdrtError("give either --history TITLE ... or --input histories.parquet")
     if args.k < 1:
@@ -230,35 +231,36 @@ def cli(args: argparse.Namespace) -> None:
         from gdrt_core.prompts import get_domain
 
         get_domain(args.domain)
-    if args.history:
-        check_histories([args.history], where="--history")
-    else:
-        if not args.out:
-            raise GdrtError("--input needs --out (the parquet file to write the recommendations to)")
+    if args.input and not args.out:
+        raise GdrtError("--input needs --out (the parquet file to write the recommendations to)")
+    if args.out:
         from gdrt_core.artifacts import check_not_input
 
         check_not_input(args.out, {"--input file": args.input, "model": args.model, "dataset": args.dataset})
         if Path(args.out).is_dir():
             raise GdrtError("--out is a directory, expected a parquet file path", path=args.out)
+    if args.history:
+        histories = [args.history]
+        check_histories(histories, where="--history")
+    else:
         histories = read_histories(args.input)
     rec = load_recommender(args.model, dataset=getattr(args, "dataset", None), domain=args.domain)
+    results = rec.recommend(histories, k=args.k)
     if args.history:
-        (result,) = rec.recommend([args.history], k=args.k)
         from gdrt_core.text import printable
 
-        for i, (title, score) in enumerate(zip(result.titles, result.scores, strict=True), start=1):
+        for i, (title, score) in enumerate(zip(results[0].titles, results[0].scores, strict=True), start=1):
             print(f"{i:3d}. {score:9.4f}  {printable(title)}")  # catalogue text never drives the terminal
+    if not args.out:
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(args.input)
-    results = rec.recommend(histories, k=args.k)
-    out = table.append_column("recommendations", pa.array([r.titles for r in results])).append_column(
-        "scores", pa.array([r.scores for r in results], pa.list_(pa.float32()))
-    )
+    from gdrt_core.artifacts import atomic_file
 
-    tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp")
-    pq.write_table(out, tmp)
-    os.replace(tmp, args.out)
-    print(f"wrote {len(results)} rankings to {args.out}")
+    table = pq.read_table(args.input) if args.input else pa.table({"history": pa.array(histories, pa.list_(pa.string()))})
+    table = table.append_column("recommendations", pa.array([r.titles for r in results], pa.list_(pa.string())))
+    table = table.append_column("scores", pa.array([r.scores for r in results], pa.list_(pa.float32())))
+    with atomic_file(args.out) as tmp:
+        pq.write_table(table, tmp)
+    print(f"wrote {len(results)} ranking{'s' if len(results) != 1 else ''} to {args.out}")

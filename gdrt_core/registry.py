@@ -158,10 +158,11 @@ def load_verified_model(uri: str):
     import mlflow
 
     from gdrt_core.tracking import client as tracking_client
-    from gdrt_core.tracking import tracking_uri
+    from gdrt_core.tracking import model_store_uri
 
-    client = tracking_client(registry=True)  # a fresh file-based store is created once, under its lock
-    mlflow.set_tracking_uri(tracking_uri())
+    store = model_store_uri(uri)  # a store that exists (none is created to read from), a server that answers
+    client = tracking_client(store, registry=True)
+    mlflow.set_tracking_uri(store)
     local = tempfile.mkdtemp(prefix="gdrt-model-")
     try:
         model_dir = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=local)

@@ -58,8 +58,9 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def store_lock_path(uri: str) -> Path | None:
-    """The lock file beside a file-based store (sqlite database or file store directory); None for servers."""
+def store_path(uri: str) -> Path | None:
+    """The file or directory of a file-based store (sqlite database or file store directory); None for
+    servers (and an in-memory sqlite)."""
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):].split("?", 1)[0]  # sqlite:////abs/path or sqlite:///relative/path
         if not path or path == ":memory:":
@@ -72,8 +73,13 @@ def store_lock_path(uri: str) -> Path | None:
         path = uri  # a plain directory is a file store
     else:
         return None
-    store = Path(path).absolute()
-    return store.with_name(store.name + ".lock")
+    return Path(path).absolute()
+
+
+def store_lock_path(uri: str) -> Path | None:
+    """The lock file beside a file-based store (sqlite database or file store directory); None for servers."""
+    store = store_path(uri)
+    return None if store is None else store.with_name(store.name + ".lock")
 
 
 @contextlib.contextmanager
@@ -209,6 +215,24 @@ def reachable_uri() -> str:
     check_reachable(uri)
     bound_http_retries()
     return uri
+
+
+def model_store_uri(model: str) -> str:
+    """The tracking URI to read `model` (a models:/ or runs:/ URI) from, after `reachable_uri`'s health check.
+    A file-based store that does not exist is refused: opening it would create an empty store (./mlflow.db
+    when MLFLOW_TRACKING_URI is not set), which holds no model."""
+    uri = tracking_uri()
+    store = store_path(uri)
+    if store is not None and not store.exists():
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            raise GdrtError(f"{model} is a model in MLflow, but MLFLOW_TRACKING_URI is not set and there is no "
+                            f"MLflow store in this directory ({store})",
+                            hint="set MLFLOW_TRACKING_URI to the server or store that holds it, e.g. "
+                                 "http://HOST:5000 or sqlite:////path/to/mlflow.db, or run from the directory of "
+                                 "the gdrt run that registered it")
+        raise GdrtError(f"{model} is a model in MLflow, but the store of MLFLOW_TRACKING_URI={uri} does not exist",
+                        path=str(store), hint="set MLFLOW_TRACKING_URI to the server or store that holds the model")
+    return reachable_uri()
 
 
 def _permanent(error: Exception) -> bool:

@@ -26,6 +26,7 @@ def compile_all(out_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)  # a path of the wrong kind fails here, before kfp is imported
     from kfp import compiler
 
+    from gdrt_core.artifacts import atomic_file
     from pipelines.gdrt_pipeline import build_pipeline
 
     written = []
@@ -35,9 +36,8 @@ def compile_all(out_dir: str | Path) -> list[Path]:
     for name, pipeline in (("gdrt_pipeline.yaml", build_pipeline(cluster=True, checkpoint_pvc=resources.CACHE_PVC)),
                            ("gdrt_pipeline_multinode.yaml", build_multinode_pipeline())):
         path = out_dir / name
-        tmp = path.with_name(f".{path.stem}.tmp.yaml")
-        compiler.Compiler().compile(pipeline, str(tmp))
-        tmp.replace(path)
+        with atomic_file(path) as tmp:  # a .yaml temporary: kfp picks the format by the suffix
+            compiler.Compiler().compile(pipeline, str(tmp))
         written.append(path)
     return written
 

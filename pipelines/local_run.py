@@ -4,12 +4,15 @@ The same graph the cluster runs (pipelines/graph.py, with the registry step), ex
 executor (pipelines/sweep.py) as one variant: each step in its own process through
 `gdrt_core.stages.run_step`, the function the pipeline's components call, so a step resolves the same
 config here as in KFP. Independent steps run at once with `--jobs N` (default 1). Parameters come from a
-YAML config (pipelines/configs/quickstart.yaml by default) and `--set key=value` overrides. Artifacts go
-under --out (default runs/<timestamp>): <out>/stages/<step>, each step's log in <out>/logs/. MLflow logs to
+YAML config (default: the quickstart.yaml in pipelines/configs/ beside this module, wherever the command is
+started) and `--set key=value` overrides. Artifacts go under --out (default runs/<timestamp>):
+<out>/stages/<step>, each step's log in <out>/logs/. MLflow logs to
 MLFLOW_TRACKING_URI or the embedded sqlite store ./mlflow.db: the runner opens the parent run, nests every
 step's run under it (run names as in KFP) and closes it as FINISHED or FAILED. One progress line per step.
-Re-running with the same --out resumes: finished steps are kept. An --out that is neither new, empty nor an
-earlier run's working directory is refused before the first step (`sweep.check_work_dir`).
+Re-running with the same --out and the same config resumes: finished steps are kept; <out>/params.json records
+the parameters a directory was started with, and other parameters are refused, naming each difference
+(`check_same_config`). An --out that is neither new, empty nor an earlier run's working directory is refused
+before the first step (`sweep.check_work_dir`).
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ def plan_run(params: dict):
 
 def run(params: dict, out: str | os.PathLike, *, jobs: int = 1, stream=None) -> dict:
     """Run the pipeline locally; returns the report's comparison (rows per model) and its directory."""
+    from gdrt_core.artifacts import write_json_atomic
     from gdrt_core.tracking import RunContext, finish_run, start_pipeline_run
-    from pipelines.sweep import _last_line, adopt_existing, check_work_dir, execute, node_dir
+    from pipelines.sweep import RUN_PARAMS, _last_line, adopt_existing, check_work_dir, execute, node_dir
 
     out = Path(out).absolute()
     check_work_dir(out)
@@ -53,7 +57,9 @@ def run(params: dict, out: str | os.PathLike, *, jobs: int = 1, stream=None) -> 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     plan_ = plan_run(params)
     adopt_existing(plan_, out)
+    check_same_config(out, plan_)
     p = plan_.variants[VARIANT].params
+    write_json_atomic(out / RUN_PARAMS, p)
     print(f"gdrt run: pipeline on {p['source']} -> {out} (step logs: {out / 'logs'})", file=stream or sys.stderr)
     enabled = RunContext().enabled
     parent = start_pipeline_run(p["experiment"], p["run_name"],
@@ -77,6 +83,46 @@ def run(params: dict, out: str | os.PathLike, *, jobs: int = 1, stream=None) -> 
     dataset = node_dir(out, plan_.nodes[plan_.roles[VARIANT]["data"]])
     baseline = popularity_row(p, dataset, out / "baselines")
     return {**comparison, "rows": [*comparison["rows"], baseline], "report_dir": str(report_dir)}
+
+
+def check_same_config(out: Path, plan_) -> None:
+    """A run directory resumes only the config it was started with. Its params.json (`sweep.RUN_PARAMS`)
+    records the pipeline parameters it was started with (defaults filled in); other parameters now are refused,
+    naming the directory and each difference. A working directory without that record (a sweep's, or one
+    from before it was kept) resumes only when every finished stage in it is a stage of this config."""
+    from gdrt_core.config import flatten
+    from pipelines.sweep import RUN_PARAMS
+
+    recorded = out / RUN_PARAMS
+    if recorded.is_file():
+        try:
+            before = json.loads(recorded.read_text(encoding="utf-8"))
+            before = flatten(before) if isinstance(before, dict) else None
+        except (OSError, ValueError):
+            before = None
+        if before is None:
+            raise GdrtError("the record of the parameters this run directory was started with cannot be read",
+                            path=str(recorded), hint="choose a new --out")
+        now = flatten(json.loads(json.dumps(plan_.variants[VARIANT].params, default=str)))
+
+        def shown(values: dict, key: str) -> str:
+            return repr(values[key]) if key in values else "unset"
+
+        changed = [f"{k} {shown(before, k)} then, {shown(now, k)} now" for k in sorted({*before, *now})
+                   if (k in before, before.get(k)) != (k in now, now.get(k))]
+        if changed:
+            more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+            raise GdrtError(f"the run directory was started with another config: {'; '.join(changed[:8])}{more}",
+                            path=str(out), hint=f"to resume it, give it the config it was started with (its "
+                                                f"parameters are in {recorded}); else choose a new --out")
+        return
+    keys = {key[:8] for key in plan_.nodes}
+    names = [path.name[: -len(".done.json")] for path in (out / "stages").glob("*.done.json")]
+    foreign = sorted(name for name in names if name.rsplit("-", 1)[-1] not in keys)
+    if foreign:
+        raise GdrtError(f"the working directory holds finished stages that this config does not have "
+                        f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): it was made by another "
+                        "config or by gdrt sweep", path=str(out), hint="choose a new --out")
 
 
 def popularity_row(params: dict, dataset: Path, out: Path) -> dict:
@@ -113,7 +159,7 @@ def format_table(comparison: dict) -> str:
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="pipeline config (default: pipelines/configs/quickstart.yaml)")
+    p.add_argument("--config", default=None, help="pipeline config (default: the package's pipelines/configs/quickstart.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="working directory for artifacts: new, empty, or an earlier "
                    "run's, which resumes (default: runs/<timestamp>)")

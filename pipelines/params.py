@@ -13,7 +13,9 @@ from typing import Any
 
 from gdrt_core.errors import GdrtError
 
-DEFAULT_CONFIG = Path("pipelines/configs/quickstart.yaml")
+# `gdrt run` without --config: the quickstart beside this module, wherever the command is started (relative
+# paths inside a config, such as its `source`, are relative to the current directory)
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
 PIPELINE_DEFAULTS: dict[str, Any] = {
     "source": "data/office",
     "source_format": "sliding",
@@ -28,7 +30,7 @@ PIPELINE_DEFAULTS: dict[str, Any] = {
     "deepspeed": "zero2",
     "eval_split": "test",
     "curate_settings": {},
-    "model_settings": {"size": "small"},
+    "model_settings": {},  # the embedded model's settings (EmbeddedConfig's defaults: size small, seed 0)
     "train_settings": {},
     "group_settings": {},
     "eval_settings": {},
@@ -71,13 +73,11 @@ def override(item: str) -> tuple[str, Any]:
 
 
 def load_params(config: str | os.PathLike | None, overrides: list[str]) -> dict:
-    """Pipeline parameters from the YAML file, then `key=value` overrides (`override`)."""
+    """Pipeline parameters from the YAML file (default: `DEFAULT_CONFIG`, which must exist: the built-in
+    defaults alone would be a different run), then `key=value` overrides (`override`)."""
     from gdrt_core.config import read_yaml, set_dotted
 
-    params: dict = {}
-    path = Path(config) if config else DEFAULT_CONFIG
-    if config or path.is_file():
-        params = read_yaml(path, "pipeline config")
+    params = read_yaml(Path(config) if config else DEFAULT_CONFIG, "pipeline config")
     for item in overrides:
         set_dotted(params, *override(item), where=f"--set {item}")
     return params
@@ -111,6 +111,7 @@ def check_pipeline_params(params: dict, source: str) -> None:
     for key in PIPELINE_DEFAULTS:
         if key.endswith("_settings") and not isinstance(p[key] or {}, dict):
             raise GdrtError(f"{key} must be a mapping of the stage's settings, got {p[key]!r}", path=source)
+    check_wiring(p, source)
     for s in graph.steps():
         if s.stage not in STAGES:
             continue
@@ -132,6 +133,52 @@ def check_pipeline_params(params: dict, source: str) -> None:
             raise GdrtError(str(e), path=source) from None
 
 
+def wired_settings(s, params: dict) -> dict[str, tuple[str, str]]:
+    """The settings of step `s`'s stage that the pipeline gives the step itself, from its parameters, its
+    constants, its inputs and its output: {config field: (what sets it, what to do instead)}."""
+    from gdrt_core.embedded import BACKBONES
+    from gdrt_core.stages import STEP_ARGUMENTS, base_model_settings
+    from pipelines import graph
+
+    field = STEP_ARGUMENTS.get(s.stage, {})
+    drop = f"remove {s.settings}.{{key}}"
+    wired = {field.get(arg, arg): (f"the pipeline parameter {param}",
+                                   f"set `{param}: {{value}}` in the pipeline config or --set {param}={{value}}, and {drop}")
+             for arg, param in s.params.items()}
+    wired.update({field.get(arg, arg): (f"the pipeline, which always runs it with {arg} {value!r}", drop)
+                  for arg, value in s.fixed.items()})
+    wired.update({field.get(arg, arg): (f"the pipeline, which passes it the output of the {graph.step(src).display} "
+                                        "step", drop) for arg, src in s.inputs.items()})
+    wired["out"] = ("the runner, which chooses each step's output directory", drop)
+    if s.stage == "init-model":  # base_model picks the backbone (and embedded:SIZE the size)
+        base = str(params["base_model"] or "")
+        for key in BACKBONES:
+            wired[key] = ("the pipeline parameter base_model",
+                          f"choose the backbone with `base_model: {key}:{{value}}`, and {drop}")
+        if "size" in (base_model_settings(base) or {}):
+            wired["size"] = (f"the pipeline parameter base_model ({base!r})",
+                             "give the size once: `base_model: embedded:SIZE`, or `base_model: \"\"` with "
+                             "model_settings.size")
+    return wired
+
+
+def check_wiring(p: dict, source: str) -> None:
+    """A stage setting in a *_settings mapping that the pipeline sets itself for a step (train_settings.tau:
+    the tau parameter; eval_settings.split: eval_split; train_settings.objective, *.out: the wiring) would be
+    overridden silently: an error naming the setting, what sets it and what to do instead."""
+    from pipelines import graph
+
+    for s in graph.steps():
+        if not s.settings:
+            continue
+        wired = wired_settings(s, p)
+        for key, value in (p[s.settings] or {}).items():
+            if key in wired:
+                what, instead = wired[key]
+                raise GdrtError(f"{s.settings}.{key} would be overridden: the {s.display} step gets its {key} "
+                                f"from {what}", path=source, hint=instead.format(key=key, value=value))
+
+
 def check_local_inputs(params: dict, source: str) -> None:
     """Before the first step of a local run: the whole config (`check_pipeline_params`), and the local
     paths it names (the source data, a base model given as a path) exist on this machine."""
@@ -141,8 +188,11 @@ def check_local_inputs(params: dict, source: str) -> None:
     check_pipeline_params(params, source)
     data = str(params.get("source", PIPELINE_DEFAULTS["source"]))
     if not Path(data).expanduser().exists():
-        raise GdrtError(f"the source data {data!r} does not exist (relative to {Path.cwd()})", path=source,
-                        hint="set `source:` in the config or --set source=PATH")
+        relative = not Path(data).expanduser().is_absolute()
+        raise GdrtError(f"the source data {data!r} does not exist" + (f" (relative to {Path.cwd()})" if relative else ""),
+                        path=source, hint="set `source:` in the config or --set source=PATH" + (
+                            "; a relative path in a config is relative to the current directory: the configs in "
+                            "pipelines/configs/ are written for the repository root" if relative else ""))
     base = str(params.get("base_model") or "").strip()
     init_settings = base_model_settings(base)  # a form init-model builds; None for a directory or hub id
     if init_settings is not None:

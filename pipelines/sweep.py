@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gdrt_core import config as cfg
 from gdrt_core.errors import GdrtError
 from pipelines import graph
 
@@ -90,6 +91,32 @@ class Plan:
     variants: dict[str, Variant]
 
 
+@dataclass
+class VariantSpec:
+    """One variant of a sweep file (`variants: {NAME: {set, pool, reference}}`)."""
+
+    set: dict = cfg.field({}, help="pipeline parameters of this variant (dotted keys), after the sweep's own `set`")
+    pool: str | None = cfg.field(None, help="the variants of one pool are pooled as mean ± std (default: its name)")
+    reference: str = cfg.field("sft", choices=graph.REFERENCES,
+                               help="the grouping reference: sft (the method) or base (the ablation)")
+
+
+@dataclass
+class SweepSpec:
+    """A sweep file, read as a typed config: a wrong type or an unknown key is an error naming it."""
+
+    config: str | None = cfg.field(None, path=True, help="the pipeline config the variants start from (relative to "
+                                   "the sweep file)")
+    variants: dict = cfg.field({}, help="variant name -> its set / pool / reference")
+    experiment: str | None = cfg.field(None, help="MLflow experiment of the sweep's runs")
+    set: dict = cfg.field({}, help="pipeline parameters every variant gets")
+
+
+def _given(spec: dict) -> dict:
+    """The keys a sweep file (or one variant) gives a value: an empty `set:` is no set."""
+    return {k: v for k, v in spec.items() if v is not None}
+
+
 def _set_param(params: dict, key: str, value: Any, where: str) -> None:
     """A pipeline parameter (dotted into its settings dict); an unknown parameter name is an error."""
     from gdrt_core.config import set_dotted
@@ -108,42 +135,41 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[st
     from pipelines.params import PIPELINE_DEFAULTS, check_pipeline_params, load_params, override
 
     path = Path(path)
-    spec = read_yaml(path, "sweep file")
-    unknown = set(spec) - {"config", "experiment", "set", "variants"}
-    if unknown:
-        raise GdrtError(f"unknown keys {sorted(unknown)} (known: config, experiment, set, variants)", path=str(path))
-    if not spec.get("config"):
+    spec = cfg.from_dict(SweepSpec, _given(read_yaml(path, "sweep file")), source=str(path))
+    if not spec.config:
         raise GdrtError("`config` (the pipeline config the variants start from) is missing", path=str(path))
-    variants_spec = spec.get("variants") or {}
-    if not isinstance(variants_spec, dict) or not variants_spec:
+    if not spec.variants:
         raise GdrtError("`variants` must map at least one variant name to its settings", path=str(path))
-    config_path = (path.parent / spec["config"]) if not Path(spec["config"]).is_absolute() else Path(spec["config"])
+    for name in spec.variants:
+        if isinstance(name, bool) or not isinstance(name, (str, int)):
+            raise GdrtError(f"variant name {name!r} is not text", path=str(path),
+                            hint="quote it, `\"NAME\": {...}`: YAML reads yes, no, on and off as booleans")
+    config_path = path.parent / spec.config  # an absolute config stays itself
     base = {**copy.deepcopy(PIPELINE_DEFAULTS), **load_params(config_path, [])}
-    common = dict(spec.get("set") or {})
+    common = {str(k): v for k, v in spec.set.items()}
     common.update(override(item) for item in overrides)
     if only:
-        missing = [v for v in only if v not in variants_spec]
+        names = [str(n) for n in spec.variants]
+        missing = [v for v in only if v not in names]
         if missing:
-            raise GdrtError(f"no variant {missing} (variants: {', '.join(variants_spec)})", path=str(path))
+            raise GdrtError(f"no variant {missing} (variants: {', '.join(names)})", path=str(path))
     variants: dict[str, Variant] = {}
-    for name, vspec in variants_spec.items():
+    for name, given in spec.variants.items():
+        name = str(name)
         if only and name not in only:
             continue
-        vspec = vspec or {}
         where = f"{path}: variant {name}"
-        unknown = set(vspec) - {"set", "pool", "reference"}
-        if unknown:
-            raise GdrtError(f"unknown keys {sorted(unknown)} (known: set, pool, reference)", path=where)
-        reference = vspec.get("reference", "sft")
-        if reference not in REFERENCES:
-            raise GdrtError(f"reference {reference!r} is not one of {REFERENCES}", path=where)
+        if not isinstance(given or {}, dict):
+            raise GdrtError(f"must be a mapping of set / pool / reference, not {given!r}", path=where,
+                            hint=f"write it as `{name}: {{set: {{KEY: VALUE}}}}`, or `{name}: {{}}` for the config as it is")
+        vspec = cfg.from_dict(VariantSpec, _given(given or {}), source=where)
         params = copy.deepcopy(base)
-        own = {**common, **(vspec.get("set") or {})}
+        own = {**common, **{str(k): v for k, v in vspec.set.items()}}
         for key, value in own.items():
             _set_param(params, key, value, where)
         check_pipeline_params(params, where)  # every variant's every stage, before the first stage runs
-        variants[str(name)] = Variant(str(name), params, own, str(vspec.get("pool", name)), reference)
-    return spec.get("experiment") or base.get("experiment") or "gdrt", variants
+        variants[name] = Variant(name, params, own, vspec.pool or name, vspec.reference)
+    return spec.experiment or base.get("experiment") or "gdrt", variants
 
 
 def _key(stage: str, settings: dict, values: dict, inputs: dict) -> str:
@@ -189,14 +215,19 @@ def plan(variants: dict[str, Variant]) -> Plan:
     return Plan(nodes, roles, variants)
 
 
+RUN_PARAMS = "params.json"  # gdrt run's record of the parameters its working directory was started with
+
+
 def check_work_dir(out: Path) -> None:
     """Refuse, before any work, an --out that is a directory holding other things than an earlier run of this
-    executor (`gdrt run` or `gdrt sweep`), whose stages/*.done.json and logs/*.spec.json mark it: that one
-    resumes; a new or empty directory starts a run; anything else would get the run's files mixed into it."""
+    executor (`gdrt run` or `gdrt sweep`), whose stages/*.done.json, logs/*.spec.json or (gdrt run)
+    params.json mark it: that one resumes; a new or empty directory starts a run; anything else would get the
+    run's files mixed into it."""
     if not out.is_dir():
         return  # new (created by the run); a file is refused by the file system, naming it
     entries = sorted(p.name for p in out.iterdir())
-    if not entries or any((out / "stages").glob("*.done.json")) or any((out / "logs").glob("*.spec.json")):
+    if (not entries or any((out / "stages").glob("*.done.json")) or any((out / "logs").glob("*.spec.json"))
+            or (out / RUN_PARAMS).is_file()):
         return
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     raise GdrtError(f"the output directory is not empty (it holds {shown}) and is not an earlier run's working "
@@ -235,11 +266,12 @@ def done_path(out: Path, node: Node) -> Path:
     return out / "stages" / f"{node.dirname}.done.json"
 
 
-def node_spec(plan_: Plan, key: str, out: Path, context: dict | None = None) -> dict:
-    """What the node's process needs: the stage, its settings and arguments, its inputs as paths, and its
-    MLflow run context (`context`: parent_run_id, enabled, experiment; the run name is the node's)."""
+def node_spec(plan_: Plan, key: str, out: Path, context: dict | None = None, command: str = "gdrt sweep") -> dict:
+    """What the node's process needs: the stage, its settings and arguments, its inputs as paths, its MLflow
+    run context (`context`: parent_run_id, enabled, experiment; the run name is the node's), and the command
+    that runs it (`gdrt run` or `gdrt sweep`, which labels its errors)."""
     node = plan_.nodes[key]
-    return {"key": key, "stage": node.stage, "label": node.label, "settings": node.settings,
+    return {"key": key, "command": command, "stage": node.stage, "label": node.label, "settings": node.settings,
             "args": node.args, "out": str(node_dir(out, node)), "done": str(done_path(out, node)),
             "inputs": {name: str(node_dir(out, plan_.nodes[k])) for name, k in node.inputs.items()},
             "context": {**(context or {}), "run_name": node.run_name}}
@@ -269,7 +301,8 @@ def execute(plan_: Plan, out: Path, jobs: int = 1, *, context: dict | None = Non
     """Run the plan's unfinished nodes, `jobs` processes at a time, inputs first; returns {key: status}
     (done | failed | skipped). A failed node skips what depends on it; the rest goes on. `context` (the
     parent run id, tracking on/off, experiment) goes to every node in its spec. Progress lines go to `stream`
-    (default: sys.stderr as it is at the call)."""
+    (default: sys.stderr as it is at the call); `title` is the command (`gdrt run`, `gdrt sweep`) that labels
+    them and the nodes' errors."""
     stream = stream or sys.stderr
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
@@ -302,7 +335,7 @@ def execute(plan_: Plan, out: Path, jobs: int = 1, *, context: dict | None = Non
             for key in ready[: max(0, jobs - len(running))]:
                 pending.remove(key)
                 spec_path = out / "logs" / f"{nodes[key].dirname}.spec.json"
-                spec_path.write_text(json.dumps(node_spec(plan_, key, out, context), indent=2, default=str),
+                spec_path.write_text(json.dumps(node_spec(plan_, key, out, context, title), indent=2, default=str),
                                      encoding="utf-8")
                 log = open(out / "logs" / f"{nodes[key].dirname}.log", "ab")  # noqa: SIM115 - closed when it ends
                 child_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -455,7 +488,7 @@ def run(sweep_file: str, out: str | os.PathLike, *, jobs: int = 1, overrides: li
         only: list[str] | None = None, dry_run: bool = False, stream=None) -> dict:
     """Plan, run and collect a sweep; returns the per-variant results (written to <out>/results.*)."""
     stream = stream or sys.stderr
-    from gdrt_core.artifacts import write_json_atomic
+    from gdrt_core.artifacts import atomic_file, write_json_atomic
     from gdrt_core.tracking import RunContext, finish_run, start_pipeline_run
 
     experiment, variants = load_sweep(sweep_file, list(overrides), only)
@@ -480,9 +513,8 @@ def run(sweep_file: str, out: str | os.PathLike, *, jobs: int = 1, overrides: li
     finally:
         results = collect(plan_, out)
         write_json_atomic(out / "results.json", results)
-        tmp = out / ".results.md.tmp"
-        tmp.write_text(results_markdown(results, f"gdrt sweep {Path(sweep_file).name}"), encoding="utf-8")
-        os.replace(tmp, out / "results.md")
+        with atomic_file(out / "results.md") as tmp:
+            tmp.write_text(results_markdown(results, f"gdrt sweep {Path(sweep_file).name}"), encoding="utf-8")
         pooled = pooled_rows(results)
         if any(isinstance(r.get("ndcg@10"), float) for rows in pooled.values() for r in rows):
             from gdrt_core.results import plot
@@ -517,7 +549,7 @@ def _node_main(spec_path: str) -> int:
     try:
         run_spec(spec)
     except GdrtError as e:
-        print(f"gdrt sweep: {spec['label']}: error: {e}", file=sys.stderr)
+        print(f"{spec.get('command', 'gdrt sweep')}: {spec['label']}: error: {e}", file=sys.stderr)
         return e.exit_code
     return 0
 

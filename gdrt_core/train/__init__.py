@@ -86,7 +86,7 @@ class TrainConfig:
         ["q_proj", "v_proj"], check=lambda v: None if v else "name at least one module",
         help="modules that get LoRA adapters (GPT-2: c_attn; auto = peft's default for the model)",
     )
-    bf16: str = field("auto", help="auto (bf16 on a GPU that supports it, fp32 on CPU) | true | false")
+    bf16: bool | str = field("auto", help="auto (bf16 on a GPU that supports it, fp32 on CPU) | true | false")
     deepspeed: str | None = field(None, choices=DEEPSPEED_STAGES, help="DeepSpeed ZeRO: zero2 | zero3 | zero3-offload (None = off)")
     num_gpus: int = field(1, ge=1, help="processes to launch (one per GPU; on CPU, processes over gloo)")
     trust_remote_code: bool = field(False, help="run modelling code shipped with a hub model")

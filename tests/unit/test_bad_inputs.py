@@ -231,12 +231,28 @@ def test_group_num_groups_zero_is_refused_before_scoring(tmp_path, capsys):
     (["source_format=csv"], "source_format='csv' is invalid"),
     (["tau=abc"], "tau: expected float"),
     (["nonsense=1"], "unknown pipeline parameter(s) nonsense"),
+    # a stage setting the pipeline sets itself (it was overridden without a word)
+    (["train_settings.tau=5"], "train_settings.tau would be overridden: the train GDRT step gets its tau from the "
+                               "pipeline parameter tau (set `tau: 5` in the pipeline config or --set tau=5, and remove "
+                               "train_settings.tau)"),
+    (["eval_settings.split=valid"], "eval_settings.split would be overridden: the evaluate SFT step gets its split "
+                                    "from the pipeline parameter eval_split"),
+    (["valid_eval_settings.split=test"], "the evaluate GDRT (valid) step gets its split from the pipeline, which "
+                                         "always runs it with split 'valid' (remove valid_eval_settings.split)"),
+    (["train_settings.objective=gdrt"], "train_settings.objective would be overridden"),
+    (["group_settings.reference=x"], "passes it the output of the train SFT step"),
+    (["model_settings.pretrained=smollm2-135m"], "model_settings.pretrained would be overridden: the base model step "
+                                                 "gets its pretrained from the pipeline parameter base_model"),
+    (["base_model=embedded:tiny"], "model_settings.size would be overridden: the base model step gets its size from "
+                                   "the pipeline parameter base_model ('embedded:tiny')"),
 ])
 def test_gdrt_run_checks_the_whole_pipeline_config_before_its_first_stage(tmp_path, capsys, overrides, expected):
+    """Each problem is named before the first step. (The source does not exist: a config that got past the
+    check fails at once instead of running the pipeline.)"""
     from pipelines.cli import main
 
     config = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "quickstart.yaml"
-    args = ["run", "--config", str(config), "--out", str(tmp_path / "r")]
+    args = ["run", "--config", str(config), "--out", str(tmp_path / "r"), "--set", f"source={tmp_path / 'none'}"]
     for item in overrides:
         args += ["--set", item]
     assert main(args) == 2
@@ -260,6 +276,30 @@ def test_gdrt_run_checks_local_paths_before_its_first_stage(tmp_path, monkeypatc
     assert sorted(os.listdir(tmp_path)) == ["run.yaml", "src"]
 
 
+def test_gdrt_run_outside_the_repository_reads_the_packaged_default_config(tmp_path, monkeypatch, capsys):
+    """Started elsewhere, `gdrt run` without --config fell back to the built-in defaults (the full data, no
+    limits: another run) while its errors named pipelines/configs/quickstart.yaml. The default config is the
+    one beside the package, wherever the command starts; a relative source in it is refused, saying what
+    it is relative to."""
+    import yaml
+
+    from pipelines.cli import main
+    from pipelines.params import DEFAULT_CONFIG, load_params
+
+    monkeypatch.chdir(tmp_path)
+    quickstart = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "quickstart.yaml"
+    assert DEFAULT_CONFIG == quickstart
+    assert load_params(None, []) == yaml.safe_load(quickstart.read_text(encoding="utf-8"))
+    assert main(["run", "--out", "r"]) == 2
+    err = capsys.readouterr().err
+    assert f"{quickstart}: the source data 'data/office' does not exist (relative to {tmp_path})" in err
+    assert "the configs in pipelines/configs/ are written for the repository root" in err
+    monkeypatch.setattr("pipelines.params.DEFAULT_CONFIG", tmp_path / "gone.yaml")
+    assert main(["run", "--out", "r"]) == 2
+    assert f"{tmp_path / 'gone.yaml'}: pipeline config not found" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("stage, args, problem", [
     ("evaluate", ["--model", "MODEL", "--out", "ev", "--split", "valid"], "the valid split has no examples to evaluate"),
     ("group", ["--reference", "MODEL", "--out", "gr"], "the train split has no examples to fit the group edges on"),
@@ -278,6 +318,31 @@ def test_an_empty_split_is_refused_before_the_model_loads(tmp_path, monkeypatch,
     assert main([stage, "--dataset", "ds", *args]) == 2
     assert problem in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["MODEL", "ds"]
+
+
+def test_no_stage_setting_is_overridden_by_the_pipeline_silently():
+    """Every setting a runner gives a step itself (its parameters, constants, inputs, output: what
+    `stages.run_step` lays over the step's settings) is refused in the step's *_settings mapping, for every
+    step of the graph; so is the backbone that base_model chooses."""
+    import dataclasses
+
+    from gdrt_core.stages import STAGES, step_values
+    from pipelines import graph
+    from pipelines.params import PIPELINE_DEFAULTS, check_pipeline_params
+
+    checked = set()
+    for s in graph.steps():
+        if not s.settings or s.stage not in STAGES:
+            continue
+        args = {**graph.step_args(s, PIPELINE_DEFAULTS), **dict.fromkeys(s.inputs, "<input>"), "out": "<out>"}
+        fields = {f.name for f in dataclasses.fields(STAGES[s.stage].config_class())}
+        backbone = {"pretrained", "gguf"} if s.stage == "init-model" else set()
+        for key in (set(step_values(s.stage, args)) | backbone) & fields:
+            with pytest.raises(GdrtError, match=rf"cfg.yaml: {s.settings}.{key} would be overridden"):
+                check_pipeline_params({s.settings: {key: "x"}}, "cfg.yaml")
+            checked.add(f"{s.settings}.{key}")
+    assert {"train_settings.tau", "train_settings.objective", "eval_settings.split", "valid_eval_settings.split",
+            "attribute_settings.split", "curate_settings.format", "model_settings.out"} <= checked
 
 
 def test_a_base_model_makes_the_model_settings_irrelevant():
@@ -551,6 +616,29 @@ def test_models_uri_with_a_dead_server_fails_fast_naming_it(monkeypatch):
     with pytest.raises(GdrtError, match=f"127.0.0.1:{port}"):
         load_recommender("models:/gdrt-office@champion")
     assert time.monotonic() - started < 15
+
+
+def test_a_models_uri_without_a_tracking_store_is_refused_not_created(tmp_path, monkeypatch):
+    """With no MLFLOW_TRACKING_URI, `gdrt recommend --model models:/...` created ./mlflow.db (an empty
+    store) and then said the model was not found; now it is refused before any store is opened, saying to set
+    MLFLOW_TRACKING_URI. An explicit sqlite store that does not exist is refused too; an existing
+    ./mlflow.db (the store `gdrt run` writes) is used."""
+    from gdrt_core.recommend import load_recommender
+    from gdrt_core.tracking import model_store_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for model in ("models:/gdrt-office@champion", "runs:/0123/model"):
+        with pytest.raises(GdrtError, match=f"{model} is a model in MLflow, but MLFLOW_TRACKING_URI is not set and "
+                                            r"there is no MLflow store in this directory .*set MLFLOW_TRACKING_URI"):
+            load_recommender(model)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///typo.db")
+    with pytest.raises(GdrtError, match="the store of MLFLOW_TRACKING_URI=sqlite:///typo.db does not exist"):
+        load_recommender("models:/gdrt-office@champion")
+    assert os.listdir(tmp_path) == []
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    (tmp_path / "mlflow.db").touch()
+    assert model_store_uri("models:/gdrt-office@champion") == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def test_client_http_retries_are_bounded_unless_set(monkeypatch):

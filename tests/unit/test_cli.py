@@ -142,10 +142,25 @@ def test_train_relaunched_prints_nothing(monkeypatch, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_init_model_size_with_pretrained_is_an_error(capsys):
-    assert main(["init-model", "--pretrained", "smollm2-135m", "--seed", "1", "--out", "o"]) == 2
-    err = capsys.readouterr().err
-    assert "--size and --seed set the embedded model" in err and "drop --size / --seed" in err
+@pytest.mark.parametrize(("given", "where"), [(["--seed", "1"], "--seed"), (["--size", "tiny"], "--size"),
+                                              (["--set", "size=tiny"], "--set size=tiny"),
+                                              (["--set", "vocab_size=600"], "--set vocab_size=600"),
+                                              (["--config", "CONFIG"], "CONFIG")])
+def test_init_model_embedded_settings_with_pretrained_are_an_error(capsys, monkeypatch, tmp_path, given, where):
+    """A setting of the embedded model (size, seed, vocab_size, prompt_examples) has no effect with a pretrained
+    backbone: from a flag, --set or --config alike it is refused, naming the setting (it was dropped silently
+    unless given as --size / --seed)."""
+    monkeypatch.setattr("gdrt_core.embedded.run", lambda config: pytest.fail("ran"))
+    config = tmp_path / "m.yaml"
+    config.write_text("seed: 3\n")
+    given = [str(config) if g == "CONFIG" else g for g in given]
+    where = str(config) if where == "CONFIG" else where
+    name = {"--seed": "seed", "--size": "size"}.get(where, "seed" if where == str(config) else where[6:].split("=")[0])
+    for backbone in (["--pretrained", "smollm2-135m"], ["--gguf", "m.gguf"]):
+        assert main(["init-model", *backbone, *given, "--out", "o", "--no-tracking"]) == 2
+        err = capsys.readouterr().err
+        assert (f"gdrt init-model: error: {where}: setting {name} has no effect with {backbone[0][2:]}, given by "
+                f"{backbone[0]}") in err and f"Drop {name}, or drop {backbone[0][2:]}" in err
 
 
 def test_stage_modules_have_no_argparse():
@@ -186,6 +201,33 @@ def test_compile_into_a_file_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"pipelines/compile.py: error: {a_file}: File exists" in err and "Traceback" not in err
     assert a_file.read_text() == "x"
+
+
+def test_compile_with_a_directory_in_the_way_leaves_no_temporary_file(tmp_path, capsys):
+    """A directory where the second YAML goes: the first is written, the second is a one-paragraph error naming
+    the path, and its temporary file (`.gdrt_pipeline_multinode.tmp.yaml`) is removed, not left behind."""
+    from pipelines.compile import main as compile_main
+
+    (tmp_path / "gdrt_pipeline_multinode.yaml").mkdir()
+    assert compile_main(["--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"pipelines/compile.py: error: {tmp_path / 'gdrt_pipeline_multinode.yaml'}: Is a directory" in err
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["gdrt_pipeline.yaml", "gdrt_pipeline_multinode.yaml"]
+
+
+def test_atomic_file_removes_its_temporary_file_on_any_failure(tmp_path):
+    from gdrt_core.artifacts import atomic_file, write_json_atomic
+
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "a.txt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    (tmp_path / "b.json").mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_json_atomic(tmp_path / "b.json", {"x": 1})
+    assert sorted(os.listdir(tmp_path)) == ["b.json"]
+    write_json_atomic(tmp_path / "c.json", {"x": 1})
+    assert (tmp_path / "c.json").read_text() == '{\n  "x": 1\n}\n'
 
 
 def test_required_settings_can_come_from_the_config_or_set(tmp_path, monkeypatch):
@@ -243,6 +285,26 @@ def test_an_empty_or_non_mapping_config_is_refused_by_run_sweep_and_stages(tmp_p
     (tmp_path / "s.yaml").write_text("config: c.yaml\nvariants: {a: {}}\n")  # the sweep's pipeline config
     assert gdrt(["sweep", str(tmp_path / "s.yaml"), "--dry-run"]) == 2
     assert f"{config}: the pipeline config {expected}" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["c.yaml", "s.yaml"]
+
+
+def test_a_config_file_that_is_not_utf8_is_refused_naming_its_line(tmp_path, capsys, monkeypatch):
+    """A Latin-1 config (`run_name: café`) was a UnicodeDecodeError traceback; now every reader refuses it
+    (`config.read_yaml`), naming the file and the line of the first byte that is not UTF-8."""
+    from pipelines.cli import main as gdrt
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    config = tmp_path / "c.yaml"
+    config.write_bytes("tau: 1.0\nrun_name: café\n".encode("latin-1"))
+    expected = f"{config}, line 2: the pipeline config is not UTF-8 text (byte 0xe9) (save it as UTF-8"
+    assert gdrt(["run", "--config", str(config), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert main(["evaluate", "--config", str(config), "--dataset", "d", "--model", "m", "--out", "o"]) == 2
+    assert f"{config}, line 2: the config file is not UTF-8 text" in capsys.readouterr().err
+    (tmp_path / "s.yaml").write_bytes(b"config: c.yaml\n# r\xe9sum\xe9\nvariants: {a: {}}\n")
+    assert gdrt(["sweep", str(tmp_path / "s.yaml"), "--dry-run"]) == 2
+    assert f"{tmp_path / 's.yaml'}, line 2: the sweep file is not UTF-8 text" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["c.yaml", "s.yaml"]
 
 
@@ -311,6 +373,40 @@ def test_a_boolean_is_not_a_number(monkeypatch, capsys, item):
     assert f"--set {item}: {item.split('=')[0]}: expected int, got the boolean" in capsys.readouterr().err
     with pytest.raises(GdrtError, match="f.yaml: batch_size: expected int, got the boolean False"):
         from_dict(TrainConfig, {"dataset": "d", "model": "m", "out": "o", "batch_size": False}, source="f.yaml")
+
+
+@pytest.mark.parametrize(("line", "found"), [("out: on", "True"), ("out: yes", "True"), ("out: off", "False"),
+                                             ("out: no", "False"), ("split: no", "False")])
+def test_a_yaml_boolean_for_a_text_setting_in_a_config_file_is_refused(monkeypatch, capsys, tmp_path, line, found):
+    """`out: on` in a config file was the directory "True" (YAML reads on/off/yes/no as booleans); the
+    error names the file and the setting and says to quote the value. Quoted, it is the text."""
+    monkeypatch.setattr("gdrt_core.evaluate.run", lambda config: pytest.fail("ran"))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{line}\n")
+    key = line.split(":")[0]
+    args = ["evaluate", "--config", str(config), "--dataset", "d", "--model", "m", "--no-tracking"]
+    assert main([*args, *(["--out", "o"] if key != "out" else [])]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: {key}: got the YAML boolean {found} for a text setting" in err and "quote the value" in err
+    from pipelines.params import check_pipeline_params
+
+    with pytest.raises(GdrtError, match=f"cfg.yaml: train_settings .*: optim: got the YAML boolean {found}"):
+        check_pipeline_params({"train_settings": {"optim": found == "True"}}, "cfg.yaml")  # a stage setting too
+
+
+def test_a_quoted_or_boolean_setting_keeps_its_meaning(monkeypatch, tmp_path):
+    """Quoted, `out: "on"` is the text; an empty `out:` has no value (not the text "None"); bf16 and
+    select_best take YAML booleans (their type says so)."""
+    seen = {}
+    monkeypatch.setattr("gdrt_core.evaluate.run", lambda config: seen.update(config=config) or EVAL_METRICS)
+    config = tmp_path / "c.yaml"
+    config.write_text('out: "on"\n')
+    assert main(["evaluate", "--config", str(config), "--dataset", "d", "--model", "m", "--no-tracking"]) == 0
+    assert seen["config"].out == "on"
+    with pytest.raises(GdrtError, match="f.yaml: out: has no value"):
+        from_dict(TrainConfig, {"dataset": "d", "model": "m", "out": None}, source="f.yaml")
+    c = from_dict(TrainConfig, {"dataset": "d", "model": "m", "out": "o", "bf16": False, "select_best": False})
+    assert (c.bf16, c.select_best) == ("false", "none")
 
 
 @pytest.mark.parametrize("line", [["--out", ""], ["--out", "  "], ["--set", "out="], ["--dataset", ""],
@@ -432,6 +528,29 @@ def test_recommend_names_what_model_accepts(tmp_path, capsys):
                  "--history", "Desk Lamp", "--k", "2"]) == 0
     # interactions: Stapler 2 (both users), Desk Lamp 1 and Pens 1 (a tie: alphabetical)
     assert capsys.readouterr().out == "  1.    2.0000  Stapler\n  2.    1.0000  Desk Lamp\n"
+
+
+def test_recommend_history_with_out_writes_the_ranking(tmp_path, capsys):
+    """`--history ... --out recs.parquet` printed the ranking and ignored --out; now it also writes the file
+    --input writes (a `history` column, `recommendations`, `scores`), atomically."""
+    import pyarrow.parquet as pq
+
+    from gdrt_core.artifacts import atomic_output_dir
+    from gdrt_core.dataset import write_dataset
+
+    train = {"example_id": [0, 1], "user_id": ["u", "v"], "history": [[1], [3]], "target": [2, 2], "timestamp": [1, 2]}
+    with atomic_output_dir(tmp_path / "ds") as tmp:
+        write_dataset(tmp, titles={1: "Desk Lamp", 2: "Stapler", 3: "Pens"}, splits={"train": train}, domain="office")
+    out = tmp_path / "recs.parquet"
+    args = ["recommend", "--model", "baseline:most-popular", "--dataset", str(tmp_path / "ds"), "--k", "2"]
+    assert main([*args, "--history", "Desk Lamp", "Pens", "--out", str(out)]) == 0
+    assert capsys.readouterr().out == ("  1.    2.0000  Stapler\n  2.    1.0000  Desk Lamp\n"
+                                       f"wrote 1 ranking to {out}\n")
+    assert pq.read_table(out).to_pylist() == [{"history": ["Desk Lamp", "Pens"],
+                                               "recommendations": ["Stapler", "Desk Lamp"], "scores": [2.0, 1.0]}]
+    assert sorted(os.listdir(tmp_path)) == ["ds", "recs.parquet"]
+    assert main([*args, "--history", "Desk Lamp", "--out", str(tmp_path / "ds")]) == 2
+    assert "the output is an input (the dataset)" in capsys.readouterr().err
 
 
 def test_the_library_cli_has_the_installed_pipeline_commands(tmp_path, capsys):

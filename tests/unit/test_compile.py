@@ -74,7 +74,7 @@ def test_parameter_defaults(compiled):
     assert defaults["tau"] == 1.0 and defaults["num_groups"] == 4 and defaults["prior"] == "uniform"
     assert defaults["source"] == "data/office" and defaults["domain"] == "office"
     assert defaults["deepspeed"] == "zero2" and defaults["num_gpus"] == 1 and defaults["base_model"] == ""
-    assert defaults["model_settings"] == {"size": "small"}
+    assert defaults["model_settings"] == {}  # the embedded model's own defaults (size small, seed 0)
 
 
 def test_pipeline_graph(compiled):

@@ -18,7 +18,8 @@ def _write(tmp_path, variants, **extra):
     config = {"source": "data/office", "tau": 1.0, "num_groups": 4, "train_settings": {"epochs": 1, "seed": 42},
               "model_settings": {"size": "tiny", "seed": 0}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    spec = {"config": "cfg.yaml", "variants": variants, **extra}
+    spec = {"config": "cfg.yaml", "variants": variants}
+    spec.update(extra)
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return tmp_path / "sweep.yaml"
 
@@ -40,15 +41,27 @@ def test_load_sweep_fills_defaults_and_merges_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("variants, extra, message", [
-    ({"a": {"set": {"tua": 1}}}, {}, "unknown pipeline parameter 'tua'"),
-    ({"a": {"sett": {}}}, {}, "unknown keys ['sett']"),
-    ({"a": {"reference": "sft2"}}, {}, "reference 'sft2'"),
+    ({"a": {"set": {"tua": 1}}}, {}, "variant a: unknown pipeline parameter 'tua'"),
+    ({"a": {"sett": {}}}, {}, "variant a: unknown setting(s) sett (known: pool, reference, set)"),
+    ({"a": {"reference": "sft2"}}, {}, "variant a: setting reference='sft2' is invalid: must be one of sft, base"),
     ({}, {}, "`variants` must map"),
-    ({"a": {}}, {"runs": 1}, "unknown keys ['runs']"),
+    ({"a": {}}, {"runs": 1}, "unknown setting(s) runs (known: config, experiment, set, variants)"),
+    # malformed values: each a message naming the key, never a TypeError
+    (["a", "b"], {}, "variants: expected a mapping, got ['a', 'b']"),
+    ({"a": [1]}, {}, "variant a: must be a mapping of set / pool / reference, not [1]"),
+    ({"a": 5}, {}, "variant a: must be a mapping of set / pool / reference, not 5"),
+    ({"a": {"set": [1]}}, {}, "variant a: set: expected a mapping, got [1]"),
+    ({"a": {"pool": [1]}}, {}, "variant a: pool: expected a single str value, got [1]"),
+    ({"a": {"reference": ["sft"]}}, {}, "variant a: reference: expected a single str value"),
+    ({"a": {"set": {1: 2}}}, {}, "variant a: unknown pipeline parameter '1'"),
+    ({True: {}}, {}, "variant name True is not text"),
+    ({"a": {}}, {"set": [1]}, "set: expected a mapping, got [1]"),
+    ({"a": {}}, {"experiment": ["e"]}, "experiment: expected a single str value"),
+    ({"a": {}}, {"config": ["cfg.yaml"]}, "config: expected a single str value"),
 ])
 def test_load_sweep_errors_name_the_problem(tmp_path, variants, extra, message):
     path = _write(tmp_path, variants, **extra)
-    with pytest.raises(GdrtError) as e:
+    with pytest.raises(GdrtError) as e:  # a GdrtError: the CLI prints it as one paragraph, no traceback
         sweep.load_sweep(path)
     assert message in str(e.value) and str(path) in str(e.value)
 
@@ -129,6 +142,7 @@ def test_failed_stage_skips_its_dependents_and_keeps_the_results(tmp_path, monke
     log = stream.getvalue()
     assert "curate office" in log and "FAILED" in log and log.count("SKIPPED") == 10
     assert "see " in log  # the failing stage's log is named
+    assert "gdrt sweep: curate office: error:" in log
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["a"]["sft"] == {"model": "SFT", "aux_share": None}
     assert not list((tmp_path / "out" / "stages").glob("*.done.json"))
@@ -165,3 +179,42 @@ def test_a_stage_run_under_another_variant_name_is_found_by_its_key(tmp_path):
     assert t_sft.dirname == sft.dirname and sweep.done_path(out, t_sft).is_file()
     gdrt = only_t.nodes[only_t.roles["t"]["gdrt"]]
     assert gdrt.dirname.startswith("train-gdrt-t-")  # nothing earlier: keeps its own name
+
+
+def test_a_failed_gdrt_run_step_is_labelled_gdrt_run(tmp_path, monkeypatch):
+    """The steps of `gdrt run` run in the sweep's executor; their errors said `gdrt sweep: curate: error:`."""
+    from pipelines import local_run
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    stream = io.StringIO()
+    with pytest.raises(GdrtError) as e:
+        local_run.run({"source": str(tmp_path / "no-such-source")}, tmp_path / "out", stream=stream)
+    assert "the pipeline failed at curate: gdrt run: curate: error:" in str(e.value)
+    assert "gdrt sweep" not in str(e.value) + stream.getvalue()
+
+
+def test_gdrt_run_resumes_only_the_config_a_directory_was_started_with(tmp_path, monkeypatch):
+    """`gdrt run --out DIR` with another config resumed silently, mixing two configs' stages in one run
+    directory. DIR/params.json records the parameters; a difference is refused before any step, naming DIR
+    and each difference. A directory without the record (a sweep's) resumes only with its own stages."""
+    from pipelines import local_run
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    out = tmp_path / "out"
+    params = {"source": str(tmp_path / "no-such-source")}  # curate fails at once: no model is trained
+    for _ in range(2):  # the same config resumes (and fails at curate again)
+        with pytest.raises(GdrtError, match="the pipeline failed at curate"):
+            local_run.run(params, out, stream=io.StringIO())
+    assert json.loads((out / "params.json").read_text())["source"] == params["source"]
+    logs = sorted((out / "logs").iterdir())
+    with pytest.raises(GdrtError) as e:
+        local_run.run({**params, "tau": 0.5, "train_settings": {"epochs": 2}}, out, stream=io.StringIO())
+    assert (f"{out}: the run directory was started with another config: tau 1.0 then, 0.5 now; "
+            "train_settings.epochs unset then, 2 now (to resume it, give it the config it was started with") in str(e.value)
+    assert sorted((out / "logs").iterdir()) == logs  # refused before any step
+    (out / "params.json").unlink()
+    (out / "stages").mkdir(exist_ok=True)
+    (out / "stages" / "train-sft-a-0123abcd.done.json").write_text("{}")  # another config's (a sweep's) stage
+    with pytest.raises(GdrtError, match="holds finished stages that this config does not have "
+                                        r"\(train-sft-a-0123abcd\)"):
+        local_run.run(params, out, stream=io.StringIO())
