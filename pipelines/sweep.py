@@ -296,6 +296,20 @@ STAGE_RANK = {"curate": 0, "init-model": 0, "train": 0, "group": 0, "evaluate": 
               "register": 3}
 
 
+def step_env(environ, jobs: int, cpus: int | None = None) -> dict[str, str]:
+    """The environment of a step's process: `environ`, unbuffered output, and with `jobs` > 1 the CPU cores
+    shared out between the steps that run at once (OMP_NUM_THREADS = cores // jobs, at least 1) unless
+    OMP_NUM_THREADS is set already. Two steps with a thread per core each would run 2 x cores OpenMP threads,
+    whose barriers wait for descheduled threads (docs/benchmarks.md: a 40x slower matmul under load); a
+    stage's own thread setting (train `cpu_threads`, evaluate `threads`) still wins."""
+    env = {**environ, "PYTHONUNBUFFERED": "1"}
+    if jobs > 1 and "OMP_NUM_THREADS" not in environ:
+        cores = cpus if cpus is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // jobs))
+    return env
+
+
 def execute(plan_: Plan, out: Path, jobs: int = 1, *, context: dict | None = None, stream=None,
             title: str = "gdrt sweep") -> dict[str, str]:
     """Run the plan's unfinished nodes, `jobs` processes at a time, inputs first; returns {key: status}
@@ -338,7 +352,7 @@ def execute(plan_: Plan, out: Path, jobs: int = 1, *, context: dict | None = Non
                 spec_path.write_text(json.dumps(node_spec(plan_, key, out, context, title), indent=2, default=str),
                                      encoding="utf-8")
                 log = open(out / "logs" / f"{nodes[key].dirname}.log", "ab")  # noqa: SIM115 - closed when it ends
-                child_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+                child_env = step_env(os.environ, jobs)
                 proc = subprocess.Popen([sys.executable, "-m", "pipelines.sweep", "--node", str(spec_path)],
                                         stdout=log, stderr=subprocess.STDOUT, env=child_env)
                 running[key] = (proc, time.time(), log)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 
 import pytest
 import yaml
@@ -218,3 +219,31 @@ def test_gdrt_run_resumes_only_the_config_a_directory_was_started_with(tmp_path,
     with pytest.raises(GdrtError, match="holds finished stages that this config does not have "
                                         r"\(train-sft-a-0123abcd\)"):
         local_run.run(params, out, stream=io.StringIO())
+
+
+def test_steps_run_at_once_share_the_cores_out():
+    """--jobs N gives each step cores // N OpenMP threads (at least 1); an OMP_NUM_THREADS the user set wins;
+    one job at a time keeps torch's default."""
+    assert sweep.step_env({"A": "1"}, 2, cpus=2) == {"A": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    assert sweep.step_env({}, 2, cpus=16)["OMP_NUM_THREADS"] == "8"
+    assert sweep.step_env({}, 4, cpus=2)["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in sweep.step_env({}, 1, cpus=2)
+    assert sweep.step_env({"OMP_NUM_THREADS": "3"}, 2, cpus=2)["OMP_NUM_THREADS"] == "3"
+
+
+def test_gdrt_run_steps_get_the_shared_out_threads(tmp_path, monkeypatch):
+    from pipelines import local_run
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    seen = []
+    popen = sweep.subprocess.Popen
+
+    def spy(*args, env=None, **kw):
+        seen.append(env)
+        return popen(*args, env=env, **kw)
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", spy)
+    with pytest.raises(GdrtError):
+        local_run.run({"source": str(tmp_path / "no-such-source")}, tmp_path / "out", jobs=2, stream=io.StringIO())
+    assert seen and seen[0]["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
