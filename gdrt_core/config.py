@@ -362,7 +362,27 @@ def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
         found = "nothing (it is empty)" if loaded is None else article(type(loaded).__name__)
         raise GdrtError(f"the {what} must hold a mapping of settings (key: value lines), not {found}",
                         path=str(path), hint="write its settings into it as `key: value` lines")
+    bad = _non_text_key(loaded)
+    if bad is not None:
+        key, under = bad
+        where = f" under {'.'.join(under)}" if under else ""
+        raise GdrtError(f"the {what} has the key {key!r}{where}, which YAML reads as {article(type(key).__name__)}, "
+                        "not a setting name", path=str(path),
+                        hint=f"quote it if it is meant as a name (\"{key}\":), else remove it")
     return loaded
+
+
+def _non_text_key(mapping: dict, under: tuple[str, ...] = ()) -> tuple[object, tuple[str, ...]] | None:
+    """The first key of `mapping`, or of a mapping nested in it, that YAML read as something other than text
+    (a number, true / false, null), with the keys above it; None when every key is text."""
+    for key, value in mapping.items():
+        if not isinstance(key, str):
+            return key, under
+        if isinstance(value, dict):
+            found = _non_text_key(value, (*under, key))
+            if found is not None:
+                return found
+    return None
 
 
 def parse_override(item: str) -> tuple[str, SetText]:

@@ -70,6 +70,10 @@ class Recommender:
 
         if k < 1:
             raise GdrtError(f"k must be positive, got {k}")
+        distinct = len(set(self.titles.values()))
+        if k > distinct:  # the beam search keeps k beams: asking for more titles than exist only costs memory
+            raise GdrtError(f"k={k} is more than the {distinct:,} distinct titles of the catalogue",
+                            hint=f"ask for at most {distinct} (k={distinct} ranks the whole catalogue)")
         check_histories(histories)
         max_length = context_limit(self.model, self.tokenizer)
         prompts = [

@@ -299,11 +299,12 @@ STAGE_RANK = {"curate": 0, "init-model": 0, "train": 0, "group": 0, "evaluate": 
 def step_env(environ, jobs: int, cpus: int | None = None) -> dict[str, str]:
     """The environment of a step's process: `environ`, unbuffered output, and with `jobs` > 1 the CPU cores
     shared out between the steps that run at once (OMP_NUM_THREADS = cores // jobs, at least 1) unless
-    OMP_NUM_THREADS is set already. Two steps with a thread per core each would run 2 x cores OpenMP threads,
+    OMP_NUM_THREADS is set already to a positive count. Two steps with a thread per core each would run 2 x cores OpenMP threads,
     whose barriers wait for descheduled threads (docs/benchmarks.md: a 40x slower matmul under load); a
     stage's own thread setting (train `cpu_threads`, evaluate `threads`) still wins."""
     env = {**environ, "PYTHONUNBUFFERED": "1"}
-    if jobs > 1 and "OMP_NUM_THREADS" not in environ:
+    given = environ.get("OMP_NUM_THREADS", "").strip()
+    if jobs > 1 and not (given.isdigit() and int(given) > 0):  # unset, empty or not a count: OpenMP would ignore it
         cores = cpus if cpus is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else (os.cpu_count() or 1)
         env["OMP_NUM_THREADS"] = str(max(1, cores // jobs))

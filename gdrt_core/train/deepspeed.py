@@ -104,10 +104,27 @@ def launch_command(num_procs: int, argv: list[str], *, port: int | None = None) 
     ]
 
 
+def check_process_count(num_procs: int, gpus: int | None = None, cores: int | None = None) -> None:
+    """Refuse more worker processes than the machine has GPUs (on a GPU machine) or CPU cores (without
+    one: the workers then run on the CPU over gloo, one per process). `gpus` / `cores` default to what torch
+    and the OS report. Raises GdrtError naming num_gpus and what the machine has."""
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit, what = (gpus, f"{gpus} GPU(s)") if gpus else (cores, f"no GPU and {cores} CPU core(s)")
+    if num_procs > limit:
+        raise GdrtError(f"num_gpus={num_procs} asks for more training processes than this machine has: {what}",
+                        path="num_gpus", hint=f"set num_gpus to at most {limit} (one process per GPU)")
+
+
 def relaunch_under_torchrun(num_procs: int, argv: list[str]) -> None:
     """Run `gdrt <argv>` in `num_procs` workers and wait; a failed worker is an error naming the exit code."""
     if shutil.which(sys.executable) is None:  # pragma: no cover
         raise GdrtError("cannot find the Python interpreter to launch the workers")
+    check_process_count(num_procs)
     cmd = launch_command(num_procs, argv)
     print(f"gdrt train: launching {num_procs} process(es): {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.run(cmd, env=worker_env(), check=False)

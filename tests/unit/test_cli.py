@@ -308,6 +308,27 @@ def test_a_config_file_that_is_not_utf8_is_refused_naming_its_line(tmp_path, cap
     assert sorted(os.listdir(tmp_path)) == ["c.yaml", "s.yaml"]
 
 
+@pytest.mark.parametrize("text, key, where", [
+    ("1: 2\n", "1", ""),
+    ("true: x\n", "True", ""),
+    ("train_settings:\n  null: 3\n", "None", " under train_settings"),
+])
+def test_a_config_key_that_is_not_text_is_refused(tmp_path, capsys, monkeypatch, text, key, where):
+    """`1: 2` or `true: x` in a config file was a TypeError traceback from the stage and the pipeline readers."""
+    from pipelines.cli import main as gdrt
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    config = tmp_path / "k.yaml"
+    config.write_text(text, encoding="utf-8")
+    assert main(["curate", "--config", str(config), "--source", "s", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"has the key {key}{where}, which YAML reads as" in err and "Traceback" not in err
+    assert gdrt(["run", "--config", str(config), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"has the key {key}{where}" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["k.yaml"]
+
+
 def test_set_values_are_yaml(monkeypatch):
     """`--set` reads its value as YAML (lists, numbers, booleans), keeps plain text as text, and refuses a
     broken list naming the --set."""

@@ -54,8 +54,8 @@ def test_load_sweep_fills_defaults_and_merges_overrides(tmp_path):
     ({"a": {"set": [1]}}, {}, "variant a: set: expected a mapping, got [1]"),
     ({"a": {"pool": [1]}}, {}, "variant a: pool: expected a single str value, got [1]"),
     ({"a": {"reference": ["sft"]}}, {}, "variant a: reference: expected a single str value"),
-    ({"a": {"set": {1: 2}}}, {}, "variant a: unknown pipeline parameter '1'"),
-    ({True: {}}, {}, "variant name True is not text"),
+    ({"a": {"set": {1: 2}}}, {}, "the sweep file has the key 1 under variants.a.set, which YAML reads as an int"),
+    ({True: {}}, {}, "the sweep file has the key True under variants, which YAML reads as a bool"),
     ({"a": {}}, {"set": [1]}, "set: expected a mapping, got [1]"),
     ({"a": {}}, {"experiment": ["e"]}, "experiment: expected a single str value"),
     ({"a": {}}, {"config": ["cfg.yaml"]}, "config: expected a single str value"),
@@ -229,6 +229,8 @@ def test_steps_run_at_once_share_the_cores_out():
     assert sweep.step_env({}, 4, cpus=2)["OMP_NUM_THREADS"] == "1"
     assert "OMP_NUM_THREADS" not in sweep.step_env({}, 1, cpus=2)
     assert sweep.step_env({"OMP_NUM_THREADS": "3"}, 2, cpus=2)["OMP_NUM_THREADS"] == "3"
+    for garbage in ("", "garbage", "0", "-2", "1.5"):  # OpenMP ignores these and takes every core
+        assert sweep.step_env({"OMP_NUM_THREADS": garbage}, 2, cpus=4)["OMP_NUM_THREADS"] == "2"
 
 
 def test_gdrt_run_steps_get_the_shared_out_threads(tmp_path, monkeypatch):

@@ -328,3 +328,15 @@ def test_valid_ndcg_failure_stops_every_rank(tmp_path):
     assert (tmp_path / "rank0.txt").read_text() == "RuntimeError: ranking failed"
     assert (tmp_path / "rank1.txt").read_text().startswith(
         "GdrtError: valid NDCG@10 failed on rank 0: RuntimeError: ranking failed")
+
+
+def test_more_training_processes_than_the_machine_has_are_refused():
+    """num_gpus=10**12 launched torchrun with that many workers and ran until the kernel killed it."""
+    from gdrt_core.train.deepspeed import check_process_count
+
+    check_process_count(2, gpus=2, cores=16)
+    check_process_count(2, gpus=0, cores=2)  # CPU workers over gloo, one per core
+    with pytest.raises(GdrtError, match=r"num_gpus=3 asks for more training processes than this machine has: 2 GPU"):
+        check_process_count(3, gpus=2, cores=64)
+    with pytest.raises(GdrtError, match=r"num_gpus=1000000000000 .* no GPU and 2 CPU core\(s\)"):
+        check_process_count(10**12, gpus=0, cores=2)
