@@ -70,7 +70,7 @@ class Recommender:
 
         if k < 1:
             raise GdrtError(f"k must be positive, got {k}")
-        distinct = len(set(self.titles.values()))
+        distinct = len(self.trie.trie.titles)  # one per distinct title (duplicates share a path)
         if k > distinct:  # the beam search keeps k beams: asking for more titles than exist only costs memory
             raise GdrtError(f"k={k} is more than the {distinct:,} distinct titles of the catalogue",
                             hint=f"ask for at most {distinct} (k={distinct} ranks the whole catalogue)")

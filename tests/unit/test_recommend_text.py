@@ -55,7 +55,9 @@ def test_a_model_path_under_the_home_directory_is_expanded(tmp_path, monkeypatch
 
 def test_k_above_the_catalogue_is_refused():
     """k is the beam width: --k 100000 on a 3-title catalogue grew to gigabytes before it was refused."""
+    from types import SimpleNamespace
+
     recommender = recommend.Recommender.__new__(recommend.Recommender)  # the check comes before any model work
-    recommender.titles = {1: "A", 2: "B", 3: "B", 4: "C"}
+    recommender.trie = SimpleNamespace(trie=SimpleNamespace(titles=("A", "B", "C")))  # one per distinct title
     with pytest.raises(GdrtError, match="k=4 is more than the 3 distinct titles of the catalogue"):
         recommender.recommend([["A"]], k=4)
