@@ -126,8 +126,7 @@ class SearchWork:
 
         def counted_prefill(decoder, prompts, device):
             # the common prefix (run once, as the decoder does when it has one) plus each prompt's rest
-            shared = self.generation.common_prefix_length(prompts) if len(prompts) > 1 else 0
-            shared = min(shared, min(len(p) for p in prompts) - 1)
+            shared = self.generation.shared_prefix_length(prompts)
             self.prompt_tokens += shared + sum(len(p) - shared for p in prompts)
             pairs = lambda n: n * (n + 1) // 2  # noqa: E731 - causal query-key pairs of n tokens
             self.prefill_attention += pairs(shared) + sum(pairs(len(p)) - pairs(shared) for p in prompts)

@@ -207,8 +207,7 @@ class SharedPromptDecoder:
         self.prompt_kt = [torch.zeros(shape, dtype=self.dtype, device=device).transpose(2, 3) for _ in self.layers]
         self.prompt_v = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
         self.prompt_bias = torch.full((len(prompts), width), float("-inf"), device=device)  # [examples, prompt]
-        shared = common_prefix_length(prompts) if len(prompts) > 1 else 0
-        shared = min(shared, min(len(p) for p in prompts) - 1)  # every prompt keeps its last token to run
+        shared = shared_prefix_length(prompts)
         prefix_k = prefix_v = None
         if shared > 0:
             prefix_k, prefix_v, _ = self._run(list(prompts[0][:shared]), None, None, device, logits=False)
@@ -345,6 +344,14 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
                 length = j
                 break
     return length
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens `SharedPromptDecoder.prefill` runs once for a batch: the common prefix of two or more prompts,
+    short of every prompt's last token (whose logits each prompt needs); 0 for a single prompt."""
+    if len(prompts) < 2:
+        return 0
+    return min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
 
 
 def _unwrap(model):

@@ -56,6 +56,11 @@ class ModelConfig:
 # ----------------------------------------------------------------------------------------------- resolving
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_device(device: str = "auto") -> str | None:
     """The torch device string to move the model to, or None to leave it where it was loaded (CPU)."""
     if device == "none":

@@ -305,8 +305,9 @@ def step_env(environ, jobs: int, cpus: int | None = None) -> dict[str, str]:
     env = {**environ, "PYTHONUNBUFFERED": "1"}
     given = environ.get("OMP_NUM_THREADS", "").strip()
     if jobs > 1 and not (given.isdigit() and int(given) > 0):  # unset, empty or not a count: OpenMP would ignore it
-        cores = cpus if cpus is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-            else (os.cpu_count() or 1)
+        from gdrt_core.models import available_cores
+
+        cores = cpus if cpus is not None else available_cores()
         env["OMP_NUM_THREADS"] = str(max(1, cores // jobs))
     return env
 

@@ -113,7 +113,9 @@ def check_process_count(num_procs: int, gpus: int | None = None, cores: int | No
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from gdrt_core.models import available_cores
+
+        cores = available_cores()
     limit, what = (gpus, f"{gpus} GPU(s)") if gpus else (cores, f"no GPU and {cores} CPU core(s)")
     if num_procs > limit:
         raise GdrtError(f"num_gpus={num_procs} asks for more training processes than this machine has: {what}",
