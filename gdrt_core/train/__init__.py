@@ -197,7 +197,7 @@ def _run_locked(config: TrainConfig) -> dict[str, Any] | None:
             relaunch_under_torchrun(config.num_gpus, [
                 "train", "--dataset", config.dataset, "--model", config.model, "--out", config.out,
                 "--config", cfg_path, *current_context().args(),  # the workers log under the same parent run
-            ])
+            ], deepspeed=config.deepspeed)
         finally:
             os.unlink(cfg_path)
         return read_manifest(config.out, "model", verify=False)

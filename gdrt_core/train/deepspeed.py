@@ -122,14 +122,75 @@ def check_process_count(num_procs: int, gpus: int | None = None, cores: int | No
                         path="num_gpus", hint=f"set num_gpus to at most {limit} (one process per GPU)")
 
 
-def relaunch_under_torchrun(num_procs: int, argv: list[str]) -> None:
-    """Run `gdrt <argv>` in `num_procs` workers and wait; a failed worker is an error naming the exit code."""
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory all-reduce for its CPU accelerator
+STALE_BUILD_S = 900.0  # a build lock older than this was left by a killed build (a build takes 0.5-10 min)
+
+
+def shm_op_build_dir() -> str | None:
+    """The folder where torch.utils.cpp_extension builds DeepSpeed's CPU communication op
+    ($TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, then a folder per Python / torch build), or None
+    where this torch does not say."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+    except ImportError:  # pragma: no cover - a torch without the helper: no lock check
+        return None
+    return _get_build_directory(SHM_OP, verbose=False)
+
+
+def check_build_lock(build_dir: str | None, wait_s: float = STALE_BUILD_S, *, poll_s: float = 2.0,
+                     clock=None, sleep=None) -> None:
+    """Wait while another process builds the op in `build_dir` (torch's `lock` file there), and refuse a
+    lock older than `wait_s` seconds: torch.utils.cpp_extension waits forever on the lock a killed build
+    leaves behind (every later DeepSpeed run on the CPU would hang without a word). Raises GdrtError naming
+    the lock file."""
+    import time
+
+    clock, sleep = clock or time.time, sleep or time.sleep
+    if not build_dir:
+        return
+    lock = os.path.join(build_dir, "lock")
+    while True:
+        try:
+            age = clock() - os.stat(lock).st_mtime
+        except FileNotFoundError:
+            return
+        if age > wait_s:
+            raise GdrtError(
+                f"DeepSpeed's CPU communication op is locked by a build that started {age / 60:.0f} minutes "
+                "ago and never finished",
+                path=lock, hint="a killed build leaves this lock behind: if no gdrt training is starting on "
+                "this machine, delete the file and run again")
+        sleep(poll_s)
+
+
+def build_cpu_comm_op(env: dict[str, str]) -> None:
+    """Build DeepSpeed's shared-memory all-reduce op once, in one process, before the CPU workers start.
+
+    With DS_ACCELERATOR=cpu every worker's process-group set-up builds the op (ninja, about 30 s on two idle
+    cores, several minutes on busy ones) and all but one wait on torch's build lock; built here first, they
+    only load it. A build lock left by a killed build is refused (`check_build_lock`). Raises GdrtError when
+    the build fails."""
+    check_build_lock(shm_op_build_dir())
+    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise GdrtError(f"building DeepSpeed's CPU communication op ({SHM_OP}) failed:\n{proc.stderr[-2000:]}",
+                        hint="it needs a C++ compiler and ninja (pip install ninja)")
+
+
+def relaunch_under_torchrun(num_procs: int, argv: list[str], *, deepspeed: str | None = None) -> None:
+    """Run `gdrt <argv>` in `num_procs` workers and wait; a failed worker is an error naming the exit code.
+    With `deepspeed` on a machine without CUDA, DeepSpeed's CPU communication op is built first
+    (`build_cpu_comm_op`)."""
     if shutil.which(sys.executable) is None:  # pragma: no cover
         raise GdrtError("cannot find the Python interpreter to launch the workers")
     check_process_count(num_procs)
+    env = worker_env()
+    if deepspeed and env.get("DS_ACCELERATOR") == "cpu":
+        build_cpu_comm_op(env)
     cmd = launch_command(num_procs, argv)
     print(f"gdrt train: launching {num_procs} process(es): {' '.join(cmd[1:])}", flush=True)
-    proc = subprocess.run(cmd, env=worker_env(), check=False)
+    proc = subprocess.run(cmd, env=env, check=False)
     if proc.returncode != 0:
         raise GdrtError(
             f"the training workers failed (exit code {proc.returncode})",

@@ -32,15 +32,30 @@ def tiny(tmp_path_factory, office_slice):
 
 
 def torchrun(nproc: int, args: list[str], timeout: int = 300) -> None:
-    from gdrt_core.train.deepspeed import free_port, worker_env
+    """Run test_train_support.py's `update` in `nproc` workers. A ZeRO stage in `args` builds DeepSpeed's CPU
+    op first, outside the time limit (minutes on a busy machine); on timeout the whole process group is
+    killed, so that no worker is left holding a port or a build lock."""
+    import os
+    import signal
+
+    from gdrt_core.train.deepspeed import STAGES, build_cpu_comm_op, free_port, worker_env
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(HERE.parent / "test_train_support.py"),
            "update", *args]
     env = worker_env()
     env["PYTHONPATH"] = str(HERE.parents[2])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if set(args) & set(STAGES):
+        build_cpu_comm_op(env)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{out[-3000:]}{err[-3000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
 
 
 def gdrt_loss_gradient(model_dir: str, dataset_dir: str, groups_dir: str, n_examples: int) -> torch.Tensor:

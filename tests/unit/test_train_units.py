@@ -340,3 +340,30 @@ def test_more_training_processes_than_the_machine_has_are_refused():
         check_process_count(3, gpus=2, cores=64)
     with pytest.raises(GdrtError, match=r"num_gpus=1000000000000 .* no GPU and 2 CPU core\(s\)"):
         check_process_count(10**12, gpus=0, cores=2)
+
+
+def test_a_build_lock_left_by_a_killed_build_is_refused_not_waited_on_forever(tmp_path):
+    """torch.utils.cpp_extension waits forever on the `lock` a killed build of DeepSpeed's CPU op leaves;
+    the launcher waits while a build is young, returns when the lock goes, refuses one older than wait_s."""
+    import os
+
+    from gdrt_core.train.deepspeed import check_build_lock
+
+    check_build_lock(None)  # a torch that does not say where it builds: no check
+    check_build_lock(str(tmp_path))  # no lock
+    lock = tmp_path / "lock"
+    lock.touch()
+    os.utime(lock, (1000.0, 1000.0))
+    with pytest.raises(GdrtError, match=r"started 20 minutes ago and never finished") as err:
+        check_build_lock(str(tmp_path), wait_s=900, clock=lambda: 1000.0 + 1200, sleep=lambda s: None)
+    assert err.value.path == str(lock) and "delete the file" in err.value.hint
+
+    naps = []
+
+    def sleep(s):  # the other build finishes during the second wait
+        naps.append(s)
+        if len(naps) == 2:
+            lock.unlink()
+
+    check_build_lock(str(tmp_path), wait_s=900, clock=lambda: 1000.0 + 60, sleep=sleep)
+    assert len(naps) == 2 and not lock.exists()
