@@ -38,6 +38,9 @@ step by step; tests/unit/test_generation.py checks it against `generate`):
    finished, with L = tokens generated so far (`early_stopping=False`, and `"never"` with
    length_penalty <= 0) or `max_new_tokens` (`"never"` with length_penalty > 0); `early_stopping=True`
    stops as soon as K are finished. With length_penalty 0 the heuristic is exact: scores only decrease.
+   Only real hypotheses count: `generate` also counts its placeholders (below), so with
+   `early_stopping=True` and length_penalty > 0 it can stop with fewer than K real titles where this
+   search goes on to K; the titles it does return are in this ranking with the same scores.
 4. The ranking is the finished hypotheses by descending score (at most `num_return_sequences`).
    Every path is a trie path, so every entry is a catalogue title, and distinct leaves are distinct
    titles (duplicate titles share one path), so a title appears at most once.

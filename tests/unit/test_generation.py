@@ -24,7 +24,7 @@ from gdrt_core.prompts import render
 from gdrt_core.tokenization import IGNORE_INDEX, response_token_ids, tokenize_example, tokenize_prompt
 from gdrt_core.trie import build_trie
 
-PLACEHOLDER_SCORE = -1e8  # generate's filler hypotheses start at -1e9
+PLACEHOLDER_SCORE = -1e6  # generate's filler hypotheses start at -1e9 (divided by length ** length_penalty)
 
 
 # --------------------------------------------------------------------------------------------- the oracle
@@ -197,6 +197,22 @@ def test_exact_against_generate_other_settings(trained_tiny, tokenizer, trie, al
     reference = hf_reference(trained_tiny, tokenizer, trie, prompts, settings, allowed)
     ours = constrained_beam_search(trained_tiny, trie.to_torch(), prompts, settings, pad_token_id=tokenizer.pad_token_id)
     assert_same_rankings(ours, reference)
+
+
+def test_early_stopping_counts_only_real_hypotheses(trained_tiny, tokenizer, trie, allowed, test_prompts):
+    """early_stopping=True with length_penalty 1: generate counts its -1e9 placeholder hypotheses as finished
+    and stops with fewer than K real titles; here the search stops when K real titles are finished. Every real
+    title generate returns is in our ranking with the same score, and ours is full."""
+    settings = BeamSearchSettings(length_penalty=1.0, early_stopping=True)
+    prompts = test_prompts[:5]
+    reference = hf_reference(trained_tiny, tokenizer, trie, prompts, settings, allowed)
+    ours = constrained_beam_search(trained_tiny, trie.to_torch(), prompts, settings, pad_token_id=tokenizer.pad_token_id)
+    assert any(len(ref) < settings.num_return_sequences for ref in reference)  # the case: generate stopped early
+    for ref, ranking in zip(reference, ours, strict=True):
+        assert len(ranking.titles) == settings.num_return_sequences
+        score_of = dict(zip(ranking.titles, ranking.scores, strict=True))
+        for title, score in ref:
+            assert score_of[title] == pytest.approx(score, abs=1e-4)
 
 
 def test_best_unconstrained_continuation_is_not_a_title(trained_tiny, tokenizer, trie, allowed, test_prompts):
