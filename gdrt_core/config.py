@@ -283,12 +283,14 @@ class MissingSettings(GdrtError):
 
 def from_dict(cls: type[T], data: dict, *, source: str = "<config>", prefix: str = "",
               sources: dict[str, str] | None = None) -> T:
-    """Build `cls` from a (possibly nested) mapping; unknown keys are an error that names them. `sources`
+    """Build `cls` from a (possibly nested) mapping; unknown keys, and keys that are not text (`1:` in a YAML
+    file), are an error that names them. `sources`
     (setting -> the file, --set or flag it came from) names each setting's own source in its errors;
     `source` names the config as a whole. A path setting (`field(path=True)`) has its `~` expanded."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     sources = sources or {}
+    check_text_keys(data, source, under=prefix.rstrip("."), sources=sources)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise GdrtError(
@@ -362,27 +364,22 @@ def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
         found = "nothing (it is empty)" if loaded is None else article(type(loaded).__name__)
         raise GdrtError(f"the {what} must hold a mapping of settings (key: value lines), not {found}",
                         path=str(path), hint="write its settings into it as `key: value` lines")
-    bad = _non_text_key(loaded)
-    if bad is not None:
-        key, under = bad
-        where = f" under {'.'.join(under)}" if under else ""
-        raise GdrtError(f"the {what} has the key {key!r}{where}, which YAML reads as {article(type(key).__name__)}, "
-                        "not a setting name", path=str(path),
-                        hint=f"quote it if it is meant as a name (\"{key}\":), else remove it")
     return loaded
 
 
-def _non_text_key(mapping: dict, under: tuple[str, ...] = ()) -> tuple[object, tuple[str, ...]] | None:
-    """The first key of `mapping`, or of a mapping nested in it, that YAML read as something other than text
-    (a number, true / false, null), with the keys above it; None when every key is text."""
-    for key, value in mapping.items():
+def check_text_keys(mapping: dict, source: str, *, what: str = "config", under: str = "",
+                    kind: str = "setting name", sources: dict[str, str] | None = None) -> None:
+    """Refuse a key of `mapping` that YAML read as something other than text (`1:`, `true:`, `null:`) where a
+    {kind} (a setting name, a variant name) is expected: a GdrtError naming the key, the keys above it
+    (`under`) and the file it came from (`sources`: key -> where it was given, else `source`). `from_dict`,
+    `pipelines.params.check_pipeline_params` and the sweep reader call it where their keys are names;
+    `read_yaml` takes any key (a mapping may be keyed by numbers)."""
+    for key in mapping:
         if not isinstance(key, str):
-            return key, under
-        if isinstance(value, dict):
-            found = _non_text_key(value, (*under, key))
-            if found is not None:
-                return found
-    return None
+            where = f" under {under}" if under else ""
+            raise GdrtError(f"the {what} has the key {key!r}{where}, which YAML reads as "
+                            f"{article(type(key).__name__)}, not a {kind}", path=(sources or {}).get(str(key), source),
+                            hint=f"quote it if it is meant as a name (\"{key}\":), else remove it")
 
 
 def parse_override(item: str) -> tuple[str, SetText]:

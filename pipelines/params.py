@@ -97,6 +97,7 @@ def check_pipeline_params(params: dict, source: str) -> None:
     from gdrt_core.stages import STAGES, base_model_settings, step_values
     from pipelines import graph
 
+    check_parameter_names(params, source)
     unknown = sorted(set(params) - set(PIPELINE_DEFAULTS))
     if unknown:
         raise GdrtError(f"unknown pipeline parameter(s) {', '.join(unknown)}", path=source,
@@ -131,6 +132,18 @@ def check_pipeline_params(params: dict, source: str) -> None:
                       source=f"{s.settings} (the {s.stage} stage)")
         except GdrtError as e:
             raise GdrtError(str(e), path=source) from None
+
+
+def check_parameter_names(params: dict, source: str) -> None:
+    """Every key of a pipeline config that names a parameter, or a stage setting in a *_settings mapping, is
+    text: a key YAML read as a number, true / false or null (`1:`, `on:`) is an error naming it (and the
+    mapping it is under) and `source`."""
+    from gdrt_core.config import check_text_keys
+
+    check_text_keys(params, source, what="pipeline config")
+    for key, value in params.items():
+        if key.endswith("_settings") and isinstance(value, dict):
+            check_text_keys(value, source, what="pipeline config", under=key)
 
 
 def wired_settings(s, params: dict) -> dict[str, tuple[str, str]]:

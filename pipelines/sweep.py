@@ -140,22 +140,18 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[st
         raise GdrtError("`config` (the pipeline config the variants start from) is missing", path=str(path))
     if not spec.variants:
         raise GdrtError("`variants` must map at least one variant name to its settings", path=str(path))
-    for name in spec.variants:
-        if isinstance(name, bool) or not isinstance(name, (str, int)):
-            raise GdrtError(f"variant name {name!r} is not text", path=str(path),
-                            hint="quote it, `\"NAME\": {...}`: YAML reads yes, no, on and off as booleans")
+    named = variant_names(spec.variants, str(path))
+    cfg.check_text_keys(spec.set, str(path), what="sweep file", under="set", kind="pipeline parameter name")
     config_path = path.parent / spec.config  # an absolute config stays itself
     base = {**copy.deepcopy(PIPELINE_DEFAULTS), **load_params(config_path, [])}
-    common = {str(k): v for k, v in spec.set.items()}
+    common = dict(spec.set)
     common.update(override(item) for item in overrides)
     if only:
-        names = [str(n) for n in spec.variants]
-        missing = [v for v in only if v not in names]
+        missing = [v for v in only if v not in named]
         if missing:
-            raise GdrtError(f"no variant {missing} (variants: {', '.join(names)})", path=str(path))
+            raise GdrtError(f"no variant {missing} (variants: {', '.join(named)})", path=str(path))
     variants: dict[str, Variant] = {}
-    for name, given in spec.variants.items():
-        name = str(name)
+    for name, given in named.items():
         if only and name not in only:
             continue
         where = f"{path}: variant {name}"
@@ -163,13 +159,32 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[st
             raise GdrtError(f"must be a mapping of set / pool / reference, not {given!r}", path=where,
                             hint=f"write it as `{name}: {{set: {{KEY: VALUE}}}}`, or `{name}: {{}}` for the config as it is")
         vspec = cfg.from_dict(VariantSpec, _given(given or {}), source=where)
+        cfg.check_text_keys(vspec.set, str(path), what="sweep file", under=f"variants.{name}.set",
+                            kind="pipeline parameter name")
         params = copy.deepcopy(base)
-        own = {**common, **{str(k): v for k, v in vspec.set.items()}}
+        own = {**common, **vspec.set}
         for key, value in own.items():
             _set_param(params, key, value, where)
         check_pipeline_params(params, where)  # every variant's every stage, before the first stage runs
         variants[name] = Variant(name, params, own, vspec.pool or name, vspec.reference)
     return spec.experiment or base.get("experiment") or "gdrt", variants
+
+
+def variant_names(variants: dict, source: str) -> dict[str, Any]:
+    """The variants of a sweep file keyed by their names as text: YAML reads `42:` as the integer 42, which
+    names the variant "42"; a name YAML reads as true / false, null or a fractional number (`on:`, `1.10:`,
+    whose text is not what was written) is an error naming it, and so are two keys that name one variant
+    (`42:` and `"42":`)."""
+    named: dict[str, Any] = {}
+    keys: dict[str, object] = {}  # name -> the key that gave it
+    for name, given in variants.items():
+        if isinstance(name, bool) or not isinstance(name, (str, int)):
+            cfg.check_text_keys({name: given}, source, what="sweep file", under="variants", kind="variant name")
+        if str(name) in named:
+            raise GdrtError(f"two variants are named {str(name)!r} (the keys {keys[str(name)]!r} and {name!r})",
+                            path=source, hint="give each variant its own name")
+        named[str(name)], keys[str(name)] = given, name
+    return named
 
 
 def _key(stage: str, settings: dict, values: dict, inputs: dict) -> str:

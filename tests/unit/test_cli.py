@@ -314,7 +314,9 @@ def test_a_config_file_that_is_not_utf8_is_refused_naming_its_line(tmp_path, cap
     ("train_settings:\n  null: 3\n", "None", " under train_settings"),
 ])
 def test_a_config_key_that_is_not_text_is_refused(tmp_path, capsys, monkeypatch, text, key, where):
-    """`1: 2` or `true: x` in a config file was a TypeError traceback from the stage and the pipeline readers."""
+    """`1: 2` or `true: x` in a config file was a TypeError traceback from the stage and the pipeline readers.
+    Setting names are checked where they are read as such (`config.from_dict`, `check_pipeline_params`), so
+    a stage's config with a pipeline section (`train_settings:`) is refused first as an unknown setting."""
     from pipelines.cli import main as gdrt
 
     monkeypatch.setenv("GDRT_TRACKING", "off")
@@ -322,10 +324,13 @@ def test_a_config_key_that_is_not_text_is_refused(tmp_path, capsys, monkeypatch,
     config.write_text(text, encoding="utf-8")
     assert main(["curate", "--config", str(config), "--source", "s", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert f"has the key {key}{where}, which YAML reads as" in err and "Traceback" not in err
+    expected = ("unknown setting(s) train_settings" if where else
+                f"{config}: the config has the key {key}, which YAML reads as")
+    assert expected in err and "Traceback" not in err
     assert gdrt(["run", "--config", str(config), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert f"has the key {key}{where}" in err and "Traceback" not in err
+    assert f"{config}: the pipeline config has the key {key}{where}, which YAML reads as" in err
+    assert "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["k.yaml"]
 
 

@@ -67,6 +67,26 @@ def test_load_sweep_errors_name_the_problem(tmp_path, variants, extra, message):
     assert message in str(e.value) and str(path) in str(e.value)
 
 
+def test_integer_variant_names_in_a_sweep_file_are_text_names(tmp_path):
+    """`variants: {42: {}}` (a seed as the name) was refused by the file reader as a key that is not a setting
+    name; a variant name is no setting: the sweep reader names the variant "42". A name YAML reads as a
+    boolean is still refused, and `42:` beside `"42":` is one name given twice."""
+    _write(tmp_path, {"a": {}})
+    sweep_file = tmp_path / "ints.yaml"
+    sweep_file.write_text("config: cfg.yaml\nvariants:\n  42: {}\n  43: {set: {train_settings.seed: 43}}\n")
+    experiment, variants = sweep.load_sweep(sweep_file)
+    assert list(variants) == ["42", "43"] and variants["43"].params["train_settings"]["seed"] == 43
+    assert variants["42"].pool == "42"
+    assert list(sweep.load_sweep(sweep_file, only=["43"])[1]) == ["43"]
+    sweep_file.write_text("config: cfg.yaml\nvariants:\n  42: {}\n  \"42\": {}\n")
+    with pytest.raises(GdrtError, match=r"ints.yaml: two variants are named '42' \(the keys 42 and '42'\)"):
+        sweep.load_sweep(sweep_file)
+    sweep_file.write_text("config: cfg.yaml\nvariants:\n  on: {}\n")
+    with pytest.raises(GdrtError, match="ints.yaml: the sweep file has the key True under variants, which YAML "
+                                        "reads as a bool, not a variant name"):
+        sweep.load_sweep(sweep_file)
+
+
 def test_load_sweep_only_and_missing_file(tmp_path):
     path = _write(tmp_path, {"a": {}, "b": {}})
     assert list(sweep.load_sweep(path, only=["b"])[1]) == ["b"]
