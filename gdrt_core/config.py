@@ -183,13 +183,19 @@ def set_value(value: Any, tp: Any, key: str, source: str) -> Any:
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Convert a YAML, string or `--set` value to the field type `tp`, with a clear error. A YAML boolean
-    given for a text setting (`out: on` is True) is an error: its text ("True") is not what was written."""
+    """Convert a YAML, string or `--set` value to the field type `tp`, with a clear error. A YAML boolean or
+    number given for a text setting (`out: on` is True, `out: 010` the octal 8) is an error: its text ("True",
+    "8") is not what was written."""
     value = set_value(value, tp, key, source)
-    if isinstance(value, bool) and is_text(tp):
-        raise GdrtError(f"{key}: got the YAML boolean {value!r} for a text setting", path=source,
-                        hint=f"YAML reads unquoted on, off, yes, no, true and false as booleans: quote the value, "
-                             f"e.g. `{key.rsplit('.', 1)[-1]}: \"on\"`")
+    if isinstance(value, (bool, int, float)) and is_text(tp):
+        name = key.rsplit(".", 1)[-1]
+        if isinstance(value, bool):
+            raise GdrtError(f"{key}: got the YAML boolean {value!r} for a text setting", path=source,
+                            hint=f"YAML reads unquoted on, off, yes, no, true and false as booleans: quote the "
+                                 f"value, e.g. `{name}: \"on\"`")
+        raise GdrtError(f"{key}: got the YAML number {value!r} for a text setting", path=source,
+                        hint=f"YAML reads unquoted digits as a number (010 as the octal 8, 1_000 as 1000, 1.10 as "
+                             f"1.1): quote the value, e.g. `{name}: \"010\"`")
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):

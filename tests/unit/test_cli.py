@@ -420,6 +420,29 @@ def test_a_yaml_boolean_for_a_text_setting_in_a_config_file_is_refused(monkeypat
         check_pipeline_params({"train_settings": {"optim": found == "True"}}, "cfg.yaml")  # a stage setting too
 
 
+@pytest.mark.parametrize(("line", "found"), [("out: 010", "8"), ("out: 1_000", "1000"), ("out: 1.10", "1.1"),
+                                             ("model: 2024", "2024"), ("split: 0", "0")])
+def test_a_yaml_number_for_a_text_setting_in_a_config_file_is_refused(monkeypatch, capsys, tmp_path, line, found):
+    """`out: 010` in a config file was the directory "8" (YAML reads 010 as an octal number); a number given
+    to a text setting is refused naming the file and the setting, and saying to quote the value, in a stage's
+    config, in a pipeline config's stage settings and in a sweep file."""
+    monkeypatch.setattr("gdrt_core.evaluate.run", lambda config: pytest.fail("ran"))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{line}\n")
+    key = line.split(":")[0]
+    flags = [x for k in ("dataset", "model", "out") if k != key for x in (f"--{k}", k[0])]
+    assert main(["evaluate", "--config", str(config), "--no-tracking", *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: {key}: got the YAML number {found} for a text setting" in err and "quote the value" in err
+    from pipelines.params import check_pipeline_params
+    from pipelines.sweep import VariantSpec
+
+    with pytest.raises(GdrtError, match=f"cfg.yaml: train_settings .*: optim: got the YAML number {found}"):
+        check_pipeline_params({"train_settings": {"optim": float(found) if "." in found else int(found)}}, "cfg.yaml")
+    with pytest.raises(GdrtError, match="s.yaml: variant a: pool: got the YAML number 1 for a text setting"):
+        from_dict(VariantSpec, {"pool": 1}, source="s.yaml: variant a")
+
+
 def test_a_quoted_or_boolean_setting_keeps_its_meaning(monkeypatch, tmp_path):
     """Quoted, `out: "on"` is the text; an empty `out:` has no value (not the text "None"); bf16 and
     select_best take YAML booleans (their type says so)."""
