@@ -10,6 +10,7 @@ config (`to_dict`) goes into the artifact's manifest and into MLflow params.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 import os
@@ -163,7 +164,7 @@ def set_value(value: Any, tp: Any, key: str, source: str) -> Any:
         text = str(value)
         if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # a quoted YAML string: its content
             try:
-                unquoted = yaml.safe_load(text)
+                unquoted = parse_yaml(text)
             except yaml.YAMLError:
                 return text
             return unquoted if isinstance(unquoted, str) else text
@@ -172,7 +173,7 @@ def set_value(value: Any, tp: Any, key: str, source: str) -> Any:
     if not value.strip():
         return str(value)
     try:
-        return yaml.safe_load(value)
+        return parse_yaml(value)
     except yaml.YAMLError as e:
         if not value.lstrip().startswith(("[", "{")):
             return str(value)
@@ -347,17 +348,58 @@ def set_dotted(data: dict, key: str, value: Any, where: str | None = None) -> No
     data[last] = value
 
 
+def parse_yaml(text: str) -> Any:
+    """`text` read as YAML (PyYAML's safe loader, YAML 1.1: `1e-3` is text, `010` the octal 8), except that a
+    key given twice in one mapping is a yaml.YAMLError naming it and its two lines, where PyYAML keeps the
+    last silently (two `tau:` lines, two variants of one name). The project's one YAML reader: config and
+    sweep files (`read_yaml`), `--set` values (`set_value`), MLmodel files (`gdrt_core.registry`)."""
+    import yaml
+
+    return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+
+
+@functools.cache
+def _unique_key_loader() -> type:
+    """yaml.SafeLoader whose mappings refuse a key given twice: the error carries `duplicate` = (key, line of
+    the first, line of the second), 1-based. Keys brought in by a merge (`<<: *base`) may be overridden."""
+    import yaml
+    from yaml.constructor import ConstructorError
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first: dict = {}  # key -> the mark of its first occurrence
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        earlier = first.setdefault(key, key_node.start_mark)
+                    except TypeError:  # an unhashable key: the base class names it
+                        continue
+                    if earlier is not key_node.start_mark:
+                        error = ConstructorError("while constructing a mapping", node.start_mark,
+                                                 f"found the key {key!r} twice (first on line {earlier.line + 1})",
+                                                 key_node.start_mark)
+                        error.duplicate = (key, earlier.line + 1, key_node.start_mark.line + 1)
+                        raise error
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
-    """A YAML file holding a mapping; a missing file, text that is not UTF-8, bad YAML, an empty file (nothing
-    but comments) or a value other than a mapping is a GdrtError naming the file (and the line of a byte that
-    is not UTF-8). Every config file (a stage's --config, the pipeline config of `gdrt run`, a sweep file) is
-    read here, so they are refused alike."""
+    """A YAML file holding a mapping (read by `parse_yaml`); a missing file, text that is not UTF-8, bad YAML, a
+    key given twice in one mapping, an empty file (nothing but comments) or a value other than a mapping is a
+    GdrtError naming the file (and the line of a byte that is not UTF-8, or of the second key). Every config
+    file (a stage's --config, the pipeline config of `gdrt run`, a sweep file) is read here, so they are
+    refused alike."""
     import yaml
 
     try:
         with open(path, "rb") as f:
             data = f.read()
-        loaded = yaml.safe_load(data.decode("utf-8"))
+        loaded = parse_yaml(data.decode("utf-8"))
     except FileNotFoundError:
         raise GdrtError(f"{what} not found", path=str(path)) from None
     except UnicodeDecodeError as e:
@@ -365,6 +407,11 @@ def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
                         line=data[: e.start].count(b"\n") + 1,
                         hint="save it as UTF-8, e.g. `iconv -f ITS-ENCODING -t UTF-8`") from None
     except yaml.YAMLError as e:
+        if hasattr(e, "duplicate"):
+            key, first, second = e.duplicate
+            raise GdrtError(f"the {what} gives the key {key!r} twice, on line {first} and line {second}",
+                            path=str(path), line=second,
+                            hint="YAML would keep only the last value, silently: keep one of them") from None
         raise GdrtError(f"invalid YAML: {e}", path=str(path)) from None
     if not isinstance(loaded, dict):
         found = "nothing (it is empty)" if loaded is None else article(type(loaded).__name__)

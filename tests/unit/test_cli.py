@@ -8,7 +8,7 @@ import os
 import pytest
 
 from gdrt_core.cli import build_parser, main, run_context, settings_help
-from gdrt_core.config import SetText, from_dict, load_config, parse_override, set_value
+from gdrt_core.config import SetText, from_dict, load_config, parse_override, parse_yaml, set_value
 from gdrt_core.errors import GdrtError
 from gdrt_core.stages import STAGES
 from gdrt_core.train import TrainConfig
@@ -306,6 +306,40 @@ def test_a_config_file_that_is_not_utf8_is_refused_naming_its_line(tmp_path, cap
     assert gdrt(["sweep", str(tmp_path / "s.yaml"), "--dry-run"]) == 2
     assert f"{tmp_path / 's.yaml'}, line 2: the sweep file is not UTF-8 text" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["c.yaml", "s.yaml"]
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_naming_both_lines(tmp_path, capsys, monkeypatch):
+    """Two `tau:` lines, two `limit:` lines in a stage's settings or two variants of one name were read as the
+    last one, silently; every reader (`config.parse_yaml`) refuses a key given twice in one mapping, naming
+    the file, the key and both lines. A key brought in by a YAML merge (`<<: *base`) may still be overridden."""
+    from pipelines.cli import main as gdrt
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    config = tmp_path / "c.yaml"
+    config.write_text("tau: 1.0\nnum_groups: 4\ntau: 2.0\n", encoding="utf-8")
+    assert gdrt(["run", "--config", str(config), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert (f"{config}, line 3: the pipeline config gives the key 'tau' twice, on line 1 and line 3 (YAML would "
+            "keep only the last value, silently") in err and "Traceback" not in err
+    config.write_text("eval_settings:\n  limit: 5\n  beams: 2\n  limit: 6\n", encoding="utf-8")
+    assert gdrt(["run", "--config", str(config), "--out", str(tmp_path / "r")]) == 2
+    assert f"{config}, line 4: the pipeline config gives the key 'limit' twice, on line 2 and line 4" in \
+        capsys.readouterr().err
+    assert main(["evaluate", "--config", str(config), "--dataset", "d", "--model", "m", "--out", "o"]) == 2
+    assert f"{config}, line 4: the config file gives the key 'limit' twice" in capsys.readouterr().err
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text("config: c.yaml\nvariants:\n  a: {}\n  b: {}\n  a: {set: {tau: 2}}\n", encoding="utf-8")
+    assert gdrt(["sweep", str(sweep_file), "--dry-run"]) == 2
+    assert f"{sweep_file}, line 5: the sweep file gives the key 'a' twice, on line 3 and line 5" in \
+        capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["c.yaml", "s.yaml"]
+    with pytest.raises(GdrtError, match="--set eval_settings=.*: the value of eval_settings is not a valid YAML list "
+                                        "or mapping \\(found the key 'limit' twice"):
+        from pipelines.params import load_params
+
+        load_params(None, ["eval_settings={limit: 5, limit: 6}"])
+    merged = parse_yaml("base: &b {lr: 0.1, epochs: 2}\ntrain_settings:\n  <<: *b\n  lr: 0.2\n")
+    assert merged["train_settings"] == {"lr": 0.2, "epochs": 2}
 
 
 @pytest.mark.parametrize("text, key, where", [
