@@ -315,14 +315,41 @@ def from_dict(cls: type[T], data: dict, *, source: str = "<config>", prefix: str
                                 f"{sources.get(other, source)}", path=sources.get(name, source),
                                 hint=f"{name}: {fields[name].metadata['help']}. Drop {prefix}{name}, or drop "
                                      f"{prefix}{other}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k, sources.get(k, source)) for k, v in data.items()}
-    for k, v in kwargs.items():
-        if fields[k].metadata.get("path") and isinstance(v, str) and v.startswith("~"):
-            kwargs[k] = os.path.expanduser(v)
+    kwargs = {k: _read_setting(fields[k], hints[k], v, prefix + k, sources.get(k, source)) for k, v in data.items()}
     cfg = cls(**kwargs)
     if not prefix:  # nested dataclasses are checked with their parent
         check_config(cfg, source, sources=sources)
     return cfg
+
+
+def _read_setting(f: dataclasses.Field, tp: Any, value: Any, key: str, source: str) -> Any:
+    """One given value of field `f` (type `tp`) as the config holds it: read as its type (`_coerce`), a path's
+    `~` expanded."""
+    typed = _coerce(value, tp, key, source)
+    if f.metadata.get("path") and isinstance(typed, str) and typed.startswith("~"):
+        return os.path.expanduser(typed)
+    return typed
+
+
+def resolved_settings(cls: type, data: dict, source: str = "<config>") -> dict:
+    """The settings `data` gives config class `cls`, as the values they resolve to: each read as its field's
+    type (`tau: 1` is 1.0, `lr: 1e-3`, which YAML 1.1 reads as text, is 0.001, `bf16: false` and `"false"` are
+    alike) and left out when that is the field's default; a key that is no field is kept as given. Two
+    mappings that build the same config resolve to equal dicts: what `gdrt run` and `gdrt sweep` compare
+    (a stage's identity, the resume check). A value that cannot be read is a GdrtError naming it."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    resolved = {}
+    for key, value in data.items():
+        if key not in fields:
+            resolved[key] = value
+            continue
+        f = fields[key]
+        typed = _read_setting(f, hints[key], value, key, source)
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if default is dataclasses.MISSING or typed != default or isinstance(typed, bool) != isinstance(default, bool):
+            resolved[key] = typed
+    return resolved
 
 
 def set_dotted(data: dict, key: str, value: Any, where: str | None = None) -> None:

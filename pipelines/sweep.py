@@ -15,7 +15,8 @@ Each variant is the pipeline's graph (pipelines/graph.py) without the registry s
 -> train SFT -> group (reference = SFT, or the base model) -> train GDRT -> evaluate both on `eval_split` ->
 attribute both -> report, plus GDRT on valid. Each step runs through `gdrt_core.stages.run_step`, the
 function the pipeline's components call, with the same arguments. A stage that several variants share (same
-stage, settings and inputs: the SFT model of an ablation that changes only GDRT, say) runs once. Independent stages run in parallel, one process each
+stage, settings as they resolve, `tau: 1` = `tau: 1.0`, and inputs: the SFT model of an ablation that changes
+only GDRT, say) runs once. Independent stages run in parallel, one process each
 (`--jobs`). A finished stage is not run again: re-running the same command after a crash resumes.
 Nothing is registered: a sweep compares configurations, it does not promote a model. A variant's report is
 titled `<run_name> <variant>`.
@@ -197,16 +198,20 @@ def plan_steps(nodes: dict[str, Node], params: dict, steps: tuple[graph.Step, ..
                name: Callable[[graph.Step], tuple[str, str]]) -> dict[str, str]:
     """Add one node per graph step for one variant's `params` (a node with the same stage, settings and
     inputs is the same node: shared); returns {step name: node key}. `name(step)` gives the node's
-    (label, MLflow run name). The key is over what the stage sees: its config values (step arguments
-    renamed as `stages.step_values` does) and its inputs' keys."""
+    (label, MLflow run name). The key is over what the stage sees: its settings and config values (step
+    arguments renamed as `stages.step_values` does) as they resolve (`params.resolved_params`: `tau: 1` and
+    `tau: 1.0`, or a default written out and left out, are one stage), and its inputs' keys."""
     from gdrt_core.stages import STEP_ARGUMENTS, step_values
+    from pipelines.params import resolved_params
 
+    resolved = resolved_params(params)
     role: dict[str, str] = {}
     for s in steps:
         settings, args = graph.step_settings(s, params), graph.step_args(s, params)
         renames = STEP_ARGUMENTS.get(s.stage, {})
         inputs = {arg: role[src] for arg, src in s.inputs.items()}
-        key = _key(s.stage, settings, step_values(s.stage, args), {renames.get(a, a): k for a, k in inputs.items()})
+        key = _key(s.stage, graph.step_settings(s, resolved), step_values(s.stage, graph.step_args(s, resolved)),
+                   {renames.get(a, a): k for a, k in inputs.items()})
         if key not in nodes:
             label, run_name = name(s)
             nodes[key] = Node(key, s.stage, label, settings, args, inputs, s.name, run_name,
