@@ -173,7 +173,7 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[st
 
 def variant_names(variants: dict, source: str) -> dict[str, Any]:
     """The variants of a sweep file keyed by their names as text: YAML reads `42:` as the integer 42, which
-    names the variant "42"; a name YAML reads as true / false, null or a fractional number (`on:`, `1.10:`,
+    names the variant "42"; a name YAML reads as true / false, null or a decimal number (`on:`, `1.10:`,
     whose text is not what was written) is an error naming it, and so are two keys that name one variant
     (`42:` and `"42":`)."""
     named: dict[str, Any] = {}
