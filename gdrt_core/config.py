@@ -10,6 +10,7 @@ config (`to_dict`) goes into the artifact's manifest and into MLflow params.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 import os
@@ -163,7 +164,7 @@ def set_value(value: Any, tp: Any, key: str, source: str) -> Any:
         text = str(value)
         if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # a quoted YAML string: its content
             try:
-                unquoted = yaml.safe_load(text)
+                unquoted = parse_yaml(text)
             except yaml.YAMLError:
                 return text
             return unquoted if isinstance(unquoted, str) else text
@@ -172,7 +173,7 @@ def set_value(value: Any, tp: Any, key: str, source: str) -> Any:
     if not value.strip():
         return str(value)
     try:
-        return yaml.safe_load(value)
+        return parse_yaml(value)
     except yaml.YAMLError as e:
         if not value.lstrip().startswith(("[", "{")):
             return str(value)
@@ -183,13 +184,19 @@ def set_value(value: Any, tp: Any, key: str, source: str) -> Any:
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Convert a YAML, string or `--set` value to the field type `tp`, with a clear error. A YAML boolean
-    given for a text setting (`out: on` is True) is an error: its text ("True") is not what was written."""
+    """Convert a YAML, string or `--set` value to the field type `tp`, with a clear error. A YAML boolean or
+    number given for a text setting (`out: on` is True, `out: 010` the octal 8) is an error: its text ("True",
+    "8") is not what was written."""
     value = set_value(value, tp, key, source)
-    if isinstance(value, bool) and is_text(tp):
-        raise GdrtError(f"{key}: got the YAML boolean {value!r} for a text setting", path=source,
-                        hint=f"YAML reads unquoted on, off, yes, no, true and false as booleans: quote the value, "
-                             f"e.g. `{key.rsplit('.', 1)[-1]}: \"on\"`")
+    if isinstance(value, (bool, int, float)) and is_text(tp):
+        name = key.rsplit(".", 1)[-1]
+        if isinstance(value, bool):
+            raise GdrtError(f"{key}: got the YAML boolean {value!r} for a text setting", path=source,
+                            hint=f"YAML reads unquoted on, off, yes, no, true and false as booleans: quote the "
+                                 f"value, e.g. `{name}: \"on\"`")
+        raise GdrtError(f"{key}: got the YAML number {value!r} for a text setting", path=source,
+                        hint=f"YAML reads unquoted digits as a number (010 as the octal 8, 1_000 as 1000, 1.10 as "
+                             f"1.1): quote the value, e.g. `{name}: \"010\"`")
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -283,12 +290,14 @@ class MissingSettings(GdrtError):
 
 def from_dict(cls: type[T], data: dict, *, source: str = "<config>", prefix: str = "",
               sources: dict[str, str] | None = None) -> T:
-    """Build `cls` from a (possibly nested) mapping; unknown keys are an error that names them. `sources`
+    """Build `cls` from a (possibly nested) mapping; unknown keys, and keys that are not text (`1:` in a YAML
+    file), are an error that names them. `sources`
     (setting -> the file, --set or flag it came from) names each setting's own source in its errors;
     `source` names the config as a whole. A path setting (`field(path=True)`) has its `~` expanded."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     sources = sources or {}
+    check_text_keys(data, source, under=prefix.rstrip("."), sources=sources)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise GdrtError(
@@ -306,14 +315,41 @@ def from_dict(cls: type[T], data: dict, *, source: str = "<config>", prefix: str
                                 f"{sources.get(other, source)}", path=sources.get(name, source),
                                 hint=f"{name}: {fields[name].metadata['help']}. Drop {prefix}{name}, or drop "
                                      f"{prefix}{other}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k, sources.get(k, source)) for k, v in data.items()}
-    for k, v in kwargs.items():
-        if fields[k].metadata.get("path") and isinstance(v, str) and v.startswith("~"):
-            kwargs[k] = os.path.expanduser(v)
+    kwargs = {k: _read_setting(fields[k], hints[k], v, prefix + k, sources.get(k, source)) for k, v in data.items()}
     cfg = cls(**kwargs)
     if not prefix:  # nested dataclasses are checked with their parent
         check_config(cfg, source, sources=sources)
     return cfg
+
+
+def _read_setting(f: dataclasses.Field, tp: Any, value: Any, key: str, source: str) -> Any:
+    """One given value of field `f` (type `tp`) as the config holds it: read as its type (`_coerce`), a path's
+    `~` expanded."""
+    typed = _coerce(value, tp, key, source)
+    if f.metadata.get("path") and isinstance(typed, str) and typed.startswith("~"):
+        return os.path.expanduser(typed)
+    return typed
+
+
+def resolved_settings(cls: type, data: dict, source: str = "<config>") -> dict:
+    """The settings `data` gives config class `cls`, as the values they resolve to: each read as its field's
+    type (`tau: 1` is 1.0, `lr: 1e-3`, which YAML 1.1 reads as text, is 0.001, `bf16: false` and `"false"` are
+    alike) and left out when that is the field's default; a key that is no field is kept as given. Two
+    mappings that build the same config resolve to equal dicts: what `gdrt run` and `gdrt sweep` compare
+    (a stage's identity, the resume check). A value that cannot be read is a GdrtError naming it."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    resolved = {}
+    for key, value in data.items():
+        if key not in fields:
+            resolved[key] = value
+            continue
+        f = fields[key]
+        typed = _read_setting(f, hints[key], value, key, source)
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if default is dataclasses.MISSING or typed != default or isinstance(typed, bool) != isinstance(default, bool):
+            resolved[key] = typed
+    return resolved
 
 
 def set_dotted(data: dict, key: str, value: Any, where: str | None = None) -> None:
@@ -339,17 +375,58 @@ def set_dotted(data: dict, key: str, value: Any, where: str | None = None) -> No
     data[last] = value
 
 
+def parse_yaml(text: str) -> Any:
+    """`text` read as YAML (PyYAML's safe loader, YAML 1.1: `1e-3` is text, `010` the octal 8), except that a
+    key given twice in one mapping is a yaml.YAMLError naming it and its two lines, where PyYAML keeps the
+    last silently (two `tau:` lines, two variants of one name). The project's one YAML reader: config and
+    sweep files (`read_yaml`), `--set` values (`set_value`), MLmodel files (`gdrt_core.registry`)."""
+    import yaml
+
+    return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+
+
+@functools.cache
+def _unique_key_loader() -> type:
+    """yaml.SafeLoader whose mappings refuse a key given twice: the error carries `duplicate` = (key, line of
+    the first, line of the second), 1-based. Keys brought in by a merge (`<<: *base`) may be overridden."""
+    import yaml
+    from yaml.constructor import ConstructorError
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first: dict = {}  # key -> the mark of its first occurrence
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        earlier = first.setdefault(key, key_node.start_mark)
+                    except TypeError:  # an unhashable key: the base class names it
+                        continue
+                    if earlier is not key_node.start_mark:
+                        error = ConstructorError("while constructing a mapping", node.start_mark,
+                                                 f"found the key {key!r} twice (first on line {earlier.line + 1})",
+                                                 key_node.start_mark)
+                        error.duplicate = (key, earlier.line + 1, key_node.start_mark.line + 1)
+                        raise error
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
-    """A YAML file holding a mapping; a missing file, text that is not UTF-8, bad YAML, an empty file (nothing
-    but comments) or a value other than a mapping is a GdrtError naming the file (and the line of a byte that
-    is not UTF-8). Every config file (a stage's --config, the pipeline config of `gdrt run`, a sweep file) is
-    read here, so they are refused alike."""
+    """A YAML file holding a mapping (read by `parse_yaml`); a missing file, text that is not UTF-8, bad YAML, a
+    key given twice in one mapping, an empty file (nothing but comments) or a value other than a mapping is a
+    GdrtError naming the file (and the line of a byte that is not UTF-8, or of the second key). Every config
+    file (a stage's --config, the pipeline config of `gdrt run`, a sweep file) is read here, so they are
+    refused alike."""
     import yaml
 
     try:
         with open(path, "rb") as f:
             data = f.read()
-        loaded = yaml.safe_load(data.decode("utf-8"))
+        loaded = parse_yaml(data.decode("utf-8"))
     except FileNotFoundError:
         raise GdrtError(f"{what} not found", path=str(path)) from None
     except UnicodeDecodeError as e:
@@ -357,32 +434,32 @@ def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
                         line=data[: e.start].count(b"\n") + 1,
                         hint="save it as UTF-8, e.g. `iconv -f ITS-ENCODING -t UTF-8`") from None
     except yaml.YAMLError as e:
+        if hasattr(e, "duplicate"):
+            key, first, second = e.duplicate
+            raise GdrtError(f"the {what} gives the key {key!r} twice, on line {first} and line {second}",
+                            path=str(path), line=second,
+                            hint="YAML would keep only the last value, silently: keep one of them") from None
         raise GdrtError(f"invalid YAML: {e}", path=str(path)) from None
     if not isinstance(loaded, dict):
         found = "nothing (it is empty)" if loaded is None else article(type(loaded).__name__)
         raise GdrtError(f"the {what} must hold a mapping of settings (key: value lines), not {found}",
                         path=str(path), hint="write its settings into it as `key: value` lines")
-    bad = _non_text_key(loaded)
-    if bad is not None:
-        key, under = bad
-        where = f" under {'.'.join(under)}" if under else ""
-        raise GdrtError(f"the {what} has the key {key!r}{where}, which YAML reads as {article(type(key).__name__)}, "
-                        "not a setting name", path=str(path),
-                        hint=f"quote it if it is meant as a name (\"{key}\":), else remove it")
     return loaded
 
 
-def _non_text_key(mapping: dict, under: tuple[str, ...] = ()) -> tuple[object, tuple[str, ...]] | None:
-    """The first key of `mapping`, or of a mapping nested in it, that YAML read as something other than text
-    (a number, true / false, null), with the keys above it; None when every key is text."""
-    for key, value in mapping.items():
+def check_text_keys(mapping: dict, source: str, *, what: str = "config", under: str = "",
+                    kind: str = "setting name", sources: dict[str, str] | None = None) -> None:
+    """Refuse a key of `mapping` that YAML read as something other than text (`1:`, `true:`, `null:`) where a
+    {kind} (a setting name, a variant name) is expected: a GdrtError naming the key, the keys above it
+    (`under`) and the file it came from (`sources`: key -> where it was given, else `source`). `from_dict`,
+    `pipelines.params.check_pipeline_params` and the sweep reader call it where their keys are names;
+    `read_yaml` takes any key (a mapping may be keyed by numbers)."""
+    for key in mapping:
         if not isinstance(key, str):
-            return key, under
-        if isinstance(value, dict):
-            found = _non_text_key(value, (*under, key))
-            if found is not None:
-                return found
-    return None
+            where = f" under {under}" if under else ""
+            raise GdrtError(f"the {what} has the key {key!r}{where}, which YAML reads as "
+                            f"{article(type(key).__name__)}, not a {kind}", path=(sources or {}).get(str(key), source),
+                            hint=f"quote it if it is meant as a name (\"{key}\":), else remove it")
 
 
 def parse_override(item: str) -> tuple[str, SetText]:

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from gdrt_core.artifacts import follow_umask, read_manifest, sha256_file
+from gdrt_core.config import parse_yaml
 from gdrt_core.errors import GdrtError
 
 CHAMPION = "champion"
@@ -122,7 +123,7 @@ def check_model_files(model_dir: str | os.PathLike, expected_digest: str, uri: s
 
     root = Path(model_dir)
     try:
-        flavors = yaml.safe_load((root / "MLmodel").read_text(encoding="utf-8")).get("flavors", {})
+        flavors = parse_yaml((root / "MLmodel").read_text(encoding="utf-8")).get("flavors", {})
     except (OSError, yaml.YAMLError, AttributeError) as e:
         raise GdrtError(f"{uri}: cannot read its MLmodel file ({e})", path=str(root)) from None
     pyfunc = flavors.get("python_function") or {}
@@ -177,14 +178,13 @@ def _logged_digest(uri: str, dest: Path, artifacts: dict[str, str]) -> str:
     """`model_digest` of a logged model without downloading its artifacts: everything else is downloaded
     (small), and the artifacts are hashed from their local sources under the paths MLmodel gives them."""
     import mlflow
-    import yaml
 
     dest.mkdir(parents=True)
     for entry in mlflow.artifacts.list_artifacts(artifact_uri=uri):
         if entry.path not in ("artifacts", REGISTRY_META):
             mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{entry.path}", dst_path=str(dest))
     lines = _file_lines(dest, [p for p in dest.rglob("*") if p.is_file()])
-    logged = yaml.safe_load((dest / "MLmodel").read_text(encoding="utf-8"))["flavors"]["python_function"]["artifacts"]
+    logged = parse_yaml((dest / "MLmodel").read_text(encoding="utf-8"))["flavors"]["python_function"]["artifacts"]
     for key, source in artifacts.items():
         rel, src = logged[key]["path"], Path(source)
         if src.is_file():

@@ -10,8 +10,8 @@ started) and `--set key=value` overrides. Artifacts go under --out (default runs
 MLFLOW_TRACKING_URI or the embedded sqlite store ./mlflow.db: the runner opens the parent run, nests every
 step's run under it (run names as in KFP) and closes it as FINISHED or FAILED. One progress line per step.
 Re-running with the same --out and the same config resumes: finished steps are kept; <out>/params.json records
-the parameters a directory was started with, and other parameters are refused, naming each difference
-(`check_same_config`). An --out that is neither new, empty nor an earlier run's working directory is refused
+the parameters a directory was started with, and parameters that resolve to other settings are refused,
+naming each difference (`check_same_config`). An --out that is neither new, empty nor an earlier run's working directory is refused
 before the first step (`sweep.check_work_dir`).
 """
 
@@ -87,26 +87,33 @@ def run(params: dict, out: str | os.PathLike, *, jobs: int = 1, stream=None) -> 
 
 def check_same_config(out: Path, plan_) -> None:
     """A run directory resumes only the config it was started with. Its params.json (`sweep.RUN_PARAMS`)
-    records the pipeline parameters it was started with (defaults filled in); other parameters now are refused,
-    naming the directory and each difference. A working directory without that record (a sweep's, or one
-    from before it was kept) resumes only when every finished stage in it is a stage of this config."""
+    records the pipeline parameters it was started with (defaults filled in); parameters that resolve to other
+    values now (`params.resolved_params`: `tau: 1` is `tau: 1.0`, a stage setting written out at its default
+    is the setting left out) are refused, naming the directory and each difference. A working directory
+    without that record (a sweep's, or one from before it was kept) resumes only when every finished stage in
+    it is a stage of this config."""
     from gdrt_core.config import flatten
+    from pipelines.params import resolved_params
     from pipelines.sweep import RUN_PARAMS
 
     recorded = out / RUN_PARAMS
     if recorded.is_file():
         try:
             before = json.loads(recorded.read_text(encoding="utf-8"))
-            before = flatten(before) if isinstance(before, dict) else None
         except (OSError, ValueError):
             before = None
-        if before is None:
+        if not isinstance(before, dict):
             raise GdrtError("the record of the parameters this run directory was started with cannot be read",
                             path=str(recorded), hint="choose a new --out")
-        now = flatten(json.loads(json.dumps(plan_.variants[VARIANT].params, default=str)))
+        try:
+            before = resolved_params(before, str(recorded))
+        except GdrtError:  # recorded by a version whose settings this one reads otherwise: compared as written
+            pass
+        before = flatten(json.loads(json.dumps(before, default=str)))
+        now = flatten(json.loads(json.dumps(resolved_params(plan_.variants[VARIANT].params), default=str)))
 
         def shown(values: dict, key: str) -> str:
-            return repr(values[key]) if key in values else "unset"
+            return repr(values[key]) if key in values else "the default"
 
         changed = [f"{k} {shown(before, k)} then, {shown(now, k)} now" for k in sorted({*before, *now})
                    if (k in before, before.get(k)) != (k in now, now.get(k))]

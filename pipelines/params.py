@@ -50,17 +50,50 @@ def parameter_type(key: str) -> Any:
     its default, or of the setting in the config class of the stage that receives it; Any when unknown."""
     import typing
 
-    from gdrt_core.stages import STAGES
-    from pipelines import graph
-
     top, _, rest = key.partition(".")
     if not rest:
         default = PIPELINE_DEFAULTS.get(top)
         return Any if default is None else type(default)
-    classes = {s.settings: STAGES[s.stage].config_class() for s in graph.steps() if s.settings and s.stage in STAGES}
+    classes = settings_classes()
     if top not in classes:
         return Any
     return typing.get_type_hints(classes[top]).get(rest, Any)
+
+
+def settings_classes() -> dict[str, type]:
+    """Each *_settings pipeline parameter -> the config class of the stage whose steps receive it."""
+    from gdrt_core.stages import STAGES
+    from pipelines import graph
+
+    return {s.settings: STAGES[s.stage].config_class() for s in graph.steps() if s.settings and s.stage in STAGES}
+
+
+def typed_parameters(params: dict, source: str) -> dict:
+    """The pipeline parameters with the defaults filled in, and each one that a stage receives as a setting
+    (`PARAMETER_SETTINGS`) read as that setting's type and checked against its range (`tau: 1` is 1.0)."""
+    from gdrt_core.config import check_setting
+    from gdrt_core.stages import STAGES
+
+    p = {**PIPELINE_DEFAULTS, **params}
+    for key, (stage, setting) in PARAMETER_SETTINGS.items():
+        p[key] = check_setting(STAGES[stage].config_class(), setting, p[key], key, source)
+    return p
+
+
+def resolved_params(params: dict, source: str = "<config>") -> dict:
+    """A pipeline config as the values it resolves to (`typed_parameters`), each *_settings mapping as
+    `config.resolved_settings` of its stage (typed, the stage's defaults left out). Two configs that run the
+    same stages resolve alike, however their numbers are written (`tau: 1` / `1.0`, `lr: 1e-3` / `0.001`)
+    and whether a default is written out: the stage keys of `gdrt run` / `gdrt sweep` (`sweep.plan_steps`)
+    and `gdrt run`'s resume check (`local_run.check_same_config`) compare this. A value that cannot be read
+    is a GdrtError naming it and `source`."""
+    from gdrt_core.config import resolved_settings
+
+    p = typed_parameters(params, source)
+    for key, cls in settings_classes().items():
+        if isinstance(p.get(key) or {}, dict):
+            p[key] = resolved_settings(cls, p.get(key) or {}, f"{source}: {key}")
+    return p
 
 
 def override(item: str) -> tuple[str, Any]:
@@ -93,10 +126,11 @@ def check_pipeline_params(params: dict, source: str) -> None:
     """Check a whole pipeline config before its first step: every parameter known and in its range, and every
     step of the graph (curate, base model, both trainings, group, the evaluations, attribution) resolved into
     its stage's config exactly as the runners will pass it. Touches no file; `source` names the config."""
-    from gdrt_core.config import check_setting, from_dict
+    from gdrt_core.config import from_dict
     from gdrt_core.stages import STAGES, base_model_settings, step_values
     from pipelines import graph
 
+    check_parameter_names(params, source)
     unknown = sorted(set(params) - set(PIPELINE_DEFAULTS))
     if unknown:
         raise GdrtError(f"unknown pipeline parameter(s) {', '.join(unknown)}", path=source,
@@ -106,8 +140,7 @@ def check_pipeline_params(params: dict, source: str) -> None:
         if isinstance(default, str) and p[key] is not None and not isinstance(p[key], str):
             raise GdrtError(f"pipeline parameter {key} must be a string, got {p[key]!r}", path=source,
                             hint=f"quote the value in the config: {key}: \"VALUE\"")
-    for key, (stage, setting) in PARAMETER_SETTINGS.items():
-        p[key] = check_setting(STAGES[stage].config_class(), setting, p[key], key, source)
+    p = typed_parameters(p, source)
     for key in PIPELINE_DEFAULTS:
         if key.endswith("_settings") and not isinstance(p[key] or {}, dict):
             raise GdrtError(f"{key} must be a mapping of the stage's settings, got {p[key]!r}", path=source)
@@ -131,6 +164,18 @@ def check_pipeline_params(params: dict, source: str) -> None:
                       source=f"{s.settings} (the {s.stage} stage)")
         except GdrtError as e:
             raise GdrtError(str(e), path=source) from None
+
+
+def check_parameter_names(params: dict, source: str) -> None:
+    """Every key of a pipeline config that names a parameter, or a stage setting in a *_settings mapping, is
+    text: a key YAML read as a number, true / false or null (`1:`, `on:`) is an error naming it (and the
+    mapping it is under) and `source`."""
+    from gdrt_core.config import check_text_keys
+
+    check_text_keys(params, source, what="pipeline config")
+    for key, value in params.items():
+        if key.endswith("_settings") and isinstance(value, dict):
+            check_text_keys(value, source, what="pipeline config", under=key)
 
 
 def wired_settings(s, params: dict) -> dict[str, tuple[str, str]]:

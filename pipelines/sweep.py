@@ -15,7 +15,8 @@ Each variant is the pipeline's graph (pipelines/graph.py) without the registry s
 -> train SFT -> group (reference = SFT, or the base model) -> train GDRT -> evaluate both on `eval_split` ->
 attribute both -> report, plus GDRT on valid. Each step runs through `gdrt_core.stages.run_step`, the
 function the pipeline's components call, with the same arguments. A stage that several variants share (same
-stage, settings and inputs: the SFT model of an ablation that changes only GDRT, say) runs once. Independent stages run in parallel, one process each
+stage, settings as they resolve, `tau: 1` = `tau: 1.0`, and inputs: the SFT model of an ablation that changes
+only GDRT, say) runs once. Independent stages run in parallel, one process each
 (`--jobs`). A finished stage is not run again: re-running the same command after a crash resumes.
 Nothing is registered: a sweep compares configurations, it does not promote a model. A variant's report is
 titled `<run_name> <variant>`.
@@ -140,22 +141,18 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[st
         raise GdrtError("`config` (the pipeline config the variants start from) is missing", path=str(path))
     if not spec.variants:
         raise GdrtError("`variants` must map at least one variant name to its settings", path=str(path))
-    for name in spec.variants:
-        if isinstance(name, bool) or not isinstance(name, (str, int)):
-            raise GdrtError(f"variant name {name!r} is not text", path=str(path),
-                            hint="quote it, `\"NAME\": {...}`: YAML reads yes, no, on and off as booleans")
+    named = variant_names(spec.variants, str(path))
+    cfg.check_text_keys(spec.set, str(path), what="sweep file", under="set", kind="pipeline parameter name")
     config_path = path.parent / spec.config  # an absolute config stays itself
     base = {**copy.deepcopy(PIPELINE_DEFAULTS), **load_params(config_path, [])}
-    common = {str(k): v for k, v in spec.set.items()}
+    common = dict(spec.set)
     common.update(override(item) for item in overrides)
     if only:
-        names = [str(n) for n in spec.variants]
-        missing = [v for v in only if v not in names]
+        missing = [v for v in only if v not in named]
         if missing:
-            raise GdrtError(f"no variant {missing} (variants: {', '.join(names)})", path=str(path))
+            raise GdrtError(f"no variant {missing} (variants: {', '.join(named)})", path=str(path))
     variants: dict[str, Variant] = {}
-    for name, given in spec.variants.items():
-        name = str(name)
+    for name, given in named.items():
         if only and name not in only:
             continue
         where = f"{path}: variant {name}"
@@ -163,13 +160,32 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[st
             raise GdrtError(f"must be a mapping of set / pool / reference, not {given!r}", path=where,
                             hint=f"write it as `{name}: {{set: {{KEY: VALUE}}}}`, or `{name}: {{}}` for the config as it is")
         vspec = cfg.from_dict(VariantSpec, _given(given or {}), source=where)
+        cfg.check_text_keys(vspec.set, str(path), what="sweep file", under=f"variants.{name}.set",
+                            kind="pipeline parameter name")
         params = copy.deepcopy(base)
-        own = {**common, **{str(k): v for k, v in vspec.set.items()}}
+        own = {**common, **vspec.set}
         for key, value in own.items():
             _set_param(params, key, value, where)
         check_pipeline_params(params, where)  # every variant's every stage, before the first stage runs
         variants[name] = Variant(name, params, own, vspec.pool or name, vspec.reference)
     return spec.experiment or base.get("experiment") or "gdrt", variants
+
+
+def variant_names(variants: dict, source: str) -> dict[str, Any]:
+    """The variants of a sweep file keyed by their names as text: YAML reads `42:` as the integer 42, which
+    names the variant "42"; a name YAML reads as true / false, null or a decimal number (`on:`, `1.10:`,
+    whose text is not what was written) is an error naming it, and so are two keys that name one variant
+    (`42:` and `"42":`)."""
+    named: dict[str, Any] = {}
+    keys: dict[str, object] = {}  # name -> the key that gave it
+    for name, given in variants.items():
+        if isinstance(name, bool) or not isinstance(name, (str, int)):
+            cfg.check_text_keys({name: given}, source, what="sweep file", under="variants", kind="variant name")
+        if str(name) in named:
+            raise GdrtError(f"two variants are named {str(name)!r} (the keys {keys[str(name)]!r} and {name!r})",
+                            path=source, hint="give each variant its own name")
+        named[str(name)], keys[str(name)] = given, name
+    return named
 
 
 def _key(stage: str, settings: dict, values: dict, inputs: dict) -> str:
@@ -182,16 +198,20 @@ def plan_steps(nodes: dict[str, Node], params: dict, steps: tuple[graph.Step, ..
                name: Callable[[graph.Step], tuple[str, str]]) -> dict[str, str]:
     """Add one node per graph step for one variant's `params` (a node with the same stage, settings and
     inputs is the same node: shared); returns {step name: node key}. `name(step)` gives the node's
-    (label, MLflow run name). The key is over what the stage sees: its config values (step arguments
-    renamed as `stages.step_values` does) and its inputs' keys."""
+    (label, MLflow run name). The key is over what the stage sees: its settings and config values (step
+    arguments renamed as `stages.step_values` does) as they resolve (`params.resolved_params`: `tau: 1` and
+    `tau: 1.0`, or a default written out and left out, are one stage), and its inputs' keys."""
     from gdrt_core.stages import STEP_ARGUMENTS, step_values
+    from pipelines.params import resolved_params
 
+    resolved = resolved_params(params)
     role: dict[str, str] = {}
     for s in steps:
         settings, args = graph.step_settings(s, params), graph.step_args(s, params)
         renames = STEP_ARGUMENTS.get(s.stage, {})
         inputs = {arg: role[src] for arg, src in s.inputs.items()}
-        key = _key(s.stage, settings, step_values(s.stage, args), {renames.get(a, a): k for a, k in inputs.items()})
+        key = _key(s.stage, graph.step_settings(s, resolved), step_values(s.stage, graph.step_args(s, resolved)),
+                   {renames.get(a, a): k for a, k in inputs.items()})
         if key not in nodes:
             label, run_name = name(s)
             nodes[key] = Node(key, s.stage, label, settings, args, inputs, s.name, run_name,

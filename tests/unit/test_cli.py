@@ -8,7 +8,7 @@ import os
 import pytest
 
 from gdrt_core.cli import build_parser, main, run_context, settings_help
-from gdrt_core.config import SetText, from_dict, load_config, parse_override, set_value
+from gdrt_core.config import SetText, from_dict, load_config, parse_override, parse_yaml, set_value
 from gdrt_core.errors import GdrtError
 from gdrt_core.stages import STAGES
 from gdrt_core.train import TrainConfig
@@ -308,13 +308,49 @@ def test_a_config_file_that_is_not_utf8_is_refused_naming_its_line(tmp_path, cap
     assert sorted(os.listdir(tmp_path)) == ["c.yaml", "s.yaml"]
 
 
+def test_a_key_given_twice_in_a_config_file_is_refused_naming_both_lines(tmp_path, capsys, monkeypatch):
+    """Two `tau:` lines, two `limit:` lines in a stage's settings or two variants of one name were read as the
+    last one, silently; every reader (`config.parse_yaml`) refuses a key given twice in one mapping, naming
+    the file, the key and both lines. A key brought in by a YAML merge (`<<: *base`) may still be overridden."""
+    from pipelines.cli import main as gdrt
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    config = tmp_path / "c.yaml"
+    config.write_text("tau: 1.0\nnum_groups: 4\ntau: 2.0\n", encoding="utf-8")
+    assert gdrt(["run", "--config", str(config), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert (f"{config}, line 3: the pipeline config gives the key 'tau' twice, on line 1 and line 3 (YAML would "
+            "keep only the last value, silently") in err and "Traceback" not in err
+    config.write_text("eval_settings:\n  limit: 5\n  beams: 2\n  limit: 6\n", encoding="utf-8")
+    assert gdrt(["run", "--config", str(config), "--out", str(tmp_path / "r")]) == 2
+    assert f"{config}, line 4: the pipeline config gives the key 'limit' twice, on line 2 and line 4" in \
+        capsys.readouterr().err
+    assert main(["evaluate", "--config", str(config), "--dataset", "d", "--model", "m", "--out", "o"]) == 2
+    assert f"{config}, line 4: the config file gives the key 'limit' twice" in capsys.readouterr().err
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text("config: c.yaml\nvariants:\n  a: {}\n  b: {}\n  a: {set: {tau: 2}}\n", encoding="utf-8")
+    assert gdrt(["sweep", str(sweep_file), "--dry-run"]) == 2
+    assert f"{sweep_file}, line 5: the sweep file gives the key 'a' twice, on line 3 and line 5" in \
+        capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["c.yaml", "s.yaml"]
+    with pytest.raises(GdrtError, match="--set eval_settings=.*: the value of eval_settings is not a valid YAML list "
+                                        "or mapping \\(found the key 'limit' twice"):
+        from pipelines.params import load_params
+
+        load_params(None, ["eval_settings={limit: 5, limit: 6}"])
+    merged = parse_yaml("base: &b {lr: 0.1, epochs: 2}\ntrain_settings:\n  <<: *b\n  lr: 0.2\n")
+    assert merged["train_settings"] == {"lr": 0.2, "epochs": 2}
+
+
 @pytest.mark.parametrize("text, key, where", [
     ("1: 2\n", "1", ""),
     ("true: x\n", "True", ""),
     ("train_settings:\n  null: 3\n", "None", " under train_settings"),
 ])
 def test_a_config_key_that_is_not_text_is_refused(tmp_path, capsys, monkeypatch, text, key, where):
-    """`1: 2` or `true: x` in a config file was a TypeError traceback from the stage and the pipeline readers."""
+    """`1: 2` or `true: x` in a config file was a TypeError traceback from the stage and the pipeline readers.
+    Setting names are checked where they are read as such (`config.from_dict`, `check_pipeline_params`), so
+    a stage's config with a pipeline section (`train_settings:`) is refused first as an unknown setting."""
     from pipelines.cli import main as gdrt
 
     monkeypatch.setenv("GDRT_TRACKING", "off")
@@ -322,10 +358,13 @@ def test_a_config_key_that_is_not_text_is_refused(tmp_path, capsys, monkeypatch,
     config.write_text(text, encoding="utf-8")
     assert main(["curate", "--config", str(config), "--source", "s", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert f"has the key {key}{where}, which YAML reads as" in err and "Traceback" not in err
+    expected = ("unknown setting(s) train_settings" if where else
+                f"{config}: the config has the key {key}, which YAML reads as")
+    assert expected in err and "Traceback" not in err
     assert gdrt(["run", "--config", str(config), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert f"has the key {key}{where}" in err and "Traceback" not in err
+    assert f"{config}: the pipeline config has the key {key}{where}, which YAML reads as" in err
+    assert "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["k.yaml"]
 
 
@@ -413,6 +452,29 @@ def test_a_yaml_boolean_for_a_text_setting_in_a_config_file_is_refused(monkeypat
 
     with pytest.raises(GdrtError, match=f"cfg.yaml: train_settings .*: optim: got the YAML boolean {found}"):
         check_pipeline_params({"train_settings": {"optim": found == "True"}}, "cfg.yaml")  # a stage setting too
+
+
+@pytest.mark.parametrize(("line", "found"), [("out: 010", "8"), ("out: 1_000", "1000"), ("out: 1.10", "1.1"),
+                                             ("model: 2024", "2024"), ("split: 0", "0")])
+def test_a_yaml_number_for_a_text_setting_in_a_config_file_is_refused(monkeypatch, capsys, tmp_path, line, found):
+    """`out: 010` in a config file was the directory "8" (YAML reads 010 as an octal number); a number given
+    to a text setting is refused naming the file and the setting, and saying to quote the value, in a stage's
+    config, in a pipeline config's stage settings and in a sweep file."""
+    monkeypatch.setattr("gdrt_core.evaluate.run", lambda config: pytest.fail("ran"))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{line}\n")
+    key = line.split(":")[0]
+    flags = [x for k in ("dataset", "model", "out") if k != key for x in (f"--{k}", k[0])]
+    assert main(["evaluate", "--config", str(config), "--no-tracking", *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: {key}: got the YAML number {found} for a text setting" in err and "quote the value" in err
+    from pipelines.params import check_pipeline_params
+    from pipelines.sweep import VariantSpec
+
+    with pytest.raises(GdrtError, match=f"cfg.yaml: train_settings .*: optim: got the YAML number {found}"):
+        check_pipeline_params({"train_settings": {"optim": float(found) if "." in found else int(found)}}, "cfg.yaml")
+    with pytest.raises(GdrtError, match="s.yaml: variant a: pool: got the YAML number 1 for a text setting"):
+        from_dict(VariantSpec, {"pool": 1}, source="s.yaml: variant a")
 
 
 def test_a_quoted_or_boolean_setting_keeps_its_meaning(monkeypatch, tmp_path):

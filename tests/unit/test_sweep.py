@@ -67,6 +67,26 @@ def test_load_sweep_errors_name_the_problem(tmp_path, variants, extra, message):
     assert message in str(e.value) and str(path) in str(e.value)
 
 
+def test_integer_variant_names_in_a_sweep_file_are_text_names(tmp_path):
+    """`variants: {42: {}}` (a seed as the name) was refused by the file reader as a key that is not a setting
+    name; a variant name is no setting: the sweep reader names the variant "42". A name YAML reads as a
+    boolean is still refused, and `42:` beside `"42":` is one name given twice."""
+    _write(tmp_path, {"a": {}})
+    sweep_file = tmp_path / "ints.yaml"
+    sweep_file.write_text("config: cfg.yaml\nvariants:\n  42: {}\n  43: {set: {train_settings.seed: 43}}\n")
+    experiment, variants = sweep.load_sweep(sweep_file)
+    assert list(variants) == ["42", "43"] and variants["43"].params["train_settings"]["seed"] == 43
+    assert variants["42"].pool == "42"
+    assert list(sweep.load_sweep(sweep_file, only=["43"])[1]) == ["43"]
+    sweep_file.write_text("config: cfg.yaml\nvariants:\n  42: {}\n  \"42\": {}\n")
+    with pytest.raises(GdrtError, match=r"ints.yaml: two variants are named '42' \(the keys 42 and '42'\)"):
+        sweep.load_sweep(sweep_file)
+    sweep_file.write_text("config: cfg.yaml\nvariants:\n  on: {}\n")
+    with pytest.raises(GdrtError, match="ints.yaml: the sweep file has the key True under variants, which YAML "
+                                        "reads as a bool, not a variant name"):
+        sweep.load_sweep(sweep_file)
+
+
 def test_load_sweep_only_and_missing_file(tmp_path):
     path = _write(tmp_path, {"a": {}, "b": {}})
     assert list(sweep.load_sweep(path, only=["b"])[1]) == ["b"]
@@ -211,7 +231,8 @@ def test_gdrt_run_resumes_only_the_config_a_directory_was_started_with(tmp_path,
     with pytest.raises(GdrtError) as e:
         local_run.run({**params, "tau": 0.5, "train_settings": {"epochs": 2}}, out, stream=io.StringIO())
     assert (f"{out}: the run directory was started with another config: tau 1.0 then, 0.5 now; "
-            "train_settings.epochs unset then, 2 now (to resume it, give it the config it was started with") in str(e.value)
+            "train_settings.epochs the default then, 2.0 now (to resume it, give it the config it was started "
+            "with") in str(e.value)
     assert sorted((out / "logs").iterdir()) == logs  # refused before any step
     (out / "params.json").unlink()
     (out / "stages").mkdir(exist_ok=True)
@@ -219,6 +240,43 @@ def test_gdrt_run_resumes_only_the_config_a_directory_was_started_with(tmp_path,
     with pytest.raises(GdrtError, match="holds finished stages that this config does not have "
                                         r"\(train-sft-a-0123abcd\)"):
         local_run.run(params, out, stream=io.StringIO())
+
+
+def test_gdrt_run_resumes_a_config_that_resolves_to_the_same_settings(tmp_path, monkeypatch):
+    """Resuming compared the parameters as written: `tau: 1` for the recorded 1.0, `lr: 1e-3` (text in YAML
+    1.1) for 0.001 or a stage setting written out at its default (`epochs: 3`) was refused as another config.
+    The check compares the resolved settings; the stages planned are the same ones."""
+    from pipelines import local_run
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    out = tmp_path / "out"
+    source = str(tmp_path / "no-such-source")  # curate fails at once: no model is trained
+    first = {"source": source, "train_settings": {"lr": 0.001}}
+    same = {"source": source, "tau": 1, "train_settings": {"lr": "1e-3", "epochs": 3, "seed": 42},
+            "model_settings": {"size": "small"}}
+    assert list(local_run.plan_run(first).nodes) == list(local_run.plan_run(same).nodes)
+    for params in (first, same):
+        with pytest.raises(GdrtError, match="the pipeline failed at curate"):
+            local_run.run(params, out, stream=io.StringIO())
+    with pytest.raises(GdrtError, match="another config: train_settings.lr 0.001 then, 0.002 now"):
+        local_run.run({**same, "train_settings": {"lr": "2e-3"}}, out, stream=io.StringIO())
+
+
+def test_a_number_written_two_ways_or_a_default_written_out_is_one_stage(tmp_path):
+    """`tau: 1` and `tau: 1.0`, `lr: 1e-3` (which YAML 1.1 reads as text) and `lr: 0.001`, a setting left
+    out and written out at its default: the same resolved settings, so the same stages, trained once."""
+    _write(tmp_path, {"a": {}})
+    sweep_file = tmp_path / "numbers.yaml"
+    sweep_file.write_text("config: cfg.yaml\nvariants:\n"
+                          "  a: {set: {tau: 1, train_settings.lr: 1e-3}}\n"
+                          "  b: {set: {tau: 1.0, train_settings.lr: 0.001, train_settings.lora: true}}\n"
+                          "  c: {set: {tau: 2, train_settings.lr: 1e-3}}\n")
+    variants = sweep.load_sweep(sweep_file)[1]
+    assert variants["a"].params["train_settings"]["lr"] == "1e-3"  # as YAML read it
+    roles = sweep.plan(variants).roles
+    for role in ("data", "base", "sft", "groups", "gdrt", "eval_gdrt", "attr_gdrt", "valid_gdrt"):
+        assert roles["a"][role] == roles["b"][role], role
+    assert roles["a"]["sft"] == roles["c"]["sft"] and roles["a"]["gdrt"] != roles["c"]["gdrt"]
 
 
 def test_steps_run_at_once_share_the_cores_out():
