@@ -2,7 +2,8 @@
 
 Writes gdrt_pipeline.yaml (one GPU node, DeepSpeed inside the train step) and gdrt_pipeline_multinode.yaml
 (training submitted as a Kubeflow Trainer TrainJob). The output is deterministic: same code and
-environment, same bytes. The image comes from GDRT_IMAGE (components/image.py).
+environment, same bytes. The image comes from GDRT_IMAGE (components/image.py; an empty one is
+refused).
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ if str(ROOT) not in sys.path:
 
 
 def compile_all(out_dir: str | Path) -> list[Path]:
+    from components.image import image_from_env
+
     if not str(out_dir).strip():  # Path("") is the current directory
         from gdrt_core.errors import GdrtError
 
         raise GdrtError("the output directory is empty: it would be the current directory", path="--out-dir",
                         hint="give --out-dir the directory to write the compiled pipelines to")
+    image_from_env()  # a blank GDRT_IMAGE is refused before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # a path of the wrong kind fails here, before kfp is imported
     from kfp import compiler

@@ -216,6 +216,22 @@ def test_compile_with_a_directory_in_the_way_leaves_no_temporary_file(tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["gdrt_pipeline.yaml", "gdrt_pipeline_multinode.yaml"]
 
 
+@pytest.mark.parametrize("image", ["", "  ", "registry.example.com/gdrt :1"])
+def test_compile_refuses_a_blank_image_naming_the_variable(tmp_path, capsys, monkeypatch, image):
+    """GDRT_IMAGE='' compiled a pipeline whose steps had an empty container image; now it is refused, naming
+    the variable, before anything is written."""
+    from components.image import image_from_env
+    from pipelines.compile import main as compile_main
+
+    monkeypatch.setenv("GDRT_IMAGE", image)
+    assert compile_main(["--out-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert f"pipelines/compile.py: error: GDRT_IMAGE: GDRT_IMAGE={image!r}" in err and "unset it" in err
+    assert not (tmp_path / "c").exists()
+    assert image_from_env({}) == "gdrt/gdrt:0.1.0"
+    assert image_from_env({"GDRT_IMAGE": "r.example.com/gdrt:2"}) == "r.example.com/gdrt:2"
+
+
 def test_atomic_file_removes_its_temporary_file_on_any_failure(tmp_path):
     from gdrt_core.artifacts import atomic_file, write_json_atomic
 
