@@ -203,9 +203,10 @@ def test_compile_into_a_file_is_a_clear_error(tmp_path, capsys):
     assert a_file.read_text() == "x"
 
 
-def test_compile_with_a_directory_in_the_way_leaves_no_temporary_file(tmp_path, capsys):
-    """A directory where the second YAML goes: the first is written, the second is a one-paragraph error naming
-    the path, and its temporary file (`.gdrt_pipeline_multinode.tmp.yaml`) is removed, not left behind."""
+def test_compile_with_a_directory_in_the_way_writes_neither_pipeline(tmp_path, capsys):
+    """A directory where the second YAML goes: a one-paragraph error naming the path, and the pair is all or
+    nothing: the first YAML was left compiled alone; now neither is written, an earlier first YAML keeps its
+    content, and no temporary file (`.gdrt_pipeline*.tmp.yaml`, `*.old.yaml`) is left behind."""
     from pipelines.compile import main as compile_main
 
     (tmp_path / "gdrt_pipeline_multinode.yaml").mkdir()
@@ -213,7 +214,11 @@ def test_compile_with_a_directory_in_the_way_leaves_no_temporary_file(tmp_path, 
     err = capsys.readouterr().err
     assert f"pipelines/compile.py: error: {tmp_path / 'gdrt_pipeline_multinode.yaml'}: Is a directory" in err
     assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["gdrt_pipeline_multinode.yaml"]
+    (tmp_path / "gdrt_pipeline.yaml").write_text("earlier")
+    assert compile_main(["--out-dir", str(tmp_path)]) == 2
     assert sorted(os.listdir(tmp_path)) == ["gdrt_pipeline.yaml", "gdrt_pipeline_multinode.yaml"]
+    assert (tmp_path / "gdrt_pipeline.yaml").read_text() == "earlier"
 
 
 @pytest.mark.parametrize("image", ["", "  ", "registry.example.com/gdrt :1"])
