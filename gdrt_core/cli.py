@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +36,15 @@ class Command:
     module: str  # has cli(args)
 
 
+def user_path(text: str) -> str:
+    """A path argument with `~` (or `~user`) as the home directory, as the shell expands it unquoted: a quoted
+    "~/runs" or `--out=~/runs` reaches the command as typed, and would create a directory named `~`. The
+    argparse `type` of every path option of `gdrt` and pipelines/compile.py."""
+    return os.path.expanduser(text)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with the stage's settings")
+    p.add_argument("--config", type=user_path, help="YAML file with the stage's settings")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one setting (repeatable), e.g. --set tau=0.5",
@@ -49,70 +57,76 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _curate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", help="source directory (or raw review file for amazon2014/2018)")
+    p.add_argument("--source", type=user_path,
+                   help="source directory (or raw review file for amazon2014/2018)")
     p.add_argument("--format", choices=["sliding", "d3", "amazon2014", "amazon2018"])
     p.add_argument("--domain", help="prompt wording: office, toys, books, clothing, games, cds, generic")
-    p.add_argument("--out", help="output Dataset directory")
-    p.add_argument("--meta", help="metadata file for amazon2014/amazon2018 (default: found next to --source)")
+    p.add_argument("--out", type=user_path, help="output Dataset directory")
+    p.add_argument("--meta", type=user_path,
+                   help="metadata file for amazon2014/amazon2018 (default: found next to --source)")
     p.add_argument("--max-train", type=int, help="sample at most N training windows")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--on-bad-rows", choices=["error", "drop"], help="stop at the first bad row, or skip bad rows")
 
 
 def _init_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", help="Dataset artifact (required for the embedded model)")
-    p.add_argument("--out")
+    p.add_argument("--dataset", type=user_path, help="Dataset artifact (required for the embedded model)")
+    p.add_argument("--out", type=user_path)
     p.add_argument("--size", choices=["tiny", "small"], default=None)
     p.add_argument("--seed", type=int)
     p.add_argument("--pretrained", help="pretrained backbone from the package index: smollm2-135m | gemma3-270m")
-    p.add_argument("--gguf", help="convert a local GGUF file instead")
+    p.add_argument("--gguf", type=user_path, help="convert a local GGUF file instead")
 
 
 def _train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset")
-    p.add_argument("--model", help="hub id or model directory")
+    p.add_argument("--dataset", type=user_path)
+    p.add_argument("--model", type=user_path, help="hub id or model directory")
     p.add_argument("--objective", choices=["sft", "gdrt"])
-    p.add_argument("--groups", help="Groups artifact (required for --objective gdrt)")
-    p.add_argument("--out")
+    p.add_argument("--groups", type=user_path, help="Groups artifact (required for --objective gdrt)")
+    p.add_argument("--out", type=user_path)
     p.add_argument("--num-gpus", type=int)
     p.add_argument("--deepspeed", choices=["zero2", "zero3", "zero3-offload"])
 
 
 def _group(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset")
-    p.add_argument("--reference", help="reference model: a model dir or hub id")
-    p.add_argument("--out")
+    p.add_argument("--dataset", type=user_path)
+    p.add_argument("--reference", type=user_path, help="reference model: a model dir or hub id")
+    p.add_argument("--out", type=user_path)
     p.add_argument("--num-groups", type=int)
 
 
 def _attribute(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset")
-    p.add_argument("--model")
-    p.add_argument("--out")
+    p.add_argument("--dataset", type=user_path)
+    p.add_argument("--model", type=user_path)
+    p.add_argument("--out", type=user_path)
     p.add_argument("--split", choices=["train", "valid", "test"])
     p.add_argument("--limit", type=int)
-    p.add_argument("--groups", help="Groups artifact (its edges are drawn on the relevance histogram)")
+    p.add_argument("--groups", type=user_path,
+                   help="Groups artifact (its edges are drawn on the relevance histogram)")
 
 
 def _evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset")
-    p.add_argument("--model")
-    p.add_argument("--out")
+    p.add_argument("--dataset", type=user_path)
+    p.add_argument("--model", type=user_path)
+    p.add_argument("--out", type=user_path)
     p.add_argument("--split", choices=["train", "valid", "test"])
     p.add_argument("--num-beams", type=int)
     p.add_argument("--limit", type=int)
 
 
 def _recommend(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory, models:/NAME@ALIAS, runs:/RUN_ID/PATH, hub id "
-                   "(with --dataset), or baseline:most-popular | baseline:most-popular-valid (with --dataset)")
+    p.add_argument("--model", type=user_path, required=True,
+                   help="model directory, models:/NAME@ALIAS, runs:/RUN_ID/PATH, hub id (with --dataset), or "
+                   "baseline:most-popular | baseline:most-popular-valid (with --dataset)")
     p.add_argument("--history", nargs="+", help="history titles, oldest first")
-    p.add_argument("--input", help="parquet with a `history` column (list of titles) for batch use")
-    p.add_argument("--out", help="write the rankings to this parquet file (required with --input): the input's "
+    p.add_argument("--input", type=user_path,
+                   help="parquet with a `history` column (list of titles) for batch use")
+    p.add_argument("--out", type=user_path, help="write the rankings to this parquet file (required with --input): the input's "
                    "columns, or a `history` column for --history, plus `recommendations` and `scores`")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--domain", default=None, help="prompt domain (default: the model's training domain)")
-    p.add_argument("--dataset", default=None, help="Dataset artifact with the catalogue (default: the model's own)")
+    p.add_argument("--dataset", type=user_path, default=None,
+                   help="Dataset artifact with the catalogue (default: the model's own)")
 
 
 # stage -> its flags (each flag's dest names a field of the stage's config; --config, --set and the run context

@@ -45,11 +45,18 @@ def compile_all(out_dir: str | Path) -> list[Path]:
     return written
 
 
+def build_parser() -> argparse.ArgumentParser:
+    from gdrt_core.cli import user_path
+
+    parser = argparse.ArgumentParser(prog="pipelines/compile.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=user_path, default=str(ROOT / "pipelines" / "compiled"))
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     from gdrt_core.cli import report_errors
 
-    parser = argparse.ArgumentParser(prog="pipelines/compile.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=str(ROOT / "pipelines" / "compiled"))
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     def compile_and_list() -> None:

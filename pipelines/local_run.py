@@ -159,10 +159,13 @@ def format_table(comparison: dict) -> str:
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="pipeline config (default: the package's pipelines/configs/quickstart.yaml)")
+    from gdrt_core.cli import user_path
+
+    p.add_argument("--config", type=user_path, default=None,
+                   help="pipeline config (default: the package's pipelines/configs/quickstart.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", default=None, help="working directory for artifacts: new, empty, or an earlier "
-                   "run's, which resumes (default: runs/<timestamp>)")
+    p.add_argument("--out", type=user_path, default=None, help="working directory for artifacts: new, empty, or an "
+                   "earlier run's, which resumes (default: runs/<timestamp>)")
     p.add_argument("--jobs", type=int, default=1, help="independent steps run at the same time (processes)")
 
 

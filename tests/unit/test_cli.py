@@ -237,6 +237,43 @@ def test_compile_refuses_a_blank_image_naming_the_variable(tmp_path, capsys, mon
     assert image_from_env({"GDRT_IMAGE": "r.example.com/gdrt:2"}) == "r.example.com/gdrt:2"
 
 
+# every option of `gdrt` and pipelines/compile.py that takes a path (dest names)
+PATH_OPTIONS = {"config", "source", "meta", "out", "dataset", "model", "groups", "reference", "gguf", "input",
+                "sweep", "out_dir"}
+
+
+def test_every_path_option_expands_home(tmp_path, monkeypatch, capsys):
+    """`gdrt run --out "~/r"`, `gdrt recommend --out "~/x.parquet"` and `compile.py --out-dir "~/c"` created a
+    directory named `~`: every path option of every command now expands `~` (one argparse type, user_path)."""
+    from gdrt_core.artifacts import atomic_output_dir
+    from gdrt_core.cli import user_path
+    from gdrt_core.dataset import write_dataset
+    from pipelines.cli import build_parser as gdrt_parser
+    from pipelines.compile import build_parser as compile_parser
+
+    subcommands = next(a for a in gdrt_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    parsers = {f"gdrt {name}": p for name, p in subcommands.items()} | {"compile.py": compile_parser()}
+    seen = set()
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            if action.dest in PATH_OPTIONS:
+                assert action.type is user_path, f"{name} {action.option_strings or action.dest}"
+                seen.add(action.dest)
+    assert seen == PATH_OPTIONS
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert gdrt_parser().parse_args(["run", "--out", "~/r", "--config", "~/c.yaml"]).out == str(tmp_path / "r")
+    assert compile_parser().parse_args(["--out-dir", "~/c"]).out_dir == str(tmp_path / "c")
+    assert gdrt_parser().parse_args(["sweep", "~/s.yaml"]).sweep == str(tmp_path / "s.yaml")
+    monkeypatch.chdir(tmp_path)
+    train = {"example_id": [0], "user_id": ["u"], "history": [[1]], "target": [2], "timestamp": [1]}
+    with atomic_output_dir(tmp_path / "ds") as tmp:
+        write_dataset(tmp, titles={1: "Desk Lamp", 2: "Stapler"}, splits={"train": train}, domain="office")
+    assert main(["recommend", "--model", "baseline:most-popular", "--dataset", "~/ds", "--history", "Desk Lamp",
+                 "--k", "1", "--out", "~/recs.parquet"]) == 0
+    assert f"wrote 1 ranking to {tmp_path / 'recs.parquet'}" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["ds", "recs.parquet"]
+
+
 def test_atomic_file_removes_its_temporary_file_on_any_failure(tmp_path):
     from gdrt_core.artifacts import atomic_file, write_json_atomic
 
