@@ -121,8 +121,10 @@ def _recommend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--history", nargs="+", help="history titles, oldest first")
     p.add_argument("--input", type=user_path,
                    help="parquet with a `history` column (list of titles) for batch use")
-    p.add_argument("--out", type=user_path, help="write the rankings to this parquet file (required with --input): the input's "
-                   "columns, or a `history` column for --history, plus `recommendations` and `scores`")
+    p.add_argument("--out", type=user_path,
+                   help="write the rankings to this .parquet file, or .csv (lists as JSON text); required with "
+                   "--input: the input's columns, or a `history` column for --history, plus `recommendations` "
+                   "and `scores`")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--domain", default=None, help="prompt domain (default: the model's training domain)")
     p.add_argument("--dataset", type=user_path, default=None,

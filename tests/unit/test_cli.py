@@ -632,6 +632,37 @@ def test_recommend_history_with_out_writes_the_ranking(tmp_path, capsys):
     assert "the output is an input (the dataset)" in capsys.readouterr().err
 
 
+def test_recommend_out_is_parquet_or_csv_by_its_suffix(tmp_path, capsys):
+    """`--out x.csv` wrote parquet bytes into a .csv file: now a .csv is CSV (list columns as JSON text, the
+    scores as float32 prints them), and a suffix that is neither .parquet nor .csv is refused before any
+    model is loaded, naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gdrt_core.artifacts import atomic_output_dir
+    from gdrt_core.dataset import write_dataset
+    from gdrt_core.recommend import csv_table
+
+    train = {"example_id": [0, 1], "user_id": ["u", "v"], "history": [[1], [3]], "target": [2, 2], "timestamp": [1, 2]}
+    with atomic_output_dir(tmp_path / "ds") as tmp:
+        write_dataset(tmp, titles={1: "Desk Lamp", 2: "Stapler", 3: "Pens"}, splits={"train": train}, domain="office")
+    pq.write_table(pa.table({"user": ["u"], "history": [["Desk Lamp", 'Pens "blue"']]}), tmp_path / "in.parquet")
+    args = ["recommend", "--model", "baseline:most-popular", "--dataset", str(tmp_path / "ds"), "--k", "2",
+            "--input", str(tmp_path / "in.parquet")]
+    assert main([*args, "--out", str(tmp_path / "recs.CSV")]) == 0
+    assert (tmp_path / "recs.CSV").read_text(encoding="utf-8") == (
+        '"user","history","recommendations","scores"\n'
+        '"u","[""Desk Lamp"", ""Pens \\""blue\\""""]","[""Stapler"", ""Desk Lamp""]","[2.0, 1.0]"\n')
+    for bad, found in (("recs.json", "ends in '.json'"), ("recs", "has no suffix")):
+        capsys.readouterr()
+        assert main([*args, "--out", str(tmp_path / bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / bad}: the --out file {found}: rankings are written as .parquet or .csv" in err
+    assert sorted(os.listdir(tmp_path)) == ["ds", "in.parquet", "recs.CSV"]
+    scores = pa.table({"scores": pa.array([[-1.2345600128173828, None], None], pa.list_(pa.float32()))})
+    assert csv_table(scores).column("scores").to_pylist() == ["[-1.23456, null]", None]
+
+
 def test_the_library_cli_has_the_installed_pipeline_commands(tmp_path, capsys):
     """`python -m gdrt_core.cli run|sweep` works where the pipelines package is installed (the `gdrt.commands`
     entry points), without the library importing it: a bad setting is refused before any step runs."""
