@@ -59,6 +59,11 @@ def test_load_sweep_fills_defaults_and_merges_overrides(tmp_path):
     ({"a": {}}, {"set": [1]}, "set: expected a mapping, got [1]"),
     ({"a": {}}, {"experiment": ["e"]}, "experiment: expected a single str value"),
     ({"a": {}}, {"config": ["cfg.yaml"]}, "config: expected a single str value"),
+    # a name too long for the stage directories made from it failed with OSError after two stages had run
+    ({"v" * 300: {}}, {}, f"variant name '{'v' * 40}...' has 300 characters, more than 64"),
+    ({"a b": {}}, {}, "variant name 'a b' is not a safe file name"),
+    ({"../up": {}}, {}, "variant name '../up' is not a safe file name"),
+    ({"-a": {}}, {}, "variant name '-a' is not a safe file name"),
 ])
 def test_load_sweep_errors_name_the_problem(tmp_path, variants, extra, message):
     path = _write(tmp_path, variants, **extra)
@@ -68,6 +73,8 @@ def test_load_sweep_errors_name_the_problem(tmp_path, variants, extra, message):
 
 
 def test_load_sweep_only_and_missing_file(tmp_path):
+    names = ["tau-0.5", "seed_42", "x" * 64]  # a name of safe characters, up to 64 of them
+    assert list(sweep.load_sweep(_write(tmp_path, dict.fromkeys(names, {})))[1]) == names
     path = _write(tmp_path, {"a": {}, "b": {}})
     assert list(sweep.load_sweep(path, only=["b"])[1]) == ["b"]
     with pytest.raises(GdrtError, match=r"no variant \['c'\]"):
