@@ -8,7 +8,8 @@ from --config, then --set, then the stage's flags (each flag's dest is a config 
 settings were given.
 The run context (MLflow parent run, run name, tracking on/off) comes from the explicit flags
 --parent-run-id / --run-name / --experiment / --no-tracking, and is handed to the stage's run. A `GdrtError`
-becomes a one-paragraph message on stderr and exit code 2.
+becomes a one-paragraph message on stderr and exit code 2. SIGTERM unwinds the command like Ctrl-C (its
+temporary outputs are removed), exit code 143.
 
 The orchestration commands (`gdrt run`, `gdrt sweep`) live in pipelines/ (pipelines/cli.py, the console
 script), which passes them to `main(argv, commands)`: the library knows nothing of the pipeline.
@@ -17,11 +18,14 @@ script), which passes them to `main(argv, commands)`: the library knows nothing 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from gdrt_core.config import MissingSettings, load_config
@@ -210,12 +214,38 @@ def dispatch(args: argparse.Namespace, commands: dict[str, Command] | None = Non
     importlib.import_module({**COMMANDS, **(commands or {})}[args.command].module).cli(args)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill PID`) raised in the main thread: `with` blocks unwind as on Ctrl-C,
+    so `atomic_output_dir` and `atomic_file` remove their temporaries instead of leaving `.tmp-*` behind."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """A SIGTERM handler: raise `Terminated`."""
+    raise Terminated(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def terminate_unwinds() -> Iterator[None]:
+    """While the block runs, SIGTERM raises `Terminated` (in the main thread; elsewhere signals cannot be
+    handled and nothing changes); the previous handler is put back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def report_errors(prog: str, action: Callable[[], object]) -> int:
     """Run `action` as a command called `prog`: 0 when it returns; a GdrtError, or an OSError of the file
     system (a full or read-only output, a path of the wrong kind), is one paragraph on stderr
-    (`prog: error: ...`, no traceback) and its exit code; Ctrl-C is exit code 130."""
+    (`prog: error: ...`, no traceback) and its exit code; Ctrl-C is exit code 130, SIGTERM 143, each after
+    the action's `with` blocks have cleaned up (`terminate_unwinds`)."""
     try:
-        action()
+        with terminate_unwinds():
+            action()
     except GdrtError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -225,6 +255,9 @@ def report_errors(prog: str, action: Callable[[], object]) -> int:
             raise
         print(f"{prog}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -413,13 +413,11 @@ def _stop_on_sigterm():
     the results so far are written. Returns the previous handler (None off the main thread)."""
     import threading
 
+    from gdrt_core.cli import raise_terminated
+
     if threading.current_thread() is not threading.main_thread():
         return None
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    return signal.signal(signal.SIGTERM, stop)
+    return signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def _last_line(out: Path, node: Node) -> str:
@@ -581,12 +579,18 @@ def cli(args: argparse.Namespace) -> None:
 
 
 def _node_main(spec_path: str) -> int:
+    from gdrt_core.cli import Terminated, terminate_unwinds
+
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     try:
-        run_spec(spec)
+        with terminate_unwinds():  # the executor stops a node with SIGTERM: its temporaries are removed
+            run_spec(spec)
     except GdrtError as e:
         print(f"{spec.get('command', 'gdrt sweep')}: {spec['label']}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print(f"{spec.get('command', 'gdrt sweep')}: {spec['label']}: terminated", file=sys.stderr)
+        return 143
     return 0
 
 

@@ -675,3 +675,56 @@ def test_the_library_cli_has_the_installed_pipeline_commands(tmp_path, capsys):
     rc = cli.main(["run", "--config", str(config), "--set", "train_settings.bogus=1", "--out", str(tmp_path / "r")])
     assert rc == 2 and "unknown setting(s) bogus" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+# a command whose action writes into an atomic output directory and waits there to be stopped
+STOPPED_IN_A_STAGE = """
+import sys, time
+from gdrt_core.artifacts import atomic_output_dir
+
+def write_slowly(out):
+    with atomic_output_dir(out) as tmp:
+        (tmp / "part").write_text("half")
+        print("ready", flush=True)
+        time.sleep(60)
+
+if sys.argv[1] == "command":  # `gdrt <stage>` / compile.py: main -> report_errors
+    from gdrt_core.cli import report_errors
+    sys.exit(report_errors("gdrt curate", lambda: write_slowly(sys.argv[2])))
+import pipelines.sweep as sweep  # a step of gdrt run / gdrt sweep, as the executor starts it
+sweep.run_spec = lambda spec: write_slowly(spec["out"])
+sys.exit(sweep._node_main(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("how", ["command", "node"])
+def test_sigterm_removes_the_temporary_output_like_ctrl_c(tmp_path, how):
+    """SIGTERM (kill, a scheduler's stop, the executor stopping its steps) killed the process where it stood
+    and left `.out.tmp-*` behind; Ctrl-C unwound the `atomic_output_dir` blocks. Now SIGTERM unwinds the same
+    way in `gdrt` (report_errors) and in a step of gdrt run / gdrt sweep: exit code 143, no temporary left."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "stopped.py"
+    script.write_text(STOPPED_IN_A_STAGE)
+    work = tmp_path / "work"
+    work.mkdir()
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"out": str(work / "out"), "label": "curate office", "command": "gdrt run"}))
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, str(script), how, str(work / "out") if how == "command" else str(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        assert [p.name[:9] for p in work.iterdir()] == [".out.tmp-"]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    assert err.strip().endswith(("gdrt curate: terminated", "gdrt run: curate office: terminated")), err
+    assert list(work.iterdir()) == []
