@@ -188,7 +188,14 @@ def cli(args: argparse.Namespace) -> None:
     print()
     print(f"finished in {time.time() - t0:.0f} s; artifacts under {out}")
     print(f"report: {Path(comparison['report_dir']) / 'report.html'}")
+    print(open_runs_line(uri))
+
+
+def open_runs_line(uri: str) -> str:
+    """The last line of `gdrt run`: the command that opens its MLflow runs, ready to copy (the store's URI
+    shell-quoted: a working directory with spaces), or the server to open."""
+    import shlex
+
     if uri.startswith("sqlite:"):
-        print(f"open the runs: mlflow ui --backend-store-uri {uri}")
-    else:
-        print(f"open the runs at {uri}")
+        return f"open the runs: mlflow ui --backend-store-uri {shlex.quote(uri)}"
+    return f"open the runs at {uri}"

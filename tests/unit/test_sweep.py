@@ -256,3 +256,23 @@ def test_gdrt_run_steps_get_the_shared_out_threads(tmp_path, monkeypatch):
     with pytest.raises(GdrtError):
         local_run.run({"source": str(tmp_path / "no-such-source")}, tmp_path / "out", jobs=2, stream=io.StringIO())
     assert seen and seen[0]["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+
+
+def test_gdrt_run_prints_an_mlflow_ui_command_that_survives_copy_paste(tmp_path, monkeypatch, capsys):
+    """The `mlflow ui --backend-store-uri URI` hint of `gdrt run` was not shell-quoted: a working directory
+    with spaces broke the copied command. The URI is now one shell word."""
+    import argparse
+    import shlex
+
+    from pipelines import local_run
+
+    where = tmp_path / "my runs"
+    where.mkdir()
+    uri = f"sqlite:///{where / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(local_run, "run", lambda params, out, jobs: {"rows": [], "report_dir": str(where)})
+    local_run.cli(argparse.Namespace(jobs=1, config=None, overrides=[f"source={tmp_path}"], out=str(where / "r")))
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("open the runs: ")
+    assert shlex.split(line.removeprefix("open the runs: ")) == ["mlflow", "ui", "--backend-store-uri", uri]
+    assert local_run.open_runs_line("http://mlflow:5000") == "open the runs at http://mlflow:5000"
