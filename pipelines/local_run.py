@@ -8,7 +8,8 @@ YAML config (default: the quickstart.yaml in pipelines/configs/ beside this modu
 started) and `--set key=value` overrides. Artifacts go under --out (default runs/<timestamp>):
 <out>/stages/<step>, each step's log in <out>/logs/. MLflow logs to
 MLFLOW_TRACKING_URI or the embedded sqlite store ./mlflow.db: the runner opens the parent run, nests every
-step's run under it (run names as in KFP) and closes it as FINISHED or FAILED. One progress line per step.
+step's run under it (run names as in KFP) and closes it as FINISHED or FAILED; with GDRT_TRACKING=off nothing
+is logged or registered, and no store is opened or created. One progress line per step.
 Re-running with the same --out and the same config resumes: finished steps are kept; <out>/params.json records
 the parameters a directory was started with, and other parameters are refused, naming each difference
 (`check_same_config`). An --out that is neither new, empty nor an earlier run's working directory is refused
@@ -170,6 +171,8 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cli(args: argparse.Namespace) -> None:
+    from gdrt_core.tracking import RunContext
+
     if args.jobs < 1:
         raise GdrtError(f"--jobs must be >= 1, got {args.jobs}", path="--jobs")
     params = load_params(args.config, args.overrides)
@@ -188,14 +191,19 @@ def cli(args: argparse.Namespace) -> None:
     print()
     print(f"finished in {time.time() - t0:.0f} s; artifacts under {out}")
     print(f"report: {Path(comparison['report_dir']) / 'report.html'}")
-    print(open_runs_line(uri))
+    print(open_runs_line(uri, RunContext().enabled))
 
 
-def open_runs_line(uri: str) -> str:
+def open_runs_line(uri: str, enabled: bool = True) -> str:
     """The last line of `gdrt run`: the command that opens its MLflow runs, ready to copy (the store's URI
-    shell-quoted: a working directory with spaces), or the server to open."""
+    shell-quoted: a working directory with spaces), or the server to open; with tracking off, that there are
+    none."""
     import shlex
 
+    from gdrt_core.tracking import DISABLE_ENV
+
+    if not enabled:
+        return f"MLflow tracking is off ({DISABLE_ENV}): nothing was logged or registered"
     if uri.startswith("sqlite:"):
         return f"open the runs: mlflow ui --backend-store-uri {shlex.quote(uri)}"
     return f"open the runs at {uri}"

@@ -276,3 +276,31 @@ def test_gdrt_run_prints_an_mlflow_ui_command_that_survives_copy_paste(tmp_path,
     assert line.startswith("open the runs: ")
     assert shlex.split(line.removeprefix("open the runs: ")) == ["mlflow", "ui", "--backend-store-uri", uri]
     assert local_run.open_runs_line("http://mlflow:5000") == "open the runs at http://mlflow:5000"
+
+
+def test_with_tracking_off_gdrt_run_registers_nothing_and_creates_no_store(tmp_path, monkeypatch, capsys):
+    """`GDRT_TRACKING=off gdrt run` still created ./mlflow.db and ./mlruns: its register step logged and
+    registered the model in the default local store. With tracking off the step now registers nothing and
+    opens no store, and the run's last line says so instead of pointing at `mlflow ui`."""
+    import argparse
+
+    from gdrt_core import registry
+    from gdrt_core.stages import NOT_REGISTERED, run_step
+    from gdrt_core.tracking import RunContext
+    from pipelines import local_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    called = []
+    monkeypatch.setattr(registry, "register_model", lambda *a, **k: called.append(a) or "champion")
+    args = {"model": "m", "dataset": "d", "valid_eval": "v", "domain": "office"}
+    assert run_step("register", None, RunContext(), **args) == NOT_REGISTERED
+    assert run_step("register", None, RunContext(parent_run_id="p", enabled=False), **args) == NOT_REGISTERED
+    assert called == [] and os.listdir(tmp_path) == []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(local_run, "run", lambda params, out, jobs: {"rows": [], "report_dir": str(tmp_path)})
+    local_run.cli(argparse.Namespace(jobs=1, config=None, overrides=[f"source={tmp_path}"], out="r"))
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "MLflow tracking is off (GDRT_TRACKING): nothing was logged or registered")
+    assert run_step("register", None, RunContext(enabled=True), **args) == "champion"  # tracking on: registered
