@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,21 +67,65 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     the block succeeds it replaces `path` in one rename, with the mode the umask allows. On any failure,
     the write's or the rename's (a directory in the way of `path`), the temporary file is removed: no
     half-written `path` and no leftover."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with atomic_files([path]) as (tmp,):
         yield tmp
-        os.chmod(tmp, _umask_mode(0o666))
-        try:
-            os.replace(tmp, path)
-        except OSError as e:  # name the path that was in the way, not the temporary file
-            raise type(e)(e.errno, e.strerror, str(path)) from None
+
+
+@contextlib.contextmanager
+def atomic_files(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """`atomic_file` for files that belong together (the compiled pipelines): yield a temporary path beside
+    each; when the block succeeds they replace their paths, all or none. A rename that fails (a directory in
+    the way of the second file) undoes the renames before it: each replaced file gets its earlier content back,
+    a new one is removed. On any failure every temporary file is removed."""
+    paths = [Path(p) for p in paths]
+    tmps: list[Path] = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+            os.close(fd)
+            tmps.append(Path(name))
+        yield tmps
+        for tmp in tmps:
+            os.chmod(tmp, _umask_mode(0o666))
+        _replace_all(tmps, paths)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def _replace_all(tmps: list[Path], paths: list[Path]) -> None:
+    """Rename each of `tmps` onto its path; if one fails, put back what the earlier ones replaced (a copy of
+    each earlier file is kept until all succeeded; one file alone needs none) and raise the failure, naming
+    the path that was in the way, not the temporary file."""
+    undo: list[tuple[Path, Path | None]] = []  # (path, its earlier content's copy, or None: it was new)
+    try:
+        for i, (tmp, path) in enumerate(zip(tmps, paths, strict=True)):
+            earlier = None
+            if i < len(paths) - 1 and path.is_file():  # the last rename is never undone
+                fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".old{path.suffix}", dir=path.parent)
+                os.close(fd)
+                earlier = Path(name)
+                shutil.copy2(path, earlier)
+            undo.append((path, earlier))
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                undo.pop()
+                if earlier is not None:
+                    earlier.unlink(missing_ok=True)
+                raise type(e)(e.errno, e.strerror, str(path)) from None
+    except BaseException:
+        for path, earlier in reversed(undo):
+            if earlier is None:
+                path.unlink(missing_ok=True)
+            else:
+                os.replace(earlier, path)
+        raise
+    for _, earlier in undo:
+        if earlier is not None:
+            earlier.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -8,7 +8,8 @@ from --config, then --set, then the stage's flags (each flag's dest is a config 
 settings were given.
 The run context (MLflow parent run, run name, tracking on/off) comes from the explicit flags
 --parent-run-id / --run-name / --experiment / --no-tracking, and is handed to the stage's run. A `GdrtError`
-becomes a one-paragraph message on stderr and exit code 2.
+becomes a one-paragraph message on stderr and exit code 2. SIGTERM unwinds the command like Ctrl-C (its
+temporary outputs are removed), exit code 143.
 
 The orchestration commands (`gdrt run`, `gdrt sweep`) live in pipelines/ (pipelines/cli.py, the console
 script), which passes them to `main(argv, commands)`: the library knows nothing of the pipeline.
@@ -17,10 +18,14 @@ script), which passes them to `main(argv, commands)`: the library knows nothing 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
+import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from gdrt_core.config import MissingSettings, load_config
@@ -35,8 +40,15 @@ class Command:
     module: str  # has cli(args)
 
 
+def user_path(text: str) -> str:
+    """A path argument with `~` (or `~user`) as the home directory, as the shell expands it unquoted: a quoted
+    "~/runs" or `--out=~/runs` reaches the command as typed, and would create a directory named `~`. The
+    argparse `type` of every path option of `gdrt` and pipelines/compile.py."""
+    return os.path.expanduser(text)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with the stage's settings")
+    p.add_argument("--config", type=user_path, help="YAML file with the stage's settings")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one setting (repeatable), e.g. --set tau=0.5",
@@ -49,70 +61,78 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _curate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", help="source directory (or raw review file for amazon2014/2018)")
+    p.add_argument("--source", type=user_path,
+                   help="source directory (or raw review file for amazon2014/2018)")
     p.add_argument("--format", choices=["sliding", "d3", "amazon2014", "amazon2018"])
     p.add_argument("--domain", help="prompt wording: office, toys, books, clothing, games, cds, generic")
-    p.add_argument("--out", help="output Dataset directory")
-    p.add_argument("--meta", help="metadata file for amazon2014/amazon2018 (default: found next to --source)")
+    p.add_argument("--out", type=user_path, help="output Dataset directory")
+    p.add_argument("--meta", type=user_path,
+                   help="metadata file for amazon2014/amazon2018 (default: found next to --source)")
     p.add_argument("--max-train", type=int, help="sample at most N training windows")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--on-bad-rows", choices=["error", "drop"], help="stop at the first bad row, or skip bad rows")
 
 
 def _init_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", help="Dataset artifact (required for the embedded model)")
-    p.add_argument("--out")
+    p.add_argument("--dataset", type=user_path, help="Dataset artifact (required for the embedded model)")
+    p.add_argument("--out", type=user_path)
     p.add_argument("--size", choices=["tiny", "small"], default=None)
     p.add_argument("--seed", type=int)
     p.add_argument("--pretrained", help="pretrained backbone from the package index: smollm2-135m | gemma3-270m")
-    p.add_argument("--gguf", help="convert a local GGUF file instead")
+    p.add_argument("--gguf", type=user_path, help="convert a local GGUF file instead")
 
 
 def _train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset")
-    p.add_argument("--model", help="hub id or model directory")
+    p.add_argument("--dataset", type=user_path)
+    p.add_argument("--model", type=user_path, help="hub id or model directory")
     p.add_argument("--objective", choices=["sft", "gdrt"])
-    p.add_argument("--groups", help="Groups artifact (required for --objective gdrt)")
-    p.add_argument("--out")
+    p.add_argument("--groups", type=user_path, help="Groups artifact (required for --objective gdrt)")
+    p.add_argument("--out", type=user_path)
     p.add_argument("--num-gpus", type=int)
     p.add_argument("--deepspeed", choices=["zero2", "zero3", "zero3-offload"])
 
 
 def _group(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset")
-    p.add_argument("--reference", help="reference model: a model dir or hub id")
-    p.add_argument("--out")
+    p.add_argument("--dataset", type=user_path)
+    p.add_argument("--reference", type=user_path, help="reference model: a model dir or hub id")
+    p.add_argument("--out", type=user_path)
     p.add_argument("--num-groups", type=int)
 
 
 def _attribute(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset")
-    p.add_argument("--model")
-    p.add_argument("--out")
+    p.add_argument("--dataset", type=user_path)
+    p.add_argument("--model", type=user_path)
+    p.add_argument("--out", type=user_path)
     p.add_argument("--split", choices=["train", "valid", "test"])
     p.add_argument("--limit", type=int)
-    p.add_argument("--groups", help="Groups artifact (its edges are drawn on the relevance histogram)")
+    p.add_argument("--groups", type=user_path,
+                   help="Groups artifact (its edges are drawn on the relevance histogram)")
 
 
 def _evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset")
-    p.add_argument("--model")
-    p.add_argument("--out")
+    p.add_argument("--dataset", type=user_path)
+    p.add_argument("--model", type=user_path)
+    p.add_argument("--out", type=user_path)
     p.add_argument("--split", choices=["train", "valid", "test"])
     p.add_argument("--num-beams", type=int)
     p.add_argument("--limit", type=int)
 
 
 def _recommend(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory, models:/NAME@ALIAS, runs:/RUN_ID/PATH, hub id "
-                   "(with --dataset), or baseline:most-popular | baseline:most-popular-valid (with --dataset)")
+    p.add_argument("--model", type=user_path, required=True,
+                   help="model directory, models:/NAME@ALIAS, runs:/RUN_ID/PATH, hub id (with --dataset), or "
+                   "baseline:most-popular | baseline:most-popular-valid (with --dataset)")
     p.add_argument("--history", nargs="+", help="history titles, oldest first")
-    p.add_argument("--input", help="parquet with a `history` column (list of titles) for batch use")
-    p.add_argument("--out", help="write the rankings to this parquet file (required with --input): the input's "
-                   "columns, or a `history` column for --history, plus `recommendations` and `scores`")
+    p.add_argument("--input", type=user_path,
+                   help="parquet with a `history` column (list of titles) for batch use")
+    p.add_argument("--out", type=user_path,
+                   help="write the rankings to this .parquet file, or .csv (lists as JSON text); required with "
+                   "--input: the input's columns, or a `history` column for --history, plus `recommendations` "
+                   "and `scores`")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--domain", default=None, help="prompt domain (default: the model's training domain)")
-    p.add_argument("--dataset", default=None, help="Dataset artifact with the catalogue (default: the model's own)")
+    p.add_argument("--dataset", type=user_path, default=None,
+                   help="Dataset artifact with the catalogue (default: the model's own)")
 
 
 # stage -> its flags (each flag's dest names a field of the stage's config; --config, --set and the run context
@@ -194,12 +214,38 @@ def dispatch(args: argparse.Namespace, commands: dict[str, Command] | None = Non
     importlib.import_module({**COMMANDS, **(commands or {})}[args.command].module).cli(args)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill PID`) raised in the main thread: `with` blocks unwind as on Ctrl-C,
+    so `atomic_output_dir` and `atomic_file` remove their temporaries instead of leaving `.tmp-*` behind."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """A SIGTERM handler: raise `Terminated`."""
+    raise Terminated(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def terminate_unwinds() -> Iterator[None]:
+    """While the block runs, SIGTERM raises `Terminated` (in the main thread; elsewhere signals cannot be
+    handled and nothing changes); the previous handler is put back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def report_errors(prog: str, action: Callable[[], object]) -> int:
     """Run `action` as a command called `prog`: 0 when it returns; a GdrtError, or an OSError of the file
     system (a full or read-only output, a path of the wrong kind), is one paragraph on stderr
-    (`prog: error: ...`, no traceback) and its exit code; Ctrl-C is exit code 130."""
+    (`prog: error: ...`, no traceback) and its exit code; Ctrl-C is exit code 130, SIGTERM 143, each after
+    the action's `with` blocks have cleaned up (`terminate_unwinds`)."""
     try:
-        action()
+        with terminate_unwinds():
+            action()
     except GdrtError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -209,6 +255,9 @@ def report_errors(prog: str, action: Callable[[], object]) -> int:
             raise
         print(f"{prog}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

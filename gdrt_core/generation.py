@@ -371,13 +371,16 @@ def constrained_beam_search(
     *,
     pad_token_id: int = 0,
 ) -> list[Ranking]:
-    """Rank catalogue titles for each prompt (token ids ending with the response header), in one batch."""
+    """Rank catalogue titles for each prompt (token ids ending with the response header), in one batch; no
+    prompts, no rankings."""
     if settings.num_return_sequences > settings.num_beams:
         raise ValueError("num_return_sequences must be <= num_beams")
     if settings.early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {settings.early_stopping!r}")
     if settings.matmul_dtype not in _MATMUL_DTYPES:
         raise ValueError(f"matmul_dtype must be None, 'float32' or 'bfloat16', got {settings.matmul_dtype!r}")
+    if not prompts:  # an empty batch would fail inside the prefill (or the model's forward)
+        return []
     device = trie.indptr.device
     num_beams = settings.num_beams
     num_candidates = 2 * num_beams  # transformers keeps (1 + number of EOS tokens) * num_beams

@@ -1,12 +1,13 @@
 """`gdrt recommend`: top-K catalogue titles for a history, from a model dir or an MLflow models:/ URI.
 
     gdrt recommend --model models:/gdrt-office@champion --history "title a" "title b" --k 10 [--out recs.parquet]
-    gdrt recommend --model runs/x/model --input histories.parquet --out recs.parquet
+    gdrt recommend --model runs/x/model --input histories.parquet --out recs.parquet   # or recs.csv
     gdrt recommend --model baseline:most-popular --dataset runs/x/stages/curate --history "title a"
 
 The same prompt, tokenisation, trie and constrained beam search as the evaluate stage; a popularity baseline
 (`baseline:most-popular`, `baseline:most-popular-valid`) gives every history the ranking the evaluate stage
-gives it, from the --dataset's counts, with no model loaded.
+gives it, from the --dataset's counts, with no model loaded. --out writes parquet, or CSV for a .csv name (list
+columns as JSON text); another suffix is refused.
 """
 
 from __future__ import annotations
@@ -224,9 +225,57 @@ def load_recommender(model: str, *, dataset: str | None = None, domain: str | No
     return Recommender.load(model, items=items, domain=domain)
 
 
+# what --out may end in: the file format of the rankings
+OUT_SUFFIXES = (".parquet", ".csv")
+
+
+def check_out_suffix(out: str) -> None:
+    """--out ends in .parquet or .csv (any case): the format the rankings are written in. Another suffix (a
+    .json, a name without one) is refused before any model is loaded, not written as parquet bytes."""
+    suffix = Path(out).suffix
+    if suffix.lower() not in OUT_SUFFIXES:
+        found = f"ends in {suffix!r}" if suffix else "has no suffix"
+        raise GdrtError(f"the --out file {found}: rankings are written as .parquet or .csv", path=out,
+                        hint="name the file recs.parquet (list columns) or recs.csv (lists as JSON text)")
+
+
+def csv_table(table):
+    """`table` as a CSV can hold it: each list column (history, recommendations, scores, and any nested column
+    of the --input) as JSON text, float32 scores written as float32 prints them; scalar columns unchanged."""
+    import numpy as np
+    import pyarrow as pa
+
+    columns = {}
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        if pa.types.is_nested(column.type):
+            values = column.to_pylist()
+            if pa.types.is_list(column.type) and pa.types.is_float32(column.type.value_type):
+                values = [v if v is None else [x if x is None else float(str(np.float32(x))) for x in v]
+                          for v in values]
+            column = pa.array([v if v is None else json.dumps(v, ensure_ascii=False) for v in values], pa.string())
+        columns[name] = column
+    return pa.table(columns)
+
+
+def write_rankings(table, out: str) -> None:
+    """Write the rankings table to `out`, atomically: CSV for a .csv suffix (`csv_table`), else parquet."""
+    from gdrt_core.artifacts import atomic_file
+
+    with atomic_file(out) as tmp:
+        if Path(out).suffix.lower() == ".csv":
+            import pyarrow.csv as pa_csv
+
+            pa_csv.write_csv(csv_table(table), tmp)
+        else:
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, tmp)
+
+
 def cli(args: argparse.Namespace) -> None:
-    """Rank --history (printed) or the histories of --input; --out writes them as parquet (required with
-    --input): the input's columns, or a `history` column for --history, plus `recommendations` and `scores`."""
+    """Rank --history (printed) or the histories of --input; --out writes them as parquet, or CSV for a .csv
+    (required with --input): the input's columns, or a `history` column for --history, plus `recommendations`
+    and `scores`."""
     if bool(args.history) == bool(args.input):
         raise GdrtError("give either --history TITLE ... or --input histories.parquet")
     if args.k < 1:
@@ -236,13 +285,14 @@ def cli(args: argparse.Namespace) -> None:
 
         get_domain(args.domain)
     if args.input and not args.out:
-        raise GdrtError("--input needs --out (the parquet file to write the recommendations to)")
+        raise GdrtError("--input needs --out (the .parquet or .csv file to write the recommendations to)")
     if args.out:
         from gdrt_core.artifacts import check_not_input
 
         check_not_input(args.out, {"--input file": args.input, "model": args.model, "dataset": args.dataset})
         if Path(args.out).is_dir():
-            raise GdrtError("--out is a directory, expected a parquet file path", path=args.out)
+            raise GdrtError("--out is a directory, expected a .parquet or .csv file path", path=args.out)
+        check_out_suffix(args.out)
     if args.history:
         histories = [args.history]
         check_histories(histories, where="--history")
@@ -260,11 +310,8 @@ def cli(args: argparse.Namespace) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gdrt_core.artifacts import atomic_file
-
     table = pq.read_table(args.input) if args.input else pa.table({"history": pa.array(histories, pa.list_(pa.string()))})
     table = table.append_column("recommendations", pa.array([r.titles for r in results], pa.list_(pa.string())))
     table = table.append_column("scores", pa.array([r.scores for r in results], pa.list_(pa.float32())))
-    with atomic_file(args.out) as tmp:
-        pq.write_table(table, tmp)
+    write_rankings(table, args.out)
     print(f"wrote {len(results)} ranking{'s' if len(results) != 1 else ''} to {args.out}")

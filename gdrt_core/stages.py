@@ -129,6 +129,9 @@ def step_config(stage: str, settings: dict | None, args: dict[str, Any]):
     return stage_config(stage, settings, **step_values(stage, args))
 
 
+NOT_REGISTERED = "not registered: MLflow tracking is off (GDRT_TRACKING)"
+
+
 def run_step(stage: str, settings: dict | None, context: RunContext | None = None, **args: Any) -> dict | str:
     """Run one step of the pipeline graph from its arguments (artifact paths, parameters, `out`) as the
     components and the local runners receive them; returns the scalars for the output's metadata (the
@@ -144,10 +147,12 @@ def run_step(stage: str, settings: dict | None, context: RunContext | None = Non
                            ("GDRT", args["gdrt_eval"], args["gdrt_attribution"])], out=args["out"],
                           title=args["title"], context=context)
     if stage == "register":
+        if not context.enabled:  # the registry is MLflow's: nothing is logged, and no store opened or created
+            return NOT_REGISTERED
         from gdrt_core.registry import register_model
 
         return register_model(args["model"], args["dataset"], args["valid_eval"], domain=args["domain"],
-                              parent_run_id=context.parent_run_id if context.enabled else "")
+                              parent_run_id=context.parent_run_id)
     values = step_values(stage, args)
     for name in MODEL_INPUTS:
         if values.get(name):

@@ -7,12 +7,13 @@ import argparse
 import sys
 
 from gdrt_core import cli as stage_cli
-from gdrt_core.cli import Command
+from gdrt_core.cli import Command, user_path
 
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sweep", help="sweep file (YAML: config, experiment, set, variants)")
-    p.add_argument("--out", default=None, help="working directory (default: runs/<sweep file name>)")
+    p.add_argument("sweep", type=user_path, help="sweep file (YAML: config, experiment, set, variants)")
+    p.add_argument("--out", type=user_path, default=None,
+                   help="working directory (default: runs/<sweep file name>)")
     p.add_argument("--jobs", type=int, default=1, help="stages run at the same time (processes)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="pipeline parameter for every variant (after the sweep file's own `set`)")

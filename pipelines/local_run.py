@@ -8,7 +8,8 @@ YAML config (default: the quickstart.yaml in pipelines/configs/ beside this modu
 started) and `--set key=value` overrides. Artifacts go under --out (default runs/<timestamp>):
 <out>/stages/<step>, each step's log in <out>/logs/. MLflow logs to
 MLFLOW_TRACKING_URI or the embedded sqlite store ./mlflow.db: the runner opens the parent run, nests every
-step's run under it (run names as in KFP) and closes it as FINISHED or FAILED. One progress line per step.
+step's run under it (run names as in KFP) and closes it as FINISHED or FAILED; with GDRT_TRACKING=off nothing
+is logged or registered, and no store is opened or created. One progress line per step.
 Re-running with the same --out and the same config resumes: finished steps are kept; <out>/params.json records
 the parameters a directory was started with, and parameters that resolve to other settings are refused,
 naming each difference (`check_same_config`). An --out that is neither new, empty nor an earlier run's working directory is refused
@@ -166,14 +167,19 @@ def format_table(comparison: dict) -> str:
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="pipeline config (default: the package's pipelines/configs/quickstart.yaml)")
+    from gdrt_core.cli import user_path
+
+    p.add_argument("--config", type=user_path, default=None,
+                   help="pipeline config (default: the package's pipelines/configs/quickstart.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", default=None, help="working directory for artifacts: new, empty, or an earlier "
-                   "run's, which resumes (default: runs/<timestamp>)")
+    p.add_argument("--out", type=user_path, default=None, help="working directory for artifacts: new, empty, or an "
+                   "earlier run's, which resumes (default: runs/<timestamp>)")
     p.add_argument("--jobs", type=int, default=1, help="independent steps run at the same time (processes)")
 
 
 def cli(args: argparse.Namespace) -> None:
+    from gdrt_core.tracking import RunContext
+
     if args.jobs < 1:
         raise GdrtError(f"--jobs must be >= 1, got {args.jobs}", path="--jobs")
     params = load_params(args.config, args.overrides)
@@ -192,7 +198,19 @@ def cli(args: argparse.Namespace) -> None:
     print()
     print(f"finished in {time.time() - t0:.0f} s; artifacts under {out}")
     print(f"report: {Path(comparison['report_dir']) / 'report.html'}")
+    print(open_runs_line(uri, RunContext().enabled))
+
+
+def open_runs_line(uri: str, enabled: bool = True) -> str:
+    """The last line of `gdrt run`: the command that opens its MLflow runs, ready to copy (the store's URI
+    shell-quoted: a working directory with spaces), or the server to open; with tracking off, that there are
+    none."""
+    import shlex
+
+    from gdrt_core.tracking import DISABLE_ENV
+
+    if not enabled:
+        return f"MLflow tracking is off ({DISABLE_ENV}): nothing was logged or registered"
     if uri.startswith("sqlite:"):
-        print(f"open the runs: mlflow ui --backend-store-uri {uri}")
-    else:
-        print(f"open the runs at {uri}")
+        return f"open the runs: mlflow ui --backend-store-uri {shlex.quote(uri)}"
+    return f"open the runs at {uri}"

@@ -118,6 +118,25 @@ def _given(spec: dict) -> dict:
     return {k: v for k, v in spec.items() if v is not None}
 
 
+# a variant name becomes part of file names (its stages' directories, logs, done markers: <label slug>-<key>)
+# and is typed after --only: short, and letters, digits, '.', '_', '-' only
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_VARIANT_NAME = 64
+
+
+def check_variant_name(name: str, where: str) -> None:
+    """Refuse, before any stage runs, a variant name too long for the file names made from it, or with a
+    character that is not a letter, digit, '.', '_' or '-' (a 300-character name failed with "file name too
+    long" after the shared stages had run)."""
+    shown = name if len(name) <= 40 else f"{name[:40]}..."
+    if len(name) > MAX_VARIANT_NAME:
+        raise GdrtError(f"variant name {shown!r} has {len(name)} characters, more than {MAX_VARIANT_NAME}",
+                        path=where, hint="give it a short name: it names the variant's stage directories and logs")
+    if not VARIANT_NAME.fullmatch(name):
+        raise GdrtError(f"variant name {shown!r} is not a safe file name", path=where,
+                        hint="use letters, digits, '.', '_' and '-', starting with a letter or digit")
+
+
 def _set_param(params: dict, key: str, value: Any, where: str) -> None:
     """A pipeline parameter (dotted into its settings dict); an unknown parameter name is an error."""
     from gdrt_core.config import set_dotted
@@ -156,6 +175,7 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = (), only: list[st
         if only and name not in only:
             continue
         where = f"{path}: variant {name}"
+        check_variant_name(name, str(path))
         if not isinstance(given or {}, dict):
             raise GdrtError(f"must be a mapping of set / pool / reference, not {given!r}", path=where,
                             hint=f"write it as `{name}: {{set: {{KEY: VALUE}}}}`, or `{name}: {{}}` for the config as it is")
@@ -413,13 +433,11 @@ def _stop_on_sigterm():
     the results so far are written. Returns the previous handler (None off the main thread)."""
     import threading
 
+    from gdrt_core.cli import raise_terminated
+
     if threading.current_thread() is not threading.main_thread():
         return None
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    return signal.signal(signal.SIGTERM, stop)
+    return signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def _last_line(out: Path, node: Node) -> str:
@@ -581,12 +599,18 @@ def cli(args: argparse.Namespace) -> None:
 
 
 def _node_main(spec_path: str) -> int:
+    from gdrt_core.cli import Terminated, terminate_unwinds
+
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     try:
-        run_spec(spec)
+        with terminate_unwinds():  # the executor stops a node with SIGTERM: its temporaries are removed
+            run_spec(spec)
     except GdrtError as e:
         print(f"{spec.get('command', 'gdrt sweep')}: {spec['label']}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print(f"{spec.get('command', 'gdrt sweep')}: {spec['label']}: terminated", file=sys.stderr)
+        return 143
     return 0
 
 

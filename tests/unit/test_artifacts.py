@@ -126,3 +126,23 @@ def test_messages_name_the_artifact_kind_with_its_article(tmp_path):
         check_output(_make(tmp_path / "eval"), "model")
     with pytest.raises(GdrtError, match="holds a model artifact, not an attribution"):
         check_output(tmp_path / "model", "attribution")
+
+
+def test_atomic_files_are_all_or_nothing(tmp_path):
+    """Three files written together, a directory in the way of the third: the first gets its earlier content
+    back, the second (new) is removed, and no temporary or backup file is left."""
+    from gdrt_core.artifacts import atomic_files
+
+    (tmp_path / "a.txt").write_text("earlier")
+    (tmp_path / "c.txt").mkdir()
+    with pytest.raises(IsADirectoryError, match="c.txt"), \
+            atomic_files([tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"]) as tmps:
+        for tmp in tmps:
+            tmp.write_text("new")
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "c.txt"]
+    assert (tmp_path / "a.txt").read_text() == "earlier"
+    with atomic_files([tmp_path / "a.txt", tmp_path / "b.txt"]) as tmps:
+        for tmp in tmps:
+            tmp.write_text("new")
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt", "c.txt"]
+    assert (tmp_path / "a.txt").read_text() == (tmp_path / "b.txt").read_text() == "new"

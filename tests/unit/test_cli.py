@@ -203,9 +203,10 @@ def test_compile_into_a_file_is_a_clear_error(tmp_path, capsys):
     assert a_file.read_text() == "x"
 
 
-def test_compile_with_a_directory_in_the_way_leaves_no_temporary_file(tmp_path, capsys):
-    """A directory where the second YAML goes: the first is written, the second is a one-paragraph error naming
-    the path, and its temporary file (`.gdrt_pipeline_multinode.tmp.yaml`) is removed, not left behind."""
+def test_compile_with_a_directory_in_the_way_writes_neither_pipeline(tmp_path, capsys):
+    """A directory where the second YAML goes: a one-paragraph error naming the path, and the pair is all or
+    nothing: the first YAML was left compiled alone; now neither is written, an earlier first YAML keeps its
+    content, and no temporary file (`.gdrt_pipeline*.tmp.yaml`, `*.old.yaml`) is left behind."""
     from pipelines.compile import main as compile_main
 
     (tmp_path / "gdrt_pipeline_multinode.yaml").mkdir()
@@ -213,7 +214,64 @@ def test_compile_with_a_directory_in_the_way_leaves_no_temporary_file(tmp_path, 
     err = capsys.readouterr().err
     assert f"pipelines/compile.py: error: {tmp_path / 'gdrt_pipeline_multinode.yaml'}: Is a directory" in err
     assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["gdrt_pipeline_multinode.yaml"]
+    (tmp_path / "gdrt_pipeline.yaml").write_text("earlier")
+    assert compile_main(["--out-dir", str(tmp_path)]) == 2
     assert sorted(os.listdir(tmp_path)) == ["gdrt_pipeline.yaml", "gdrt_pipeline_multinode.yaml"]
+    assert (tmp_path / "gdrt_pipeline.yaml").read_text() == "earlier"
+
+
+@pytest.mark.parametrize("image", ["", "  ", "registry.example.com/gdrt :1"])
+def test_compile_refuses_a_blank_image_naming_the_variable(tmp_path, capsys, monkeypatch, image):
+    """GDRT_IMAGE='' compiled a pipeline whose steps had an empty container image; now it is refused, naming
+    the variable, before anything is written."""
+    from components.image import image_from_env
+    from pipelines.compile import main as compile_main
+
+    monkeypatch.setenv("GDRT_IMAGE", image)
+    assert compile_main(["--out-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert f"pipelines/compile.py: error: GDRT_IMAGE: GDRT_IMAGE={image!r}" in err and "unset it" in err
+    assert not (tmp_path / "c").exists()
+    assert image_from_env({}) == "gdrt/gdrt:0.1.0"
+    assert image_from_env({"GDRT_IMAGE": "r.example.com/gdrt:2"}) == "r.example.com/gdrt:2"
+
+
+# every option of `gdrt` and pipelines/compile.py that takes a path (dest names)
+PATH_OPTIONS = {"config", "source", "meta", "out", "dataset", "model", "groups", "reference", "gguf", "input",
+                "sweep", "out_dir"}
+
+
+def test_every_path_option_expands_home(tmp_path, monkeypatch, capsys):
+    """`gdrt run --out "~/r"`, `gdrt recommend --out "~/x.parquet"` and `compile.py --out-dir "~/c"` created a
+    directory named `~`: every path option of every command now expands `~` (one argparse type, user_path)."""
+    from gdrt_core.artifacts import atomic_output_dir
+    from gdrt_core.cli import user_path
+    from gdrt_core.dataset import write_dataset
+    from pipelines.cli import build_parser as gdrt_parser
+    from pipelines.compile import build_parser as compile_parser
+
+    subcommands = next(a for a in gdrt_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    parsers = {f"gdrt {name}": p for name, p in subcommands.items()} | {"compile.py": compile_parser()}
+    seen = set()
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            if action.dest in PATH_OPTIONS:
+                assert action.type is user_path, f"{name} {action.option_strings or action.dest}"
+                seen.add(action.dest)
+    assert seen == PATH_OPTIONS
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert gdrt_parser().parse_args(["run", "--out", "~/r", "--config", "~/c.yaml"]).out == str(tmp_path / "r")
+    assert compile_parser().parse_args(["--out-dir", "~/c"]).out_dir == str(tmp_path / "c")
+    assert gdrt_parser().parse_args(["sweep", "~/s.yaml"]).sweep == str(tmp_path / "s.yaml")
+    monkeypatch.chdir(tmp_path)
+    train = {"example_id": [0], "user_id": ["u"], "history": [[1]], "target": [2], "timestamp": [1]}
+    with atomic_output_dir(tmp_path / "ds") as tmp:
+        write_dataset(tmp, titles={1: "Desk Lamp", 2: "Stapler"}, splits={"train": train}, domain="office")
+    assert main(["recommend", "--model", "baseline:most-popular", "--dataset", "~/ds", "--history", "Desk Lamp",
+                 "--k", "1", "--out", "~/recs.parquet"]) == 0
+    assert f"wrote 1 ranking to {tmp_path / 'recs.parquet'}" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["ds", "recs.parquet"]
 
 
 def test_atomic_file_removes_its_temporary_file_on_any_failure(tmp_path):
@@ -636,6 +694,37 @@ def test_recommend_history_with_out_writes_the_ranking(tmp_path, capsys):
     assert "the output is an input (the dataset)" in capsys.readouterr().err
 
 
+def test_recommend_out_is_parquet_or_csv_by_its_suffix(tmp_path, capsys):
+    """`--out x.csv` wrote parquet bytes into a .csv file: now a .csv is CSV (list columns as JSON text, the
+    scores as float32 prints them), and a suffix that is neither .parquet nor .csv is refused before any
+    model is loaded, naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gdrt_core.artifacts import atomic_output_dir
+    from gdrt_core.dataset import write_dataset
+    from gdrt_core.recommend import csv_table
+
+    train = {"example_id": [0, 1], "user_id": ["u", "v"], "history": [[1], [3]], "target": [2, 2], "timestamp": [1, 2]}
+    with atomic_output_dir(tmp_path / "ds") as tmp:
+        write_dataset(tmp, titles={1: "Desk Lamp", 2: "Stapler", 3: "Pens"}, splits={"train": train}, domain="office")
+    pq.write_table(pa.table({"user": ["u"], "history": [["Desk Lamp", 'Pens "blue"']]}), tmp_path / "in.parquet")
+    args = ["recommend", "--model", "baseline:most-popular", "--dataset", str(tmp_path / "ds"), "--k", "2",
+            "--input", str(tmp_path / "in.parquet")]
+    assert main([*args, "--out", str(tmp_path / "recs.CSV")]) == 0
+    assert (tmp_path / "recs.CSV").read_text(encoding="utf-8") == (
+        '"user","history","recommendations","scores"\n'
+        '"u","[""Desk Lamp"", ""Pens \\""blue\\""""]","[""Stapler"", ""Desk Lamp""]","[2.0, 1.0]"\n')
+    for bad, found in (("recs.json", "ends in '.json'"), ("recs", "has no suffix")):
+        capsys.readouterr()
+        assert main([*args, "--out", str(tmp_path / bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / bad}: the --out file {found}: rankings are written as .parquet or .csv" in err
+    assert sorted(os.listdir(tmp_path)) == ["ds", "in.parquet", "recs.CSV"]
+    scores = pa.table({"scores": pa.array([[-1.2345600128173828, None], None], pa.list_(pa.float32()))})
+    assert csv_table(scores).column("scores").to_pylist() == ["[-1.23456, null]", None]
+
+
 def test_the_library_cli_has_the_installed_pipeline_commands(tmp_path, capsys):
     """`python -m gdrt_core.cli run|sweep` works where the pipelines package is installed (the `gdrt.commands`
     entry points), without the library importing it: a bad setting is refused before any step runs."""
@@ -648,3 +737,56 @@ def test_the_library_cli_has_the_installed_pipeline_commands(tmp_path, capsys):
     rc = cli.main(["run", "--config", str(config), "--set", "train_settings.bogus=1", "--out", str(tmp_path / "r")])
     assert rc == 2 and "unknown setting(s) bogus" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+# a command whose action writes into an atomic output directory and waits there to be stopped
+STOPPED_IN_A_STAGE = """
+import sys, time
+from gdrt_core.artifacts import atomic_output_dir
+
+def write_slowly(out):
+    with atomic_output_dir(out) as tmp:
+        (tmp / "part").write_text("half")
+        print("ready", flush=True)
+        time.sleep(60)
+
+if sys.argv[1] == "command":  # `gdrt <stage>` / compile.py: main -> report_errors
+    from gdrt_core.cli import report_errors
+    sys.exit(report_errors("gdrt curate", lambda: write_slowly(sys.argv[2])))
+import pipelines.sweep as sweep  # a step of gdrt run / gdrt sweep, as the executor starts it
+sweep.run_spec = lambda spec: write_slowly(spec["out"])
+sys.exit(sweep._node_main(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("how", ["command", "node"])
+def test_sigterm_removes_the_temporary_output_like_ctrl_c(tmp_path, how):
+    """SIGTERM (kill, a scheduler's stop, the executor stopping its steps) killed the process where it stood
+    and left `.out.tmp-*` behind; Ctrl-C unwound the `atomic_output_dir` blocks. Now SIGTERM unwinds the same
+    way in `gdrt` (report_errors) and in a step of gdrt run / gdrt sweep: exit code 143, no temporary left."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "stopped.py"
+    script.write_text(STOPPED_IN_A_STAGE)
+    work = tmp_path / "work"
+    work.mkdir()
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"out": str(work / "out"), "label": "curate office", "command": "gdrt run"}))
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, str(script), how, str(work / "out") if how == "command" else str(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        assert [p.name[:9] for p in work.iterdir()] == [".out.tmp-"]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    assert err.strip().endswith(("gdrt curate: terminated", "gdrt run: curate office: terminated")), err
+    assert list(work.iterdir()) == []

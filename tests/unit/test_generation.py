@@ -420,3 +420,12 @@ def test_filler_rows_are_not_computed_and_change_nothing(trained_tiny, tokenizer
         live_rows = some.step(tokens, positions, src, 3, live)  # [4, vocab]
     assert live_rows.shape[0] == 4
     assert torch.allclose(live_rows, all_rows[live], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"], ids=["shared-prompt", "model-forward"])
+def test_no_prompts_rank_nothing(kind, tokenizer, trie):
+    """An empty list of prompts raised a bare ValueError from inside the search (the prefill's min() of no
+    lengths, or a forward over an empty batch); no prompts now have no rankings, as rank_prompts already had."""
+    model = _tiny_causal_lm(kind, len(tokenizer))
+    assert constrained_beam_search(model, trie.to_torch(), [], pad_token_id=tokenizer.pad_token_id) == []
+    assert rank_prompts(model, trie.to_torch(), [], pad_token_id=tokenizer.pad_token_id) == []

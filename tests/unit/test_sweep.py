@@ -59,6 +59,11 @@ def test_load_sweep_fills_defaults_and_merges_overrides(tmp_path):
     ({"a": {}}, {"set": [1]}, "set: expected a mapping, got [1]"),
     ({"a": {}}, {"experiment": ["e"]}, "experiment: expected a single str value"),
     ({"a": {}}, {"config": ["cfg.yaml"]}, "config: expected a single str value"),
+    # a name too long for the stage directories made from it failed with OSError after two stages had run
+    ({"v" * 300: {}}, {}, f"variant name '{'v' * 40}...' has 300 characters, more than 64"),
+    ({"a b": {}}, {}, "variant name 'a b' is not a safe file name"),
+    ({"../up": {}}, {}, "variant name '../up' is not a safe file name"),
+    ({"-a": {}}, {}, "variant name '-a' is not a safe file name"),
 ])
 def test_load_sweep_errors_name_the_problem(tmp_path, variants, extra, message):
     path = _write(tmp_path, variants, **extra)
@@ -88,6 +93,8 @@ def test_integer_variant_names_in_a_sweep_file_are_text_names(tmp_path):
 
 
 def test_load_sweep_only_and_missing_file(tmp_path):
+    names = ["tau-0.5", "seed_42", "x" * 64]  # a name of safe characters, up to 64 of them
+    assert list(sweep.load_sweep(_write(tmp_path, dict.fromkeys(names, {})))[1]) == names
     path = _write(tmp_path, {"a": {}, "b": {}})
     assert list(sweep.load_sweep(path, only=["b"])[1]) == ["b"]
     with pytest.raises(GdrtError, match=r"no variant \['c'\]"):
@@ -307,3 +314,51 @@ def test_gdrt_run_steps_get_the_shared_out_threads(tmp_path, monkeypatch):
     with pytest.raises(GdrtError):
         local_run.run({"source": str(tmp_path / "no-such-source")}, tmp_path / "out", jobs=2, stream=io.StringIO())
     assert seen and seen[0]["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+
+
+def test_gdrt_run_prints_an_mlflow_ui_command_that_survives_copy_paste(tmp_path, monkeypatch, capsys):
+    """The `mlflow ui --backend-store-uri URI` hint of `gdrt run` was not shell-quoted: a working directory
+    with spaces broke the copied command. The URI is now one shell word."""
+    import argparse
+    import shlex
+
+    from pipelines import local_run
+
+    where = tmp_path / "my runs"
+    where.mkdir()
+    uri = f"sqlite:///{where / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(local_run, "run", lambda params, out, jobs: {"rows": [], "report_dir": str(where)})
+    local_run.cli(argparse.Namespace(jobs=1, config=None, overrides=[f"source={tmp_path}"], out=str(where / "r")))
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("open the runs: ")
+    assert shlex.split(line.removeprefix("open the runs: ")) == ["mlflow", "ui", "--backend-store-uri", uri]
+    assert local_run.open_runs_line("http://mlflow:5000") == "open the runs at http://mlflow:5000"
+
+
+def test_with_tracking_off_gdrt_run_registers_nothing_and_creates_no_store(tmp_path, monkeypatch, capsys):
+    """`GDRT_TRACKING=off gdrt run` still created ./mlflow.db and ./mlruns: its register step logged and
+    registered the model in the default local store. With tracking off the step now registers nothing and
+    opens no store, and the run's last line says so instead of pointing at `mlflow ui`."""
+    import argparse
+
+    from gdrt_core import registry
+    from gdrt_core.stages import NOT_REGISTERED, run_step
+    from gdrt_core.tracking import RunContext
+    from pipelines import local_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    called = []
+    monkeypatch.setattr(registry, "register_model", lambda *a, **k: called.append(a) or "champion")
+    args = {"model": "m", "dataset": "d", "valid_eval": "v", "domain": "office"}
+    assert run_step("register", None, RunContext(), **args) == NOT_REGISTERED
+    assert run_step("register", None, RunContext(parent_run_id="p", enabled=False), **args) == NOT_REGISTERED
+    assert called == [] and os.listdir(tmp_path) == []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(local_run, "run", lambda params, out, jobs: {"rows": [], "report_dir": str(tmp_path)})
+    local_run.cli(argparse.Namespace(jobs=1, config=None, overrides=[f"source={tmp_path}"], out="r"))
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "MLflow tracking is off (GDRT_TRACKING): nothing was logged or registered")
+    assert run_step("register", None, RunContext(enabled=True), **args) == "champion"  # tracking on: registered
