@@ -178,6 +178,19 @@ def build_cpu_comm_op(env: dict[str, str]) -> None:
                         hint="it needs a C++ compiler and ninja (pip install ninja)")
 
 
+def stop_launcher(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """Stop a running torchrun: SIGTERM, which it passes on to its workers before it exits; SIGKILL after
+    `grace_s` seconds. (A SIGKILL first would leave the workers running.)"""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def relaunch_under_torchrun(num_procs: int, argv: list[str], *, deepspeed: str | None = None) -> None:
     """Run `gdrt <argv>` in `num_procs` workers and wait; a failed worker is an error naming the exit code.
     With `deepspeed` on a machine without CUDA, DeepSpeed's CPU communication op is built first
@@ -190,7 +203,12 @@ def relaunch_under_torchrun(num_procs: int, argv: list[str], *, deepspeed: str |
         build_cpu_comm_op(env)
     cmd = launch_command(num_procs, argv)
     print(f"gdrt train: launching {num_procs} process(es): {' '.join(cmd[1:])}", flush=True)
-    proc = subprocess.run(cmd, env=env, check=False)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        proc.wait()
+    except BaseException:  # Ctrl-C, SIGTERM (`Terminated`): stop the workers too, not only their launcher
+        stop_launcher(proc)
+        raise
     if proc.returncode != 0:
         raise GdrtError(
             f"the training workers failed (exit code {proc.returncode})",

@@ -367,3 +367,24 @@ def test_a_build_lock_left_by_a_killed_build_is_refused_not_waited_on_forever(tm
 
     check_build_lock(str(tmp_path), wait_s=900, clock=lambda: 1000.0 + 60, sleep=sleep)
     assert len(naps) == 2 and not lock.exists()
+
+
+def test_stopping_the_launcher_stops_its_workers(tmp_path):
+    """Ctrl-C / SIGTERM while `gdrt train` waits on torchrun: the launcher gets SIGTERM (which torchrun passes
+    on to its workers), not a SIGKILL that would leave the workers training."""
+    import subprocess
+    import sys
+    import time
+
+    from gdrt_core.train.deepspeed import stop_launcher
+
+    flag = tmp_path / "terminated"
+    code = ("import signal, sys, time\n"
+            f"signal.signal(signal.SIGTERM, lambda *a: (open({str(flag)!r}, 'w').write('x'), sys.exit(0)))\n"
+            "print('ready', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    start = time.monotonic()
+    stop_launcher(proc, grace_s=30)
+    assert flag.read_text() == "x" and proc.returncode == 0 and time.monotonic() - start < 30
+    stop_launcher(proc)  # already stopped: nothing to do
