@@ -378,7 +378,8 @@ def set_dotted(data: dict, key: str, value: Any, where: str | None = None) -> No
 def parse_yaml(text: str) -> Any:
     """`text` read as YAML (PyYAML's safe loader, YAML 1.1: `1e-3` is text, `010` the octal 8), except that a
     key given twice in one mapping is a yaml.YAMLError naming it and its two lines, where PyYAML keeps the
-    last silently (two `tau:` lines, two variants of one name). The project's one YAML reader: config and
+    last silently (two `tau:` lines, two variants of one name), and so is a key YAML reads as a number that
+    does not print as written (`010:` is 8, `1_000:` 1000, `1:30:` 90: a variant would be renamed). The project's one YAML reader: config and
     sweep files (`read_yaml`), `--set` values (`set_value`), MLmodel files (`gdrt_core.registry`)."""
     import yaml
 
@@ -400,6 +401,12 @@ def _unique_key_loader() -> type:
                     if key_node.tag == "tag:yaml.org,2002:merge":
                         continue
                     key = self.construct_object(key_node, deep=deep)
+                    if isinstance(key, (int, float)) and not isinstance(key, bool) and key_node.value != str(key):
+                        error = ConstructorError("while constructing a mapping", node.start_mark,
+                                                 f"the key {key_node.value!r} reads as the number {key!r}",
+                                                 key_node.start_mark)
+                        error.renamed = (key_node.value, key, key_node.start_mark.line + 1)
+                        raise error
                     try:
                         earlier = first.setdefault(key, key_node.start_mark)
                     except TypeError:  # an unhashable key: the base class names it
@@ -439,6 +446,11 @@ def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
             raise GdrtError(f"the {what} gives the key {key!r} twice, on line {first} and line {second}",
                             path=str(path), line=second,
                             hint="YAML would keep only the last value, silently: keep one of them") from None
+        if hasattr(e, "renamed"):
+            text, number, line = e.renamed
+            raise GdrtError(f"the {what} has the key {text!r}, which YAML reads as the number {number!r}",
+                            path=str(path), line=line,
+                            hint=f"quote it to keep it as written (\"{text}\":)") from None
         raise GdrtError(f"invalid YAML: {e}", path=str(path)) from None
     if not isinstance(loaded, dict):
         found = "nothing (it is empty)" if loaded is None else article(type(loaded).__name__)

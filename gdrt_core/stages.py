@@ -166,15 +166,15 @@ REFERENCE_FILE = "base_model.json"
 BASE_MODEL_FORMS = "'' or embedded[:tiny|small], pretrained:NAME, gguf:FILE, a model directory or a hub id"
 
 
-def base_model_settings(base_model: str, settings: dict | None = None) -> dict | None:
+def base_model_settings(base_model: str | None, settings: dict | None = None) -> dict | None:
     """The init-model settings that `base_model` asks for, or None when it names a directory / hub id.
 
-    ''                     -> the embedded default model, `settings` as given (size, seed)
+    '' or None             -> the embedded default model, `settings` as given (size, seed)
     embedded:tiny|small    -> the embedded model of that size
     pretrained:smollm2-135m -> a pretrained backbone from the package index (gdrt_core.pretrained)
     gguf:/path/model.gguf  -> a local GGUF file, converted
     """
-    value = base_model.strip()
+    value = (base_model or "").strip()
     settings = dict(settings or {})
     kind, sep, arg = value.partition(":")
     if not value or value == "embedded":

@@ -201,6 +201,21 @@ def cli(args: argparse.Namespace) -> None:
     print(open_runs_line(uri, RunContext().enabled))
 
 
+def mlflow_command() -> str:
+    """How to start this environment's `mlflow`: `mlflow` when the shell finds it, else the script beside this
+    Python (`.venv/bin/mlflow` after scripts/setup.sh, whose venv is not on PATH), relative to the working
+    directory when it is below it."""
+    import shutil
+
+    if shutil.which("mlflow"):
+        return "mlflow"
+    script = Path(sys.executable).parent / "mlflow"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 def open_runs_line(uri: str, enabled: bool = True) -> str:
     """The last line of `gdrt run`: the command that opens its MLflow runs, ready to copy (the store's URI
     shell-quoted: a working directory with spaces), or the server to open; with tracking off, that there are
@@ -212,5 +227,5 @@ def open_runs_line(uri: str, enabled: bool = True) -> str:
     if not enabled:
         return f"MLflow tracking is off ({DISABLE_ENV}): nothing was logged or registered"
     if uri.startswith("sqlite:"):
-        return f"open the runs: mlflow ui --backend-store-uri {shlex.quote(uri)}"
+        return f"open the runs: {shlex.quote(mlflow_command())} ui --backend-store-uri {shlex.quote(uri)}"
     return f"open the runs at {uri}"

@@ -37,6 +37,11 @@ PIPELINE_DEFAULTS: dict[str, Any] = {
     "valid_eval_settings": {"limit": 500},
     "attribute_settings": {},
 }
+# text parameters that name something (the MLflow experiment, the run): never empty
+NAME_PARAMETERS = ("experiment", "run_name")
+# text parameters whose empty value means something (base_model: the embedded default; deepspeed: off): YAML's
+# null (`base_model:` with nothing after it) is read as ""
+EMPTY_MEANS_DEFAULT = ("base_model", "deepspeed")
 # pipeline parameter -> (stage, setting) that receives it: its range is that setting's
 PARAMETER_SETTINGS: dict[str, tuple[str, str]] = {
     "source_format": ("curate", "format"), "domain": ("curate", "domain"), "tau": ("train", "tau"),
@@ -77,6 +82,13 @@ def typed_parameters(params: dict, source: str) -> dict:
     p = {**PIPELINE_DEFAULTS, **params}
     for key, (stage, setting) in PARAMETER_SETTINGS.items():
         p[key] = check_setting(STAGES[stage].config_class(), setting, p[key], key, source)
+    for key in NAME_PARAMETERS:
+        if p[key] is None or not str(p[key]).strip():
+            raise GdrtError(f"pipeline parameter {key} is empty", path=source,
+                            hint=f"give it a name (the default is {PIPELINE_DEFAULTS[key]!r}), or leave the line out")
+    for key in EMPTY_MEANS_DEFAULT:  # `base_model:` / `--set deepspeed=` (YAML null) mean what "" means
+        if p[key] is None:
+            p[key] = ""
     return p
 
 

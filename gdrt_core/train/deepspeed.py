@@ -9,6 +9,7 @@ N processes over gloo with DS_ACCELERATOR=cpu).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -138,17 +139,18 @@ def shm_op_build_dir() -> str | None:
 
 
 def check_build_lock(build_dir: str | None, wait_s: float = STALE_BUILD_S, *, poll_s: float = 2.0,
-                     clock=None, sleep=None) -> None:
+                     clock=None, sleep=None, notify=None) -> None:
     """Wait while another process builds the op in `build_dir` (torch's `lock` file there), and refuse a
     lock older than `wait_s` seconds: torch.utils.cpp_extension waits forever on the lock a killed build
-    leaves behind (every later DeepSpeed run on the CPU would hang without a word). Raises GdrtError naming
-    the lock file."""
+    leaves behind (every later DeepSpeed run on the CPU would hang without a word). `notify(message)` is called
+    once when the wait begins. Raises GdrtError naming the lock file."""
     import time
 
     clock, sleep = clock or time.time, sleep or time.sleep
     if not build_dir:
         return
     lock = os.path.join(build_dir, "lock")
+    waiting = False
     while True:
         try:
             age = clock() - os.stat(lock).st_mtime
@@ -160,6 +162,10 @@ def check_build_lock(build_dir: str | None, wait_s: float = STALE_BUILD_S, *, po
                 "ago and never finished",
                 path=lock, hint="a killed build leaves this lock behind: if no gdrt training is starting on "
                 "this machine, delete the file and run again")
+        if not waiting and notify is not None:
+            notify(f"waiting for another build of DeepSpeed's CPU communication op to finish (lock {lock}, "
+                   f"{age:.0f} s old; refused after {wait_s / 60:.0f} minutes)")
+        waiting = True
         sleep(poll_s)
 
 
@@ -168,13 +174,33 @@ def build_cpu_comm_op(env: dict[str, str]) -> None:
 
     With DS_ACCELERATOR=cpu every worker's process-group set-up builds the op (ninja, about 30 s on two idle
     cores, several minutes on busy ones) and all but one wait on torch's build lock; built here first, they
-    only load it. A build lock left by a killed build is refused (`check_build_lock`). Raises GdrtError when
-    the build fails."""
-    check_build_lock(shm_op_build_dir())
+    only load it. A build lock left by a killed build is refused (`check_build_lock`). Stopped (Ctrl-C,
+    SIGTERM), the build is killed with its compilers and its lock removed, so the next run does not wait on
+    it. Progress lines go to stdout. Raises GdrtError when the build fails."""
+    import signal
+
+    def say(message: str) -> None:
+        print(f"gdrt train: {message}", flush=True)
+
+    build_dir = shm_op_build_dir()
+    check_build_lock(build_dir, notify=say)
+    if not build_dir or not os.path.exists(os.path.join(build_dir, f"{SHM_OP}.so")):
+        say(f"building DeepSpeed's CPU communication op ({SHM_OP}; once per machine, 0.5-5 minutes)")
     code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # its own group: ninja and the compilers with it
+    try:
+        _, err = proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if build_dir:  # no lock was there when it started: it is the killed build's
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(build_dir, "lock"))
+        raise
     if proc.returncode != 0:
-        raise GdrtError(f"building DeepSpeed's CPU communication op ({SHM_OP}) failed:\n{proc.stderr[-2000:]}",
+        raise GdrtError(f"building DeepSpeed's CPU communication op ({SHM_OP}) failed:\n{err[-2000:]}",
                         hint="it needs a C++ compiler and ninja (pip install ninja)")
 
 

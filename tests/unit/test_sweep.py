@@ -90,6 +90,13 @@ def test_integer_variant_names_in_a_sweep_file_are_text_names(tmp_path):
     with pytest.raises(GdrtError, match="ints.yaml: the sweep file has the key True under variants, which YAML "
                                         "reads as a bool, not a variant name"):
         sweep.load_sweep(sweep_file)
+    for written, number in (("010", 8), ("0x1F", 31), ("1_000", 1000), ("1:30", 90), ("1.10", 1.1)):
+        # YAML reads these as numbers that print otherwise: the variant would be renamed ("010" -> "8")
+        sweep_file.write_text(f"config: cfg.yaml\nvariants:\n  a: {{}}\n  {written}: {{}}\n")
+        with pytest.raises(GdrtError, match=rf"ints.yaml, line 4: the sweep file has the key '{written}', which "
+                                            rf"YAML reads as the number {number}") as err:
+            sweep.load_sweep(sweep_file)
+        assert f'"{written}":' in err.value.hint
 
 
 def test_load_sweep_only_and_missing_file(tmp_path):
@@ -332,8 +339,27 @@ def test_gdrt_run_prints_an_mlflow_ui_command_that_survives_copy_paste(tmp_path,
     local_run.cli(argparse.Namespace(jobs=1, config=None, overrides=[f"source={tmp_path}"], out=str(where / "r")))
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("open the runs: ")
-    assert shlex.split(line.removeprefix("open the runs: ")) == ["mlflow", "ui", "--backend-store-uri", uri]
+    assert shlex.split(line.removeprefix("open the runs: ")) == [local_run.mlflow_command(), "ui",
+                                                                   "--backend-store-uri", uri]
     assert local_run.open_runs_line("http://mlflow:5000") == "open the runs at http://mlflow:5000"
+
+
+def test_the_mlflow_command_of_the_hint_runs_without_the_venv_on_path(monkeypatch, tmp_path):
+    """The quickstart's last line said `mlflow ui ...`, but scripts/setup.sh's .venv is not on PATH: the hint
+    names the mlflow beside the running Python then (relative to the working directory below it)."""
+    import sys
+    from pathlib import Path
+
+    from pipelines import local_run
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no mlflow on it
+    monkeypatch.chdir(Path(sys.executable).parent.parent)
+    assert local_run.mlflow_command() == str(Path(Path(sys.executable).parent.name) / "mlflow")
+    monkeypatch.chdir(tmp_path)
+    assert local_run.mlflow_command() == str(Path(sys.executable).parent / "mlflow")
+    (tmp_path / "mlflow").write_text("#!/bin/sh\n")
+    (tmp_path / "mlflow").chmod(0o755)
+    assert local_run.mlflow_command() == "mlflow"
 
 
 def test_with_tracking_off_gdrt_run_registers_nothing_and_creates_no_store(tmp_path, monkeypatch, capsys):
@@ -362,3 +388,24 @@ def test_with_tracking_off_gdrt_run_registers_nothing_and_creates_no_store(tmp_p
     assert capsys.readouterr().out.splitlines()[-1] == (
         "MLflow tracking is off (GDRT_TRACKING): nothing was logged or registered")
     assert run_step("register", None, RunContext(enabled=True), **args) == "champion"  # tracking on: registered
+
+
+@pytest.mark.parametrize("key,value", [("run_name", None), ("run_name", "  "), ("experiment", None), ("experiment", "")])
+def test_an_empty_run_or_experiment_name_is_refused_before_any_step(key, value):
+    """`run_name:` left blank ran every stage, then failed in the report (and named the MLflow run "None")."""
+    from pipelines.params import check_pipeline_params
+
+    with pytest.raises(GdrtError, match=rf"pipeline parameter {key} is empty") as err:
+        check_pipeline_params({key: value}, "cfg.yaml")
+    assert err.value.path == "cfg.yaml" and "leave the line out" in err.value.hint
+
+
+def test_a_blank_base_model_or_deepspeed_means_what_the_empty_text_means():
+    """`base_model:` (YAML null) is the embedded default like `base_model: ""` (it crashed the base-model step),
+    and `deepspeed:` is off like `deepspeed: ""`: the same stages, and a resume accepts either."""
+    from gdrt_core.stages import base_model_settings
+    from pipelines.params import check_pipeline_params, resolved_params
+
+    check_pipeline_params({"base_model": None, "deepspeed": None}, "cfg.yaml")
+    assert base_model_settings(None, {"size": "tiny"}) == base_model_settings("", {"size": "tiny"}) == {"size": "tiny"}
+    assert resolved_params({"base_model": None, "deepspeed": None}) == resolved_params({"base_model": "", "deepspeed": ""})

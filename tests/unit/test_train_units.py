@@ -365,8 +365,59 @@ def test_a_build_lock_left_by_a_killed_build_is_refused_not_waited_on_forever(tm
         if len(naps) == 2:
             lock.unlink()
 
-    check_build_lock(str(tmp_path), wait_s=900, clock=lambda: 1000.0 + 60, sleep=sleep)
+    said = []
+    check_build_lock(str(tmp_path), wait_s=900, clock=lambda: 1000.0 + 60, sleep=sleep, notify=said.append)
     assert len(naps) == 2 and not lock.exists()
+    assert len(said) == 1 and "waiting for another build" in said[0] and str(lock) in said[0]
+
+
+def test_a_stopped_build_kills_its_compilers_and_removes_its_lock(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM while DeepSpeed's CPU op builds: the build's whole process group (its ninja and
+    compilers) is killed and the lock it took is removed, so the next run neither waits nor is refused."""
+    import os
+    import signal
+    import time
+
+    from gdrt_core.train import deepspeed as ds
+
+    build_dir = tmp_path / "build"
+    build_dir.mkdir()
+    fake = tmp_path / "fake" / "deepspeed" / "comm"
+    fake.mkdir(parents=True)
+    (fake.parent / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("")
+    child_pid = tmp_path / "compiler.pid"
+    (fake / "torch.py").write_text(  # a build that takes the lock and starts a long "compiler"
+        "import os, subprocess, time\n"
+        "def build_shm_op():\n"
+        f"    open({str(build_dir / 'lock')!r}, 'w').close()\n"
+        "    p = subprocess.Popen(['sleep', '60'])\n"
+        f"    open({str(child_pid)!r}, 'w').write(str(p.pid))\n"
+        "    time.sleep(60)\n")
+    monkeypatch.setattr(ds, "shm_op_build_dir", lambda: str(build_dir))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
+
+    def interrupt(signum, frame):  # Ctrl-C once the fake build has started its compiler
+        if child_pid.exists():
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            ds.build_cpu_comm_op(env)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    pid = int(child_pid.read_text())
+    for _ in range(50):
+        if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the build's compiler is still running")
+    assert not (build_dir / "lock").exists()
 
 
 def test_stopping_the_launcher_stops_its_workers(tmp_path):
