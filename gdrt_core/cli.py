@@ -129,7 +129,9 @@ def _recommend(p: argparse.ArgumentParser) -> None:
                    help="write the rankings to this .parquet file, or .csv (lists as JSON text); required with "
                    "--input: the input's columns, or a `history` column for --history, plus `recommendations` "
                    "and `scores`")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=int, default=10,
+                   help="titles to return; also the beam width of the constrained beam search, so a larger k "
+                        "searches wider and can reorder the top titles")
     p.add_argument("--domain", default=None, help="prompt domain (default: the model's training domain)")
     p.add_argument("--dataset", type=user_path, default=None,
                    help="Dataset artifact with the catalogue (default: the model's own)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,10 @@ class Recommender:
         device = next(model.parameters()).device
         self.trie = build_trie(tokenizer, titles).to_torch(device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def catalogue(self) -> set[str]:
+        """The distinct titles it can recommend."""
+        return set(self.trie.trie.titles)
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, *, items: str | os.PathLike | None = None,
@@ -72,9 +77,7 @@ class Recommender:
         if k < 1:
             raise GdrtError(f"k must be positive, got {k}")
         distinct = len(self.trie.trie.titles)  # one per distinct title (duplicates share a path)
-        if k > distinct:  # the beam search keeps k beams: asking for more titles than exist only costs memory
-            raise GdrtError(f"k={k} is more than the {distinct:,} distinct titles of the catalogue",
-                            hint=f"ask for at most {distinct} (k={distinct} ranks the whole catalogue)")
+        check_k(k, distinct)  # the beam search keeps k beams: more titles than exist would only cost memory
         check_histories(histories)
         max_length = context_limit(self.model, self.tokenizer)
         prompts = [
@@ -96,11 +99,16 @@ class PopularityRecommender:
     def __init__(self, titles: dict[int, str], counts: dict[int, int]):
         self.titles, self.counts = titles, counts
 
+    def catalogue(self) -> set[str]:
+        """The distinct titles it can recommend."""
+        return set(self.titles.values())
+
     def recommend(self, histories: list[list[str]], k: int = 10) -> list[Recommendation]:
         from gdrt_core.evaluate import most_popular_titles
 
         if k < 1:
             raise GdrtError(f"k must be positive, got {k}")
+        check_k(k, len(self.catalogue()))
         check_histories(histories)
         top = most_popular_titles(self.titles, self.counts, k)
         return [Recommendation([t for t, _ in top], [float(c) for _, c in top]) for _ in histories]
@@ -110,6 +118,31 @@ class PopularityRecommender:
 MODEL_FORMS = ("a model directory, an MLflow URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH), "
                "a hub id with --dataset, or a popularity baseline (baseline:most-popular, "
                "baseline:most-popular-valid) with --dataset")
+
+
+def check_k(k: int, distinct: int) -> None:
+    """k (the number of titles asked for) is at most the catalogue's number of distinct titles."""
+    if k > distinct:
+        raise GdrtError(f"k={k} is more than the {distinct:,} distinct titles of the catalogue",
+                        hint=f"ask for at most {distinct} (k={distinct} ranks the whole catalogue)")
+
+
+def history_warnings(histories: list[list[str]], catalogue: set[str], limit: int = 3) -> list[str]:
+    """What a person should know about histories the recommender can still rank: empty ones (the ranking then
+    ignores the user) and titles that are not in the catalogue (read as text, but no item the model was trained
+    on: a typo, or another catalogue). One line each, at most `limit` examples."""
+    lines = []
+    empty = [row for row, h in enumerate(histories) if not h]
+    if empty:
+        lines.append(f"{len(empty)} of {len(histories)} histories are empty (rows {', '.join(map(str, empty[:limit]))}"
+                     f"{', ...' if len(empty) > limit else ''}): their ranking does not depend on the user")
+    titles = [t for h in histories for t in h]
+    unknown = [t for t in dict.fromkeys(titles) if t not in catalogue]
+    if unknown:
+        shown = ", ".join(repr(t[:60]) for t in unknown[:limit]) + (", ..." if len(unknown) > limit else "")
+        lines.append(f"{sum(t not in catalogue for t in titles)} of {len(titles)} history titles are not in the "
+                     f"catalogue ({shown}): the model reads them as text, not as items it was trained on")
+    return lines
 
 
 def check_histories(histories, where: str | None = None) -> None:
@@ -299,6 +332,8 @@ def cli(args: argparse.Namespace) -> None:
     else:
         histories = read_histories(args.input)
     rec = load_recommender(args.model, dataset=getattr(args, "dataset", None), domain=args.domain)
+    for line in history_warnings(histories, rec.catalogue()):
+        print(f"gdrt recommend: warning: {line}", file=sys.stderr)
     results = rec.recommend(histories, k=args.k)
     if args.history:
         from gdrt_core.text import printable

@@ -177,11 +177,20 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, help="independent steps run at the same time (processes)")
 
 
+def check_out_given(out: str | None) -> None:
+    """`--out` of `gdrt run` / `gdrt sweep`: absent means the default folder, but an empty or blank one (an unset
+    shell variable) is an error, not the default."""
+    if out is not None and not out.strip():
+        raise GdrtError("--out is empty", path="--out",
+                        hint="give the working directory, or leave --out out for the default under runs/")
+
+
 def cli(args: argparse.Namespace) -> None:
     from gdrt_core.tracking import RunContext
 
     if args.jobs < 1:
         raise GdrtError(f"--jobs must be >= 1, got {args.jobs}", path="--jobs")
+    check_out_given(args.out)
     params = load_params(args.config, args.overrides)
     check_local_inputs(params, config_source(args.config, args.overrides))
     out = Path(args.out or Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S"))

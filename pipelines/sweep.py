@@ -588,6 +588,9 @@ def run(sweep_file: str, out: str | os.PathLike, *, jobs: int = 1, overrides: li
 def cli(args: argparse.Namespace) -> None:
     if args.jobs < 1:
         raise GdrtError(f"--jobs must be >= 1, got {args.jobs}", path="--jobs")
+    from pipelines.local_run import check_out_given
+
+    check_out_given(args.out)
     if not args.dry_run:
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     out = Path(args.out or Path("runs") / Path(args.sweep).stem)

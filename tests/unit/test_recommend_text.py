@@ -28,6 +28,9 @@ def test_ordinary_titles_pass():
 
 
 class _FakeRecommender:
+    def catalogue(self):
+        return {"Desk Lamp"}
+
     def recommend(self, histories, k=10):
         return [Recommendation(["\x1b[2JWiped", "Bell\x07", "Two\nlines", "Plain"][:k], [-1.0, -2.0, -3.0, -4.0][:k])]
 
@@ -61,3 +64,27 @@ def test_k_above_the_catalogue_is_refused():
     recommender.trie = SimpleNamespace(trie=SimpleNamespace(titles=("A", "B", "C")))  # one per distinct title
     with pytest.raises(GdrtError, match="k=4 is more than the 3 distinct titles of the catalogue"):
         recommender.recommend([["A"]], k=4)
+
+
+def test_the_popularity_baseline_refuses_k_above_the_catalogue_too():
+    """baseline:most-popular returned every title silently where a model refused k above the catalogue."""
+    baseline = recommend.PopularityRecommender({1: "A", 2: "B", 3: "B"}, {1: 5, 2: 3, 3: 1})
+    assert baseline.catalogue() == {"A", "B"}
+    assert baseline.recommend([["A"]], k=2)[0].titles == ["A", "B"]
+    with pytest.raises(GdrtError, match="k=3 is more than the 2 distinct titles of the catalogue"):
+        baseline.recommend([["A"]], k=3)
+
+
+def test_histories_outside_the_catalogue_or_empty_are_warned_about(monkeypatch, capsys):
+    """A history of unknown titles (a typo, another catalogue) or an empty one was ranked without a word."""
+    lines = recommend.history_warnings([["Desk Lamp", "Stapler?"], [], ["Stapler?", "Pen"]], {"Desk Lamp", "Pen"})
+    assert lines == ["1 of 3 histories are empty (rows 1): their ranking does not depend on the user",
+                     "2 of 4 history titles are not in the catalogue ('Stapler?'): the model reads them as text, "
+                     "not as items it was trained on"]
+    assert recommend.history_warnings([["Desk Lamp"]], {"Desk Lamp"}) == []
+    monkeypatch.setattr(recommend, "load_recommender", lambda *a, **kw: _FakeRecommender())
+    args = argparse.Namespace(history=["Desk Lamp", "Unknown"], input=None, model="m", dataset=None, domain=None,
+                              k=1, out=None)
+    recommend.cli(args)
+    err = capsys.readouterr().err
+    assert "warning: 1 of 2 history titles are not in the catalogue ('Unknown')" in err

@@ -409,3 +409,15 @@ def test_a_blank_base_model_or_deepspeed_means_what_the_empty_text_means():
     check_pipeline_params({"base_model": None, "deepspeed": None}, "cfg.yaml")
     assert base_model_settings(None, {"size": "tiny"}) == base_model_settings("", {"size": "tiny"}) == {"size": "tiny"}
     assert resolved_params({"base_model": None, "deepspeed": None}) == resolved_params({"base_model": "", "deepspeed": ""})
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_an_empty_out_is_refused_not_replaced_by_the_default(command, tmp_path, monkeypatch, capsys):
+    """`gdrt run --out ''` (an unset shell variable) ran into runs/<timestamp>."""
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--out", " "] if command == "run" else ["sweep", "s.yaml", "--out", ""]
+    assert main(argv) == 2
+    assert "--out is empty" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
