@@ -379,7 +379,9 @@ def parse_yaml(text: str) -> Any:
     """`text` read as YAML (PyYAML's safe loader, YAML 1.1: `1e-3` is text, `010` the octal 8), except that a
     key given twice in one mapping is a yaml.YAMLError naming it and its two lines, where PyYAML keeps the
     last silently (two `tau:` lines, two variants of one name), and so is a key YAML reads as a number that
-    does not print as written (`010:` is 8, `1_000:` 1000, `1:30:` 90: a variant would be renamed). The project's one YAML reader: config and
+    does not print as written (`010:` is 8, `1_000:` 1000, `1:30:` 90: a variant would be renamed), and a
+    value written as an integer YAML 1.1 reads otherwise than a person does (`010` octal, `1:30` base 60;
+    `surprising_int`). The project's one YAML reader: config and
     sweep files (`read_yaml`), `--set` values (`set_value`), MLmodel files (`gdrt_core.registry`)."""
     import yaml
 
@@ -394,13 +396,24 @@ def _unique_key_loader() -> type:
     from yaml.constructor import ConstructorError
 
     class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_yaml_int(self, node):
+            value = super().construct_yaml_int(node)
+            if surprising_int(node.value):
+                error = ConstructorError(None, None, f"{node.value!r} reads as the number {value}", node.start_mark)
+                error.surprising = (node.value, value, node.start_mark.line + 1)
+                raise error
+            return value
+
         def construct_mapping(self, node, deep=False):
             if isinstance(node, yaml.MappingNode):
                 first: dict = {}  # key -> the mark of its first occurrence
                 for key_node, _ in node.value:
                     if key_node.tag == "tag:yaml.org,2002:merge":
                         continue
-                    key = self.construct_object(key_node, deep=deep)
+                    if key_node.tag == "tag:yaml.org,2002:int" and surprising_int(key_node.value):
+                        key = yaml.SafeLoader.construct_yaml_int(self, key_node)  # named below, as a key
+                    else:
+                        key = self.construct_object(key_node, deep=deep)
                     if isinstance(key, (int, float)) and not isinstance(key, bool) and key_node.value != str(key):
                         error = ConstructorError("while constructing a mapping", node.start_mark,
                                                  f"the key {key_node.value!r} reads as the number {key!r}",
@@ -419,7 +432,16 @@ def _unique_key_loader() -> type:
                         raise error
             return super().construct_mapping(node, deep=deep)
 
+    UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", UniqueKeyLoader.construct_yaml_int)
     return UniqueKeyLoader
+
+
+def surprising_int(text: str) -> bool:
+    """YAML 1.1 integer text that does not mean what a person reads: a leading 0 (`010`, octal 8) or colons
+    (`1:30`, base 60: 90). Hexadecimal (`0x1F`), binary and `1_000` are written on purpose and pass."""
+    digits = text.replace("_", "").lstrip("+-")
+    return ":" in digits or (len(digits) > 1 and digits[0] == "0" and digits[1:].isdigit())
+
 
 
 def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
@@ -446,6 +468,13 @@ def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
             raise GdrtError(f"the {what} gives the key {key!r} twice, on line {first} and line {second}",
                             path=str(path), line=second,
                             hint="YAML would keep only the last value, silently: keep one of them") from None
+        if hasattr(e, "surprising"):
+            text, number, line = e.surprising
+            kind = "base 60" if ":" in text else "octal"
+            raise GdrtError(f"the {what} has the value {text!r}, which YAML reads as the number {number} ({kind})",
+                            path=str(path), line=line,
+                            hint=f"write {number} if you mean it, else drop the leading zero, or quote the "
+                                 f"text (\"{text}\")") from None
         if hasattr(e, "renamed"):
             text, number, line = e.renamed
             raise GdrtError(f"the {what} has the key {text!r}, which YAML reads as the number {number!r}",

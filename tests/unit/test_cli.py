@@ -512,10 +512,11 @@ def test_a_yaml_boolean_for_a_text_setting_in_a_config_file_is_refused(monkeypat
         check_pipeline_params({"train_settings": {"optim": found == "True"}}, "cfg.yaml")  # a stage setting too
 
 
-@pytest.mark.parametrize(("line", "found"), [("out: 010", "8"), ("out: 1_000", "1000"), ("out: 1.10", "1.1"),
+@pytest.mark.parametrize(("line", "found"), [("out: 0x10", "16"), ("out: 1_000", "1000"), ("out: 1.10", "1.1"),
                                              ("model: 2024", "2024"), ("split: 0", "0")])
 def test_a_yaml_number_for_a_text_setting_in_a_config_file_is_refused(monkeypatch, capsys, tmp_path, line, found):
-    """`out: 010` in a config file was the directory "8" (YAML reads 010 as an octal number); a number given
+    """`out: 010` in a config file was the directory "8" (YAML reads 010 as an octal number: now refused as
+    such, test_an_integer_that_yaml_reads_otherwise_than_written_is_refused); a number given
     to a text setting is refused naming the file and the setting, and saying to quote the value, in a stage's
     config, in a pipeline config's stage settings and in a sweep file."""
     monkeypatch.setattr("gdrt_core.evaluate.run", lambda config: pytest.fail("ran"))
@@ -790,3 +791,22 @@ def test_sigterm_removes_the_temporary_output_like_ctrl_c(tmp_path, how):
     assert proc.returncode == 143
     assert err.strip().endswith(("gdrt curate: terminated", "gdrt run: curate office: terminated")), err
     assert list(work.iterdir()) == []
+
+
+def test_an_integer_that_yaml_reads_otherwise_than_written_is_refused(tmp_path):
+    """YAML 1.1 reads `num_groups: 010` as 8 (octal) and `1:30` as 90 (base 60): a config file giving one is
+    refused naming the line; `--set num_groups=010` means 10; hexadecimal and `1_000` are meant and pass."""
+    from gdrt_core.config import from_dict, parse_override, read_yaml, set_value
+    from gdrt_core.stages import STAGES
+
+    config = tmp_path / "g.yaml"
+    for text, number, kind in (("010", 8, "octal"), ("1:30", 90, "base 60"), ("-07", -7, "octal")):
+        config.write_text(f"splits: [train]\nnum_groups: {text}\n")
+        with pytest.raises(GdrtError, match=rf"g.yaml, line 2: the config file has the value '{text}', which YAML "
+                                            rf"reads as the number {number} \({kind}\)"):
+            read_yaml(config)
+    config.write_text("num_groups: 0x4\nlimit: 1_000\n")
+    assert read_yaml(config) == {"num_groups": 4, "limit": 1000}
+    cls = STAGES["group"].config_class()
+    value = set_value(parse_override("num_groups=010")[1], int, "num_groups", "--set")
+    assert from_dict(cls, {"dataset": "d", "reference": "m", "out": "o", "num_groups": value}).num_groups == 10
