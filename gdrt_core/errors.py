@@ -47,11 +47,15 @@ PATH_KIND_ERRNOS = {errno.EEXIST, errno.EISDIR, errno.ENOTDIR}
 def filesystem_error(e: OSError, where: str | os.PathLike | None = None) -> GdrtError | OSError:
     """A GdrtError naming the path and the cause for an OSError of the file system: an output that cannot be
     written (disk full, read-only, no permission), or a path of the wrong kind (a file given as an output
-    directory, a directory given as a config file). Any other OSError is returned unchanged (raise it)."""
+    directory, a directory given as a config file), or a path that is not there or cannot be made (ENOENT). Any
+    other OSError is returned unchanged (raise it)."""
     if e.errno in PATH_KIND_ERRNOS and (e.filename or where):
         path = e.filename or where
         return GdrtError(f"{e.strerror or e}: a file where a directory is expected, or a directory where a file "
                          "is expected", path=str(path), hint="check the path given on the command line")
+    if e.errno == errno.ENOENT and (e.filename or where):  # a path that is not there (or cannot be made there)
+        return GdrtError(f"{e.strerror or e}", path=str(e.filename or where),
+                         hint="check the path given on the command line: an output's parent folders must be creatable")
     if e.errno not in OUTPUT_ERRNOS:
         return e
     path = e.filename or where

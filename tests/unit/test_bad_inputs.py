@@ -698,6 +698,20 @@ def test_output_file_system_errors_name_the_path_and_cause(monkeypatch, capsys, 
     assert f"/mnt/out/model.safetensors: cannot write: {os.strerror(code)}" in err
 
 
+def test_a_path_that_cannot_be_made_is_a_message_not_a_traceback(capsys):
+    """`compile.py --out-dir /proc/nope` (a folder that cannot be made there) ended in a FileNotFoundError
+    traceback; it is one line naming the path, exit code 2."""
+    from gdrt_core.cli import report_errors
+
+    def make():
+        os.makedirs("/proc/gdrt-nope/x")
+
+    assert report_errors("compile.py", make) == 2
+    err = capsys.readouterr().err
+    assert "compile.py: error: /proc/gdrt-nope" in err and "No such file or directory" in err
+    assert "Traceback" not in err
+
+
 def test_other_os_errors_are_not_relabelled():
     from gdrt_core.errors import filesystem_error
 
