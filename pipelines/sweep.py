@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -359,6 +358,8 @@ def execute(plan_: Plan, out: Path, jobs: int = 1, *, context: dict | None = Non
     parent run id, tracking on/off, experiment) goes to every node in its spec. Progress lines go to `stream`
     (default: sys.stderr as it is at the call); `title` is the command (`gdrt run`, `gdrt sweep`) that labels
     them and the nodes' errors."""
+    from gdrt_core.cli import terminate_unwinds
+
     stream = stream or sys.stderr
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
@@ -370,7 +371,6 @@ def execute(plan_: Plan, out: Path, jobs: int = 1, *, context: dict | None = Non
     print(f"{title}: {len(nodes)} stages for {len(plan_.variants)} variant(s), {len(status)} already done, "
           f"{total} to run, {jobs} at a time; logs in {out / 'logs'}", file=stream, flush=True)
     running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
-    previous = _stop_on_sigterm()
 
     def report(key: str, state: str, seconds: float) -> None:
         nonlocal finished
@@ -378,66 +378,54 @@ def execute(plan_: Plan, out: Path, jobs: int = 1, *, context: dict | None = Non
         print(f"[{finished:3d}/{total}] {nodes[key].label:<34} {state:<8} {seconds:7.1f} s "
               f"(total {time.time() - t_start:7.1f} s)", file=stream, flush=True)
 
-    try:
-        while pending or running:
-            for key in list(pending):  # in dependency order, so skips propagate in one pass
-                deps = nodes[key].deps()
-                if any(status.get(d) in ("failed", "skipped") for d in deps):
-                    status[key] = "skipped"
+    # SIGTERM (a scheduler's stop, `kill`) stops the run like Ctrl-C: running stages are terminated and the
+    # results so far are written
+    with terminate_unwinds():
+        try:
+            while pending or running:
+                for key in list(pending):  # in dependency order, so skips propagate in one pass
+                    deps = nodes[key].deps()
+                    if any(status.get(d) in ("failed", "skipped") for d in deps):
+                        status[key] = "skipped"
+                        pending.remove(key)
+                        report(key, "SKIPPED", 0.0)
+                ready = sorted((k for k in pending if all(status.get(d) == "done" for d in nodes[k].deps())),
+                               key=lambda k: (STAGE_RANK[nodes[k].stage], order[k]))
+                for key in ready[: max(0, jobs - len(running))]:
                     pending.remove(key)
-                    report(key, "SKIPPED", 0.0)
-            ready = sorted((k for k in pending if all(status.get(d) == "done" for d in nodes[k].deps())),
-                           key=lambda k: (STAGE_RANK[nodes[k].stage], order[k]))
-            for key in ready[: max(0, jobs - len(running))]:
-                pending.remove(key)
-                spec_path = out / "logs" / f"{nodes[key].dirname}.spec.json"
-                spec_path.write_text(json.dumps(node_spec(plan_, key, out, context, title), indent=2, default=str),
-                                     encoding="utf-8")
-                log = open(out / "logs" / f"{nodes[key].dirname}.log", "ab")  # noqa: SIM115 - closed when it ends
-                child_env = step_env(os.environ, jobs)
-                proc = subprocess.Popen([sys.executable, "-m", "pipelines.sweep", "--node", str(spec_path)],
-                                        stdout=log, stderr=subprocess.STDOUT, env=child_env)
-                running[key] = (proc, time.time(), log)
-            for key, (proc, t0, log) in list(running.items()):
-                rc = proc.poll()
-                if rc is None:
-                    continue
+                    spec_path = out / "logs" / f"{nodes[key].dirname}.spec.json"
+                    spec_path.write_text(json.dumps(node_spec(plan_, key, out, context, title), indent=2, default=str),
+                                         encoding="utf-8")
+                    log = open(out / "logs" / f"{nodes[key].dirname}.log", "ab")  # noqa: SIM115 - closed when it ends
+                    child_env = step_env(os.environ, jobs)
+                    proc = subprocess.Popen([sys.executable, "-m", "pipelines.sweep", "--node", str(spec_path)],
+                                            stdout=log, stderr=subprocess.STDOUT, env=child_env)
+                    running[key] = (proc, time.time(), log)
+                for key, (proc, t0, log) in list(running.items()):
+                    rc = proc.poll()
+                    if rc is None:
+                        continue
+                    log.close()
+                    del running[key]
+                    ok = rc == 0 and done_path(out, nodes[key]).is_file()
+                    status[key] = "done" if ok else "failed"
+                    report(key, "SUCCESS" if ok else f"FAILED ({rc})", time.time() - t0)
+                    if not ok:
+                        print(f"    see {out / 'logs' / (nodes[key].dirname + '.log')}: {_last_line(out, nodes[key])}",
+                              file=stream, flush=True)
+                if not ready or len(running) >= jobs:
+                    time.sleep(0.2)
+        except BaseException:
+            for proc, _, _log in running.values():
+                proc.terminate()
+            for proc, _, log in running.values():
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
                 log.close()
-                del running[key]
-                ok = rc == 0 and done_path(out, nodes[key]).is_file()
-                status[key] = "done" if ok else "failed"
-                report(key, "SUCCESS" if ok else f"FAILED ({rc})", time.time() - t0)
-                if not ok:
-                    print(f"    see {out / 'logs' / (nodes[key].dirname + '.log')}: {_last_line(out, nodes[key])}",
-                          file=stream, flush=True)
-            if not ready or len(running) >= jobs:
-                time.sleep(0.2)
-    except BaseException:
-        for proc, _, _log in running.values():
-            proc.terminate()
-        for proc, _, log in running.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            raise
     return status
-
-
-def _stop_on_sigterm():
-    """SIGTERM (a scheduler's stop, `kill`) stops the sweep like Ctrl-C: running stages are terminated and
-    the results so far are written. Returns the previous handler (None off the main thread)."""
-    import threading
-
-    from gdrt_core.cli import raise_terminated
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def _last_line(out: Path, node: Node) -> str:
