@@ -390,8 +390,10 @@ def parse_yaml(text: str) -> Any:
 
 @functools.cache
 def _unique_key_loader() -> type:
-    """yaml.SafeLoader whose mappings refuse a key given twice: the error carries `duplicate` = (key, line of
-    the first, line of the second), 1-based. Keys brought in by a merge (`<<: *base`) may be overridden."""
+    """yaml.SafeLoader whose mappings refuse a key given twice (the error carries `duplicate` = (key, line of
+    the first, line of the second), 1-based; keys brought in by a merge, `<<: *base`, may be overridden) or a
+    number key that does not print as written (`renamed` = (text, number, line)), and whose integers refuse
+    `surprising_int` text (`surprising` = (text, number, line))."""
     import yaml
     from yaml.constructor import ConstructorError
 
@@ -410,8 +412,8 @@ def _unique_key_loader() -> type:
                 for key_node, _ in node.value:
                     if key_node.tag == "tag:yaml.org,2002:merge":
                         continue
-                    if key_node.tag == "tag:yaml.org,2002:int" and surprising_int(key_node.value):
-                        key = yaml.SafeLoader.construct_yaml_int(self, key_node)  # named below, as a key
+                    if key_node.tag == "tag:yaml.org,2002:int":  # a number as a key is judged below, as a key
+                        key = yaml.SafeLoader.construct_yaml_int(self, key_node)
                     else:
                         key = self.construct_object(key_node, deep=deep)
                     if isinstance(key, (int, float)) and not isinstance(key, bool) and key_node.value != str(key):
@@ -441,7 +443,6 @@ def surprising_int(text: str) -> bool:
     (`1:30`, base 60: 90). Hexadecimal (`0x1F`), binary and `1_000` are written on purpose and pass."""
     digits = text.replace("_", "").lstrip("+-")
     return ":" in digits or (len(digits) > 1 and digits[0] == "0" and digits[1:].isdigit())
-
 
 
 def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
