@@ -131,6 +131,9 @@ def _worker(argv: list[str]) -> None:
                                   objective=objective, steps=steps, n_examples=n_examples)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save({"params": flat, "logs": logs}, out)
+    from gdrt_core.train.loop import finish_distributed
+
+    finish_distributed(wait=True)  # as `gdrt train` does: a worker exiting with its group alive can abort
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "update":
