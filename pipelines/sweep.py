@@ -590,19 +590,12 @@ def cli(args: argparse.Namespace) -> None:
 
 
 def _node_main(spec_path: str) -> int:
-    from gdrt_core.cli import Terminated, terminate_unwinds
+    """One stage of a sweep or a local run, in its own process: errors, Ctrl-C and the executor's SIGTERM end
+    as one line on stderr naming the stage, and the command's exit code (`cli.report_errors`)."""
+    from gdrt_core.cli import report_errors
 
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    try:
-        with terminate_unwinds():  # the executor stops a node with SIGTERM: its temporaries are removed
-            run_spec(spec)
-    except GdrtError as e:
-        print(f"{spec.get('command', 'gdrt sweep')}: {spec['label']}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except Terminated:
-        print(f"{spec.get('command', 'gdrt sweep')}: {spec['label']}: terminated", file=sys.stderr)
-        return 143
-    return 0
+    return report_errors(f"{spec.get('command', 'gdrt sweep')}: {spec['label']}", lambda: run_spec(spec))
 
 
 if __name__ == "__main__":

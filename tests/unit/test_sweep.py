@@ -421,3 +421,23 @@ def test_an_empty_out_is_refused_not_replaced_by_the_default(command, tmp_path, 
     assert main(argv) == 2
     assert "--out is empty" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("raised, code, said", [
+    (PermissionError(13, "Permission denied", "/runs/out/stages/x"), 2, "error: /runs/out/stages/x"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (GdrtError("the source is empty", path="/data/x"), 2, "error: /data/x: the source is empty"),
+])
+def test_a_stage_process_ends_in_one_line_naming_the_stage(tmp_path, monkeypatch, capsys, raised, code, said):
+    """A stage's own process (`python -m pipelines.sweep --node`) printed a traceback for a file-system error
+    or Ctrl-C in the stage; every ending is now the command's one line, naming the stage."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"command": "gdrt run", "label": "train sft"}))
+
+    def fail(_spec):
+        raise raised
+
+    monkeypatch.setattr(sweep, "run_spec", fail)
+    assert sweep._node_main(str(spec)) == code
+    err = capsys.readouterr().err
+    assert err.startswith(f"gdrt run: train sft: {said}") and "Traceback" not in err and err.count("\n") <= 2
