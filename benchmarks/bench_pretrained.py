@@ -181,7 +181,7 @@ def time_evaluation(model_dir: Path, dataset, args, oracle) -> dict:
     device = args.device
     model_dir = Path(args.model) if args.model else model_dir
     tokenizer = load_tokenizer(model_dir, padding_side="left")
-    model = load_model(model_dir, device=device).eval()
+    model = load_model(model_dir, device=device, merge_adapter=True).eval()  # as gdrt evaluate loads it
     trie = build_trie(tokenizer, dataset.titles)
     torch_trie = trie.to_torch(device)
     prompts = [tokenize_prompt(tokenizer, render(dataset.domain, list(e.history_titles))).input_ids
@@ -189,7 +189,7 @@ def time_evaluation(model_dir: Path, dataset, args, oracle) -> dict:
     n, n_ref = len(prompts), min(args.reference_windows, len(prompts))
     previous = _previous_generation(args.previous_rev)
     pad = tokenizer.pad_token_id
-    out: dict = {"windows": n, "reference_windows": n_ref, "batch_size": args.eval_batch_size,
+    out: dict = {"windows": n, "reference_windows": n_ref, "batch_size": args.eval_batch_size, "workers": args.workers,
                  "previous_rev": args.previous_rev, "prompt_tokens_mean": sum(map(len, prompts)) / n}
 
     def timed(name, fn, windows):
@@ -213,6 +213,7 @@ def time_evaluation(model_dir: Path, dataset, args, oracle) -> dict:
     with SearchWork(generation) as work:
         ours = timed("gdrt_float32", lambda: rank_prompts(
             model, torch_trie, prompts, BeamSearchSettings(), batch_size=args.eval_batch_size, pad_token_id=pad), n)
+    pooled = time_pooled(model_dir, dataset, args, n, timed) if args.workers > 1 else None
     bf16 = timed("gdrt_bfloat16", lambda: rank_prompts(
         model, torch_trie, prompts, BeamSearchSettings(matmul_dtype="bfloat16"), batch_size=args.eval_batch_size,
         pad_token_id=pad), n)
@@ -234,6 +235,16 @@ def time_evaluation(model_dir: Path, dataset, args, oracle) -> dict:
                                              if n_ref else None)
     out["gdrt_float32"]["speedup_vs_previous"] = out["previous"]["s_per_window"] / out["gdrt_float32"]["s_per_window"]
     out["gdrt_bfloat16"]["speedup_vs_float32"] = out["gdrt_float32"]["s_per_window"] / out["gdrt_bfloat16"]["s_per_window"]
+    if pooled is not None:
+        out["gdrt_workers"]["speedup_vs_reference"] = (out["reference"]["s_per_window"]
+                                                       / out["gdrt_workers"]["s_per_window"] if n_ref else None)
+        out["gdrt_workers"]["speedup_vs_float32"] = (out["gdrt_float32"]["s_per_window"]
+                                                     / out["gdrt_workers"]["s_per_window"])
+        out["gdrt_workers"]["identical_vs_float32"] = sum(a.titles == b.titles for a, b in zip(pooled, ours, strict=True))
+        out["gdrt_workers"]["identical_vs_reference"] = sum(a.titles == b for a, b in zip(pooled, ref_titles, strict=False))
+        out["gdrt_workers"]["max_score_difference_vs_float32"] = max(
+            (abs(x - y) for a, b in zip(pooled, ours, strict=True) if a.titles == b.titles
+             for x, y in zip(a.scores, b.scores, strict=True)), default=0.0)
     out["identical_lists"] = {
         "float32_vs_previous": sum(a.titles == b.titles for a, b in zip(ours, before, strict=True)),
         "float32_vs_reference": sum(a.titles == b for a, b in zip(ours, ref_titles, strict=False)),
@@ -265,6 +276,26 @@ def time_evaluation(model_dir: Path, dataset, args, oracle) -> dict:
     return out
 
 
+def time_pooled(model_dir: Path, dataset, args, n: int, timed) -> list:
+    """`gdrt evaluate --set workers=N` as it ranks (`evaluate._pooled_ranker`: N processes x 1 thread, float32,
+    the model loaded and merged in each): the pool's start (model loads and a first batch each, out of the
+    timing) apart, then the n windows."""
+    from gdrt_core import evaluate
+    from gdrt_core.generation import BeamSearchSettings
+
+    config = evaluate.EvalConfig(dataset=str(dataset.root), model=str(model_dir), out="unused", split="test",
+                                 workers=args.workers, threads=1, batch_size=args.eval_batch_size)
+    examples = list(dataset.examples("test", limit=n))
+    histories, ids = [list(e.history) for e in examples], [e.example_id for e in examples]
+    with evaluate._pooled_ranker(config, dataset, BeamSearchSettings()) as rank:
+        start = time.perf_counter()
+        first = args.workers * args.eval_batch_size
+        rank(histories[-first:], ids[-first:], lambda k: None)
+        print(f"  pool of {args.workers}: started and ranked {first} windows in {time.perf_counter() - start:.1f} s",
+              flush=True)
+        return timed("gdrt_workers", lambda: rank(histories, ids, lambda k: None), n)
+
+
 def print_evaluation(ev: dict) -> None:
     ids = ev["identical_lists"]
     n, n_ref = ev["windows"], ev["reference_windows"]
@@ -284,6 +315,12 @@ def print_evaluation(ev: dict) -> None:
         vs_ref = f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "-"
         print(f"| {label} | {r['windows']} | {r['s_per_window']:.2f} | {vs_ref} "
               f"| {r['floor_s_per_window']:.2f} | {r['floor_fraction']:.0%} | {note} |")
+    if "gdrt_workers" in ev:
+        r = ev["gdrt_workers"]
+        vs_ref = f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "-"
+        print(f"| gdrt, float32, {ev['workers']} processes x 1 thread | {r['windows']} | {r['s_per_window']:.2f} | "
+              f"{vs_ref} | | | {r['identical_vs_float32']}/{n} vs float32, {r['identical_vs_reference']}/{n_ref} "
+              f"vs reference |")
     print(f"| transformers reference | {n_ref} | {ev['reference']['s_per_window']:.2f} | 1.0x | | | |")
     print(f"({ev['timing']} seconds; speed-ups against the reference need --reference-windows >= 1)")
     print(f"\nfloat32 vs previous: {ev['gdrt_float32']['speedup_vs_previous']:.2f}x, max score difference "
@@ -310,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing", choices=("wall", "cpu"), default="wall",
                         help="evaluation ratios from wall time, or from this process's CPU time (a shared machine)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="also rank with gdrt evaluate's pool of this many processes x 1 thread (1: skip)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dataset", help="a curated Office Dataset dir (default: curate data/office)")
     parser.add_argument("--model", help="evaluate this model dir (e.g. a fine-tuned SmolLM2 adapter) instead of the "

@@ -12,7 +12,11 @@ Eval artifact:
 
 The split is read in chunks; inside a chunk prompts are batched by similar length (less padding). Each
 chunk's rankings stream into `metrics.MetricsAccumulator` and into predictions.parquet and are then dropped,
-so memory is bounded by a chunk and the catalogue, whatever the split's size.
+so memory is bounded by a chunk and the catalogue, whatever the split's size. With `--set workers=N` the
+beam searches run in N processes, each with its own copy of the model and whole batches of a chunk to rank
+(on CPUs the small matmuls of a 135M model scale better over processes than over threads). The workers are
+started with multiprocessing's spawn method, so a script that calls `run` with workers > 1 needs Python's
+`if __name__ == "__main__":` guard.
 
 Popularity baselines instead of a model (`--model baseline:...`): every example gets the same ranking,
 the titles counted most often (a title counts the sum of its ids), with the count as score. They load no
@@ -27,6 +31,7 @@ the history at all:
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +63,8 @@ class EvalConfig:
     dtype: str = field("auto", choices=DTYPES, help="auto (float32 on CPU, bfloat16 on a GPU) | float32 | bfloat16 | float16")
     matmul_dtype: str | None = field(None, choices=("float32", "bfloat16"), help="unset: the model's dtype | float32 | bfloat16: the beam search's linear layers in bfloat16 on a float32 model (faster on CPUs with avx512_bf16/AMX; rankings can differ: 10 of 64 top-10 lists on a fine-tuned SmolLM2, docs/benchmarks.md)")
     device: str = field("auto", check=device_problem, help="auto | cpu | cuda | cuda:N")
-    threads: int | None = field(None, ge=1, help="torch CPU threads (None = torch's default; 1 is fastest for tiny models)")
+    threads: int | None = field(None, ge=1, help="torch CPU threads (per worker with workers > 1; None = torch's default, or the cores shared out among the workers)")
+    workers: int = field(1, ge=1, le=64, help="processes that rank in parallel, each with its own copy of the model (CPU: 2 x 1 thread rank SmolLM2-135M faster than 1 x 2, docs/benchmarks.md)")
     plots: bool = field(True, help="draw plots/ranking.png and plots/exposure.png")
     progress: bool = field(True, help="show a progress bar with examples/s")
 
@@ -176,8 +182,8 @@ def run(config: EvalConfig, *, model=None, tokenizer=None, context=None) -> dict
 
     dataset, settings, guard = _validate(config)
     with stage_run("evaluate", to_dict(config), context) as tracker:
-        rank_chunk = _ranker(config, dataset, settings, model, tokenizer)
-        with atomic_output_dir(config.out, **guard) as tmp:
+        with _ranker(config, dataset, settings, model, tokenizer) as rank_chunk, \
+                atomic_output_dir(config.out, **guard) as tmp:
             accumulator, elapsed = _rank_split(config, dataset, rank_chunk, tmp / PREDICTIONS_FILE)
             metrics, extended = _write_results(tmp, config, accumulator, elapsed)
         _track(tracker, config, extended, accumulator.n_examples / elapsed)
@@ -208,26 +214,41 @@ def _validate(config: EvalConfig):
     return dataset, settings, guard
 
 
+@contextmanager
 def _ranker(config: EvalConfig, dataset, settings, model, tokenizer):
-    """rank_chunk(histories, example_ids, on_batch) -> one Ranking per example: the popularity baseline's
-    fixed ranking, or the model's constrained beam search (the model is loaded here unless passed in)."""
-    import torch
-
-    from gdrt_core.generation import Ranking, rank_prompts
-    from gdrt_core.prompts import render
-    from gdrt_core.tokenization import context_limit, tokenize_prompt
-    from gdrt_core.trie import build_trie
-
-    titles = dataset.titles
+    """A context giving rank_chunk(histories, example_ids, on_batch) -> one Ranking per example: the popularity
+    baseline's fixed ranking, the model's constrained beam search in this process (the model is loaded here
+    unless passed in), or, with `workers` > 1 and no model passed in, the same search in a pool of worker
+    processes (`_pooled_ranker`), shut down when the context ends."""
     if config.model.startswith("baseline:"):
-        top = most_popular_titles(titles, baseline_counts(dataset, config.model), settings.num_return_sequences)
+        from gdrt_core.generation import Ranking
+
+        top = most_popular_titles(dataset.titles, baseline_counts(dataset, config.model), settings.num_return_sequences)
         fixed = Ranking([t for t, _ in top], [float(c) for _, c in top], [])
 
         def rank_baseline(hist_lists, ids, on_batch):
             on_batch(len(hist_lists))
             return [fixed] * len(hist_lists)
 
-        return rank_baseline
+        yield rank_baseline
+    elif config.workers > 1 and model is None:
+        with _pooled_ranker(config, dataset, settings) as rank_pooled:
+            yield rank_pooled
+    else:
+        yield _model_ranker(config, dataset, settings, model, tokenizer)
+
+
+def _model_ranker(config: EvalConfig, dataset, settings, model=None, tokenizer=None):
+    """rank_chunk(histories, example_ids, on_batch) with the model's constrained beam search
+    (`generation.rank_prompts`: batches of similar prompt length) in this process."""
+    import torch
+
+    from gdrt_core.generation import rank_prompts
+    from gdrt_core.prompts import render
+    from gdrt_core.tokenization import context_limit, tokenize_prompt
+    from gdrt_core.trie import build_trie
+
+    titles = dataset.titles
     if model is None or tokenizer is None:
         from gdrt_core.models import ModelConfig, load_model_and_tokenizer
 
@@ -253,6 +274,80 @@ def _ranker(config: EvalConfig, dataset, settings, model, tokenizer):
                                 pad_token_id=pad_id, on_batch=on_batch)
 
     return rank_model
+
+
+# the model ranker of a worker process of `_pooled_ranker` (set by `_start_worker`), or the error that
+# prevented it, raised again by each task so that it reaches the parent as the cause
+_WORKER: dict = {}
+
+
+def _start_worker(config: EvalConfig, settings, threads: int) -> None:
+    import signal
+
+    import torch
+
+    from gdrt_core.dataset import Dataset
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
+    torch.set_num_threads(threads)
+    try:
+        _WORKER["rank"] = _model_ranker(config, Dataset(config.dataset), settings)
+    except Exception as e:  # noqa: BLE001 - re-raised by every task (`_rank_in_worker`)
+        _WORKER["error"] = e
+
+
+def _rank_in_worker(hist_lists, ids):
+    if "error" in _WORKER:
+        raise _WORKER["error"]
+    return _WORKER["rank"](hist_lists, ids, None)
+
+
+@contextmanager
+def _pooled_ranker(config: EvalConfig, dataset, settings):
+    """rank_chunk over `config.workers` processes (multiprocessing's spawn start method, safe with torch and
+    CUDA), each loading the model once and ranking whole beam-search batches: a chunk's examples, longest
+    history first (by characters), cut into batches of `batch_size`, one task each. Results come back in
+    the chunk's order and equal one process's rankings up to float32 rounding (another batch composition).
+    On CPUs the small matmuls of a 135M model scale better over processes than over threads. An error in a
+    worker (the model cannot be loaded, a prompt too long) is raised here; leaving the context early (an
+    error, Ctrl-C, SIGTERM) cancels the waiting batches and stops the workers."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    from gdrt_core.models import available_cores
+
+    threads = config.threads or max(1, available_cores() // config.workers)
+    titles = dataset.titles
+    pool = ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker, initargs=(config, settings, threads))
+
+    def rank_pooled(hist_lists, ids, on_batch):
+        order = sorted(range(len(ids)), key=lambda i: -sum(len(titles[h]) for h in hist_lists[i]))
+        batches = [order[s:s + config.batch_size] for s in range(0, len(order), config.batch_size)]
+        tasks = {pool.submit(_rank_in_worker, [hist_lists[i] for i in b], [ids[i] for i in b]): b for b in batches}
+        results: list = [None] * len(ids)
+        for task in as_completed(tasks):
+            batch = tasks[task]
+            try:
+                rankings = task.result()
+            except BrokenProcessPool as e:
+                raise GdrtError(f"a worker process of the evaluation stopped without an error ({e})",
+                                path=config.out, hint="out of memory? use fewer workers (--set workers=N)") from e
+            for i, ranking in zip(batch, rankings, strict=True):
+                results[i] = ranking
+            on_batch(len(batch))
+        return results
+
+    try:
+        yield rank_pooled
+    except BaseException:
+        running = list((getattr(pool, "_processes", None) or {}).values())  # (shutdown forgets them)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in running:  # stop the batches they are ranking
+            process.terminate()
+        raise
+    pool.shutdown(wait=True)
 
 
 def _rank_split(config: EvalConfig, dataset, rank_chunk, predictions_path: Path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -174,3 +176,103 @@ def test_popularity_baselines_rank_without_a_model(tmp_path, office_slice, monke
                  "--split", "valid", "--out", str(tmp_path / "bad")]) != 0
     assert "cannot be evaluated on valid" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_worker_processes_rank_as_one_process_does(tmp_path, office_slice, tiny_model, monkeypatch):
+    """`--set workers=2`: two processes, each with its own copy of the model, rank whole beam-search batches;
+    the predictions (titles, order, example order) are one process's, scores up to float32 rounding."""
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    tables = {}
+    for workers in (1, 2):
+        out = tmp_path / f"eval-{workers}"
+        assert main(["evaluate", "--dataset", str(office_slice), "--model", str(tiny_model), "--out", str(out),
+                     "--limit", "9", "--set", "chunk_size=5", "--set", "batch_size=2",
+                     "--set", f"workers={workers}", "--set", "threads=1", "--set", "plots=false"]) == 0
+        tables[workers] = pq.read_table(out / "predictions.parquet")
+        metrics = json.loads((out / "metrics.json").read_text())
+        tables[workers, "metrics"] = metrics
+    one, two = tables[1], tables[2]
+    assert two.column("example_id").to_pylist() == one.column("example_id").to_pylist()
+    assert two.column("title").to_pylist() == one.column("title").to_pylist()
+    assert two.column("score").to_numpy() == pytest.approx(one.column("score").to_numpy(), abs=1e-4)
+    assert tables[2, "metrics"] == pytest.approx(tables[1, "metrics"])
+
+
+def test_a_worker_that_cannot_load_the_model_fails_the_stage_with_its_error(tmp_path, office_slice, monkeypatch,
+                                                                            capsys):
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    model = tmp_path / "not-a-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--dataset", str(office_slice), "--model", str(model), "--out", str(out),
+                 "--limit", "3", "--set", "workers=2"])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the progress bar
+    assert code == 2 and last.startswith("gdrt evaluate: error: ") and str(model) in last and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_worker_killed_mid_run_is_an_error_naming_the_cause(tmp_path, office_slice, tiny_model, monkeypatch):
+    """A worker that dies (the kernel's out-of-memory killer) broke the pool with a bare BrokenProcessPool."""
+    import multiprocessing
+
+    from gdrt_core import evaluate
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.errors import GdrtError
+    from gdrt_core.generation import BeamSearchSettings
+
+    config = evaluate.EvalConfig(dataset=str(office_slice), model=str(tiny_model), out=str(tmp_path / "e"),
+                                 workers=2, threads=1, batch_size=2)
+    dataset = Dataset(office_slice)
+    examples = list(dataset.examples("test", limit=4))
+    with pytest.raises(GdrtError, match="a worker process of the evaluation stopped without an error.*out of memory"):
+        with evaluate._pooled_ranker(config, dataset, BeamSearchSettings()) as rank:
+            rank([list(e.history) for e in examples[:2]], [e.example_id for e in examples[:2]], lambda n: None)
+            for process in multiprocessing.active_children():  # the pool's workers
+                process.kill()
+            rank([list(e.history) for e in examples], [e.example_id for e in examples], lambda n: None)
+
+
+def test_leaving_the_pool_early_stops_its_workers(office_slice, tiny_model, tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM in the parent (here: an exception from the progress callback, while the other worker
+    still ranks) must stop the workers, not let them rank on: the pool's shutdown forgets its processes, so
+    they are terminated explicitly."""
+    import multiprocessing
+    from multiprocessing.process import BaseProcess
+
+    from gdrt_core import evaluate
+    from gdrt_core.dataset import Dataset
+    from gdrt_core.generation import BeamSearchSettings
+
+    terminated = []
+    terminate = BaseProcess.terminate
+    monkeypatch.setattr(BaseProcess, "terminate", lambda self: (terminated.append(self.pid), terminate(self)))
+    config = evaluate.EvalConfig(dataset=str(office_slice), model=str(tiny_model), out=str(tmp_path / "e"),
+                                 workers=2, threads=1, batch_size=1)
+    dataset = Dataset(office_slice)
+    examples = list(dataset.examples("test", limit=8))
+
+    def interrupt(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with evaluate._pooled_ranker(config, dataset, BeamSearchSettings()) as rank:
+            workers = []
+            rank([list(e.history) for e in examples[:2]], [e.example_id for e in examples[:2]],
+                 lambda n: workers.extend(p for p in multiprocessing.active_children() if p not in workers))
+            rank([list(e.history) for e in examples], [e.example_id for e in examples], interrupt)
+    assert len(workers) >= 2 and sorted(terminated) == sorted(w.pid for w in workers)
+    deadline = time.monotonic() + 30  # the pool's own thread may reap them first: look at the pids, not join()
+    while any(_running(w.pid) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(w.pid) for w in workers)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (Linux /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
