@@ -113,11 +113,17 @@ def client(uri: str | None = None, *, registry: bool = False):
     uri = uri or tracking_uri()
     if store_lock_path(uri) is None:
         return MlflowClient(tracking_uri=uri)
+    store_log = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables..." on every
+    level = store_log.level                                  # stage's first use, in the middle of its output
     with first_use_lock(uri):
-        mlflow_client = MlflowClient(tracking_uri=uri)  # opens (creates, migrates) the tracking store
-        mlflow_client.search_experiments(max_results=1)
-        if registry:
-            mlflow_client.search_registered_models(max_results=1)
+        store_log.setLevel(logging.WARNING)
+        try:
+            mlflow_client = MlflowClient(tracking_uri=uri)  # opens (creates, migrates) the tracking store
+            mlflow_client.search_experiments(max_results=1)
+            if registry:
+                mlflow_client.search_registered_models(max_results=1)
+        finally:
+            store_log.setLevel(level)
     return mlflow_client
 
 

@@ -73,3 +73,18 @@ def test_concurrent_first_use_leaves_a_usable_store(tmp_path, store, monkeypatch
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     runs = client(uri).search_runs([client(uri).search_experiments(max_results=1)[0].experiment_id])
     assert len(runs) == 3
+
+
+def test_creating_the_store_does_not_print_mlflow_migration_lines(tmp_path, capfd):
+    """Every stage of a first `gdrt run` printed MLflow's "Creating initial MLflow database tables..." and
+    "Updating database tables" in the middle of its own output."""
+    import logging
+
+    from gdrt_core.tracking import client
+
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    level = store_log.level
+    client(f"sqlite:///{tmp_path / 'mlflow.db'}", registry=True)
+    out = capfd.readouterr()
+    assert "database tables" not in out.out + out.err
+    assert (tmp_path / "mlflow.db").is_file() and store_log.level == level
