@@ -22,7 +22,8 @@ Summary (summary.json):
 - aux_share = A / (A + H), aux_interaction_ratio = A / H with, over all target tokens of all examples,
   A = sum |Δ instruction_token| + |Δ prefix_token| and H = sum |Δ history_token| (for grad x input:
   per example |instruction| + |prefix| and |history|). aux_share_sequence uses the example-level Δ of the
-  instruction and of the history only.
+  instruction and of the history only. aux_share_ci95: its 95% percentile bootstrap interval over examples;
+  abs_delta_per_token: the mean |Δ| per target token of the instruction, the prefix and the history (nats).
 - profile_by_recency: mean Δ of a history item by its distance from the end (1 = most recent item);
   profile_by_position: the same by history index (0 = oldest item).
 - profile_by_target_position: mean per-token Δ of the instruction, the prefix and the history by target
@@ -32,6 +33,9 @@ Summary (summary.json):
   `num_negatives` catalogue titles sampled per example, by the sum of their log-probs (as the beam search
   ranks with length_penalty 0); hr@1 and mrr over those ranks. A model that ignores the history loses little.
 
+Two models on the same examples: `compare(a_dir, b_dir)` gives the difference of their aux shares and of their
+per-token |Δ| by segment, with paired bootstrap intervals (the same resampled examples for both models).
+
 Output, the Attribution artifact: attributions.parquet (example_id int64, segment string, position int32,
 score float32; position = history index, target token index, or -1 for whole segments), summary.json,
 plots/*.png, manifest.json.
@@ -39,7 +43,7 @@ plots/*.png, manifest.json.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -307,8 +311,44 @@ def grad_x_input_attributions(
 # ------------------------------------------------------------------------------------------- summaries
 
 
+def bootstrap_interval(statistic: Callable[[np.ndarray], np.ndarray], n: int, *, resamples: int = 2000,
+                       seed: int = 0, level: float = 0.95, chunk: int = 250) -> list[float] | None:
+    """Percentile bootstrap interval over n examples (Efron & Tibshirani, An Introduction to the Bootstrap,
+    1993, ch. 13): `statistic(idx)` maps resampled example indices idx [r, n] (int) to one value per resample
+    [r]; returns [low, high] at `level`, or None when n < 2 or the statistic is undefined (nan) on a resample.
+    Deterministic for a seed; memory is chunk x n indices at a time."""
+    if n < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = np.concatenate([statistic(rng.integers(0, n, size=(min(chunk, resamples - start), n)))
+                             for start in range(0, resamples, chunk)])
+    if not np.all(np.isfinite(values)):
+        return None
+    tail = 50.0 * (1.0 - level)
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))]
+
+
+def example_sums(attributions: Sequence[ExampleAttribution]) -> dict[str, np.ndarray]:
+    """Per example [n_examples]: the sums over its target tokens of |Δ instruction_token|, |Δ prefix_token|
+    and |Δ history_token| (nats), and its number of target tokens: the terms of aux_share."""
+    return {
+        "instruction": np.array([np.abs(a.instruction.astype(np.float64)).sum() for a in attributions]),
+        "prefix": np.array([np.abs(a.prefix.astype(np.float64)).sum() for a in attributions]),
+        "history": np.array([np.abs(a.history.astype(np.float64)).sum() for a in attributions]),
+        "tokens": np.array([a.instruction.size for a in attributions], dtype=np.float64),
+    }
+
+
+def _share(sums: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
+    """aux_share of each resample idx [r, n] of the examples."""
+    aux = (sums["instruction"] + sums["prefix"])[idx].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return aux / (aux + sums["history"][idx].sum(axis=1))
+
+
 def summarize(attributions: Sequence[ExampleAttribution]) -> dict:
-    """Auxiliary share, aux : interaction ratio, segment shares and the history-position profile."""
+    """Auxiliary share (with its bootstrap interval over examples), aux : interaction ratio, segment shares,
+    the mean |Δ| per target token of each segment and the history-position profile."""
     if not attributions:
         raise GdrtError("no examples were attributed", hint="check --split and --limit")
     cat = np.concatenate
@@ -318,6 +358,7 @@ def summarize(attributions: Sequence[ExampleAttribution]) -> dict:
     aux_abs = float(np.abs(instr).sum() + np.abs(prefix).sum())
     hist_abs = float(np.abs(hist).sum())
     total = aux_abs + hist_abs
+    sums = example_sums(attributions)
     seq_instr = float(sum(abs(a.instruction.sum()) for a in attributions))
     seq_hist = float(sum(abs(a.history.sum()) for a in attributions))
     by_position: dict[int, list[float]] = {}
@@ -336,6 +377,9 @@ def summarize(attributions: Sequence[ExampleAttribution]) -> dict:
         "mean_target_logprob": float(cat([a.logprobs for a in attributions]).mean()),
         "mean_sequence_logprob": float(np.mean([a.logprobs.sum() for a in attributions])),
         "aux_share": ratio(aux_abs, total),
+        "aux_share_ci95": bootstrap_interval(lambda idx: _share(sums, idx), len(attributions)),
+        "abs_delta_per_token": {segment: float(sums[segment].sum() / max(instr.size, 1))
+                                for segment in ("instruction", "prefix", "history")},
         "aux_interaction_ratio": ratio(aux_abs, hist_abs),
         "aux_share_sequence": ratio(seq_instr, seq_instr + seq_hist),
         "share_by_segment": {
@@ -355,6 +399,71 @@ def summarize(attributions: Sequence[ExampleAttribution]) -> dict:
         "profile_by_recency": {str(k): float(np.mean(v)) for k, v in sorted(by_recency.items())},
         "profile_counts": {str(k): len(v) for k, v in sorted(by_recency.items())},
         "profile_by_target_position": _target_position_profile(attributions),
+    }
+
+
+def read_example_sums(attribution_dir: str | Path) -> dict[str, np.ndarray]:
+    """`example_sums` of an Attribution artifact, from its attributions.parquet, plus "example_id"
+    [n_examples] (sorted). Errors name the directory (not an Attribution artifact, a changed file)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from gdrt_core.artifacts import read_manifest
+
+    read_manifest(attribution_dir, "attribution")  # checks the kind and the files' hashes
+    table = pq.read_table(Path(attribution_dir) / ATTRIBUTIONS_FILE)
+    ids = np.unique(table.column("example_id").to_numpy())
+    out: dict[str, np.ndarray] = {"example_id": ids}
+    for segment, key in (("instruction_token", "instruction"), ("prefix_token", "prefix"),
+                         ("history_token", "history")):
+        rows = table.filter(pc.equal(table.column("segment"), segment))
+        where = np.searchsorted(ids, rows.column("example_id").to_numpy())
+        scores = np.abs(rows.column("score").to_numpy().astype(np.float64))
+        out[key] = np.bincount(where, weights=scores, minlength=ids.size)
+        if key == "instruction":
+            out["tokens"] = np.bincount(where, minlength=ids.size).astype(np.float64)
+    return out
+
+
+def compare(a_dir: str | Path, b_dir: str | Path, *, resamples: int = 10000, seed: int = 0) -> dict:
+    """Paired comparison of two models' Attribution artifacts on the same examples (same dataset, split and
+    limit): aux_share of each, the difference a - b with a paired percentile bootstrap interval over examples
+    (the same resampled examples for both; `bootstrap_interval`), the number of examples whose own aux share
+    is lower under a, and the difference in mean |Δ| per target token of each segment (nats) with its interval.
+    Paired resampling removes the spread between examples, which dominates the unpaired intervals.
+    A GdrtError when the two artifacts do not hold the same examples."""
+    a, b = read_example_sums(a_dir), read_example_sums(b_dir)
+    if not np.array_equal(a["example_id"], b["example_id"]):
+        raise GdrtError(f"{a_dir} and {b_dir} attribute different examples ({a['example_id'].size} and "
+                        f"{b['example_id'].size}, {np.intersect1d(a['example_id'], b['example_id']).size} in both)",
+                        hint="attribute both models with the same --dataset, --split and --limit")
+    n = int(a["example_id"].size)
+
+    def per_token(sums: dict, segment: str, idx: np.ndarray) -> np.ndarray:
+        return sums[segment][idx].sum(axis=1) / np.maximum(sums["tokens"][idx].sum(axis=1), 1.0)
+
+    everything = np.arange(n)[None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        own_a = (a["instruction"] + a["prefix"]) / (a["instruction"] + a["prefix"] + a["history"])
+        own_b = (b["instruction"] + b["prefix"]) / (b["instruction"] + b["prefix"] + b["history"])
+    return {
+        "examples": n,
+        "a": {"dir": str(a_dir), "aux_share": float(_share(a, everything)[0]),
+              "aux_share_ci95": bootstrap_interval(lambda idx: _share(a, idx), n, resamples=resamples, seed=seed)},
+        "b": {"dir": str(b_dir), "aux_share": float(_share(b, everything)[0]),
+              "aux_share_ci95": bootstrap_interval(lambda idx: _share(b, idx), n, resamples=resamples, seed=seed)},
+        "aux_share_difference": float(_share(a, everything)[0] - _share(b, everything)[0]),
+        "aux_share_difference_ci95": bootstrap_interval(lambda idx: _share(a, idx) - _share(b, idx), n,
+                                                        resamples=resamples, seed=seed),
+        "examples_with_lower_aux_share": int(np.sum(own_a < own_b)),
+        "abs_delta_per_token_difference": {
+            segment: {
+                "difference": float(per_token(a, segment, everything)[0] - per_token(b, segment, everything)[0]),
+                "ci95": bootstrap_interval(lambda idx, s=segment: per_token(a, s, idx) - per_token(b, s, idx), n,
+                                           resamples=resamples, seed=seed),
+            }
+            for segment in ("instruction", "prefix", "history")
+        },
     }
 
 

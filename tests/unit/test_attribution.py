@@ -332,3 +332,78 @@ def test_counterfactual_shared_prompt_matches_separate_sequences(office_slice, t
     assert candidates[0] == examples[0].target_title and len(set(candidates)) == 5
     assert sorted(histories["history_shuffled"]) == sorted(examples[0].history_titles)
     assert counterfactual_inputs(examples[0], titles, 4, seed=1) == (histories, candidates)
+
+
+def test_bootstrap_interval_of_a_mean_of_two_values_is_hand_derived():
+    """Resampling [0, 1] twice gives means 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4: the 95% percentile
+    interval is [0, 1]; a statistic that does not depend on the resample has the interval [c, c]; fewer than
+    two examples, or a statistic undefined on some resample, have none."""
+    values = np.array([0.0, 1.0])
+    assert attribution.bootstrap_interval(lambda idx: values[idx].mean(axis=1), 2, resamples=4000) == [0.0, 1.0]
+    assert attribution.bootstrap_interval(lambda idx: np.full(len(idx), 0.25), 5) == [0.25, 0.25]
+    assert attribution.bootstrap_interval(lambda idx: values[idx].mean(axis=1), 1) is None
+    with np.errstate(invalid="ignore"):
+        assert attribution.bootstrap_interval(lambda idx: values[idx].sum(axis=1) / values[idx].sum(axis=1), 2) is None
+    first = attribution.bootstrap_interval(lambda idx: values[idx].mean(axis=1), 2, resamples=50, seed=3)
+    assert first == attribution.bootstrap_interval(lambda idx: values[idx].mean(axis=1), 2, resamples=50, seed=3)
+
+
+def _example(eid: int, instruction: list[float], prefix: list[float], history: list[float]):
+    z = np.zeros(len(instruction), np.float32)
+    return attribution.ExampleAttribution(eid, z, np.array(instruction, np.float32), np.array(history, np.float32),
+                                          [], np.array(prefix, np.float32))
+
+
+def _artifact(root, examples):
+    """An Attribution artifact holding `examples`' rows, as the stage writes them."""
+    import pyarrow as pa
+
+    from gdrt_core.artifacts import write_manifest
+
+    root.mkdir(parents=True)
+    rows = [(a.example_id, *r) for a in examples for r in a.rows()]
+    pq.write_table(pa.table({
+        "example_id": pa.array([r[0] for r in rows], pa.int64()), "segment": [r[1] for r in rows],
+        "position": pa.array([r[2] for r in rows], pa.int32()), "score": pa.array([r[3] for r in rows], pa.float32()),
+    }), root / attribution.ATTRIBUTIONS_FILE)
+    write_manifest(root, "attribution")
+    return root
+
+
+def test_summary_has_the_share_interval_and_the_mean_attribution_per_token():
+    """Two examples of one target token each: |instr| + |prefix| = 3 and 1, |hist| = 1 and 1 (signs do not
+    count). Share 4/6; resampling example 0 twice gives 6/8, example 1 twice 2/4: the interval is [1/2, 3/4].
+    Per target token: instruction (2 + 1) / 2, prefix (1 + 0) / 2, history (1 + 1) / 2."""
+    s = summarize([_example(0, [2.0], [-1.0], [1.0]), _example(1, [-1.0], [0.0], [-1.0])])
+    assert s["aux_share"] == pytest.approx(4 / 6)
+    assert s["aux_share_ci95"] == pytest.approx([1 / 2, 3 / 4])
+    assert s["abs_delta_per_token"] == pytest.approx({"instruction": 1.5, "prefix": 0.5, "history": 1.0})
+    assert summarize([_example(0, [2.0], [-1.0], [1.0])])["aux_share_ci95"] is None
+
+
+def test_paired_comparison_of_two_attribution_artifacts_is_hand_derived(tmp_path):
+    """a: (aux, hist) per example (3, 1), (1, 1); b: (1, 1), (1, 3); one target token each. Shares 4/6 and 2/6,
+    difference 1/3. Paired resamples: example 0 twice 3/4 - 1/2, example 1 twice 1/2 - 1/4, mixed 1/3: the
+    interval is [1/4, 1/3]. No example has a lower share under a. History per token: a 1, b 2; example 0
+    twice 1 - 1, example 1 twice 1 - 3: difference -1 in [-2, 0]."""
+    a = _artifact(tmp_path / "a", [_example(10, [2.0], [1.0], [1.0]), _example(11, [1.0], [0.0], [-1.0])])
+    b = _artifact(tmp_path / "b", [_example(11, [0.5], [0.5], [3.0]), _example(10, [1.0], [0.0], [1.0])])
+    result = attribution.compare(a, b, resamples=4000)
+    assert result["examples"] == 2
+    assert result["a"]["aux_share"] == pytest.approx(4 / 6) and result["b"]["aux_share"] == pytest.approx(2 / 6)
+    assert result["aux_share_difference"] == pytest.approx(1 / 3)
+    assert result["aux_share_difference_ci95"] == pytest.approx([1 / 4, 1 / 3])
+    assert result["examples_with_lower_aux_share"] == 0
+    history = result["abs_delta_per_token_difference"]["history"]
+    assert history["difference"] == pytest.approx(-1.0) and history["ci95"] == pytest.approx([-2.0, 0.0])
+    same = attribution.compare(a, a, resamples=200)
+    assert same["aux_share_difference"] == 0.0 and same["aux_share_difference_ci95"] == [0.0, 0.0]
+
+
+def test_comparing_attributions_of_different_examples_is_refused(tmp_path):
+    a = _artifact(tmp_path / "a", [_example(1, [1.0], [0.0], [1.0]), _example(2, [1.0], [0.0], [1.0])])
+    b = _artifact(tmp_path / "b", [_example(1, [1.0], [0.0], [1.0])])
+    with pytest.raises(GdrtError, match=r"attribute different examples \(2 and 1, 1 in both\).*same --dataset"):
+        attribution.compare(a, b)
+    with pytest.raises(GdrtError, match="missing: attribution artifact directory does not exist"):
+        attribution.compare(a, tmp_path / "missing")
