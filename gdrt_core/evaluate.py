@@ -290,6 +290,16 @@ def _start_worker(config: EvalConfig, settings, threads: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
     torch.set_num_threads(threads)
+    # No progress bars here: one per worker would cut through the parent's, and tqdm's multiprocessing lock,
+    # left registered by a worker the parent terminates, makes the resource tracker print two warning lines
+    # after the stage's error (the line a sweep reports as the cause).
+    import threading
+
+    from tqdm import tqdm
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    tqdm.set_lock(threading.RLock())
     try:
         _WORKER["rank"] = _model_ranker(config, Dataset(config.dataset), settings)
     except Exception as e:  # noqa: BLE001 - re-raised by every task (`_rank_in_worker`)
@@ -333,7 +343,8 @@ def _pooled_ranker(config: EvalConfig, dataset, settings):
                 rankings = task.result()
             except BrokenProcessPool as e:
                 raise GdrtError(f"a worker process of the evaluation stopped without an error ({e})",
-                                path=config.out, hint="out of memory? use fewer workers (--set workers=N)") from e
+                                path=config.out, hint="out of memory? use fewer workers (--set workers=N); in a script, call "
+                                "evaluate under `if __name__ == \"__main__\":`") from e
             for i, ranking in zip(batch, rankings, strict=True):
                 results[i] = ranking
             on_batch(len(batch))

@@ -276,3 +276,30 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "\nState:\tZ" not in status
+
+
+def test_a_worker_error_is_the_last_line_of_the_stage_output(tmp_path, office_slice, tiny_model):
+    """A sweep reports a failed stage by the last line of its log. With workers, a worker's error (here a prompt
+    longer than the model's context) was followed by two resource-tracker warnings about leaked semaphores
+    (the tqdm lock of the workers' loading bars, left registered by the terminated workers)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    short = tmp_path / "short-context"
+    shutil.copytree(tiny_model, short, ignore=shutil.ignore_patterns("manifest.json"))
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = 48
+    (short / "config.json").write_text(json.dumps(config))
+    env = {**os.environ, "GDRT_TRACKING": "off", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "gdrt_core.cli", "evaluate", "--dataset", str(office_slice), "--model", str(short),
+         "--out", str(tmp_path / "eval"), "--limit", "4", "--set", "batch_size=1", "--set", "workers=2",
+         "--set", "threads=1", "--set", "progress=false", "--set", "plots=false"],
+        capture_output=True, text=True, env=env, timeout=600)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr
+    assert lines[-1].startswith("gdrt evaluate: error: ") and "longer than the model's context" in lines[-1], lines[-3:]
+    assert "leaked" not in done.stderr and "Loading weights" not in done.stderr
+    assert not (tmp_path / "eval").exists()
