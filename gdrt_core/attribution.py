@@ -352,13 +352,11 @@ def summarize(attributions: Sequence[ExampleAttribution]) -> dict:
     if not attributions:
         raise GdrtError("no examples were attributed", hint="check --split and --limit")
     cat = np.concatenate
-    instr = cat([a.instruction for a in attributions]).astype(np.float64)
-    hist = cat([a.history for a in attributions]).astype(np.float64)
-    prefix = cat([a.prefix for a in attributions]).astype(np.float64)
-    aux_abs = float(np.abs(instr).sum() + np.abs(prefix).sum())
-    hist_abs = float(np.abs(hist).sum())
-    total = aux_abs + hist_abs
     sums = example_sums(attributions)
+    instr_abs, prefix_abs = float(sums["instruction"].sum()), float(sums["prefix"].sum())
+    aux_abs, hist_abs = instr_abs + prefix_abs, float(sums["history"].sum())
+    total = aux_abs + hist_abs
+    n_tokens = int(sums["tokens"].sum())
     seq_instr = float(sum(abs(a.instruction.sum()) for a in attributions))
     seq_hist = float(sum(abs(a.history.sum()) for a in attributions))
     by_position: dict[int, list[float]] = {}
@@ -373,18 +371,18 @@ def summarize(attributions: Sequence[ExampleAttribution]) -> dict:
 
     return {
         "n_examples": len(attributions),
-        "n_target_tokens": int(instr.size),
+        "n_target_tokens": n_tokens,
         "mean_target_logprob": float(cat([a.logprobs for a in attributions]).mean()),
         "mean_sequence_logprob": float(np.mean([a.logprobs.sum() for a in attributions])),
         "aux_share": ratio(aux_abs, total),
         "aux_share_ci95": bootstrap_interval(lambda idx: _share(sums, idx), len(attributions)),
-        "abs_delta_per_token": {segment: float(sums[segment].sum() / max(instr.size, 1))
+        "abs_delta_per_token": {segment: float(sums[segment].sum() / max(n_tokens, 1))
                                 for segment in ("instruction", "prefix", "history")},
         "aux_interaction_ratio": ratio(aux_abs, hist_abs),
         "aux_share_sequence": ratio(seq_instr, seq_instr + seq_hist),
         "share_by_segment": {
-            "instruction": ratio(float(np.abs(instr).sum()), total),
-            "prefix": ratio(float(np.abs(prefix).sum()), total),
+            "instruction": ratio(instr_abs, total),
+            "prefix": ratio(prefix_abs, total),
             "history": ratio(hist_abs, total),
         },
         "mean_delta": {
@@ -442,20 +440,19 @@ def compare(a_dir: str | Path, b_dir: str | Path, *, resamples: int = 10000, see
     def per_token(sums: dict, segment: str, idx: np.ndarray) -> np.ndarray:
         return sums[segment][idx].sum(axis=1) / np.maximum(sums["tokens"][idx].sum(axis=1), 1.0)
 
-    everything = np.arange(n)[None, :]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        own_a = (a["instruction"] + a["prefix"]) / (a["instruction"] + a["prefix"] + a["history"])
-        own_b = (b["instruction"] + b["prefix"]) / (b["instruction"] + b["prefix"] + b["history"])
+    everything = np.arange(n)[None, :]  # one "resample": all examples once
+    each = np.arange(n)[:, None]  # n "resamples" of one example each: every example's own share
+    share_a, share_b = float(_share(a, everything)[0]), float(_share(b, everything)[0])
     return {
         "examples": n,
-        "a": {"dir": str(a_dir), "aux_share": float(_share(a, everything)[0]),
+        "a": {"dir": str(a_dir), "aux_share": share_a,
               "aux_share_ci95": bootstrap_interval(lambda idx: _share(a, idx), n, resamples=resamples, seed=seed)},
-        "b": {"dir": str(b_dir), "aux_share": float(_share(b, everything)[0]),
+        "b": {"dir": str(b_dir), "aux_share": share_b,
               "aux_share_ci95": bootstrap_interval(lambda idx: _share(b, idx), n, resamples=resamples, seed=seed)},
-        "aux_share_difference": float(_share(a, everything)[0] - _share(b, everything)[0]),
+        "aux_share_difference": share_a - share_b,
         "aux_share_difference_ci95": bootstrap_interval(lambda idx: _share(a, idx) - _share(b, idx), n,
                                                         resamples=resamples, seed=seed),
-        "examples_with_lower_aux_share": int(np.sum(own_a < own_b)),
+        "examples_with_lower_aux_share": int(np.sum(_share(a, each) < _share(b, each))),
         "abs_delta_per_token_difference": {
             segment: {
                 "difference": float(per_token(a, segment, everything)[0] - per_token(b, segment, everything)[0]),
