@@ -342,9 +342,11 @@ def _pooled_ranker(config: EvalConfig, dataset, settings):
             try:
                 rankings = task.result()
             except BrokenProcessPool as e:
-                raise GdrtError(f"a worker process of the evaluation stopped without an error ({e})",
-                                path=config.out, hint="out of memory? use fewer workers (--set workers=N); in a script, call "
-                                "evaluate under `if __name__ == \"__main__\":`") from e
+                raise GdrtError(
+                    f"a worker process of the evaluation stopped without an error ({e})", path=config.out,
+                    hint="out of memory? use fewer workers (--set workers=N); in a script, call evaluate under "
+                         "`if __name__ == \"__main__\":`",
+                ) from e
             for i, ranking in zip(batch, rankings, strict=True):
                 results[i] = ranking
             on_batch(len(batch))
