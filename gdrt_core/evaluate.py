@@ -315,7 +315,7 @@ def _rank_in_worker(hist_lists, ids):
 @contextmanager
 def _pooled_ranker(config: EvalConfig, dataset, settings):
     """rank_chunk over `config.workers` processes (multiprocessing's spawn start method, safe with torch and
-    CUDA), each loading the model once and ranking whole beam-search batches: a chunk's examples, longest
+    CUDA), each loading the model once (its directory is checked here first) and ranking whole beam-search batches: a chunk's examples, longest
     history first (by characters), cut into batches of `batch_size`, one task each. Results come back in
     the chunk's order and equal one process's rankings up to float32 rounding (another batch composition).
     On CPUs the small matmuls of a 135M model scale better over processes than over threads. An error in a
@@ -325,8 +325,9 @@ def _pooled_ranker(config: EvalConfig, dataset, settings):
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    from gdrt_core.models import available_cores
+    from gdrt_core.models import available_cores, check_model_source
 
+    check_model_source(config.model)  # a bad --model is reported before any worker starts
     threads = config.threads or max(1, available_cores() // config.workers)
     titles = dataset.titles
     pool = ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"),

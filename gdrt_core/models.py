@@ -180,6 +180,19 @@ def _check_local_model_dir(path: Path) -> None:
     _check_model_files(path)
 
 
+def check_model_source(id_or_dir: str | os.PathLike) -> None:
+    """The checks `load_model` makes before it loads, without loading: a local model directory (or adapter
+    directory, and its local base model) exists, is complete and matches its manifest. Hub ids pass (they are
+    resolved when loaded). GdrtError naming the directory otherwise."""
+    source = str(id_or_dir)
+    if not _looks_local(source):
+        return
+    path = Path(source).expanduser()
+    _check_local_model_dir(path)
+    if is_adapter_dir(path) and _looks_local(base := adapter_base(path)):
+        _check_local_model_dir(Path(base))
+
+
 def _check_model_files(path: Path) -> None:
     """A gdrt Model artifact's files match their sha256 in its manifest; every safetensors file is whole."""
     from gdrt_core.artifacts import MANIFEST, safetensors_problem, verify_files
