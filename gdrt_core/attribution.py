@@ -797,6 +797,40 @@ def _track(tracker, config: AttributeConfig, summary: dict) -> None:
     tracker.log_artifacts(out / "plots", "plots")
 
 
+def format_comparison(result: dict) -> str:
+    """`compare`'s result as the lines `gdrt compare-attribution` prints."""
+    def interval(ci: list) -> str:
+        return f"({ci[0]:+.4f}, {ci[1]:+.4f})"
+
+    a, b, n = result["a"], result["b"], result["examples"]
+    lines = [
+        f"A {a['dir']}: auxiliary share {a['aux_share']:.4f} (95% {a['aux_share_ci95'][0]:.4f}-{a['aux_share_ci95'][1]:.4f})",
+        f"B {b['dir']}: auxiliary share {b['aux_share']:.4f} (95% {b['aux_share_ci95'][0]:.4f}-{b['aux_share_ci95'][1]:.4f})",
+        f"A - B on the same {n} examples: {result['aux_share_difference']:+.4f} "
+        f"{interval(result['aux_share_difference_ci95'])}, lower under A on {result['examples_with_lower_aux_share']} of {n}",
+        "mean |delta| per target token, A - B (nats):",
+    ]
+    for segment, d in result["abs_delta_per_token_difference"].items():
+        lines.append(f"  {segment:<11} {d['difference']:+.4f} {interval(d['ci95'])}")
+    return "\n".join(lines)
+
+
+def cli(args) -> None:
+    """`gdrt compare-attribution A B`: print `compare(A, B)`; --out also writes it as JSON (atomically)."""
+    from gdrt_core.artifacts import check_not_input, write_json_atomic
+
+    if args.resamples < 1:
+        raise GdrtError(f"--resamples must be positive, got {args.resamples}")
+    if args.out:
+        check_not_input(args.out, {"A": args.a, "B": args.b})
+        if Path(args.out).is_dir():
+            raise GdrtError("--out is a directory, expected a .json file path", path=args.out)
+    result = compare(args.a, args.b, resamples=args.resamples, seed=args.seed)
+    if args.out:
+        write_json_atomic(args.out, result)
+    print(format_comparison(result))
+
+
 def summary_line(config: AttributeConfig, summary: dict) -> str:
     """The one line `gdrt attribute` prints."""
     share, ratio = summary["aux_share"], summary["aux_interaction_ratio"]

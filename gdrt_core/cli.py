@@ -137,6 +137,14 @@ def _recommend(p: argparse.ArgumentParser) -> None:
                    help="Dataset artifact with the catalogue (default: the model's own)")
 
 
+def _compare_attribution(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", type=user_path, metavar="A", help="Attribution artifact of model A (e.g. GDRT)")
+    p.add_argument("b", type=user_path, metavar="B", help="Attribution artifact of model B on the same examples")
+    p.add_argument("--out", type=user_path, help="also write the comparison as JSON to this file")
+    p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+
+
 # stage -> its flags (each flag's dest names a field of the stage's config; --config, --set and the run context
 # come with every stage)
 STAGE_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
@@ -146,6 +154,8 @@ STAGE_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
 # commands of the library that are not stages
 COMMANDS: dict[str, Command] = {
     "recommend": Command("top-K recommendations from a model dir or models:/ URI", _recommend, "gdrt_core.recommend"),
+    "compare-attribution": Command("paired comparison of two models' Attribution artifacts (A - B, bootstrap "
+                                   "intervals over the same examples)", _compare_attribution, "gdrt_core.attribution"),
 }
 
 

@@ -407,3 +407,29 @@ def test_comparing_attributions_of_different_examples_is_refused(tmp_path):
         attribution.compare(a, b)
     with pytest.raises(GdrtError, match="missing: attribution artifact directory does not exist"):
         attribution.compare(a, tmp_path / "missing")
+
+
+def test_compare_attribution_command_prints_and_writes_the_comparison(tmp_path, capsys):
+    """`gdrt compare-attribution A B --out F` prints the paired comparison of the hand-derived case above and
+    writes compare's result to F; an output inside an input, a missing artifact and a bad --resamples are
+    one-line errors (exit 2) that leave no file."""
+    from gdrt_core.cli import main
+
+    a = _artifact(tmp_path / "a", [_example(10, [2.0], [1.0], [1.0]), _example(11, [1.0], [0.0], [-1.0])])
+    b = _artifact(tmp_path / "b", [_example(11, [0.5], [0.5], [3.0]), _example(10, [1.0], [0.0], [1.0])])
+    out = tmp_path / "cmp.json"
+    assert main(["compare-attribution", str(a), str(b), "--out", str(out), "--resamples", "4000"], commands={}) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"A {a}: auxiliary share 0.6667 (95% 0.5000-0.7500)"
+    assert printed[2] == "A - B on the same 2 examples: +0.3333 (+0.2500, +0.3333), lower under A on 0 of 2"
+    assert printed[-1] == "  history     -1.0000 (-2.0000, +0.0000)"
+    assert json.loads(out.read_text()) == json.loads(json.dumps(attribution.compare(a, b, resamples=4000)))
+    for argv, message in (
+        ([str(a), str(b), "--out", str(a / "cmp.json")], "the output lies inside an input"),
+        ([str(a), str(tmp_path / "missing")], "attribution artifact directory does not exist"),
+        ([str(a), str(b), "--resamples", "0"], "--resamples must be positive"),
+    ):
+        assert main(["compare-attribution", *argv], commands={}) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (a / "cmp.json").exists()
