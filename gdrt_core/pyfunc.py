@@ -12,6 +12,7 @@ pickle; loading it runs this file, whose last line hands MLflow the model object
 from __future__ import annotations
 
 import mlflow.pyfunc
+import pandas as pd
 from mlflow.models import set_model
 
 
@@ -24,9 +25,9 @@ class GdrtRecommenderModel(mlflow.pyfunc.PythonModel):
             device="cpu" if not _cuda() else "auto",
         )
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        """The rankings of `model_input`'s `history` lists (a list of lists is taken too, when called directly).
+        The DataFrame hint tells MLflow the input type; the logged signature does the validation."""
         k = int((params or {}).get("k", 10))
         if isinstance(model_input, pd.DataFrame):
             if "history" not in model_input.columns:

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from gdrt_core.artifacts import follow_umask, read_manifest, sha256_file
@@ -272,11 +273,14 @@ def register_model(model_dir: str, dataset_dir: str, valid_eval_dir: str, *, dom
             params={"k": 10},
         )
         artifacts = {"model": _merged_model_dir(model_dir, tmp), "items": str(Path(dataset_dir) / "items.parquet")}
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(MODEL_CODE), code_paths=[_code_copy(tmp)], signature=signature,
-            artifacts=artifacts, model_config={"domain": domain}, pip_requirements=serving_requirements(),
-            registered_model_name=name,
-        )
+        with warnings.catch_warnings():
+            # the signature above is what an input example would give MLflow: its advice to add one is noise here
+            warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(MODEL_CODE), code_paths=[_code_copy(tmp)], signature=signature,
+                artifacts=artifacts, model_config={"domain": domain}, pip_requirements=serving_requirements(),
+                registered_model_name=name,
+            )
         version = str(info.registered_model_version)
         digest = _logged_digest(f"models:/{name}/{version}", Path(tmp) / "logged", artifacts)
         client.set_model_version_tag(name, version, DIGEST_TAG, digest)

@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import stat
+import warnings
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,9 @@ def registered(tmp_path_factory, tiny_model_dir, office_slice):
     os.environ.update(env)
     os.chdir(root)
     try:
-        decision = register_model(str(tiny_model_dir), str(office_slice), str(eval_dir), domain="office")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            decision = register_model(str(tiny_model_dir), str(office_slice), str(eval_dir), domain="office")
         import mlflow
 
         mlflow.set_tracking_uri(uri)
@@ -47,6 +50,8 @@ def registered(tmp_path_factory, tiny_model_dir, office_slice):
         for k, v in old_env.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     assert decision.startswith("champion: gdrt-office version 1")
+    # MLflow's advice on type hints and input examples was printed into every register step's log
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning) and "mlflow" in w.filename] == []
     return root, uri, model_dir
 
 
