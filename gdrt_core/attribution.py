@@ -815,22 +815,6 @@ def format_comparison(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cli(args) -> None:
-    """`gdrt compare-attribution A B`: print `compare(A, B)`; --out also writes it as JSON (atomically)."""
-    from gdrt_core.artifacts import check_not_input, write_json_atomic
-
-    if args.resamples < 1:
-        raise GdrtError(f"--resamples must be positive, got {args.resamples}")
-    if args.out:
-        check_not_input(args.out, {"A": args.a, "B": args.b})
-        if Path(args.out).is_dir():
-            raise GdrtError("--out is a directory, expected a .json file path", path=args.out)
-    result = compare(args.a, args.b, resamples=args.resamples, seed=args.seed)
-    if args.out:
-        write_json_atomic(args.out, result)
-    print(format_comparison(result))
-
-
 def summary_line(config: AttributeConfig, summary: dict) -> str:
     """The one line `gdrt attribute` prints."""
     share, ratio = summary["aux_share"], summary["aux_interaction_ratio"]

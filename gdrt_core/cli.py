@@ -37,7 +37,8 @@ from gdrt_core.stages import STAGES
 class Command:
     help: str
     arguments: Callable[[argparse.ArgumentParser], None]  # adds the command's flags
-    module: str  # has cli(args)
+    module: str  # has the handler
+    handler: str = "cli"  # the module's function(args) that runs the command
 
 
 def user_path(text: str) -> str:
@@ -155,7 +156,8 @@ STAGE_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
 COMMANDS: dict[str, Command] = {
     "recommend": Command("top-K recommendations from a model dir or models:/ URI", _recommend, "gdrt_core.recommend"),
     "compare-attribution": Command("paired comparison of two models' Attribution artifacts (A - B, bootstrap "
-                                   "intervals over the same examples)", _compare_attribution, "gdrt_core.attribution"),
+                                   "intervals over the same examples)", _compare_attribution, "gdrt_core.cli",
+                                   "compare_attribution"),
 }
 
 
@@ -223,7 +225,26 @@ def dispatch(args: argparse.Namespace, commands: dict[str, Command] | None = Non
         with use_context(run_context(args)):
             run_stage_command(args.command, args)
         return
-    importlib.import_module({**COMMANDS, **(commands or {})}[args.command].module).cli(args)
+    command = {**COMMANDS, **(commands or {})}[args.command]
+    getattr(importlib.import_module(command.module), command.handler)(args)
+
+
+def compare_attribution(args: argparse.Namespace) -> None:
+    """`gdrt compare-attribution A B`: print `attribution.compare(A, B)`; --out also writes it as JSON
+    (atomically)."""
+    from gdrt_core.artifacts import check_not_input, write_json_atomic
+    from gdrt_core.attribution import compare, format_comparison
+
+    if args.resamples < 1:
+        raise GdrtError(f"--resamples must be positive, got {args.resamples}")
+    if args.out:
+        check_not_input(args.out, {"A": args.a, "B": args.b})
+        if os.path.isdir(args.out):
+            raise GdrtError("--out is a directory, expected a .json file path", path=args.out)
+    result = compare(args.a, args.b, resamples=args.resamples, seed=args.seed)
+    if args.out:
+        write_json_atomic(args.out, result)
+    print(format_comparison(result))
 
 
 class Terminated(KeyboardInterrupt):

@@ -499,9 +499,16 @@ def check_text_keys(mapping: dict, source: str, *, what: str = "config", under: 
     for key in mapping:
         if not isinstance(key, str):
             where = f" under {under}" if under else ""
-            raise GdrtError(f"the {what} has the key {key!r}{where}, which YAML reads as "
-                            f"{article(type(key).__name__)}, not a {kind}", path=(sources or {}).get(str(key), source),
-                            hint=f"quote it if it is meant as a name (\"{key}\":), else remove it")
+            if key is None or isinstance(key, bool):  # say what was typed: YAML's reading is not it
+                typed = {None: "an empty key, null or ~", True: "on, yes or true", False: "off, no or false"}[key]
+                reading = f"{'no value' if key is None else 'a bool'} (from {typed} unquoted)"
+                quoted = {None: '"null":', True: '"on": or "yes":', False: '"off": or "no":'}[key]
+            else:
+                reading, quoted = article(type(key).__name__), f'"{key}":'
+            shown = "null" if key is None else repr(key)
+            raise GdrtError(f"the {what} has the key {shown}{where}, which YAML reads as {reading}, not a {kind}",
+                            path=(sources or {}).get(str(key), source),
+                            hint=f"quote it as written ({quoted}) if it is meant as a name, else remove it")
 
 
 def parse_override(item: str) -> tuple[str, SetText]:

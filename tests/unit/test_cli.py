@@ -43,12 +43,12 @@ def test_every_subcommand_parses():
     assert args.overrides == ["tau=0.5"] and args.jobs == 2
     assert parser.parse_args(["sweep", "s.yaml", "--dry-run"]).dry_run
     commands = set(parser._subparsers._group_actions[0].choices)
-    assert commands == {*STAGES, "recommend", "run", "sweep"}
+    assert commands == {*STAGES, "recommend", "compare-attribution", "run", "sweep"}
 
 
 def test_the_library_cli_has_the_stages_of_the_registry_and_no_orchestration():
     commands = set(build_parser()._subparsers._group_actions[0].choices)
-    assert commands == {*STAGES, "recommend"}
+    assert commands == {*STAGES, "recommend", "compare-attribution"}
 
 
 def test_console_script_points_at_the_orchestration_entry():
@@ -403,7 +403,7 @@ def test_a_key_given_twice_in_a_config_file_is_refused_naming_both_lines(tmp_pat
 @pytest.mark.parametrize("text, key, where", [
     ("1: 2\n", "1", ""),
     ("true: x\n", "True", ""),
-    ("train_settings:\n  null: 3\n", "None", " under train_settings"),
+    ("train_settings:\n  null: 3\n", "null", " under train_settings"),
 ])
 def test_a_config_key_that_is_not_text_is_refused(tmp_path, capsys, monkeypatch, text, key, where):
     """`1: 2` or `true: x` in a config file was a TypeError traceback from the stage and the pipeline readers.
@@ -423,6 +423,10 @@ def test_a_config_key_that_is_not_text_is_refused(tmp_path, capsys, monkeypatch,
     err = capsys.readouterr().err
     assert f"{config}: the pipeline config has the key {key}{where}, which YAML reads as" in err
     assert "Traceback" not in err
+    # the hint quotes what may have been typed, not YAML's reading ("None": was never in the file)
+    said = {"null": ('no value (from an empty key, null or ~ unquoted)', '"null":'),
+            "True": ('a bool (from on, yes or true unquoted)', '"on": or "yes":')}.get(key)
+    assert said is None or (said[0] in err and said[1] in err and '"None"' not in err and '"True"' not in err)
     assert sorted(os.listdir(tmp_path)) == ["k.yaml"]
 
 

@@ -87,8 +87,8 @@ def test_integer_variant_names_in_a_sweep_file_are_text_names(tmp_path):
     with pytest.raises(GdrtError, match=r"ints.yaml: two variants are named '42' \(the keys 42 and '42'\)"):
         sweep.load_sweep(sweep_file)
     sweep_file.write_text("config: cfg.yaml\nvariants:\n  on: {}\n")
-    with pytest.raises(GdrtError, match="ints.yaml: the sweep file has the key True under variants, which YAML "
-                                        "reads as a bool, not a variant name"):
+    with pytest.raises(GdrtError, match=r"ints.yaml: the sweep file has the key True under variants, which YAML "
+                                        r"reads as a bool \(from on, yes or true unquoted\), not a variant name"):
         sweep.load_sweep(sweep_file)
     for written, number in (("010", 8), ("0x1F", 31), ("1_000", 1000), ("1:30", 90), ("1.10", 1.1)):
         # YAML reads these as numbers that print otherwise: the variant would be renamed ("010" -> "8")
