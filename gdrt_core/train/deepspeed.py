@@ -3,8 +3,8 @@
 `zero_config(stage)` returns a config whose batch sizes, accumulation, clipping, precision and optimiser
 come from the TrainingArguments ("auto" values the HF integration fills in), so the same TrainConfig drives
 plain, ZeRO-2, ZeRO-3 and ZeRO-3-offload runs. `relaunch_under_torchrun` re-executes the current
-`gdrt train` command under `torch.distributed.run` with N processes (one per GPU; on a CPU-only machine,
-N processes over gloo with DS_ACCELERATOR=cpu).
+`gdrt train` command under `torch.distributed.run` (through `gdrt_core.train.torchrun`) with N processes
+(one per GPU; on a CPU-only machine, N processes over gloo with DS_ACCELERATOR=cpu).
 """
 
 from __future__ import annotations
@@ -97,9 +97,10 @@ def worker_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def launch_command(num_procs: int, argv: list[str], *, port: int | None = None) -> list[str]:
-    """`python -m torch.distributed.run ... -m gdrt_core.cli <argv>` for one node."""
+    """`python -m gdrt_core.train.torchrun ... -m gdrt_core.cli <argv>` (torchrun, quiet when stopped) for one
+    node."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={num_procs}",
+        sys.executable, "-m", "gdrt_core.train.torchrun", "--nnodes=1", f"--nproc_per_node={num_procs}",
         "--master_addr=127.0.0.1", f"--master_port={port or free_port()}",
         "-m", "gdrt_core.cli", *argv,
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -140,7 +141,7 @@ def test_launch_decision_and_command(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert not needs_launch(2, "zero3")  # already a worker
     cmd = launch_command(2, ["train", "--out", "x"], port=1234)
-    assert cmd[1:4] == ["-m", "torch.distributed.run", "--nnodes=1"] and "--nproc_per_node=2" in cmd
+    assert cmd[1:4] == ["-m", "gdrt_core.train.torchrun", "--nnodes=1"] and "--nproc_per_node=2" in cmd
     assert cmd[-5:] == ["-m", "gdrt_core.cli", "train", "--out", "x"]
 
 
@@ -418,6 +419,41 @@ def test_a_stopped_build_kills_its_compilers_and_removes_its_lock(tmp_path, monk
     else:
         pytest.fail("the build's compiler is still running")
     assert not (build_dir / "lock").exists()
+
+
+@pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGINT", "SIGTERM")])
+def test_a_stopped_launcher_exits_with_one_line_and_no_traceback(signals):
+    """torchrun (`python -m torch.distributed.run`) printed two chained SignalException tracebacks when
+    Ctrl-C (SIGINT to the launcher and to `gdrt train`) was followed by `stop_launcher`'s SIGTERM; the
+    launch command's `gdrt_core.train.torchrun` exits with 128 + the signal and one line, its worker stopped."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from gdrt_core.train.deepspeed import free_port, launch_command, stop_launcher
+
+    worker = ("import signal, sys, time\nsignal.signal(signal.SIGINT, lambda *a: sys.exit(130))\n"
+              "print('ready', flush=True)\ntime.sleep(120)\n")  # ends quietly on SIGINT, as gdrt's workers do
+    cmd = launch_command(1, [], port=free_port())
+    cmd = [*cmd[:cmd.index("-m", 3)], "--no-python", sys.executable, "-c", worker]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stdout.readline().strip() == "ready"
+    start = time.monotonic()
+    for name in signals[:-1]:
+        proc.send_signal(getattr(signal, name))
+        time.sleep(0.3)  # the first signal's shutdown is under way when the next one comes
+    if signals[-1] == "SIGTERM":
+        stop_launcher(proc, grace_s=60)
+    err = proc.stderr.read()
+    assert "Traceback" not in err, err
+    numbers = [getattr(signal, name) for name in signals]
+    # a signal that comes after torchrun has stopped its workers and restored the default handlers ends it
+    # by that signal (no output): what a shell shows for any killed process
+    assert proc.returncode in {*(128 + n for n in numbers), -numbers[-1]}, (proc.returncode, err)
+    assert proc.returncode < 0 or err.strip().splitlines()[-1].startswith("torchrun: stopped by signal ")
+    assert time.monotonic() - start < 60
 
 
 def test_stopping_the_launcher_stops_its_workers(tmp_path):
