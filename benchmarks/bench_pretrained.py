@@ -187,7 +187,7 @@ def time_evaluation(model_dir: Path, dataset, args, oracle) -> dict:
     prompts = [tokenize_prompt(tokenizer, render(dataset.domain, list(e.history_titles))).input_ids
                for e in dataset.examples("test", limit=args.eval_windows)]
     n, n_ref = len(prompts), min(args.reference_windows, len(prompts))
-    previous = _previous_generation(args.previous_rev)
+    previous = _previous_generation(args.previous_rev) if args.previous_rev != "none" else None
     pad = tokenizer.pad_token_id
     out: dict = {"windows": n, "reference_windows": n_ref, "batch_size": args.eval_batch_size, "workers": args.workers,
                  "previous_rev": args.previous_rev, "prompt_tokens_mean": sum(map(len, prompts)) / n}
@@ -217,7 +217,7 @@ def time_evaluation(model_dir: Path, dataset, args, oracle) -> dict:
     bf16 = timed("gdrt_bfloat16", lambda: rank_prompts(
         model, torch_trie, prompts, BeamSearchSettings(matmul_dtype="bfloat16"), batch_size=args.eval_batch_size,
         pad_token_id=pad), n)
-    before = timed("previous", lambda: previous.rank_prompts(
+    before = previous and timed("previous", lambda: previous.rank_prompts(
         model, torch_trie, prompts, previous.BeamSearchSettings(), batch_size=args.eval_batch_size, pad_token_id=pad), n)
     reference = timed("reference", lambda: oracle.hf_reference(
         model, tokenizer, trie, prompts[:n_ref], BeamSearchSettings(), oracle.dict_trie(tokenizer, trie.titles)), n_ref)
@@ -227,13 +227,14 @@ def time_evaluation(model_dir: Path, dataset, args, oracle) -> dict:
     flops = work.flops(model, n)
     ref_titles = [[t for t, _ in r] for r in reference]
     out["work"] = {"prompt_tokens": work.prompt_tokens, "decoded_rows": work.row_steps, "gflop_per_window": flops / n / 1e9}
-    for name in ("gdrt_float32", "gdrt_bfloat16", "previous"):
+    for name in ("gdrt_float32", "gdrt_bfloat16", *(["previous"] if previous else [])):
         rate = (out["matmul_gflops"]["bfloat16"] if name == "gdrt_bfloat16" else out["matmul_gflops"]["float32"])
         out[name]["floor_s_per_window"] = flops / n / 1e9 / rate
         out[name]["floor_fraction"] = out[name]["floor_s_per_window"] / out[name]["s_per_window"]
         out[name]["speedup_vs_reference"] = (out["reference"]["s_per_window"] / out[name]["s_per_window"]
                                              if n_ref else None)
-    out["gdrt_float32"]["speedup_vs_previous"] = out["previous"]["s_per_window"] / out["gdrt_float32"]["s_per_window"]
+    if previous:
+        out["gdrt_float32"]["speedup_vs_previous"] = out["previous"]["s_per_window"] / out["gdrt_float32"]["s_per_window"]
     out["gdrt_bfloat16"]["speedup_vs_float32"] = out["gdrt_float32"]["s_per_window"] / out["gdrt_bfloat16"]["s_per_window"]
     if pooled is not None:
         out["gdrt_workers"]["speedup_vs_reference"] = (out["reference"]["s_per_window"]
@@ -246,15 +247,16 @@ def time_evaluation(model_dir: Path, dataset, args, oracle) -> dict:
             (abs(x - y) for a, b in zip(pooled, ours, strict=True) if a.titles == b.titles
              for x, y in zip(a.scores, b.scores, strict=True)), default=0.0)
     out["identical_lists"] = {
-        "float32_vs_previous": sum(a.titles == b.titles for a, b in zip(ours, before, strict=True)),
+        **({"float32_vs_previous": sum(a.titles == b.titles for a, b in zip(ours, before, strict=True)),
+            "previous_vs_reference": sum(a.titles == b for a, b in zip(before, ref_titles, strict=False))}
+           if previous else {}),
         "float32_vs_reference": sum(a.titles == b for a, b in zip(ours, ref_titles, strict=False)),
-        "previous_vs_reference": sum(a.titles == b for a, b in zip(before, ref_titles, strict=False)),
         "bfloat16_vs_float32": sum(a.titles == b.titles for a, b in zip(bf16, ours, strict=True)),
         "bfloat16_vs_reference": sum(a.titles == b for a, b in zip(bf16, ref_titles, strict=False)),
     }
-    common = [abs(x - y) for a, b in zip(ours, before, strict=True) if a.titles == b.titles
+    common = [abs(x - y) for a, b in zip(ours, before or [], strict=False) if a.titles == b.titles
               for x, y in zip(a.scores, b.scores, strict=True)]
-    out["max_score_difference_float32_vs_previous"] = max(common, default=0.0)
+    out["max_score_difference_float32_vs_previous"] = max(common, default=0.0) if previous else None
     common = [abs(x - y) for a, b in zip(ours, bf16, strict=True) if a.titles == b.titles
               for x, y in zip(a.scores, b.scores, strict=True)]
     out["max_score_difference_bfloat16_vs_float32"] = max(common, default=0.0)
@@ -305,11 +307,12 @@ def print_evaluation(ev: dict) -> None:
           f"{ev['matmul_gflops']['float32']:.0f} GFLOP/s float32, {ev['matmul_gflops']['bfloat16']:.0f} bfloat16\n")
     print("| search | windows | s/window | vs reference | floor (s/window) | floor fraction | top-10 lists identical |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    rows = (("gdrt, float32 (default)", "gdrt_float32",
-             f"{ids['float32_vs_previous']}/{n} vs previous, {ids['float32_vs_reference']}/{n_ref} vs reference"),
+    vs_previous = f"{ids['float32_vs_previous']}/{n} vs previous, " if "previous" in ev else ""
+    rows = (("gdrt, float32 (default)", "gdrt_float32", f"{vs_previous}{ids['float32_vs_reference']}/{n_ref} vs reference"),
             ("gdrt, bfloat16 matmuls", "gdrt_bfloat16",
              f"{ids['bfloat16_vs_float32']}/{n} vs float32, {ids['bfloat16_vs_reference']}/{n_ref} vs reference"),
-            (f"previous ({ev['previous_rev']})", "previous", f"{ids['previous_vs_reference']}/{n_ref} vs reference"))
+            *([(f"previous ({ev['previous_rev']})", "previous", f"{ids['previous_vs_reference']}/{n_ref} vs reference")]
+              if "previous" in ev else []))
     for label, key, note in rows:
         r = ev[key]
         vs_ref = f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "-"
@@ -323,9 +326,10 @@ def print_evaluation(ev: dict) -> None:
               f"vs reference |")
     print(f"| transformers reference | {n_ref} | {ev['reference']['s_per_window']:.2f} | 1.0x | | | |")
     print(f"({ev['timing']} seconds; speed-ups against the reference need --reference-windows >= 1)")
-    print(f"\nfloat32 vs previous: {ev['gdrt_float32']['speedup_vs_previous']:.2f}x, max score difference "
-          f"{ev['max_score_difference_float32_vs_previous']:.1e}; bfloat16 vs float32: "
-          f"{ev['gdrt_bfloat16']['speedup_vs_float32']:.2f}x, max score difference "
+    if "previous" in ev:
+        print(f"\nfloat32 vs previous: {ev['gdrt_float32']['speedup_vs_previous']:.2f}x, max score difference "
+              f"{ev['max_score_difference_float32_vs_previous']:.1e}", end="; ")
+    print(f"bfloat16 vs float32: {ev['gdrt_bfloat16']['speedup_vs_float32']:.2f}x, max score difference "
           f"{ev['max_score_difference_bfloat16_vs_float32']:.2f}")
     for d in ev["bfloat16_differences"]:
         print(f"  window {d['window']}: rank {d['first_differing_rank']} float32 {d['float32_title'][:40]!r} vs "
@@ -342,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-windows", type=int, default=8, help="the first N of them also by the reference")
     parser.add_argument("--eval-batch-size", type=int, default=16, help="windows per beam-search batch (gdrt evaluate's default)")
     parser.add_argument("--previous-rev", default="f5f53b3",
-                        help="git revision of the previous, verified generation.py to compare with")
+                        help="git revision of the previous, verified generation.py to compare with (none: skip)")
     parser.add_argument("--only-evaluate", action="store_true", help="skip training and grouping")
     parser.add_argument("--timing", choices=("wall", "cpu"), default="wall",
                         help="evaluation ratios from wall time, or from this process's CPU time (a shared machine)")

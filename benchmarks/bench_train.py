@@ -56,13 +56,25 @@ def build(size: str, vocab: int, seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
+def stand_in_groups(features: list[dict], num_groups: int = 4) -> list[dict]:
+    """Give each target token a stand-in group (a stable hash of its token id), in place: the Groups artifact's
+    work is not what is timed here."""
+    for f in features:
+        f["group_ids"] = [zlib.crc32(str(t).encode()) % num_groups if g >= 0 else g
+                          for t, g in zip(f["input_ids"], f["group_ids"], strict=True)]
+    return features
+
+
 def time_mode(model_state, size, vocab, features, tok, *, objective, policy, batch, accum, steps, warmup, work,
-              make_model=None, optim="sgd", cpu=None):
+              make_model=None, optim="sgd", cpu=None, sampling="random"):
     """Median seconds per optimiser step and target+prompt tokens per second for one mode.
 
     make_model: builds the model (default: the `size` config with `model_state`); cpu: a list that receives
-    the median process CPU seconds per step (all threads of this process; other jobs do not count).
+    the median process CPU seconds per step (all threads of this process; other jobs do not count);
+    sampling: the Trainer's `train_sampling_strategy` ("sequential" keeps the order of `features`). On a GPU the
+    clock waits for the device at each step end.
     """
+    import torch
     from transformers import TrainerCallback
 
     from gdrt_core.train import TrainConfig
@@ -80,6 +92,8 @@ def time_mode(model_state, size, vocab, features, tok, *, objective, policy, bat
                       eval_every=0, save_every=0, log_every=10**6, lora=False, seed=0, max_grad_norm=0.0)
     args = training_arguments(cfg, Path(work), has_valid=False)
     args.save_strategy = "no"
+    args.train_sampling_strategy = sampling
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     stamps: list[float] = []
     cpu_ends: list[float] = []
 
@@ -88,6 +102,7 @@ def time_mode(model_state, size, vocab, features, tok, *, objective, policy, bat
             stamps.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kw):
+            sync()
             stamps.append(time.perf_counter())
             cpu_ends.append(time.process_time())
 
@@ -190,10 +205,7 @@ def pretrained_ratios(name: str, tunings: list[str], batch: int, accum: int, *, 
                             out=str(work / "ds")))
     tok = load_tokenizer(str(model_dir))
     n_examples = batch * (warmup + steps)
-    features = build_features(Dataset(work / "ds"), "train", tok, limit=n_examples)
-    for f in features:  # stand-in groups: a stable hash of the target token id
-        f["group_ids"] = [zlib.crc32(str(t).encode()) % 4 if g >= 0 else g
-                          for t, g in zip(f["input_ids"], f["group_ids"], strict=True)]
+    features = stand_in_groups(build_features(Dataset(work / "ds"), "train", tok, limit=n_examples))
     micro = batch // accum
     modes = {
         "sft": ("sft", "batch", batch, 1),
@@ -277,9 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     init_model(EmbeddedConfig(dataset=str(work / "ds"), out=str(work / "model"), size="tiny"))
     tok = load_tokenizer(str(work / "model"))
     vocab = len(tok)
-    features = build_features(Dataset(work / "ds"), "train", tok, limit=256)
-    for f in features:  # stand-in groups: a stable hash of the target token id
-        f["group_ids"] = [zlib.crc32(str(t).encode()) % 4 if g >= 0 else g for t, g in zip(f["input_ids"], f["group_ids"], strict=True)]
+    features = stand_in_groups(build_features(Dataset(work / "ds"), "train", tok, limit=256))
 
     results: dict = {"threads": a.threads, "torch": torch.__version__, "sizes": {}}
     for size in a.sizes.split(","):
