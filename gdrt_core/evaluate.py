@@ -315,12 +315,12 @@ def _rank_in_worker(hist_lists, ids):
 @contextmanager
 def _pooled_ranker(config: EvalConfig, dataset, settings):
     """rank_chunk over `config.workers` processes (multiprocessing's spawn start method, safe with torch and
-    CUDA), each loading the model once (its directory is checked here first) and ranking whole beam-search batches: a chunk's examples, longest
-    history first (by characters), cut into batches of `batch_size`, one task each. Results come back in
-    the chunk's order and equal one process's rankings up to float32 rounding (another batch composition).
-    On CPUs the small matmuls of a 135M model scale better over processes than over threads. An error in a
-    worker (the model cannot be loaded, a prompt too long) is raised here; leaving the context early (an
-    error, Ctrl-C, SIGTERM) cancels the waiting batches and stops the workers."""
+    CUDA), each loading the model once (its directory is checked here first) and ranking whole beam-search
+    batches: a chunk's examples, longest history first (by characters), cut into batches of `batch_size`, one
+    task each. Results come back in the chunk's order and equal one process's rankings up to float32 rounding
+    (another batch composition). On CPUs the small matmuls of a 135M model scale better over processes than
+    over threads. An error in a worker (the model cannot be loaded, a prompt too long) is raised here; leaving
+    the context early (an error, Ctrl-C, SIGTERM) cancels the waiting batches and stops the workers."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
