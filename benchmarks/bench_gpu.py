@@ -93,7 +93,30 @@ def padded_tokens(features: list[dict], batch: int) -> int:
     return sum(batch * max(len(f["input_ids"]) for f in features[i:i + batch]) for i in range(0, len(features), batch))
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def names(allowed: tuple[str, ...]):
+    """An argparse type: a comma-separated list of some of `allowed`."""
+    def parse(text: str) -> list[str]:
+        chosen = [t.strip() for t in text.split(",") if t.strip()]
+        wrong = [t for t in chosen if t not in allowed]
+        if not chosen or wrong:
+            raise argparse.ArgumentTypeError(f"expected some of {', '.join(allowed)} (comma-separated), got {text!r}")
+        return chosen
+    return parse
+
+
 def main(argv: list[str] | None = None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as work:
+        return measure(argv, Path(work))
+
+
+def measure(argv: list[str] | None, work: Path) -> dict:
     import torch
 
     from gdrt_core.curate import CurateConfig
@@ -106,18 +129,18 @@ def main(argv: list[str] | None = None) -> dict:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pretrained", help="a pretrained backbone of gdrt_core.pretrained (smollm2-135m)")
     src.add_argument("--model-dir", help="a model directory (e.g. gdrt init-model --size tiny)")
-    p.add_argument("--tunings", default="lora,full")
-    p.add_argument("--objectives", default="sft,gdrt")
-    p.add_argument("--samplings", default="random,bucketed")
-    p.add_argument("--batch", type=int, default=32, help="windows per optimiser step (one micro-batch)")
-    p.add_argument("--steps", type=int, default=20, help="timed optimiser steps per mode")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--tunings", type=names(("lora", "full")), default="lora,full")
+    p.add_argument("--objectives", type=names(("sft", "gdrt")), default="sft,gdrt")
+    p.add_argument("--samplings", type=names(("random", "bucketed")), default="random,bucketed",
+                   help="padded tokens/s are counted for bucketed batches only (random ones are the Trainer's draw)")
+    p.add_argument("--batch", type=positive, default=32, help="windows per optimiser step (one micro-batch)")
+    p.add_argument("--steps", type=positive, default=20, help="timed optimiser steps per mode")
+    p.add_argument("--warmup", type=positive, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's datasheet peak (dense bf16)")
     p.add_argument("--dataset", help="a curated Office Dataset dir (default: curate data/office)")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
 
-    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     if a.pretrained:
         from gdrt_core.pretrained import converted_dir, get_pretrained
 
@@ -142,20 +165,20 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_window": sum(len(f["input_ids"]) for f in features) / len(features), "modes": {},
     }
     orders = {"random": (features, "random"), "bucketed": (bucketed(features, a.batch), "sequential")}
-    for tuning in a.tunings.split(","):
+    for tuning in a.tunings:
         lora = tuning == "lora"
 
         def make(lora=lora):
             return prepare_for_training(load_model(model_dir, device="none"), ModelConfig(lora=lora))
 
         n = matmul_parameters(make())
-        for sampling in a.samplings.split(","):
+        for sampling in a.samplings:
             ordered, strategy = orders[sampling]
             # sequential: the timed steps take exactly the windows after the warm-up's; random: the Trainer's own
             # permutation, so the timed steps are counted as the average step
             timed = ordered[a.batch * a.warmup:] if strategy == "sequential" else ordered
             share = 1 / a.steps if strategy == "sequential" else 1 / (a.warmup + a.steps)
-            for objective in a.objectives.split(","):
+            for objective in a.objectives:
                 seconds, _ = time_mode(None, "-", 0, ordered, tok, objective=objective, policy="batch", batch=a.batch,
                                        accum=1, steps=a.steps, warmup=a.warmup, work=work / "run", make_model=make,
                                        optim="adamw_torch", sampling=strategy)
@@ -171,19 +194,21 @@ def main(argv: list[str] | None = None) -> dict:
                 key = f"{tuning}/{sampling}/{objective}"
                 out["modes"][key] = row
                 print(f"{key:24s} {seconds:8.4f} s/step {row['real_tokens_per_s']:10.0f} tokens/s "
-                      f"{row['model_tflops']:8.3f} TFLOP/s  MFU {row['mfu_vs_matmul']:.1%} of the matmul rate", flush=True)
-    print(f"\n{out['device']}, torch {out['torch']}: matmul rate {rate:.1f} TFLOP/s ({rate_what}); "
+                      f"{row['model_tflops']:8.3g} TFLOP/s  MFU {row['mfu_vs_matmul']:.1%} of the matmul rate", flush=True)
+    print(f"\n{out['device']}, torch {out['torch']}: matmul rate {rate:.3g} TFLOP/s ({rate_what}); "
           f"batch {a.batch} windows, {out['tokens_per_window']:.0f} tokens per window\n")
     print("| tuning | batches | objective | s/step | tokens/s | model TFLOP/s | MFU (matmul rate) | MFU (peak) |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for key, r in out["modes"].items():
         peak = "" if r["mfu_vs_peak"] is None else f"{r['mfu_vs_peak']:.1%}"
         print(f"| {' | '.join(key.split('/'))} | {r['seconds_per_step']:.4f} | {r['real_tokens_per_s']:.0f} | "
-              f"{r['model_tflops']:.2f} | {r['mfu_vs_matmul']:.1%} | {peak} |")
+              f"{r['model_tflops']:.3g} | {r['mfu_vs_matmul']:.1%} | {peak} |")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    from gdrt_core.cli import report_errors
+
+    sys.exit(report_errors("bench_gpu.py", main))  # a bad model or dataset is one line, not a traceback

@@ -154,6 +154,28 @@ def check_not_input(out: str | os.PathLike, inputs: dict[str, str | os.PathLike 
                             path=str(out), hint=hint)
 
 
+def check_output_file(out: str | os.PathLike, expected: str, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse, before any work, a single-file output (`--out` of a command) that would destroy something when
+    the finished file is renamed over it: an input or a path inside one (`check_not_input`), an empty path,
+    a directory, something other than a regular file (a device such as /dev/null, a FIFO, a symbolic link:
+    the rename would replace it, not write through it), or a path inside a gdrt artifact directory (one
+    holding a manifest.json), whose files are checked against their hashes. `expected` names the file
+    wanted ("a .json file") in the errors."""
+    if not str(out):
+        raise GdrtError(f"--out is empty: expected {expected}", hint="give the file to write, e.g. --out out.json")
+    check_not_input(out, inputs)
+    path = Path(out)
+    if path.is_dir():
+        raise GdrtError(f"--out is a directory, expected {expected}", path=str(out))
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise GdrtError(f"--out exists and is not a regular file (a link, device or pipe): expected {expected}",
+                        path=str(out), hint="writing replaces the file in one rename; choose a new path")
+    for parent in path.absolute().parents:
+        if (parent / MANIFEST).is_file():
+            raise GdrtError(f"--out lies inside the artifact directory {parent}: writing there would change it",
+                            path=str(out), hint="choose a path outside the artifact")
+
+
 def check_output(
     out: str | os.PathLike, kind: str, *, inputs: dict[str, str | os.PathLike | None] | None = None,
     keep: tuple[str, ...] = (),

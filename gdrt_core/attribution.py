@@ -400,18 +400,20 @@ def summarize(attributions: Sequence[ExampleAttribution]) -> dict:
     }
 
 
-def read_example_sums(attribution_dir: str | Path) -> dict[str, np.ndarray]:
+def read_example_sums(attribution_dir: str | Path) -> dict:
     """`example_sums` of an Attribution artifact, from its attributions.parquet, plus "example_id"
-    [n_examples] (sorted). Errors name the directory (not an Attribution artifact, a changed file)."""
+    [n_examples] (sorted) and "scores" (the method and baseline that made them, from the manifest's config).
+    Errors name the directory (not an Attribution artifact, a changed file)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from gdrt_core.artifacts import read_manifest
 
-    read_manifest(attribution_dir, "attribution")  # checks the kind and the files' hashes
+    manifest = read_manifest(attribution_dir, "attribution")  # checks the kind and the files' hashes
     table = pq.read_table(Path(attribution_dir) / ATTRIBUTIONS_FILE)
     ids = np.unique(table.column("example_id").to_numpy())
-    out: dict[str, np.ndarray] = {"example_id": ids}
+    config = manifest.get("config") or {}
+    out: dict = {"example_id": ids, "scores": (config.get("method"), config.get("baseline"))}
     for segment, key in (("instruction_token", "instruction"), ("prefix_token", "prefix"),
                          ("history_token", "history")):
         rows = table.filter(pc.equal(table.column("segment"), segment))
@@ -431,6 +433,10 @@ def compare(a_dir: str | Path, b_dir: str | Path, *, resamples: int = 10000, see
     Paired resampling removes the spread between examples, which dominates the unpaired intervals.
     A GdrtError when the two artifacts do not hold the same examples."""
     a, b = read_example_sums(a_dir), read_example_sums(b_dir)
+    if a["scores"] != b["scores"]:
+        raise GdrtError(f"{a_dir} and {b_dir} hold different scores (method, baseline: {a['scores']} and "
+                        f"{b['scores']}): their deltas are not in the same units",
+                        hint="attribute both models with the same method and baseline")
     if not np.array_equal(a["example_id"], b["example_id"]):
         raise GdrtError(f"{a_dir} and {b_dir} attribute different examples ({a['example_id'].size} and "
                         f"{b['example_id'].size}, {np.intersect1d(a['example_id'], b['example_id']).size} in both)",
@@ -799,13 +805,15 @@ def _track(tracker, config: AttributeConfig, summary: dict) -> None:
 
 def format_comparison(result: dict) -> str:
     """`compare`'s result as the lines `gdrt compare-attribution` prints."""
-    def interval(ci: list) -> str:
-        return f"({ci[0]:+.4f}, {ci[1]:+.4f})"
+    def interval(ci: list | None, signed: bool = True) -> str:
+        if ci is None:  # fewer than two examples, or a share undefined on some resample
+            return "(no interval)"
+        return f"({ci[0]:+.4f}, {ci[1]:+.4f})" if signed else f"(95% {ci[0]:.4f}-{ci[1]:.4f})"
 
     a, b, n = result["a"], result["b"], result["examples"]
     lines = [
-        f"A {a['dir']}: auxiliary share {a['aux_share']:.4f} (95% {a['aux_share_ci95'][0]:.4f}-{a['aux_share_ci95'][1]:.4f})",
-        f"B {b['dir']}: auxiliary share {b['aux_share']:.4f} (95% {b['aux_share_ci95'][0]:.4f}-{b['aux_share_ci95'][1]:.4f})",
+        f"A {a['dir']}: auxiliary share {a['aux_share']:.4f} {interval(a['aux_share_ci95'], signed=False)}",
+        f"B {b['dir']}: auxiliary share {b['aux_share']:.4f} {interval(b['aux_share_ci95'], signed=False)}",
         f"A - B on the same {n} examples: {result['aux_share_difference']:+.4f} "
         f"{interval(result['aux_share_difference_ci95'])}, lower under A on {result['examples_with_lower_aux_share']} of {n}",
         "mean |delta| per target token, A - B (nats):",

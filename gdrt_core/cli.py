@@ -142,7 +142,7 @@ def _compare_attribution(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", type=user_path, metavar="A", help="Attribution artifact of model A (e.g. GDRT)")
     p.add_argument("b", type=user_path, metavar="B", help="Attribution artifact of model B on the same examples")
     p.add_argument("--out", type=user_path, help="also write the comparison as JSON to this file")
-    p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples, 100 to 1,000,000 (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
 
 
@@ -232,19 +232,21 @@ def dispatch(args: argparse.Namespace, commands: dict[str, Command] | None = Non
 def compare_attribution(args: argparse.Namespace) -> None:
     """`gdrt compare-attribution A B`: print `attribution.compare(A, B)`; --out also writes it as JSON
     (atomically)."""
-    from gdrt_core.artifacts import check_not_input, write_json_atomic
+    from gdrt_core.artifacts import check_output_file, write_json_atomic
     from gdrt_core.attribution import compare, format_comparison
 
-    if args.resamples < 1:
-        raise GdrtError(f"--resamples must be positive, got {args.resamples}")
-    if args.out:
-        check_not_input(args.out, {"A": args.a, "B": args.b})
-        if os.path.isdir(args.out):
-            raise GdrtError("--out is a directory, expected a .json file path", path=args.out)
+    if not 100 <= args.resamples <= 10**6:
+        raise GdrtError(f"--resamples must be between 100 and 1,000,000, got {args.resamples}",
+                        hint="a percentile interval needs at least a hundred resamples; 10,000 is the default")
+    if args.seed < 0:
+        raise GdrtError(f"--seed must be 0 or more, got {args.seed}")
+    if args.out is not None:
+        check_output_file(args.out, "a .json file path", {"A": args.a, "B": args.b})
     result = compare(args.a, args.b, resamples=args.resamples, seed=args.seed)
-    if args.out:
+    text = format_comparison(result)
+    if args.out is not None:
         write_json_atomic(args.out, result)
-    print(format_comparison(result))
+    print(text)
 
 
 class Terminated(KeyboardInterrupt):
@@ -275,13 +277,17 @@ def report_errors(prog: str, action: Callable[[], object]) -> int:
     """Run `action` as a command called `prog`: 0 when it returns; a GdrtError, or an OSError of the file
     system (a full or read-only output, a path of the wrong kind), is one paragraph on stderr
     (`prog: error: ...`, no traceback) and its exit code; Ctrl-C is exit code 130, SIGTERM 143, each after
-    the action's `with` blocks have cleaned up (`terminate_unwinds`)."""
+    the action's `with` blocks have cleaned up (`terminate_unwinds`); a closed stdout pipe (`| head`) is a
+    quiet 141."""
     try:
         with terminate_unwinds():
             action()
     except GdrtError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # the reader of stdout went away (`gdrt ... | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush goes nowhere
+        return 141
     except OSError as e:
         error = filesystem_error(e)
         if not isinstance(error, GdrtError):

@@ -502,7 +502,7 @@ def check_text_keys(mapping: dict, source: str, *, what: str = "config", under: 
             if key is None or isinstance(key, bool):  # say what was typed: YAML's reading is not it
                 typed = {None: "an empty key, null or ~", True: "on, yes or true", False: "off, no or false"}[key]
                 reading = f"{'no value' if key is None else 'a bool'} (from {typed} unquoted)"
-                quoted = {None: '"null":', True: '"on": or "yes":', False: '"off": or "no":'}[key]
+                quoted = {None: '"null":', True: '"on":, "yes": or "true":', False: '"off":, "no": or "false":'}[key]
             else:
                 reading, quoted = article(type(key).__name__), f'"{key}":'
             shown = "null" if key is None else repr(key)

@@ -180,17 +180,31 @@ def _check_local_model_dir(path: Path) -> None:
     _check_model_files(path)
 
 
-def check_model_source(id_or_dir: str | os.PathLike) -> None:
-    """The checks `load_model` makes before it loads, without loading: a local model directory (or adapter
-    directory, and its local base model) exists, is complete and matches its manifest. Hub ids pass (they are
-    resolved when loaded). GdrtError naming the directory otherwise."""
+def check_model_source(id_or_dir: str | os.PathLike, *, trust_remote_code: bool = False) -> None:
+    """What `load_model_and_tokenizer` would refuse, found without loading the weights: a local model
+    directory (or adapter directory, and its base model) that is missing, incomplete or changed since its
+    manifest; a config.json transformers cannot read; no usable tokenizer; a hub id that cannot be resolved
+    (offline and not cached). GdrtError naming the model otherwise."""
+    from transformers import AutoConfig
+
     source = str(id_or_dir)
-    if not _looks_local(source):
-        return
-    path = Path(source).expanduser()
-    _check_local_model_dir(path)
-    if is_adapter_dir(path) and _looks_local(base := adapter_base(path)):
-        _check_local_model_dir(Path(base))
+    config_source = source
+    if _looks_local(source):
+        path = Path(source).expanduser()
+        _check_local_model_dir(path)
+        config_source = str(path)
+        if is_adapter_dir(path):
+            config_source = adapter_base(path)
+            if _looks_local(config_source):
+                _check_local_model_dir(Path(config_source))
+    try:
+        AutoConfig.from_pretrained(config_source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if _looks_local(config_source):
+            raise GdrtError(f"cannot read the model's config.json ({str(e).strip().splitlines()[0]})",
+                            path=config_source) from None
+        raise _hub_error("model", config_source, e, trust_remote_code) from None
+    load_tokenizer(source, trust_remote_code=trust_remote_code)
 
 
 def _check_model_files(path: Path) -> None:

@@ -319,12 +319,11 @@ def cli(args: argparse.Namespace) -> None:
         get_domain(args.domain)
     if args.input and not args.out:
         raise GdrtError("--input needs --out (the .parquet or .csv file to write the recommendations to)")
-    if args.out:
-        from gdrt_core.artifacts import check_not_input
+    if args.out is not None:
+        from gdrt_core.artifacts import check_output_file
 
-        check_not_input(args.out, {"--input file": args.input, "model": args.model, "dataset": args.dataset})
-        if Path(args.out).is_dir():
-            raise GdrtError("--out is a directory, expected a .parquet or .csv file path", path=args.out)
+        check_output_file(args.out, "a .parquet or .csv file path",
+                          {"--input file": args.input, "model": args.model, "dataset": args.dataset})
         check_out_suffix(args.out)
     if args.history:
         histories = [args.history]

@@ -198,29 +198,13 @@ def test_worker_processes_rank_as_one_process_does(tmp_path, office_slice, tiny_
     assert metrics[2] == pytest.approx(metrics[1])
 
 
-def test_a_worker_that_cannot_load_the_model_fails_the_stage_with_its_error(tmp_path, office_slice, monkeypatch,
-                                                                            capsys):
-    """A directory that passes the parent's checks (config.json, whole safetensors) but that transformers
-    cannot load: the error comes from the workers."""
-    from safetensors.torch import save_file
-
-    monkeypatch.setenv("GDRT_TRACKING", "off")
-    model = tmp_path / "not-a-model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    save_file({"weight": torch.zeros(2)}, str(model / "model.safetensors"))
-    out = tmp_path / "eval"
-    code = main(["evaluate", "--dataset", str(office_slice), "--model", str(model), "--out", str(out),
-                 "--limit", "3", "--set", "workers=2"])
-    err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]  # after the progress bar
-    assert code == 2 and last.startswith("gdrt evaluate: error: ") and str(model) in last and "Traceback" not in err
-    assert not out.exists()
-
-
 def test_a_bad_model_directory_is_reported_before_the_workers_start(tmp_path, office_slice, monkeypatch):
     """With workers, the model is loaded only in the workers: a missing or incomplete model directory must
     still fail at once, with load_model's message, and start no process."""
+    import shutil
+
+    from safetensors.torch import save_file
+
     from gdrt_core import evaluate
     from gdrt_core.dataset import Dataset
     from gdrt_core.errors import GdrtError
@@ -230,8 +214,17 @@ def test_a_bad_model_directory_is_reported_before_the_workers_start(tmp_path, of
                         lambda *a, **k: pytest.fail("a worker pool was started"))
     empty = tmp_path / "empty"
     empty.mkdir()
+    no_tokenizer, bad_config = tmp_path / "no-tokenizer", tmp_path / "bad-config"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.zeros(1)}, str(no_tokenizer / "model.safetensors"))
+    shutil.copytree(no_tokenizer, bad_config)
+    (bad_config / "config.json").write_text("{not json")
     for model, message in ((tmp_path / "missing", "model directory does not exist"),
-                           (empty, "config.json is missing")):
+                           (empty, "config.json is missing"),
+                           (bad_config, "cannot read the model's config.json"),
+                           (no_tokenizer, "no tokenizer files in the model directory"),
+                           ("someorg/no-such-model", "someorg/no-such-model")):
         config = evaluate.EvalConfig(dataset=str(office_slice), model=str(model), out=str(tmp_path / "e"), workers=2)
         with pytest.raises(GdrtError, match=message):
             with evaluate._pooled_ranker(config, Dataset(office_slice), BeamSearchSettings()):

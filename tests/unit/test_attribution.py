@@ -424,12 +424,41 @@ def test_compare_attribution_command_prints_and_writes_the_comparison(tmp_path, 
     assert printed[2] == "A - B on the same 2 examples: +0.3333 (+0.2500, +0.3333), lower under A on 0 of 2"
     assert printed[-1] == "  history     -1.0000 (-2.0000, +0.0000)"
     assert json.loads(out.read_text()) == json.loads(json.dumps(attribution.compare(a, b, resamples=4000)))
+    link = tmp_path / "link.json"
+    link.symlink_to(out)
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "manifest.json").write_text("{}")
     for argv, message in (
         ([str(a), str(b), "--out", str(a / "cmp.json")], "the output lies inside an input"),
         ([str(a), str(tmp_path / "missing")], "attribution artifact directory does not exist"),
-        ([str(a), str(b), "--resamples", "0"], "--resamples must be positive"),
+        ([str(a), str(b), "--resamples", "0"], "--resamples must be between 100 and 1,000,000"),
+        ([str(a), str(b), "--resamples", str(10**7)], "--resamples must be between 100 and 1,000,000"),
+        ([str(a), str(b), "--seed", "-1"], "--seed must be 0 or more"),
+        ([str(a), str(b), "--out", ""], "--out is empty"),
+        ([str(a), str(b), "--out", str(dataset)], "--out is a directory"),
+        ([str(a), str(b), "--out", str(link)], "is not a regular file"),
+        ([str(a), str(b), "--out", "/dev/null"], "is not a regular file"),
+        ([str(a), str(b), "--out", str(dataset / "manifest.json")], "inside the artifact directory"),
     ):
         assert main(["compare-attribution", *argv], commands={}) == 2
         err = capsys.readouterr().err
-        assert message in err and len(err.strip().splitlines()) == 1
-    assert not (a / "cmp.json").exists()
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (a / "cmp.json").exists() and link.is_symlink() and (dataset / "manifest.json").read_text() == "{}"
+
+
+def test_compare_attribution_of_one_example_has_no_interval_and_refuses_other_units(tmp_path, capsys):
+    """One example: no bootstrap interval (printed as such, not a crash); artifacts scored by different methods
+    (feature ablation, gradient x input) are not compared: their deltas are not in the same units."""
+    from gdrt_core.artifacts import write_manifest
+    from gdrt_core.cli import main
+
+    a = _artifact(tmp_path / "a", [_example(1, [2.0], [1.0], [1.0])])
+    b = _artifact(tmp_path / "b", [_example(1, [1.0], [0.0], [1.0])])
+    assert main(["compare-attribution", str(a), str(b), "--out", str(tmp_path / "one.json")], commands={}) == 0
+    printed = capsys.readouterr().out
+    assert "A - B on the same 1 examples: +0.2500 (no interval)" in printed
+    assert json.loads((tmp_path / "one.json").read_text())["aux_share_difference_ci95"] is None
+    write_manifest(b, "attribution", config={"method": "grad_x_input", "baseline": "neutral"})
+    with pytest.raises(GdrtError, match="hold different scores .*not in the same units"):
+        attribution.compare(a, b)

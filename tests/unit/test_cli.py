@@ -425,7 +425,7 @@ def test_a_config_key_that_is_not_text_is_refused(tmp_path, capsys, monkeypatch,
     assert "Traceback" not in err
     # the hint quotes what may have been typed, not YAML's reading ("None": was never in the file)
     said = {"null": ('no value (from an empty key, null or ~ unquoted)', '"null":'),
-            "True": ('a bool (from on, yes or true unquoted)', '"on": or "yes":')}.get(key)
+            "True": ('a bool (from on, yes or true unquoted)', '"on":, "yes": or "true":')}.get(key)
     assert said is None or (said[0] in err and said[1] in err and '"None"' not in err and '"True"' not in err)
     assert sorted(os.listdir(tmp_path)) == ["k.yaml"]
 
@@ -814,3 +814,17 @@ def test_an_integer_that_yaml_reads_otherwise_than_written_is_refused(tmp_path):
     cls = STAGES["group"].config_class()
     value = set_value(parse_override("num_groups=010")[1], int, "num_groups", "--set")
     assert from_dict(cls, {"dataset": "d", "reference": "m", "out": "o", "num_groups": value}).num_groups == 10
+
+
+def test_a_closed_stdout_pipe_ends_a_command_quietly():
+    """`gdrt ... | head -1`: the reader leaves after one line; the command's next writes raised BrokenPipeError,
+    a traceback on stderr. report_errors ends it with 141 (as a shell reports SIGPIPE) and nothing on stderr."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom gdrt_core.cli import report_errors\n"
+            "sys.exit(report_errors('gdrt x', lambda: [print('line', i, flush=True) for i in range(100000)]))")
+    proc = subprocess.run(f"{sys.executable} -c \"{code}\" | head -1; echo rc=${{PIPESTATUS[0]}} >&2",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
+    assert proc.stdout == "line 0\n"
+    assert proc.stderr.strip() == "rc=141", proc.stderr
