@@ -254,9 +254,9 @@ def time_evaluation(model_dir: Path, dataset, args, oracle) -> dict:
         "bfloat16_vs_float32": sum(a.titles == b.titles for a, b in zip(bf16, ours, strict=True)),
         "bfloat16_vs_reference": sum(a.titles == b for a, b in zip(bf16, ref_titles, strict=False)),
     }
-    common = [abs(x - y) for a, b in zip(ours, before or [], strict=False) if a.titles == b.titles
-              for x, y in zip(a.scores, b.scores, strict=True)]
-    out["max_score_difference_float32_vs_previous"] = max(common, default=0.0) if previous else None
+    out["max_score_difference_float32_vs_previous"] = max(
+        (abs(x - y) for a, b in zip(ours, before, strict=True) if a.titles == b.titles
+         for x, y in zip(a.scores, b.scores, strict=True)), default=0.0) if previous else None
     common = [abs(x - y) for a, b in zip(ours, bf16, strict=True) if a.titles == b.titles
               for x, y in zip(a.scores, b.scores, strict=True)]
     out["max_score_difference_bfloat16_vs_float32"] = max(common, default=0.0)
