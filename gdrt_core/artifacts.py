@@ -89,9 +89,13 @@ def atomic_files(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
         for tmp in tmps:
             os.chmod(tmp, _umask_mode(0o666))
         _replace_all(tmps, paths)
-    except BaseException:
+    except BaseException as e:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
+        written = [str(t) for t in tmps]
+        if isinstance(e, OSError) and e.filename is not None and str(e.filename) in written:
+            # the writer's error (disk full, no permission) names the output, not the temporary file
+            raise type(e)(e.errno, e.strerror, str(paths[written.index(str(e.filename))])) from None
         raise
 
 
@@ -349,6 +353,9 @@ def read_manifest(root: str | os.PathLike, kind: str, *, verify: bool = True) ->
     """Load and check an artifact's manifest: kind, schema version, file hashes."""
     root = Path(root)
     path = root / MANIFEST
+    if root.exists() and not root.is_dir():
+        raise GdrtError(f"a file, not {article(kind)} artifact directory", path=str(root),
+                        hint=f"give the directory the gdrt stage that writes {article(kind)} artifact made")
     if not root.is_dir():
         raise GdrtError(f"{kind} artifact directory does not exist", path=str(root))
     if not path.is_file():
@@ -370,6 +377,31 @@ def read_manifest(root: str | os.PathLike, kind: str, *, verify: bool = True) ->
     if verify:
         verify_files(root, manifest)
     return manifest
+
+
+def read_table(path: str | os.PathLike, columns: dict) -> Any:
+    """The `columns` ({name: pyarrow type}) of the parquet file `path` of an artifact, as a pyarrow Table of
+    exactly those columns and types. A GdrtError naming the file when it is not parquet, lacks a column, or
+    holds a column whose values do not fit its type (a file edited or written by something else)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise GdrtError(f"has no column {', '.join(missing)}", path=str(path),
+                            hint=f"expected {', '.join(f'{c} {t}' for c, t in columns.items())}; "
+                                 "re-create the artifact with the gdrt stage that writes it")
+        table = pq.read_table(path, columns=list(columns)).cast(pa.schema(list(columns.items())))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise GdrtError(f"not a parquet file of the expected columns ({e})", path=str(path),
+                        hint="re-create the artifact with the gdrt stage that writes it") from None
+    empty = [c for c in columns if table.column(c).null_count]
+    if empty:
+        raise GdrtError(f"column {', '.join(empty)} has empty (null) values", path=str(path),
+                        hint="re-create the artifact with the gdrt stage that writes it")
+    return table
 
 
 def verify_files(root: str | os.PathLike, manifest: dict | None = None) -> None:

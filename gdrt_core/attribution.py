@@ -404,13 +404,14 @@ def read_example_sums(attribution_dir: str | Path) -> dict:
     """`example_sums` of an Attribution artifact, from its attributions.parquet, plus "example_id"
     [n_examples] (sorted) and "scores" (the method and baseline that made them, from the manifest's config).
     Errors name the directory (not an Attribution artifact, a changed file)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    from gdrt_core.artifacts import read_manifest
+    from gdrt_core.artifacts import read_manifest, read_table
 
     manifest = read_manifest(attribution_dir, "attribution")  # checks the kind and the files' hashes
-    table = pq.read_table(Path(attribution_dir) / ATTRIBUTIONS_FILE)
+    table = read_table(Path(attribution_dir) / ATTRIBUTIONS_FILE,
+                       {"example_id": pa.int64(), "segment": pa.string(), "score": pa.float32()})
     ids = np.unique(table.column("example_id").to_numpy())
     config = manifest.get("config") or {}
     out: dict = {"example_id": ids, "scores": (config.get("method"), config.get("baseline"))}

@@ -17,8 +17,10 @@ torch, transformers and peft are imported inside the functions: `import gdrt_cor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -342,7 +344,8 @@ def load_model(
         from peft import PeftModel
 
         base = _from_pretrained(adapter_base(path), torch_dtype, trust_remote_code)
-        model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable_adapter)
+        with _peft_wrap_quietly():
+            model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable_adapter)
         if merge_adapter:
             model = model.merge_and_unload()
     else:
@@ -437,7 +440,17 @@ def apply_lora(
         # Conv1D stores its weight as [in, out]: peft needs fan_in_fan_out for it (and sets it itself, warning)
         fan_in_fan_out=bool(targeted) and all(isinstance(m, Conv1D) for m in targeted),
     )
-    return get_peft_model(model, lora)
+    with _peft_wrap_quietly():
+        return get_peft_model(model, lora)
+
+
+@contextlib.contextmanager
+def _peft_wrap_quietly():
+    """peft 0.21 reads `model.is_gradient_checkpointing` when it wraps a model, which transformers 5 deprecated
+    (a FutureWarning on every train, attribute and register run, about peft's code, not the user's)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def merge_lora(model):

@@ -128,6 +128,26 @@ def test_messages_name_the_artifact_kind_with_its_article(tmp_path):
         check_output(tmp_path / "model", "attribution")
 
 
+def test_a_failed_write_names_the_output_not_its_temporary_file(tmp_path):
+    """A writer's OSError on the temporary file (disk full, here simulated) is re-raised naming the output the
+    user asked for; the temporary file is gone and an earlier output is untouched."""
+    import errno
+
+    from gdrt_core.artifacts import atomic_file
+    from gdrt_core.errors import filesystem_error
+
+    out = tmp_path / "cmp.json"
+    out.write_text("earlier")
+    with pytest.raises(OSError) as e, atomic_file(out) as tmp:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out)
+    assert str(filesystem_error(e.value)) == f"{out}: cannot write: No space left on device (free space, or " \
+                                             "choose an output directory you can write to)"
+    assert os.listdir(tmp_path) == ["cmp.json"] and out.read_text() == "earlier"
+    with pytest.raises(ValueError), atomic_file(out):  # other errors pass unchanged
+        raise ValueError("not a file system error")
+
+
 def test_atomic_files_are_all_or_nothing(tmp_path):
     """Three files written together, a directory in the way of the third: the first gets its earlier content
     back, the second (new) is removed, and no temporary or backup file is left."""

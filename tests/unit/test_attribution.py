@@ -462,3 +462,37 @@ def test_compare_attribution_of_one_example_has_no_interval_and_refuses_other_un
     write_manifest(b, "attribution", config={"method": "grad_x_input", "baseline": "neutral"})
     with pytest.raises(GdrtError, match="hold different scores .*not in the same units"):
         attribution.compare(a, b)
+
+
+def test_compare_attribution_names_a_file_or_a_rewritten_table_instead_of_failing(tmp_path, capsys):
+    """A file given as an artifact is called a file; an attributions.parquet rewritten without a column, with a
+    column of another type or with nulls (its manifest hash updated to match) is one line naming the file and
+    the column, not a KeyError traceback."""
+    import pyarrow as pa
+
+    from gdrt_core.artifacts import write_manifest
+    from gdrt_core.cli import main
+
+    a = _artifact(tmp_path / "a", [_example(1, [2.0], [1.0], [1.0]), _example(2, [1.0], [0.0], [1.0])])
+    b = _artifact(tmp_path / "b", [_example(1, [1.0], [0.0], [1.0]), _example(2, [1.0], [0.0], [1.0])])
+    table = pq.read_table(b / attribution.ATTRIBUTIONS_FILE)
+    file = tmp_path / "a.json"
+    file.write_text("{}")
+    assert main(["compare-attribution", str(file), str(b)], commands={}) == 2
+    err = capsys.readouterr().err
+    assert f"{file}: a file, not an attribution artifact directory" in err and len(err.strip().splitlines()) == 1
+    rewritten = {
+        "has no column score": table.drop_columns(["score"]),
+        "not a parquet file of the expected columns": table.set_column(
+            3, "score", pa.array(["x"] * table.num_rows)),
+        "column score has empty (null) values": table.set_column(
+            3, "score", pa.array([None] * table.num_rows, pa.float32())),
+    }
+    for message, bad in rewritten.items():
+        pq.write_table(bad, b / attribution.ATTRIBUTIONS_FILE)
+        write_manifest(b, "attribution")
+        assert main(["compare-attribution", str(a), str(b)], commands={}) == 2
+        err = capsys.readouterr().err
+        assert f"{b / attribution.ATTRIBUTIONS_FILE}: {message}" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+

@@ -206,6 +206,24 @@ def test_saved_adapter_loads_transparently(tiny_model_dir, tmp_path):
     assert load_tokenizer(out).get_vocab() == tokenizer.get_vocab()
 
 
+def test_wrapping_and_loading_adapters_warn_nothing_about_peft_internals(tiny_model_dir, tmp_path):
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: that FutureWarning
+    is about peft's code, and train, attribute and register printed it on every run."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = apply_lora(load_model(tiny_model_dir, device="cpu"))
+        save_model(model, None, tmp_path / "adapter", base_ref=str(tiny_model_dir))
+        load_model(tmp_path / "adapter", device="cpu", merge_adapter=True)
+        load_model(tmp_path / "adapter", device="cpu", trainable_adapter=True)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:  # the filter does not outlive the wrapping
+        warnings.simplefilter("always")
+        assert model.base_model.model.is_gradient_checkpointing is False
+    assert any("is_gradient_checkpointing" in str(w.message) for w in caught)
+
+
 def test_adapter_without_safetensors_or_base_is_a_clear_error(tiny_model_dir, tmp_path):
     model = apply_lora(load_model(tiny_model_dir, device="cpu"))
     out = tmp_path / "adapter"
