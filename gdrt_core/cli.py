@@ -278,7 +278,9 @@ def report_errors(prog: str, action: Callable[[], object]) -> int:
     system (a full or read-only output, a path of the wrong kind), is one paragraph on stderr
     (`prog: error: ...`, no traceback) and its exit code; Ctrl-C is exit code 130, SIGTERM 143, each after
     the action's `with` blocks have cleaned up (`terminate_unwinds`); a closed stdout pipe (`| head`) is a
-    quiet 141."""
+    quiet 141. A worker process of torchrun (TORCHELASTIC_RUN_ID set) ends a stop without its line: the launcher
+    and the command that started it report the stop once, not once per process."""
+    stop_line = "TORCHELASTIC_RUN_ID" not in os.environ
     try:
         with terminate_unwinds():
             action()
@@ -295,10 +297,12 @@ def report_errors(prog: str, action: Callable[[], object]) -> int:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return error.exit_code
     except Terminated:
-        print(f"{prog}: terminated", file=sys.stderr)
+        if stop_line:
+            print(f"{prog}: terminated", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        if stop_line:
+            print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
 

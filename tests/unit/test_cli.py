@@ -828,3 +828,21 @@ def test_a_closed_stdout_pipe_ends_a_command_quietly():
                           shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
     assert proc.stdout == "line 0\n"
     assert proc.stderr.strip() == "rc=141", proc.stderr
+
+
+@pytest.mark.parametrize("raised, code, line", [(KeyboardInterrupt(), 130, "gdrt train: interrupted\n"),
+                                                 ("terminated", 143, "gdrt train: terminated\n")])
+def test_a_stop_is_reported_once_not_by_every_torchrun_worker(monkeypatch, capsys, raised, code, line):
+    """Stopping `gdrt train --set deepspeed=zero2` printed "interrupted" once per worker process besides the
+    launcher's line: a torchrun worker (TORCHELASTIC_RUN_ID set) ends with the same code and says nothing."""
+    from gdrt_core.cli import Terminated, report_errors
+
+    def stop():
+        raise Terminated("signal 15") if raised == "terminated" else raised
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert report_errors("gdrt train", stop) == code
+    assert capsys.readouterr().err == line
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert report_errors("gdrt train", stop) == code
+    assert capsys.readouterr().err == ""
