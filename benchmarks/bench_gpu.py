@@ -7,8 +7,11 @@ objectives, through the Trainer `gdrt train` uses (GdrtTrainer, AdamW, TrainConf
 GPU that has it, float32 on CPU). Windows are the Office training windows (stand-in token groups), batched
 two ways:
 
-  random     the windows in random order, as `gdrt train` samples them (padding to each batch's longest)
-  bucketed   windows sorted by length and cut into batches, the batches in a shuffled order (less padding)
+  random           the windows in random order, as `gdrt train` samples them by default (padding to each
+                   batch's longest)
+  group_by_length  the first batches `gdrt train --set sampling=group_by_length` trains on: its length-grouped
+                   order (SeededLengthGroupedSampler) drawn over 200 optimiser batches of windows, so that the
+                   mega-batches hold 50 batches as in a full run (less padding)
 
 Per mode: seconds per optimiser step (median after warm-up steps), real (unpadded) and padded tokens per
 second, achieved model TFLOP/s, and MFU against the device's matmul rate measured in this run (bf16 8192^3
@@ -21,6 +24,7 @@ layers, d the hidden size and T the window's length; the LoRA matrices themselve
 
     python benchmarks/bench_gpu.py --pretrained smollm2-135m --batch 32 --steps 20 --json gpu_train.json
     python benchmarks/bench_gpu.py --model-dir TINY --batch 4 --steps 2 --warmup 1   # CPU smoke run
+    python benchmarks/bench_gpu.py --pretrained smollm2-135m --padding-only             # padding alone, any machine
 """
 
 from __future__ import annotations
@@ -80,17 +84,26 @@ def model_flops(lengths: list[int], n: int, layers: int, hidden: int, *, lora: b
     return sum(t * ((4 if lora else 6) * n + 12 * layers * hidden * t) for t in lengths)
 
 
-def bucketed(features: list[dict], batch: int, seed: int = 0) -> list[dict]:
-    """`features` sorted by length, cut into batches of `batch`, the batches shuffled (seeded): a sequential
-    sampler then gives batches of similar lengths in random order."""
-    order = sorted(features, key=lambda f: len(f["input_ids"]))
-    batches = [order[i:i + batch] for i in range(0, len(order), batch)]
-    random.Random(seed).shuffle(batches)
-    return [f for b in batches for f in b]
+def length_grouped(features: list[dict], batch: int, windows: int, seed: int = 0) -> list[dict]:
+    """The first `windows` of `features` in the order `gdrt train --set sampling=group_by_length` draws them
+    (`SeededLengthGroupedSampler`, epoch 0): a sequential sampler then feeds the Trainer those batches."""
+    from gdrt_core.train.trainer import SeededLengthGroupedSampler
+
+    order = SeededLengthGroupedSampler([len(f["input_ids"]) for f in features], batch, seed)
+    return [features[i] for i in list(order)[:windows]]
 
 
 def padded_tokens(features: list[dict], batch: int) -> int:
     return sum(batch * max(len(f["input_ids"]) for f in features[i:i + batch]) for i in range(0, len(features), batch))
+
+
+def padding(features: list[dict], batch: int, seeds: int = 5) -> dict:
+    """Tokens computed per real token (each batch padded to its longest window) over all of `features`: in
+    random order (the mean over `seeds` permutations) and in `gdrt train --set sampling=group_by_length`'s order."""
+    real = sum(len(f["input_ids"]) for f in features)
+    shuffled = [padded_tokens(random.Random(s).sample(features, len(features)), batch) for s in range(seeds)]
+    grouped = padded_tokens(length_grouped(features, batch, len(features)), batch)
+    return {"windows": len(features), "random": sum(shuffled) / seeds / real, "group_by_length": grouped / real}
 
 
 def positive(text: str) -> int:
@@ -131,14 +144,16 @@ def measure(argv: list[str] | None, work: Path) -> dict:
     src.add_argument("--model-dir", help="a model directory (e.g. gdrt init-model --size tiny)")
     p.add_argument("--tunings", type=names(("lora", "full")), default="lora,full")
     p.add_argument("--objectives", type=names(("sft", "gdrt")), default="sft,gdrt")
-    p.add_argument("--samplings", type=names(("random", "bucketed")), default="random,bucketed",
-                   help="padded tokens/s are counted for bucketed batches only (random ones are the Trainer's draw)")
+    p.add_argument("--samplings", type=names(("random", "group_by_length")), default="random,group_by_length",
+                   help="padded tokens/s are counted for group_by_length only (random batches are the Trainer's draw)")
     p.add_argument("--batch", type=positive, default=32, help="windows per optimiser step (one micro-batch)")
     p.add_argument("--steps", type=positive, default=20, help="timed optimiser steps per mode")
     p.add_argument("--warmup", type=positive, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's datasheet peak (dense bf16)")
     p.add_argument("--dataset", help="a curated Office Dataset dir (default: curate data/office)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--padding-only", action="store_true",
+                   help="only the tokens computed per real token over every training window (no model run)")
     a = p.parse_args(argv)
 
     if a.pretrained:
@@ -153,18 +168,30 @@ def measure(argv: list[str] | None, work: Path) -> dict:
         curate(CurateConfig(source=str(REPO / "data" / "office"), format="sliding", domain="office", out=dataset))
     tok = load_tokenizer(model_dir)
     windows = a.batch * (a.warmup + a.steps)
-    features = stand_in_groups(build_features(Dataset(dataset), "train", tok, limit=windows))
-    if len(features) < windows:
-        raise SystemExit(f"{dataset} has {len(features)} training windows; --batch x (--warmup + --steps) needs {windows}")
+    if a.padding_only:
+        ratios = {str(b): padding(build_features(Dataset(dataset), "train", tok), b) for b in sorted({8, 32, a.batch})}
+        for b, r in ratios.items():
+            print(f"batch {b}: {r['windows']} windows, tokens computed per real token: random {r['random']:.3f}, "
+                  f"group_by_length {r['group_by_length']:.3f} ({1 - r['group_by_length'] / r['random']:.1%} fewer)")
+        if a.json:
+            Path(a.json).write_text(json.dumps({"padding": ratios}, indent=2) + "\n", encoding="utf-8")
+        return {"padding": ratios}
+    # group_by_length draws from 200 batches' worth (mega-batches of 50 batches, as in a full run)
+    pool = stand_in_groups(build_features(Dataset(dataset), "train", tok, limit=max(windows, 200 * a.batch)))
+    if len(pool) < windows:
+        raise SystemExit(f"{dataset} has {len(pool)} training windows; --batch x (--warmup + --steps) needs {windows}")
+    features = pool[:windows]
     rate, rate_what = device_matmul_tflops()
     config = load_model(model_dir, device="none").config
     out: dict = {
         "model": a.pretrained or model_dir, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__, "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
         "matmul_tflops": rate, "matmul_measured": rate_what, "peak_tflops": a.peak_tflops,
-        "tokens_per_window": sum(len(f["input_ids"]) for f in features) / len(features), "modes": {},
+        "tokens_per_window": sum(len(f["input_ids"]) for f in features) / len(features),
+        "padding": padding(pool, a.batch), "modes": {},
     }
-    orders = {"random": (features, "random"), "bucketed": (bucketed(features, a.batch), "sequential")}
+    orders = {"random": (features, "random"),
+              "group_by_length": (length_grouped(pool, a.batch, windows), "sequential")}
     for tuning in a.tunings:
         lora = tuning == "lora"
 
@@ -196,7 +223,9 @@ def measure(argv: list[str] | None, work: Path) -> dict:
                 print(f"{key:24s} {seconds:8.4f} s/step {row['real_tokens_per_s']:10.0f} tokens/s "
                       f"{row['model_tflops']:8.3g} TFLOP/s  MFU {row['mfu_vs_matmul']:.1%} of the matmul rate", flush=True)
     print(f"\n{out['device']}, torch {out['torch']}: matmul rate {rate:.3g} TFLOP/s ({rate_what}); "
-          f"batch {a.batch} windows, {out['tokens_per_window']:.0f} tokens per window\n")
+          f"batch {a.batch} windows, {out['tokens_per_window']:.0f} tokens per window; tokens computed per real token "
+          f"over {out['padding']['windows']} windows: random {out['padding']['random']:.3f}, group_by_length "
+          f"{out['padding']['group_by_length']:.3f}\n")
     print("| tuning | batches | objective | s/step | tokens/s | model TFLOP/s | MFU (matmul rate) | MFU (peak) |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for key, r in out["modes"].items():

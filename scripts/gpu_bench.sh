@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 18's GPU measurements in one resumable run (each result file is skipped when it exists):
 #   1. training throughput and MFU of gdrt train's step (benchmarks/bench_gpu.py): LoRA and full fine-tuning,
-#      SFT and GDRT, random and length-bucketed batches, bf16;
+#      SFT and GDRT, random and length-grouped batches (sampling=group_by_length), bf16;
 #   2. evaluation windows/s, gdrt's constrained beam search against the transformers reference
 #      (benchmarks/bench_pretrained.py --device cuda --only-evaluate).
 # Usage: OUT=docs/bench bash scripts/gpu_bench.sh     (PYTHON=python3 where torch with CUDA is not in .venv)

@@ -66,6 +66,9 @@ class TrainConfig:
     max_grad_norm: float = field(1.0, ge=0, help="gradient clipping norm (0 = off)")
     seed: int = field(42, ge=0, le=SEED_MAX, help="seed of the model initialisation (LoRA) and dropout")
     data_seed: int | None = field(None, ge=0, le=SEED_MAX, help="seed of the data order (None = seed); kept across a resume")
+    sampling: str = field("random", choices=("random", "group_by_length"),
+                          help="order of the training windows: random | group_by_length (batches of similar "
+                               "length, less padding; transformers' length grouping, seeded by data_seed)")
     max_train: int | None = field(None, ge=1, help="use at most this many training windows (the first N)")
     valid_size: int = field(200, ge=0, help="valid windows used for the valid loss and NDCG@10 (the first N)")
     eval_every: int = field(50, ge=0, help="evaluate the valid loss every N optimiser steps (0 = once per epoch)")

@@ -109,6 +109,7 @@ def training_arguments(config: TrainConfig, work_dir: Path, *, has_valid: bool):
         max_grad_norm=config.max_grad_norm,
         seed=config.seed,
         data_seed=config.data_seed if config.data_seed is not None else config.seed,
+        train_sampling_strategy=config.sampling,
         bf16=_use_bf16(config.bf16),
         logging_strategy="steps",
         logging_steps=config.log_every,

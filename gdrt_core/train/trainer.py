@@ -38,6 +38,32 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class SeededLengthGroupedSampler(torch.utils.data.Sampler):
+    """transformers' length grouping (`trainer_pt_utils.get_length_grouped_indices`: a random permutation cut
+    into mega-batches of 50 optimiser batches, each sorted by length, the longest batch first) with the
+    permutation seeded by (seed, epoch), so every process draws the same order and a resumed run the same
+    epoch it was stopped in. The Trainer's own `LengthGroupedSampler` draws from the global random state,
+    which a resume restores as it was at the checkpoint, not at the epoch's start.
+
+    lengths: [windows] token counts; batch_size: windows per optimiser batch of one process.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by the Trainer (through accelerate) before each epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class GdrtTrainer(Trainer):
     """transformers.Trainer with the SFT / GDRT objective over token groups (see the module docstring)."""
 
@@ -59,6 +85,16 @@ class GdrtTrainer(Trainer):
         self.step_totals = {"steps": 0, "loss": 0.0, "loss_sft": 0.0, "loss_gdrt": 0.0}
         self._tokens_since_log = 0.0
         self._last_log_time = time.perf_counter()
+
+    def _get_train_sampler(self, train_dataset=None):
+        """`train_sampling_strategy="group_by_length"`: `SeededLengthGroupedSampler` seeded by data_seed (the
+        Trainer's own sampler for every other strategy)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return SeededLengthGroupedSampler([len(f["input_ids"]) for f in dataset],
+                                          self.args.train_batch_size * self.args.gradient_accumulation_steps, seed)
 
     # ------------------------------------------------------------------------------ valid NDCG@10
 

@@ -31,12 +31,30 @@ SETTINGS = ["max_steps=8", "save_every=2", "keep_checkpoints=3", "eval_every=0",
             "ndcg_every_epoch=false", "cpu_threads=1", "weights=lagged", "ema=0.5", "log_every=1"]
 
 
-def command(tiny, out: Path) -> list[str]:
+def command(tiny, out: Path, *more: str) -> list[str]:
     cmd = [sys.executable, "-m", "gdrt_core.cli", "train", "--dataset", tiny["dataset"], "--model", tiny["model"],
            "--objective", "gdrt", "--groups", tiny["groups"], "--out", str(out)]
-    for s in SETTINGS:
+    for s in [*SETTINGS, *more]:
         cmd += ["--set", s]
     return cmd
+
+
+def train_env() -> dict:
+    return {**os.environ, "GDRT_TRACKING": "off", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def kill_after_checkpoint_4(cmd: list[str], out: Path) -> None:
+    """Run `cmd` (a training into `out`) and SIGKILL it as soon as checkpoint-4 is sealed."""
+    from gdrt_core.train.resume import MARKER
+
+    proc = subprocess.Popen(cmd, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    marker = out / "checkpoints" / "checkpoint-4" / MARKER
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[0].decode()[-3000:] if proc.poll() is not None else "timeout"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def weights(model_dir: Path):
@@ -48,18 +66,10 @@ def weights(model_dir: Path):
 def test_sigkill_then_rerun_equals_uninterrupted(tiny, tmp_path):
     """Kill after checkpoint-4 is sealed; damage the newest checkpoint; the re-run skips it and resumes."""
     from gdrt_core.cli import main
-    from gdrt_core.train.resume import MARKER
 
-    env = {**os.environ, "GDRT_TRACKING": "off", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = train_env()
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(tiny, killed), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    marker = killed / "checkpoints" / "checkpoint-4" / MARKER
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), proc.communicate()[0].decode()[-3000:] if proc.poll() is not None else "timeout"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint_4(command(tiny, killed), killed)
     assert not (killed / "manifest.json").exists()  # no artifact from a killed run
     ckpt4 = killed / "checkpoints" / "checkpoint-4"
     # a half-written newest checkpoint: the marker is there but a file is truncated
@@ -91,3 +101,29 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny, tmp_path):
     resumed, uninterrupted = (json.loads((d / "train_metrics.json").read_text()) for d in (killed, straight))
     for key in ("train_loss", "train_loss_sft", "train_loss_gdrt", "global_step"):
         assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-5), key
+
+
+def test_a_length_grouped_run_resumed_inside_its_second_epoch_equals_uninterrupted(tiny, tmp_path):
+    """sampling=group_by_length, 24 windows in batches of 8: 3 steps per epoch; killed after checkpoint-4, the
+    re-run resumes one step into the second epoch. Its order must be the one the uninterrupted run drew for that
+    epoch: transformers' own length-grouped sampler draws it from the global random state, which on a resume
+    inside an epoch is restored only after the order was drawn (the re-run trained on other windows)."""
+    from gdrt_core.cli import main
+
+    more = ("sampling=group_by_length", "max_train=24", "max_steps=6")
+    killed = tmp_path / "killed"
+    kill_after_checkpoint_4(command(tiny, killed, *more), killed)
+    rerun = subprocess.run(command(tiny, killed, *more), env=train_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resuming from" in rerun.stdout and "checkpoint-4" in rerun.stdout
+
+    os.environ["GDRT_TRACKING"] = "off"
+    try:
+        straight = tmp_path / "straight"
+        assert main(command(tiny, straight, *more)[3:]) == 0
+    finally:
+        os.environ.pop("GDRT_TRACKING", None)
+    a, b = weights(killed), weights(straight)
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-5, k
+
