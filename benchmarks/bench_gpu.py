@@ -94,7 +94,10 @@ def length_grouped(features: list[dict], batch: int, windows: int, seed: int = 0
 
 
 def padded_tokens(features: list[dict], batch: int) -> int:
-    return sum(batch * max(len(f["input_ids"]) for f in features[i:i + batch]) for i in range(0, len(features), batch))
+    """Tokens computed when `features` are cut into batches of `batch` (the last may be smaller), each padded to
+    its longest window."""
+    return sum(len(chunk) * max(len(f["input_ids"]) for f in chunk)
+               for chunk in (features[i:i + batch] for i in range(0, len(features), batch)))
 
 
 def padding(features: list[dict], batch: int, seeds: int = 5) -> dict:
@@ -135,6 +138,7 @@ def measure(argv: list[str] | None, work: Path) -> dict:
     from gdrt_core.curate import CurateConfig
     from gdrt_core.curate import run as curate
     from gdrt_core.dataset import Dataset
+    from gdrt_core.errors import GdrtError
     from gdrt_core.models import ModelConfig, load_model, load_tokenizer, prepare_for_training
     from gdrt_core.train.data import build_features
 
@@ -155,6 +159,10 @@ def measure(argv: list[str] | None, work: Path) -> dict:
     p.add_argument("--padding-only", action="store_true",
                    help="only the tokens computed per real token over every training window (no model run)")
     a = p.parse_args(argv)
+    if a.json:
+        from gdrt_core.artifacts import check_output_file
+
+        check_output_file(a.json, "a .json file path", {})  # before the measuring, not after it
 
     if a.pretrained:
         from gdrt_core.pretrained import converted_dir, get_pretrained
@@ -172,14 +180,15 @@ def measure(argv: list[str] | None, work: Path) -> dict:
         ratios = {str(b): padding(build_features(Dataset(dataset), "train", tok), b) for b in sorted({8, 32, a.batch})}
         for b, r in ratios.items():
             print(f"batch {b}: {r['windows']} windows, tokens computed per real token: random {r['random']:.3f}, "
-                  f"group_by_length {r['group_by_length']:.3f} ({1 - r['group_by_length'] / r['random']:.1%} fewer)")
+                  f"group_by_length {r['group_by_length']:.3f} ({r['group_by_length'] / r['random'] - 1:+.1%})")
         if a.json:
             Path(a.json).write_text(json.dumps({"padding": ratios}, indent=2) + "\n", encoding="utf-8")
         return {"padding": ratios}
     # group_by_length draws from 200 batches' worth (mega-batches of 50 batches, as in a full run)
     pool = stand_in_groups(build_features(Dataset(dataset), "train", tok, limit=max(windows, 200 * a.batch)))
     if len(pool) < windows:
-        raise SystemExit(f"{dataset} has {len(pool)} training windows; --batch x (--warmup + --steps) needs {windows}")
+        raise GdrtError(f"{dataset} has {len(pool)} training windows; --batch x (--warmup + --steps) needs {windows}",
+                        hint="lower --batch, --warmup or --steps, or give a larger --dataset")
     features = pool[:windows]
     rate, rate_what = device_matmul_tflops()
     config = load_model(model_dir, device="none").config

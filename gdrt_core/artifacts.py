@@ -81,8 +81,11 @@ def atomic_files(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
     tmps: list[Path] = []
     try:
         for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+            except OSError as e:  # a read-only or full directory: name the output, not the temporary name tried
+                raise OSError(e.errno, e.strerror or str(e), str(path)) from None
             os.close(fd)
             tmps.append(Path(name))
         yield tmps
@@ -92,11 +95,26 @@ def atomic_files(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
     except BaseException as e:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
-        written = [str(t) for t in tmps]
-        if isinstance(e, OSError) and e.filename is not None and str(e.filename) in written:
-            # the writer's error (disk full, no permission) names the output, not the temporary file
-            raise type(e)(e.errno, e.strerror, str(paths[written.index(str(e.filename))])) from None
+        if isinstance(e, OSError):
+            raise naming_outputs(e, tmps, paths) from None
         raise
+
+
+def naming_outputs(e: OSError, temps: Sequence[Path], outputs: Sequence[Path]) -> OSError:
+    """`e`, raised while writing the temporary files or directories `temps`, naming the outputs they stand for:
+    a temporary path (or one inside a temporary directory) becomes its output's, and an error that names no
+    file (a full disk) names the output when there is one. The user gave the output's path; the temporary one
+    means nothing to them. Other errors are returned unchanged."""
+    name = None if e.filename is None else str(e.filename)
+    target = str(outputs[0]) if name is None and len(outputs) == 1 else None
+    for tmp, out in zip(temps, outputs, strict=False):
+        if name == str(tmp):
+            target = str(out)
+        elif name is not None and name.startswith(str(tmp) + os.sep):
+            target = str(out) + name[len(str(tmp)):]
+    if target is None:
+        return e
+    return OSError(e.errno, e.strerror or str(e), target)  # OSError picks the subclass of the errno
 
 
 def _replace_all(tmps: list[Path], paths: list[Path]) -> None:
@@ -244,7 +262,7 @@ def atomic_output_dir(
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
-        raise filesystem_error(e, out.parent) from None
+        raise filesystem_error(OSError(e.errno, e.strerror or str(e), str(out)), out) from None
     os.chmod(tmp, _umask_mode(0o777))  # readable by other users (e.g. other containers' stages) as usual
     try:
         yield tmp
@@ -256,8 +274,10 @@ def atomic_output_dir(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise naming_outputs(e, [tmp], [out]) from None
         raise
 
 
@@ -396,6 +416,9 @@ def read_table(path: str | os.PathLike, columns: dict) -> Any:
         table = pq.read_table(path, columns=list(columns)).cast(pa.schema(list(columns.items())))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
         raise GdrtError(f"not a parquet file of the expected columns ({e})", path=str(path),
+                        hint="re-create the artifact with the gdrt stage that writes it") from None
+    except OSError as e:  # missing, a directory, unreadable
+        raise GdrtError(f"cannot be read as a parquet file ({e.strerror or e})", path=str(path),
                         hint="re-create the artifact with the gdrt stage that writes it") from None
     empty = [c for c in columns if table.column(c).null_count]
     if empty:

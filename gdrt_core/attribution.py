@@ -56,6 +56,7 @@ METHODS = ("ablation", "grad_x_input")
 BASELINES = ("neutral", "attention")
 SUMMARY_FILE = "summary.json"
 ATTRIBUTIONS_FILE = "attributions.parquet"
+TOKEN_SEGMENTS = ("instruction_token", "prefix_token", "history_token")  # the rows read_example_sums adds up
 
 
 @dataclass
@@ -410,13 +411,19 @@ def read_example_sums(attribution_dir: str | Path) -> dict:
     from gdrt_core.artifacts import read_manifest, read_table
 
     manifest = read_manifest(attribution_dir, "attribution")  # checks the kind and the files' hashes
-    table = read_table(Path(attribution_dir) / ATTRIBUTIONS_FILE,
-                       {"example_id": pa.int64(), "segment": pa.string(), "score": pa.float32()})
+    path = Path(attribution_dir) / ATTRIBUTIONS_FILE
+    table = read_table(path, {"example_id": pa.int64(), "segment": pa.string(), "score": pa.float32()})
+    table = table.filter(pc.is_in(table.column("segment"), pa.array(list(TOKEN_SEGMENTS))))
+    if table.num_rows == 0:
+        raise GdrtError(f"holds no token attributions (no {', '.join(TOKEN_SEGMENTS)} rows)", path=str(path),
+                        hint="re-create the artifact with gdrt attribute")
+    if not np.isfinite(table.column("score").to_numpy()).all():
+        raise GdrtError("holds a score that is not a finite float32 (nan or inf)", path=str(path),
+                        hint="re-create the artifact with gdrt attribute")
     ids = np.unique(table.column("example_id").to_numpy())
     config = manifest.get("config") or {}
     out: dict = {"example_id": ids, "scores": (config.get("method"), config.get("baseline"))}
-    for segment, key in (("instruction_token", "instruction"), ("prefix_token", "prefix"),
-                         ("history_token", "history")):
+    for segment, key in zip(TOKEN_SEGMENTS, ("instruction", "prefix", "history"), strict=True):
         rows = table.filter(pc.equal(table.column("segment"), segment))
         where = np.searchsorted(ids, rows.column("example_id").to_numpy())
         scores = np.abs(rows.column("score").to_numpy().astype(np.float64))

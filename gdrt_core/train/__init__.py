@@ -169,7 +169,8 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
     first_process = is_rank_zero() and not os.environ.get(LAUNCHED_ENV)  # not a worker of our own launch
     with exclusive(config.out, "gdrt train") if first_process else contextlib.nullcontext():
         if first_process:
-            check_same_run(Path(config.out) / CHECKPOINTS, run_fingerprint(to_dict(config), train_inputs(config)))
+            check_same_run(Path(config.out) / CHECKPOINTS, run_fingerprint(to_dict(config), train_inputs(config)),
+                           defaults=to_dict(TrainConfig(dataset="", model="", out="")))
         return _run_locked(config)
 
 

@@ -40,8 +40,10 @@ def run_fingerprint(config: dict[str, Any], inputs: dict[str, str | None]) -> di
     }
 
 
-def check_same_run(work_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> None:
-    """Refuse to resume from checkpoints written with other settings or inputs, naming what changed."""
+def check_same_run(work_dir: str | os.PathLike, fingerprint: dict[str, Any],
+                   defaults: dict[str, Any] | None = None) -> None:
+    """Refuse to resume from checkpoints written with other settings or inputs, naming what changed. A setting
+    a checkpoint does not record (one added to gdrt after it was written) counts as its value in `defaults`."""
     from gdrt_core.errors import GdrtError
 
     for step, path in reversed(list_checkpoints(work_dir)):
@@ -49,6 +51,10 @@ def check_same_run(work_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> 
             recorded = json.loads((path / MARKER).read_text(encoding="utf-8")).get("run")
         except (OSError, ValueError, AttributeError):
             continue  # an unfinished checkpoint: set aside later, never loaded
+        if isinstance(recorded, dict) and isinstance(recorded.get("config"), dict):
+            for key, value in (defaults or {}).items():
+                if key in fingerprint["config"]:
+                    recorded["config"].setdefault(key, json.loads(json.dumps(value)))
         if recorded == json.loads(json.dumps(fingerprint)):
             continue
         if recorded is None:

@@ -58,9 +58,11 @@ class SeededLengthGroupedSampler(torch.utils.data.Sampler):
         return len(self.lengths)
 
     def __iter__(self):
+        import numpy as np
         from transformers.trainer_pt_utils import get_length_grouped_indices
 
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        # (seed, epoch) mixed, so that seed s in epoch 1 does not draw seed s + 1's epoch 0 (as seed + epoch would)
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
@@ -95,6 +97,18 @@ class GdrtTrainer(Trainer):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return SeededLengthGroupedSampler([len(f["input_ids"]) for f in dataset],
                                           self.args.train_batch_size * self.args.gradient_accumulation_steps, seed)
+
+    def _get_eval_sampler(self, eval_dataset):
+        """The valid windows in their order whatever the training order: transformers also groups the evaluation by
+        length under group_by_length, which changes the valid loss (a mean of batch means) with `sampling`."""
+        from torch.utils.data import SequentialSampler
+
+        if self.args.train_sampling_strategy == "group_by_length" and eval_dataset is not None \
+                and self.args.world_size <= 1:
+            return SequentialSampler(eval_dataset)
+        if self.args.train_sampling_strategy == "group_by_length":
+            return None  # several processes: accelerate shards the dataset in order, as for random
+        return super()._get_eval_sampler(eval_dataset)
 
     # ------------------------------------------------------------------------------ valid NDCG@10
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from gdrt_core.errors import GdrtError
+
 pytestmark = pytest.mark.integration
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -49,6 +51,8 @@ def test_length_grouped_batches_are_what_gdrt_train_draws(bench_gpu):
     lengths = [len(f["input_ids"]) for f in first]
     assert lengths[1:] == sorted(lengths[1:], reverse=True)  # one mega-batch: descending after the swapped longest
     assert bench_gpu.padded_tokens(first, 2) == 2 * sum(max(lengths[i:i + 2]) for i in range(0, 10, 2))
+    # the last batch may be smaller: windows of 3, 5 and 4 tokens in batches of 2 compute 2 x 5 + 1 x 4
+    assert bench_gpu.padded_tokens([{"input_ids": [0] * n} for n in (3, 5, 4)], 2) == 14
     # tokens computed per real token: none padded when all windows have one length; otherwise grouping pads less
     assert bench_gpu.padding([{"input_ids": [0] * 7}] * 12, 3) == {"windows": 12, "random": 1.0, "group_by_length": 1.0}
     ratios = bench_gpu.padding(features, 2)
@@ -79,6 +83,11 @@ def test_padding_only_measures_every_training_window_without_a_model_run(bench_g
                              "--padding-only", "--json", str(out)])
     assert json.loads(out.read_text()) == result and set(result) == {"padding"}
     assert set(result["padding"]) == {"4", "8", "32"}
+    with pytest.raises(GdrtError, match="is a directory"):  # --json checked before any measuring
+        bench_gpu.main(["--model-dir", str(tiny_model_dir), "--dataset", str(office_slice), "--padding-only",
+                        "--json", str(tmp_path)])
+    with pytest.raises(GdrtError, match="training windows; --batch x"):
+        bench_gpu.main(["--model-dir", str(tiny_model_dir), "--dataset", str(office_slice), "--batch", "100000"])
     from gdrt_core.dataset import Dataset
 
     windows = len(Dataset(office_slice).examples("train"))  # every training window, not the timed sample's

@@ -146,6 +146,34 @@ def test_a_failed_write_names_the_output_not_its_temporary_file(tmp_path):
     assert os.listdir(tmp_path) == ["cmp.json"] and out.read_text() == "earlier"
     with pytest.raises(ValueError), atomic_file(out):  # other errors pass unchanged
         raise ValueError("not a file system error")
+    with pytest.raises(OSError) as e, atomic_file(out) as tmp:  # a write error naming no file (a full disk)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.filename == str(out)
+
+
+def test_an_unwritable_output_directory_is_named_not_the_temporary_name_tried(tmp_path, monkeypatch):
+    """The temporary file or directory cannot even be made (a read-only or full file system): the error names the
+    output; an error on a file inside a stage's temporary directory names that file inside the output."""
+    import errno
+    import tempfile
+
+    from gdrt_core.artifacts import atomic_file, atomic_output_dir
+
+    def refuse(*args, prefix="", dir=None, **kw):
+        raise OSError(errno.EROFS, "Read-only file system", os.path.join(dir, prefix + "xyz"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OSError) as e, atomic_file(tmp_path / "x.json"):
+        pass
+    assert e.value.errno == errno.EROFS and e.value.filename == str(tmp_path / "x.json")
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(GdrtError, match=f"{tmp_path / 'ds'}: cannot write: Read-only file system"), \
+            atomic_output_dir(tmp_path / "ds"):
+        pass
+    monkeypatch.undo()
+    with pytest.raises(OSError) as e, atomic_output_dir(tmp_path / "ds") as tmp:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "items.parquet"))
+    assert e.value.filename == str(tmp_path / "ds" / "items.parquet") and os.listdir(tmp_path) == []
 
 
 def test_atomic_files_are_all_or_nothing(tmp_path):

@@ -470,7 +470,7 @@ def test_compare_attribution_names_a_file_or_a_rewritten_table_instead_of_failin
     the column, not a KeyError traceback."""
     import pyarrow as pa
 
-    from gdrt_core.artifacts import write_manifest
+    from gdrt_core.artifacts import read_table, write_manifest
     from gdrt_core.cli import main
 
     a = _artifact(tmp_path / "a", [_example(1, [2.0], [1.0], [1.0]), _example(2, [1.0], [0.0], [1.0])])
@@ -488,6 +488,15 @@ def test_compare_attribution_names_a_file_or_a_rewritten_table_instead_of_failin
         "column score has empty (null) values": table.set_column(
             3, "score", pa.array([None] * table.num_rows, pa.float32())),
     }
+    rewritten.update({
+        "holds no token attributions": table.slice(0, 0),
+        "holds a score that is not a finite float32": table.set_column(
+            3, "score", pa.array([float("nan")] * table.num_rows, pa.float32())),
+        "holds a score that is not a finite float32 (nan or inf)": table.set_column(  # 1e300 is inf in float32
+            3, "score", pa.array([1e300] * table.num_rows, pa.float64())),
+    })
+    unknown = table.set_column(1, "segment", pa.array(["foo"] * table.num_rows))
+    rewritten["holds no token attributions (no instruction_token, prefix_token, history_token rows)"] = unknown
     for message, bad in rewritten.items():
         pq.write_table(bad, b / attribution.ATTRIBUTIONS_FILE)
         write_manifest(b, "attribution")
@@ -495,4 +504,8 @@ def test_compare_attribution_names_a_file_or_a_rewritten_table_instead_of_failin
         err = capsys.readouterr().err
         assert f"{b / attribution.ATTRIBUTIONS_FILE}: {message}" in err, err
         assert len(err.strip().splitlines()) == 1, err
+    (b / attribution.ATTRIBUTIONS_FILE).unlink()
+    (b / attribution.ATTRIBUTIONS_FILE).mkdir()  # a directory in the file's place
+    with pytest.raises(GdrtError, match="attributions.parquet: cannot be read as a parquet file"):
+        read_table(b / attribution.ATTRIBUTIONS_FILE, {"score": pa.float32()})
 

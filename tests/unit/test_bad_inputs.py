@@ -805,6 +805,28 @@ def test_settings_that_do_not_change_the_result_may_change_on_resume(tmp_path):
     check_same_run(Path(config.out) / CHECKPOINTS, run_fingerprint(to_dict(config), train_inputs(config)))
 
 
+def test_a_checkpoint_written_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """A checkpoint of an older gdrt does not record `sampling` (added later): resuming it at the default is the
+    same run; asking for another value is refused, naming the default, not None."""
+    from gdrt_core.train import run
+    from gdrt_core.train.resume import MARKER
+
+    config = _train_config(tmp_path)
+    _checkpoint_of(config)
+    marker = Path(config.out) / "checkpoints" / "checkpoint-2" / MARKER
+    info = json.loads(marker.read_text())
+    del info["run"]["config"]["sampling"]
+    marker.write_text(json.dumps(info))
+    with pytest.raises(GdrtError, match="config sampling: 'random' -> 'group_by_length'"):
+        run(_train_config(tmp_path, "sampling=group_by_length"))
+    from gdrt_core.config import to_dict
+    from gdrt_core.train import CHECKPOINTS, TrainConfig, train_inputs
+    from gdrt_core.train.resume import check_same_run, run_fingerprint
+
+    check_same_run(Path(config.out) / CHECKPOINTS, run_fingerprint(to_dict(config), train_inputs(config)),
+                   defaults=to_dict(TrainConfig(dataset="", model="", out="")))
+
+
 def test_a_second_train_on_the_same_out_is_refused(tmp_path):
     from gdrt_core.artifacts import exclusive
     from gdrt_core.train import run

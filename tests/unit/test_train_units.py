@@ -495,6 +495,8 @@ def test_length_grouped_order_is_seeded_by_epoch_and_pads_less_than_random():
     assert second != first and sorted(second) == list(range(400))
     sampler.set_epoch(0)
     assert list(sampler) == first  # a resumed run draws the epoch it stopped in again
+    shifted = SeededLengthGroupedSampler(lengths, batch_size=4, seed=8)
+    assert list(shifted) != second  # seed 8, epoch 0 is not seed 7, epoch 1 (seed + epoch would make them one)
 
     def padded(order):
         return sum(4 * max(lengths[i] for i in order[k:k + 4]) for k in range(0, 400, 4))
@@ -516,3 +518,21 @@ def test_sampling_reaches_the_trainer(tmp_path):
 
     assert args().train_sampling_strategy == "random"
     assert args(sampling="group_by_length", data_seed=3).train_sampling_strategy == "group_by_length"
+
+
+def test_length_grouped_training_leaves_the_valid_order_alone():
+    """transformers groups the evaluation by length too under group_by_length, and the valid loss (a mean of
+    batch means) then moved with `sampling` and data_seed; the valid windows stay in their order."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import SequentialSampler
+
+    from gdrt_core.train.trainer import GdrtTrainer
+
+    valid = [{"input_ids": [0] * n} for n in (3, 9, 1, 7)]
+    trainer = SimpleNamespace(args=SimpleNamespace(train_sampling_strategy="group_by_length", world_size=1))
+    sampler = GdrtTrainer._get_eval_sampler(trainer, valid)
+    assert isinstance(sampler, SequentialSampler) and list(sampler) == [0, 1, 2, 3]
+    trainer.args.world_size = 2  # several processes: no sampler, accelerate shards the windows in order
+    assert GdrtTrainer._get_eval_sampler(trainer, valid) is None
+
