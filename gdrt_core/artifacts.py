@@ -406,24 +406,24 @@ def read_table(path: str | os.PathLike, columns: dict) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    remake = "re-create the artifact with the gdrt stage that writes it"
     try:
         names = pq.read_schema(path).names
         missing = [c for c in columns if c not in names]
         if missing:
             raise GdrtError(f"has no column {', '.join(missing)}", path=str(path),
-                            hint=f"expected {', '.join(f'{c} {t}' for c, t in columns.items())}; "
-                                 "re-create the artifact with the gdrt stage that writes it")
+                            hint=f"expected {', '.join(f'{c} {t}' for c, t in columns.items())}; {remake}")
         table = pq.read_table(path, columns=list(columns)).cast(pa.schema(list(columns.items())))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
         raise GdrtError(f"not a parquet file of the expected columns ({e})", path=str(path),
-                        hint="re-create the artifact with the gdrt stage that writes it") from None
+                        hint=remake) from None
     except OSError as e:  # missing, a directory, unreadable
         raise GdrtError(f"cannot be read as a parquet file ({e.strerror or e})", path=str(path),
-                        hint="re-create the artifact with the gdrt stage that writes it") from None
+                        hint=remake) from None
     empty = [c for c in columns if table.column(c).null_count]
     if empty:
         raise GdrtError(f"column {', '.join(empty)} has empty (null) values", path=str(path),
-                        hint="re-create the artifact with the gdrt stage that writes it")
+                        hint=remake)
     return table
 
 

@@ -103,12 +103,11 @@ class GdrtTrainer(Trainer):
         length under group_by_length, which changes the valid loss (a mean of batch means) with `sampling`."""
         from torch.utils.data import SequentialSampler
 
-        if self.args.train_sampling_strategy == "group_by_length" and eval_dataset is not None \
-                and self.args.world_size <= 1:
-            return SequentialSampler(eval_dataset)
-        if self.args.train_sampling_strategy == "group_by_length":
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_eval_sampler(eval_dataset)
+        if eval_dataset is None or self.args.world_size > 1:
             return None  # several processes: accelerate shards the dataset in order, as for random
-        return super()._get_eval_sampler(eval_dataset)
+        return SequentialSampler(eval_dataset)
 
     # ------------------------------------------------------------------------------ valid NDCG@10
 
