@@ -44,7 +44,12 @@ class Command:
 def user_path(text: str) -> str:
     """A path argument with `~` (or `~user`) as the home directory, as the shell expands it unquoted: a quoted
     "~/runs" or `--out=~/runs` reaches the command as typed, and would create a directory named `~`. The
-    argparse `type` of every path option of `gdrt` and pipelines/compile.py."""
+    argparse `type` of every path option and argument of `gdrt` and pipelines/compile.py. An empty path is
+    refused (argparse names the option): read as a path it is the current directory, which nobody means."""
+    if not text.strip():
+        from gdrt_core.config import EMPTY_PATH
+
+        raise argparse.ArgumentTypeError(EMPTY_PATH)
     return os.path.expanduser(text)
 
 

@@ -53,6 +53,7 @@ def field(
     return dataclasses.field(default=default, metadata=meta, **kw)
 
 
+EMPTY_PATH = "an empty path is the current directory: give a file or directory"  # a path setting or option of ''
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # the `dtype` setting of the stages that load a model
 
 
@@ -90,7 +91,7 @@ def _value_problem(value: Any, meta: dict) -> str | None:
             if key in meta and number and not getattr(operator, key)(value, meta[key]):
                 return "must be " + range_text({k: meta[k] for k in ("ge", "gt", "le", "lt") if k in meta})
     if meta.get("path") and isinstance(value, str) and not value.strip():
-        return "an empty path is the current directory: give a file or directory"
+        return EMPTY_PATH
     if "check" in meta:
         return meta["check"](value)
     return None

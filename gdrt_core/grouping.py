@@ -418,19 +418,50 @@ def plot_relevance_histogram(info: dict, table, path: str | os.PathLike) -> None
     plt.close(fig)
 
 
+def token_groups_columns() -> dict:
+    """The columns of token_groups.parquet and their pyarrow types (the module docstring says what they hold)."""
+    import pyarrow as pa
+
+    return {"example_id": pa.int64(), "position": pa.int32(), "token_id": pa.int32(), "relevance": pa.float32(),
+            "group": pa.int8(), "split": pa.string()}
+
+
 def read_groups(root: str | os.PathLike) -> tuple[dict, object]:
-    """(groups.json, token_groups table) of a Groups artifact, checked against its manifest."""
+    """(groups.json, token_groups table) of a Groups artifact, checked against its manifest.
+
+    The table has exactly the columns of `token_groups_columns()`, and groups.json a `num_groups` (from its
+    `edges` in artifacts that predate it). Raises GdrtError naming the file when either does not hold what the
+    grouping stage writes: a missing column or key, a value of another type, a group id outside 0..G-1.
+    """
     import json
 
-    import pyarrow.parquet as pq
+    import pyarrow.compute as pc
 
-    from gdrt_core.artifacts import read_manifest
+    from gdrt_core.artifacts import read_manifest, read_table
 
     read_manifest(root, "groups")
     root = Path(root)
-    return json.loads((root / GROUPS_FILE).read_text(encoding="utf-8")), pq.read_table(
-        root / TOKEN_GROUPS_FILE
-    )
+    remake = "re-create the artifact with `gdrt group`"
+    try:
+        info = json.loads((root / GROUPS_FILE).read_text(encoding="utf-8"))
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+        num_groups = info["num_groups"] if "num_groups" in info else len(info["edges"]) + 1
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GdrtError(f"cannot be read as the groups' summary ({e})", path=str(root / GROUPS_FILE),
+                        hint=f"it needs num_groups (or the edges); {remake}") from None
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or not 1 <= num_groups <= MAX_GROUPS:
+        raise GdrtError(f"num_groups is {num_groups!r}, not a whole number from 1 to {MAX_GROUPS}",
+                        path=str(root / GROUPS_FILE), hint=remake)
+    info["num_groups"] = num_groups
+    table = read_table(root / TOKEN_GROUPS_FILE, token_groups_columns())
+    if table.num_rows:
+        low, high = pc.min_max(table.column("group")).values()
+        if low.as_py() < 0 or high.as_py() >= num_groups:
+            raise GdrtError(f"group ids run from {low.as_py()} to {high.as_py()}, outside 0..{num_groups - 1} "
+                            f"({num_groups} groups in {GROUPS_FILE})", path=str(root / TOKEN_GROUPS_FILE),
+                            hint=remake)
+    return info, table
 
 
 def summary_line(config: GroupConfig, summary: dict) -> str:

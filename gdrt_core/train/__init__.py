@@ -217,8 +217,11 @@ def _run_locked(config: TrainConfig) -> dict[str, Any] | None:
 
 
 def summary_line(config: TrainConfig, manifest: dict | None) -> str | None:
-    """The one line `gdrt train` prints; None (nothing) for a run relaunched as several processes."""
-    if manifest is None:
+    """The one line `gdrt train` prints; None (nothing) in a rank other than 0, and in the workers of a run that
+    `gdrt train` relaunched as several processes (the launching process prints it once)."""
+    from gdrt_core.train.deepspeed import LAUNCHED_ENV
+
+    if manifest is None or os.environ.get(LAUNCHED_ENV):
         return None
     m = manifest.get("metrics", {})
     return f"trained {config.objective} -> {config.out}: " + ", ".join(

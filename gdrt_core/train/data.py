@@ -28,32 +28,19 @@ TRAIN_COLUMNS = ("input_ids", "attention_mask", "labels", "group_ids")  # what G
 
 
 def load_token_groups(groups_dir: str | Path, split: str = "train") -> tuple[dict[tuple[int, int], tuple[int, int]], int]:
-    """{(example_id, position): (token_id, group)} for `split`, and the number of groups (from groups.json)."""
-    import json
+    """{(example_id, position): (token_id, group)} of `split`'s target tokens, and the number of groups G.
 
+    Read with `grouping.read_groups`: a GdrtError naming the file when the Groups artifact is not what
+    `gdrt group` writes.
+    """
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    from gdrt_core.artifacts import read_manifest
+    from gdrt_core.grouping import read_groups
 
-    root = Path(groups_dir)
-    read_manifest(root, "groups")
-    table = pq.read_table(root / "token_groups.parquet")
-    if "split" in table.column_names:
-        table = table.filter(pc.equal(table.column("split"), split))
+    info, table = read_groups(groups_dir)
+    table = table.filter(pc.equal(table.column("split"), split))
     cols = [table.column(c).to_pylist() for c in ("example_id", "position", "token_id", "group")]
-    lookup = {(e, p): (t, g) for e, p, t, g in zip(*cols, strict=True)}
-    num_groups = None
-    info_path = root / "groups.json"
-    if info_path.is_file():
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-        if "num_groups" in info:
-            num_groups = int(info["num_groups"])
-        elif "edges" in info:
-            num_groups = len(info["edges"]) + 1  # G - 1 cut points
-    if num_groups is None:
-        num_groups = (max(cols[3]) + 1) if cols[3] else 1
-    return lookup, num_groups
+    return {(e, p): (t, g) for e, p, t, g in zip(*cols, strict=True)}, info["num_groups"]
 
 
 def groups_dataset_sha256(groups_dir: str | Path) -> str | None:

@@ -49,8 +49,9 @@ def test_zero_same_update_as_plain_more(tiny, reference, tmp_path, stage, nproc,
     _compare(reference, torch.load(out))
 
 
-def test_zero3_lora_adapter_is_complete(tiny, tmp_path, monkeypatch):
-    """`gdrt train --deepspeed zero3 --num-gpus 2` with LoRA: every adapter tensor saved with its full shape."""
+def test_zero3_lora_adapter_is_complete(tiny, tmp_path, monkeypatch, capfd):
+    """`gdrt train --deepspeed zero3 --num-gpus 2` with LoRA: every adapter tensor saved with its full shape.
+    The workers print no "trained ..." line: the launching `gdrt train` prints it, once."""
     from safetensors import safe_open
 
     from gdrt_core.train import TrainConfig, run
@@ -62,6 +63,8 @@ def test_zero3_lora_adapter_is_complete(tiny, tmp_path, monkeypatch):
                       valid_size=4, ndcg_every_epoch=False, save_every=0, eval_every=0, lr=1e-2,
                       cpu_threads=1)
     manifest = run(cfg)
+    printed = capfd.readouterr().out  # the launcher's and the workers'
+    assert "launching 2 process(es)" in printed and "trained gdrt ->" not in printed
     assert manifest["adapter"] is True
     assert "eval_loss_initial" in manifest["metrics"] and "train_loss_gdrt" in manifest["metrics"]
     with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as f:

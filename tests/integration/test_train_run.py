@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from test_train_support import make_groups, make_tiny_model
 
@@ -132,11 +134,41 @@ def test_groups_from_another_tokenizer_are_a_clear_error(tiny, tmp_path):
     bad = tmp_path / "bad_groups"
     with atomic_output_dir(bad) as tmp:
         pq.write_table(table, tmp / "token_groups.parquet")
+        shutil.copy(Path(tiny["groups"]) / "groups.json", tmp / "groups.json")
         write_manifest(tmp, "groups", config={})
     lookup, num_groups = load_token_groups(bad)
     assert num_groups == 4
     with pytest.raises(GdrtError, match="another tokenizer"):
         build_features(Dataset(tiny["dataset"]), "train", load_tokenizer(tiny["model"]), token_groups=lookup, limit=2)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t, info: (t.drop_columns(["split"]), info), "has no column split"),
+    (lambda t, info: (t.set_column(4, "group", pa.array([7] * t.num_rows, pa.int8())), info),
+     r"group ids run from 7 to 7, outside 0\.\.3"),
+    (lambda t, info: (t, {k: v for k, v in info.items() if k not in ("num_groups", "edges")}),
+     "cannot be read as the groups' summary"),
+    (lambda t, info: (t, {**info, "num_groups": "4"}), "num_groups is '4'"),
+])
+def test_a_groups_artifact_unlike_what_gdrt_group_writes_is_refused_naming_the_file(tiny, tmp_path, edit, message):
+    """A Groups artifact edited by hand (its manifest's hashes updated to match) is refused before training,
+    with the file and what is wrong in it, not a KeyError or a group index out of range in the loss."""
+    import pyarrow.parquet as pq
+
+    from gdrt_core.artifacts import atomic_output_dir, write_json_atomic, write_manifest
+    from gdrt_core.errors import GdrtError
+    from gdrt_core.train.data import load_token_groups
+
+    info = json.loads((Path(tiny["groups"]) / "groups.json").read_text())
+    table, info = edit(pq.read_table(Path(tiny["groups"]) / "token_groups.parquet"), info)
+    bad = tmp_path / "bad_groups"
+    with atomic_output_dir(bad) as tmp:
+        pq.write_table(table, tmp / "token_groups.parquet")
+        write_json_atomic(tmp / "groups.json", info)
+        write_manifest(tmp, "groups", config={})
+    with pytest.raises(GdrtError, match=message) as e:
+        load_token_groups(bad)
+    assert str(bad) in str(e.value)
 
 
 def _ndcg_run_config(tiny, out, **kw):
