@@ -61,6 +61,27 @@ def follow_umask(root: str | os.PathLike) -> None:
         os.chmod(path, _umask_mode(full))
 
 
+def make_parents(path: str | os.PathLike) -> list[Path]:
+    """Create the missing directories above `path` and return the ones created, deepest first: a write that
+    then fails hands them to `remove_if_empty`, so that a failed `--out new/dir/x` leaves no empty `new/`."""
+    missing = []
+    parent = Path(path).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    Path(path).absolute().parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_if_empty(dirs: Sequence[Path]) -> None:
+    """Remove `dirs` (deepest first) while they are empty: the directories a failed write created."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:  # not empty (the output, or someone else's file), or gone
+            return
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside `path` (same suffix, for writers that pick the format by it); when
@@ -79,10 +100,11 @@ def atomic_files(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
     a new one is removed. On any failure every temporary file is removed."""
     paths = [Path(p) for p in paths]
     tmps: list[Path] = []
+    created: list[Path] = []
     try:
         for path in paths:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                created += make_parents(path)
                 fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
             except OSError as e:  # a read-only or full directory: name the output, not the temporary name tried
                 raise OSError(e.errno, e.strerror or str(e), str(path)) from None
@@ -95,6 +117,7 @@ def atomic_files(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
     except BaseException as e:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
+        remove_if_empty(created)
         if isinstance(e, OSError):
             raise naming_outputs(e, tmps, paths) from None
         raise
@@ -258,10 +281,12 @@ def atomic_output_dir(
         raise GdrtError("output directory already exists", path=str(out), hint="choose another --out or remove it")
     if kind is not None:
         check_output(out, kind, inputs=inputs, keep=keep)
+    created: list[Path] = []
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        created = make_parents(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
+        remove_if_empty(created)
         raise filesystem_error(OSError(e.errno, e.strerror or str(e), str(out)), out) from None
     os.chmod(tmp, _umask_mode(0o777))  # readable by other users (e.g. other containers' stages) as usual
     try:
@@ -276,6 +301,7 @@ def atomic_output_dir(
             os.replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_empty(created)
         if isinstance(e, OSError):
             raise naming_outputs(e, [tmp], [out]) from None
         raise
@@ -287,7 +313,16 @@ def exclusive(path: str | os.PathLike, command: str) -> Iterator[None]:
     would pick up and overwrite each other's work (parts, checkpoints). A second run is a GdrtError."""
     path = Path(path).absolute()
     lock_path = path.parent / f".{path.name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    created = make_parents(lock_path)
+    try:
+        with _locked(lock_path, path, command):
+            yield
+    finally:
+        remove_if_empty(created)  # after a failure; a finished output keeps its directory non-empty
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path, path: Path, command: str) -> Iterator[None]:
     with open(lock_path, "w") as handle:
         try:
             import fcntl

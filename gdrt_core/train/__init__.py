@@ -191,19 +191,23 @@ def _run_locked(config: TrainConfig) -> dict[str, Any] | None:
 
         import yaml
 
-        from gdrt_core.artifacts import read_manifest
+        from gdrt_core.artifacts import make_parents, read_manifest, remove_if_empty
 
-        Path(config.out).absolute().parent.mkdir(parents=True, exist_ok=True)
-        fd, cfg_path = tempfile.mkstemp(prefix=".gdrt-train-", suffix=".yaml", dir=Path(config.out).absolute().parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(to_dict(config), f, sort_keys=False)
+        created = make_parents(config.out)
         try:
-            relaunch_under_torchrun(config.num_gpus, [
-                "train", "--dataset", config.dataset, "--model", config.model, "--out", config.out,
-                "--config", cfg_path, *current_context().args(),  # the workers log under the same parent run
-            ], deepspeed=config.deepspeed)
+            fd, cfg_path = tempfile.mkstemp(prefix=".gdrt-train-", suffix=".yaml",
+                                            dir=Path(config.out).absolute().parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    yaml.safe_dump(to_dict(config), f, sort_keys=False)
+                relaunch_under_torchrun(config.num_gpus, [
+                    "train", "--dataset", config.dataset, "--model", config.model, "--out", config.out,
+                    "--config", cfg_path, *current_context().args(),  # the workers log under the same parent run
+                ], deepspeed=config.deepspeed)
+            finally:
+                os.unlink(cfg_path)
         finally:
-            os.unlink(cfg_path)
+            remove_if_empty(created)  # after a failure (the output, once written, keeps its directory)
         return read_manifest(config.out, "model", verify=False)
     from gdrt_core.train.loop import finish_distributed, train
 

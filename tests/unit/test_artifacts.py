@@ -36,6 +36,28 @@ def test_failure_leaves_nothing_and_keeps_the_old_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.parametrize("writer", ["atomic_output_dir", "atomic_file", "exclusive"])
+def test_a_failed_write_into_new_directories_removes_them(tmp_path, writer):
+    """`--out new/dir/x` that fails leaves no empty `new/dir`; one that succeeds keeps them; directories that
+    were there before, or that hold something else, are left alone."""
+    import gdrt_core.artifacts as artifacts
+
+    write = getattr(artifacts, writer)
+    kwargs = {"command": "t"} if writer == "exclusive" else {}
+    (tmp_path / "had").mkdir()
+    out = tmp_path / "had" / "new" / "dir" / "x.json"
+    with pytest.raises(RuntimeError), write(out, **kwargs):
+        raise RuntimeError("crash")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["had"]
+    (tmp_path / "had" / "new").mkdir()
+    (tmp_path / "had" / "new" / "other").write_text("someone's")
+    with pytest.raises(RuntimeError), write(out, **kwargs):
+        raise RuntimeError("crash")
+    assert sorted(p.name for p in (tmp_path / "had").rglob("*")) == ["new", "other"]
+    write_json_atomic(out, {"a": 1})
+    assert json.loads(out.read_text()) == {"a": 1}
+
+
 def test_modified_file_kind_and_version_are_detected(tmp_path):
     out = _make(tmp_path / "out")
     with pytest.raises(GdrtError, match="expected a dataset artifact"):
