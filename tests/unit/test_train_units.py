@@ -506,6 +506,7 @@ def test_length_grouped_order_is_seeded_by_epoch_and_pads_less_than_random():
     assert padded(first) - real < 0.1 * (padded(shuffled) - real)  # padding tokens: a tenth of a random order's
     for k in range(4, 100, 4):  # within a mega-batch the batches come longest first
         assert max(lengths[i] for i in first[k:k + 4]) <= min(lengths[i] for i in first[k - 4:k])
+    assert list(SeededLengthGroupedSampler([], 4, 7)) == [] and len(SeededLengthGroupedSampler([], 4, 7)) == 0
 
 
 def test_sampling_reaches_the_trainer(tmp_path):
