@@ -205,17 +205,28 @@ def build_cpu_comm_op(env: dict[str, str]) -> None:
                         hint="it needs a C++ compiler and ninja (pip install ninja)")
 
 
-def stop_launcher(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
-    """Stop a running torchrun: SIGTERM, which it passes on to its workers before it exits; SIGKILL after
-    `grace_s` seconds. (A SIGKILL first would leave the workers running.)"""
+def stop_launcher(proc: subprocess.Popen, grace_s: float = 60.0, sig: int | None = None) -> None:
+    """Stop a running torchrun: `sig` (default SIGTERM), which it passes on to its workers before it exits;
+    SIGKILL after `grace_s` seconds. (A SIGKILL first would leave the workers running.)"""
+    import signal
+
     if proc.poll() is not None:
         return
-    proc.terminate()
+    proc.send_signal(signal.SIGTERM if sig is None else sig)
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def stop_signal(e: BaseException) -> int:
+    """The signal that passes the stop `e` of `gdrt train` on to its launcher: SIGINT for Ctrl-C (so that the
+    launcher's line names the signal the user sent, which it usually got from the terminal too), SIGTERM for
+    anything else (`cli.Terminated`, a KeyboardInterrupt subclass, or an error)."""
+    import signal
+
+    return signal.SIGINT if type(e) is KeyboardInterrupt else signal.SIGTERM
 
 
 def relaunch_under_torchrun(num_procs: int, argv: list[str], *, deepspeed: str | None = None) -> None:
@@ -233,8 +244,8 @@ def relaunch_under_torchrun(num_procs: int, argv: list[str], *, deepspeed: str |
     proc = subprocess.Popen(cmd, env=env)
     try:
         proc.wait()
-    except BaseException:  # Ctrl-C, SIGTERM (`Terminated`): stop the workers too, not only their launcher
-        stop_launcher(proc)
+    except BaseException as e:  # Ctrl-C, SIGTERM (`Terminated`): stop the workers too, not only their launcher
+        stop_launcher(proc, sig=stop_signal(e))
         raise
     if proc.returncode != 0:
         raise GdrtError(

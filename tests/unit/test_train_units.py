@@ -421,11 +421,12 @@ def test_a_stopped_build_kills_its_compilers_and_removes_its_lock(tmp_path, monk
     assert not (build_dir / "lock").exists()
 
 
-@pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGINT", "SIGTERM")])
+@pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGINT", "SIGTERM"), ("SIGINT", "SIGINT")])
 def test_a_stopped_launcher_exits_with_one_line_and_no_traceback(signals):
     """torchrun (`python -m torch.distributed.run`) printed two chained SignalException tracebacks when
     Ctrl-C (SIGINT to the launcher and to `gdrt train`) was followed by `stop_launcher`'s SIGTERM; the
-    launch command's `gdrt_core.train.torchrun` exits with 128 + the signal and one line, its worker stopped."""
+    launch command's `gdrt_core.train.torchrun` exits with 128 + the signal and one line, its worker stopped.
+    (Since then `gdrt train` passes Ctrl-C on as SIGINT.)"""
     import signal
     import subprocess
     import sys
@@ -444,8 +445,7 @@ def test_a_stopped_launcher_exits_with_one_line_and_no_traceback(signals):
     for name in signals[:-1]:
         proc.send_signal(getattr(signal, name))
         time.sleep(0.3)  # the first signal's shutdown is under way when the next one comes
-    if signals[-1] == "SIGTERM":
-        stop_launcher(proc, grace_s=60)
+    stop_launcher(proc, grace_s=60, sig=getattr(signal, signals[-1]))  # Ctrl-C: SIGINT from the terminal, then gdrt's
     err = proc.stderr.read()
     assert "Traceback" not in err, err
     numbers = [getattr(signal, name) for name in signals]
@@ -456,23 +456,30 @@ def test_a_stopped_launcher_exits_with_one_line_and_no_traceback(signals):
     assert time.monotonic() - start < 60
 
 
-def test_stopping_the_launcher_stops_its_workers(tmp_path):
-    """Ctrl-C / SIGTERM while `gdrt train` waits on torchrun: the launcher gets SIGTERM (which torchrun passes
-    on to its workers), not a SIGKILL that would leave the workers training."""
+@pytest.mark.parametrize("stop", ["KeyboardInterrupt", "Terminated"])
+def test_stopping_the_launcher_stops_its_workers(tmp_path, stop):
+    """Ctrl-C / SIGTERM while `gdrt train` waits on torchrun: the launcher gets the signal the user sent (SIGINT
+    for Ctrl-C, so that its line names it; SIGTERM otherwise), which torchrun passes on to its workers, not a
+    SIGKILL that would leave the workers training."""
+    import signal
     import subprocess
     import sys
     import time
 
-    from gdrt_core.train.deepspeed import stop_launcher
+    from gdrt_core.cli import Terminated
+    from gdrt_core.train.deepspeed import stop_launcher, stop_signal
 
+    sig = stop_signal(KeyboardInterrupt() if stop == "KeyboardInterrupt" else Terminated("signal 15"))
+    assert sig == (signal.SIGINT if stop == "KeyboardInterrupt" else signal.SIGTERM)
+    assert stop_signal(RuntimeError("a bug")) == signal.SIGTERM
     flag = tmp_path / "terminated"
     code = ("import signal, sys, time\n"
-            f"signal.signal(signal.SIGTERM, lambda *a: (open({str(flag)!r}, 'w').write('x'), sys.exit(0)))\n"
+            f"signal.signal({int(sig)}, lambda *a: (open({str(flag)!r}, 'w').write('x'), sys.exit(0)))\n"
             "print('ready', flush=True)\ntime.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     start = time.monotonic()
-    stop_launcher(proc, grace_s=30)
+    stop_launcher(proc, grace_s=30, sig=sig)
     assert flag.read_text() == "x" and proc.returncode == 0 and time.monotonic() - start < 30
     stop_launcher(proc)  # already stopped: nothing to do
 
