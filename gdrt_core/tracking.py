@@ -448,10 +448,27 @@ def end_run(tracker: Tracker, status: str = "FINISHED") -> None:
     tracker.terminate(status)
 
 
+def check_not_spawning(stage: str) -> None:
+    """Refuse to start `stage` while this process is a new worker importing its parent's main script
+    (multiprocessing's spawn start method, which `gdrt evaluate --set workers=N` uses). A script that runs a
+    stage without `if __name__ == "__main__":` would otherwise run it again in every worker, each opening its
+    own MLflow run, before multiprocessing's own error. `_inheriting` is the flag multiprocessing sets for that
+    import (multiprocessing.spawn, `_check_not_importing_main`)."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise GdrtError(
+            f"the {stage} stage was started inside a worker process that is importing the main script",
+            hint='put the script\'s code under `if __name__ == "__main__":` (worker processes import the main '
+                 "script again), or run the stage with workers=1",
+        )
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, config: dict | None = None, context: RunContext | None = None) -> Iterator[Tracker]:
     """One MLflow run for a stage under `context` (default `current_context()`): params = the resolved
     config; FAILED status if the stage raises."""
+    check_not_spawning(stage)
     context = context or current_context()
     tracker = start_run(context.run_name or stage, parent_run_id=context.parent_run_id or None,
                         tags={"gdrt.stage": stage}, experiment=context.experiment or None, enabled=context.enabled)

@@ -321,3 +321,31 @@ def test_a_worker_error_is_the_last_line_of_the_stage_output(tmp_path, office_sl
     assert lines[-1].startswith("gdrt evaluate: error: ") and "longer than the model's context" in lines[-1], lines[-3:]
     assert "leaked" not in done.stderr and "Loading weights" not in done.stderr
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_script_without_the_main_guard_opens_one_mlflow_run_not_one_per_worker(tmp_path, office_slice,
+                                                                                 tiny_model):
+    """The workers (spawn) import the script again; without `if __name__ == "__main__":` each ran the stage
+    too and opened its own MLflow run before multiprocessing's error. They now stop before any run, naming
+    the guard, and the store holds the parent's run only."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from gdrt_core.evaluate import EvalConfig, run\n"
+        f"run(EvalConfig(dataset={str(office_slice)!r}, model={str(tiny_model)!r}, out={str(tmp_path / 'e')!r}, "
+        "limit=4, workers=2, threads=1, batch_size=1, plots=False, progress=False))\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "GDRT_TRACKING": "on"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode == 1
+    assert "started inside a worker process that is importing the main script" in done.stderr
+    assert 'if __name__ == "__main__":' in done.stderr.strip().splitlines()[-1]  # the parent's error says it too
+    runs = mlflow.MlflowClient(uri).search_runs([e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()])
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("evaluate", "FAILED")]
+    assert not (tmp_path / "e").exists()
