@@ -62,24 +62,36 @@ def follow_umask(root: str | os.PathLike) -> None:
 
 
 def make_parents(path: str | os.PathLike) -> list[Path]:
-    """Create the missing directories above `path` and return the ones created, deepest first: a write that
-    then fails hands them to `remove_if_empty`, so that a failed `--out new/dir/x` leaves no empty `new/`."""
+    """Create the missing directories above `path` and return the ones this call created, deepest first: a
+    write that then fails hands them to `remove_if_empty`, so that a failed `--out new/dir/x` leaves no empty
+    `new/`. A directory another process creates meanwhile is not counted as ours. OSError as `mkdir`'s, after
+    removing what this call created."""
     missing = []
     parent = Path(path).absolute().parent
-    while not parent.exists() and parent != parent.parent:
+    while not parent.is_dir() and parent != parent.parent:
         missing.append(parent)
         parent = parent.parent
-    Path(path).absolute().parent.mkdir(parents=True, exist_ok=True)
-    return missing
+    created: list[Path] = []
+    try:
+        for d in reversed(missing):  # outermost first
+            try:
+                os.mkdir(d)
+                created.append(d)
+            except FileExistsError:
+                if not d.is_dir():
+                    raise
+    except OSError:
+        remove_if_empty(created)
+        raise
+    return created[::-1]
 
 
 def remove_if_empty(dirs: Sequence[Path]) -> None:
-    """Remove `dirs` (deepest first) while they are empty: the directories a failed write created."""
-    for d in dirs:
-        try:
+    """Remove each of `dirs` that is empty, deepest first (the directories failed writes created); a directory
+    that is not empty (the output, or someone else's file) or already gone is left as it is."""
+    for d in sorted(dirs, key=lambda d: len(Path(d).parts), reverse=True):
+        with contextlib.suppress(OSError):
             os.rmdir(d)
-        except OSError:  # not empty (the output, or someone else's file), or gone
-            return
 
 
 @contextlib.contextmanager
@@ -420,8 +432,10 @@ def read_manifest(root: str | os.PathLike, kind: str, *, verify: bool = True) ->
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise GdrtError(f"manifest is not valid JSON ({e})", path=str(path)) from None
+    if not isinstance(manifest, dict):
+        raise GdrtError(f"manifest is JSON but not an object ({type(manifest).__name__})", path=str(path))
     if manifest.get("kind") != kind:
         raise GdrtError(f"expected {article(kind)} artifact, found kind={manifest.get('kind')!r}", path=str(path))
     if manifest.get("schema_version") != SCHEMA_VERSION:
@@ -434,24 +448,47 @@ def read_manifest(root: str | os.PathLike, kind: str, *, verify: bool = True) ->
     return manifest
 
 
+def _same_kind(actual: Any, expected: Any) -> bool:
+    """Whether a parquet column of type `actual` holds values of `expected`'s kind: integers for an integer type
+    (any width; a value that does not fit is refused by the cast), floating point for a float type, text for a
+    string type. Never text for numbers or numbers for text, as a permissive cast would allow."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(actual):  # a dictionary-encoded column holds its value type
+        actual = actual.value_type
+    for kind in (pa.types.is_integer, pa.types.is_floating):
+        if kind(expected):
+            return kind(actual)
+    if pa.types.is_string(expected) or pa.types.is_large_string(expected):
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    return actual == expected
+
+
 def read_table(path: str | os.PathLike, columns: dict) -> Any:
     """The `columns` ({name: pyarrow type}) of the parquet file `path` of an artifact, as a pyarrow Table of
-    exactly those columns and types. A GdrtError naming the file when it is not parquet, lacks a column, or
-    holds a column whose values do not fit its type (a file edited or written by something else)."""
+    exactly those columns and types. A GdrtError naming the file when it is not parquet, lacks a column or has
+    it twice, holds a column of another kind (text where numbers belong; `_same_kind`) or a value that does
+    not fit the type, or a null (a file edited or written by something else)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     remake = "re-create the artifact with the gdrt stage that writes it"
+    expected = "expected " + ", ".join(f"{c} {t}" for c, t in columns.items())
     try:
-        names = pq.read_schema(path).names
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise GdrtError(f"has no column {', '.join(missing)}", path=str(path),
-                            hint=f"expected {', '.join(f'{c} {t}' for c, t in columns.items())}; {remake}")
+        schema = pq.read_schema(path)
+        missing = [c for c in columns if c not in schema.names]
+        twice = [c for c in columns if schema.names.count(c) > 1]
+        wrong = [f"{c} is {schema.field(c).type}" for c in columns
+                 if c not in missing and c not in twice and not _same_kind(schema.field(c).type, columns[c])]
+        for problem, names in (("has no column", missing), ("has more than one column named", twice),
+                               ("has a column of another type:", wrong)):
+            if names:
+                raise GdrtError(f"{problem} {', '.join(names)}", path=str(path), hint=f"{expected}; {remake}")
         table = pq.read_table(path, columns=list(columns)).cast(pa.schema(list(columns.items())))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-        raise GdrtError(f"not a parquet file of the expected columns ({e})", path=str(path),
-                        hint=remake) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GdrtError(f"not a parquet file of the expected columns ({first})", path=str(path),
+                        hint=f"{expected}; {remake}") from None
     except OSError as e:  # missing, a directory, unreadable
         raise GdrtError(f"cannot be read as a parquet file ({e.strerror or e})", path=str(path),
                         hint=remake) from None

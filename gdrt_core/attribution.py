@@ -695,10 +695,10 @@ def _validate(config: AttributeConfig):
     guard = {"kind": "attribution",
              "inputs": {"dataset": config.dataset, "model": config.model, "groups": config.groups}}
     check_output(config.out, **guard)
-    if config.groups is not None:
-        from gdrt_core.artifacts import read_manifest
+    if config.groups is not None:  # read in full now (`read_groups`), not after the attribution's work
+        from gdrt_core.grouping import read_groups
 
-        read_manifest(config.groups, "groups")
+        read_groups(config.groups)
     ds = Dataset(config.dataset)
     examples = ds.examples(config.split, config.limit)
     if not examples:

@@ -44,12 +44,7 @@ class Command:
 def user_path(text: str) -> str:
     """A path argument with `~` (or `~user`) as the home directory, as the shell expands it unquoted: a quoted
     "~/runs" or `--out=~/runs` reaches the command as typed, and would create a directory named `~`. The
-    argparse `type` of every path option and argument of `gdrt` and pipelines/compile.py. An empty path is
-    refused (argparse names the option): read as a path it is the current directory, which nobody means."""
-    if not text.strip():
-        from gdrt_core.config import EMPTY_PATH
-
-        raise argparse.ArgumentTypeError(EMPTY_PATH)
+    argparse `type` of every path option of `gdrt` and pipelines/compile.py."""
     return os.path.expanduser(text)
 
 
@@ -245,6 +240,9 @@ def compare_attribution(args: argparse.Namespace) -> None:
                         hint="a percentile interval needs at least a hundred resamples; 10,000 is the default")
     if args.seed < 0:
         raise GdrtError(f"--seed must be 0 or more, got {args.seed}")
+    for name, path in (("A", args.a), ("B", args.b)):
+        if not path.strip():  # Path("") is the current directory
+            raise GdrtError(f"{name} is empty: expected an Attribution artifact directory")
     if args.out is not None:
         check_output_file(args.out, "a .json file path", {"A": args.a, "B": args.b})
     result = compare(args.a, args.b, resamples=args.resamples, seed=args.seed)

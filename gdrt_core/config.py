@@ -53,7 +53,6 @@ def field(
     return dataclasses.field(default=default, metadata=meta, **kw)
 
 
-EMPTY_PATH = "an empty path is the current directory: give a file or directory"  # a path setting or option of ''
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # the `dtype` setting of the stages that load a model
 
 
@@ -91,7 +90,7 @@ def _value_problem(value: Any, meta: dict) -> str | None:
             if key in meta and number and not getattr(operator, key)(value, meta[key]):
                 return "must be " + range_text({k: meta[k] for k in ("ge", "gt", "le", "lt") if k in meta})
     if meta.get("path") and isinstance(value, str) and not value.strip():
-        return EMPTY_PATH
+        return "an empty path is the current directory: give a file or directory"
     if "check" in meta:
         return meta["check"](value)
     return None

@@ -446,8 +446,13 @@ def read_groups(root: str | os.PathLike) -> tuple[dict, object]:
         info = json.loads((root / GROUPS_FILE).read_text(encoding="utf-8"))
         if not isinstance(info, dict):
             raise ValueError("not a JSON object")
-        num_groups = info["num_groups"] if "num_groups" in info else len(info["edges"]) + 1
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        if "num_groups" in info:
+            num_groups = info["num_groups"]
+        elif isinstance(info["edges"], list):
+            num_groups = len(info["edges"]) + 1  # G - 1 cut points
+        else:
+            raise TypeError(f"edges is {type(info['edges']).__name__}, not a list")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise GdrtError(f"cannot be read as the groups' summary ({e})", path=str(root / GROUPS_FILE),
                         hint=f"it needs num_groups (or the edges); {remake}") from None
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or not 1 <= num_groups <= MAX_GROUPS:

@@ -40,7 +40,12 @@ def load_token_groups(groups_dir: str | Path, split: str = "train") -> tuple[dic
     info, table = read_groups(groups_dir)
     table = table.filter(pc.equal(table.column("split"), split))
     cols = [table.column(c).to_pylist() for c in ("example_id", "position", "token_id", "group")]
-    return {(e, p): (t, g) for e, p, t, g in zip(*cols, strict=True)}, info["num_groups"]
+    lookup = {(e, p): (t, g) for e, p, t, g in zip(*cols, strict=True)}
+    if len(lookup) != table.num_rows:
+        raise GdrtError(f"{table.num_rows - len(lookup)} {split} target tokens have more than one row "
+                        "(the same example_id and position)", path=str(Path(groups_dir) / "token_groups.parquet"),
+                        hint="re-create the artifact with `gdrt group`")
+    return lookup, info["num_groups"]
 
 
 def groups_dataset_sha256(groups_dir: str | Path) -> str | None:

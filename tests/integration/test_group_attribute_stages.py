@@ -185,3 +185,27 @@ def test_bad_inputs_exit_2_without_output(tmp_path, office_slice, tiny_model, mo
         ]
     )
     assert rc == 2 and not out.exists()
+
+
+def test_attribute_reads_the_groups_before_its_work(tmp_path, groups_dir, office_slice, tiny_model, monkeypatch,
+                                                    capsys):
+    """A Groups artifact with group ids outside 0..G-1 failed only when the histogram was drawn, after the
+    whole attribution; it is now read in full before any example is attributed."""
+    import shutil
+
+    import pyarrow as pa
+
+    from gdrt_core.artifacts import write_manifest
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    monkeypatch.setattr("gdrt_core.attribution._attribute_split", lambda *a: pytest.fail("attributed"))
+    bad = tmp_path / "bad-groups"
+    shutil.copytree(groups_dir[0], bad)
+    table = pq.read_table(bad / "token_groups.parquet")
+    table = table.set_column(table.schema.get_field_index("group"), "group", pa.array([9] * table.num_rows, pa.int8()))
+    pq.write_table(table, bad / "token_groups.parquet")
+    write_manifest(bad, "groups", config={})
+    out = tmp_path / "a"
+    assert main(["attribute", "--dataset", str(office_slice), "--model", str(tiny_model), "--groups", str(bad),
+                 "--out", str(out), "--limit", "2"]) == 2
+    assert "group ids run from 9 to 9, outside 0..2" in capsys.readouterr().err and not out.exists()

@@ -149,6 +149,9 @@ def test_groups_from_another_tokenizer_are_a_clear_error(tiny, tmp_path):
     (lambda t, info: (t, {k: v for k, v in info.items() if k not in ("num_groups", "edges")}),
      "cannot be read as the groups' summary"),
     (lambda t, info: (t, {**info, "num_groups": "4"}), "num_groups is '4'"),
+    (lambda t, info: (t.set_column(4, "group", pa.array(["0"] * t.num_rows)), info),
+     "has a column of another type: group is string"),
+    (lambda t, info: (pa.concat_tables([t, t.slice(0, 3)]), info), "3 train target tokens have more than one row"),
 ])
 def test_a_groups_artifact_unlike_what_gdrt_group_writes_is_refused_naming_the_file(tiny, tmp_path, edit, message):
     """A Groups artifact edited by hand (its manifest's hashes updated to match) is refused before training,
@@ -261,3 +264,25 @@ def test_the_final_valid_loss_is_evaluated_only_when_not_logged_at_the_last_step
     losses = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     assert [step for step, _ in losses] == eval_steps
     assert metrics["eval_loss"] == pytest.approx(losses[-1][1], abs=1e-9)
+
+
+def test_a_bad_groups_artifact_is_refused_before_the_workers_are_launched(tiny, tmp_path, monkeypatch):
+    """With num_gpus=2 the Groups artifact was read only in the workers: two copies of the error, torchrun's
+    traceback, and a last line blaming "the training workers" with a hint to re-run."""
+    import pyarrow.parquet as pq
+
+    from gdrt_core.artifacts import atomic_output_dir, write_manifest
+    from gdrt_core.errors import GdrtError
+    from gdrt_core.train import TrainConfig, run
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+    monkeypatch.setattr("gdrt_core.train.deepspeed.relaunch_under_torchrun", lambda *a, **k: pytest.fail("launched"))
+    bad = tmp_path / "bad_groups"
+    with atomic_output_dir(bad) as tmp:
+        pq.write_table(pq.read_table(Path(tiny["groups"]) / "token_groups.parquet"), tmp / "token_groups.parquet")
+        (tmp / "groups.json").write_text("[]")
+        write_manifest(tmp, "groups", config={})
+    with pytest.raises(GdrtError, match="groups.json: cannot be read as the groups' summary"):
+        run(TrainConfig(dataset=tiny["dataset"], model=tiny["model"], out=str(tmp_path / "new" / "m"),
+                        objective="gdrt", groups=str(bad), num_gpus=2, max_steps=1, batch_size=2, max_train=4))
+    assert not (tmp_path / "new").exists()

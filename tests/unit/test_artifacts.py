@@ -58,6 +58,15 @@ def test_a_failed_write_into_new_directories_removes_them(tmp_path, writer):
     assert json.loads(out.read_text()) == {"a": 1}
 
 
+def test_a_failed_write_of_several_files_removes_every_directory_it_created(tmp_path):
+    """atomic_files into two new sibling directories under a new one: all three go, whatever the order."""
+    from gdrt_core.artifacts import atomic_files
+
+    with pytest.raises(RuntimeError), atomic_files([tmp_path / "a" / "b" / "f1.txt", tmp_path / "a" / "c" / "f2.txt"]):
+        raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_modified_file_kind_and_version_are_detected(tmp_path):
     out = _make(tmp_path / "out")
     with pytest.raises(GdrtError, match="expected a dataset artifact"):

@@ -436,6 +436,8 @@ def test_compare_attribution_command_prints_and_writes_the_comparison(tmp_path, 
         ([str(a), str(b), "--resamples", str(10**7)], "--resamples must be between 100 and 1,000,000"),
         ([str(a), str(b), "--seed", "-1"], "--seed must be 0 or more"),
         ([str(a), str(b), "--out", ""], "--out is empty"),
+        ([str(a), ""], "B is empty: expected an Attribution artifact directory"),
+        (["  ", str(b)], "A is empty"),
         ([str(a), str(b), "--out", str(dataset)], "--out is a directory"),
         ([str(a), str(b), "--out", str(link)], "is not a regular file"),
         ([str(a), str(b), "--out", "/dev/null"], "is not a regular file"),
@@ -483,8 +485,10 @@ def test_compare_attribution_names_a_file_or_a_rewritten_table_instead_of_failin
     assert f"{file}: a file, not an attribution artifact directory" in err and len(err.strip().splitlines()) == 1
     rewritten = {
         "has no column score": table.drop_columns(["score"]),
-        "not a parquet file of the expected columns": table.set_column(
+        "has a column of another type: score is string": table.set_column(
             3, "score", pa.array(["x"] * table.num_rows)),
+        "has a column of another type: score is bool": table.set_column(
+            3, "score", pa.array([True] * table.num_rows)),
         "column score has empty (null) values": table.set_column(
             3, "score", pa.array([None] * table.num_rows, pa.float32())),
     }

@@ -563,15 +563,9 @@ def test_an_empty_path_setting_is_refused(monkeypatch, capsys, tmp_path, line):
     monkeypatch.setattr("gdrt_core.evaluate.run", lambda config: pytest.fail("ran"))
     key = line[1].split("=")[0] if line[0] == "--set" else line[0][2:]
     flags = [x for k in ("dataset", "model", "out") if k != key for x in (f"--{k}", k[0])]
-    if line[0] == "--set":  # the config's check
-        assert main(["evaluate", *flags, *line, "--no-tracking"]) == 2
-    else:  # argparse's, through the options' type (user_path)
-        with pytest.raises(SystemExit) as e:
-            main(["evaluate", *flags, *line, "--no-tracking"])
-        assert e.value.code == 2
+    assert main(["evaluate", *flags, *line, "--no-tracking"]) == 2
     err = capsys.readouterr().err
-    named = f"setting {key}=" if line[0] == "--set" else f"argument --{key}:"
-    assert named in err and "an empty path is the current directory" in err
+    assert f"setting {key}=" in err and "an empty path is the current directory" in err
 
 
 def test_the_output_guard_refuses_an_empty_path(tmp_path, monkeypatch):
@@ -852,20 +846,3 @@ def test_a_stop_is_reported_once_not_by_every_torchrun_worker(monkeypatch, capsy
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     assert report_errors("gdrt train", stop) == code
     assert capsys.readouterr().err == ""
-
-
-@pytest.mark.parametrize("argv", [
-    ["compare-attribution", "attr-a", ""],
-    ["evaluate", "--dataset", "ds", "--model", "m", "--out", ""],
-    ["run", "--out", " "],
-])
-def test_an_empty_path_is_refused_naming_the_option(argv, capsys):
-    """`gdrt compare-attribution a ''` read '' as the current directory; every path option refuses it now."""
-    from pipelines.cli import build_parser as gdrt_parser
-
-    with pytest.raises(SystemExit) as e:
-        gdrt_parser().parse_args(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "an empty path is the current directory" in err
-    assert ("argument B" in err) if argv[0] == "compare-attribution" else ("argument --out" in err)
