@@ -152,9 +152,9 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
     """Train and write the Model artifact; returns its manifest (None in a non-zero rank).
 
     Before any work: every setting checked, the output checked (never an input, never a directory that is
-    not a Model artifact or an interrupted run's checkpoints), the Groups artifact read (`read_groups`), the
-    output locked against a second
-    `gdrt train`, and the checkpoints found there checked to belong to these settings and inputs.
+    not a Model artifact or an interrupted run's checkpoints), the output locked against a second
+    `gdrt train`, the checkpoints found there checked to belong to these settings and inputs, and the Groups
+    artifact read in full (`grouping.read_groups`).
     """
     import contextlib
 
@@ -168,14 +168,14 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
     check_output(config.out, "model", inputs=train_inputs(config), keep=(CHECKPOINTS,))
     Dataset(config.dataset).require_examples("train", "to train on")  # (its files checked against the manifest)
     first_process = is_rank_zero() and not os.environ.get(LAUNCHED_ENV)  # not a worker of our own launch
-    if first_process and config.objective == "gdrt" and config.groups:  # one error here, not one per worker
-        from gdrt_core.grouping import read_groups
-
-        read_groups(config.groups)
     with exclusive(config.out, "gdrt train") if first_process else contextlib.nullcontext():
         if first_process:
             check_same_run(Path(config.out) / CHECKPOINTS, run_fingerprint(to_dict(config), train_inputs(config)),
                            defaults=to_dict(TrainConfig(dataset="", model="", out="")))
+            if config.objective == "gdrt" and config.groups:  # one error here, not one per launched worker
+                from gdrt_core.grouping import read_groups
+
+                read_groups(config.groups)
         return _run_locked(config)
 
 
