@@ -154,7 +154,7 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
     Before any work: every setting checked, the output checked (never an input, never a directory that is
     not a Model artifact or an interrupted run's checkpoints), the output locked against a second
     `gdrt train`, the checkpoints found there checked to belong to these settings and inputs, and the Groups
-    artifact read in full (`grouping.read_groups`).
+    artifact read in full (`grouping.read_groups`) before any model is loaded or worker launched.
     """
     import contextlib
 
@@ -172,10 +172,6 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
         if first_process:
             check_same_run(Path(config.out) / CHECKPOINTS, run_fingerprint(to_dict(config), train_inputs(config)),
                            defaults=to_dict(TrainConfig(dataset="", model="", out="")))
-            if config.objective == "gdrt" and config.groups:  # one error here, not one per launched worker
-                from gdrt_core.grouping import read_groups
-
-                read_groups(config.groups)
         return _run_locked(config)
 
 
@@ -197,6 +193,10 @@ def _run_locked(config: TrainConfig) -> dict[str, Any] | None:
         import yaml
 
         from gdrt_core.artifacts import make_parents, read_manifest, remove_if_empty
+        from gdrt_core.grouping import read_groups
+
+        if config.objective == "gdrt" and config.groups:  # one error here, not one per launched worker
+            read_groups(config.groups)  # (a single process reads it once, in `loop.train`, before the model)
 
         created = make_parents(config.out)
         try:

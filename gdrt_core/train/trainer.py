@@ -61,9 +61,9 @@ class SeededLengthGroupedSampler(torch.utils.data.Sampler):
         import numpy as np
         from transformers.trainer_pt_utils import get_length_grouped_indices
 
-        # (seed, epoch) mixed, so that seed s in epoch 1 does not draw seed s + 1's epoch 0 (as seed + epoch would)
         if not self.lengths:  # transformers' grouping indexes the first mega-batch
             return iter([])
+        # (seed, epoch) mixed, so that seed s in epoch 1 does not draw seed s + 1's epoch 0 (as seed + epoch would)
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
