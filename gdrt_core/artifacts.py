@@ -211,6 +211,14 @@ def check_not_input(out: str | os.PathLike, inputs: dict[str, str | os.PathLike 
                             path=str(out), hint=hint)
 
 
+def check_path_given(value: str | os.PathLike, name: str, expected: str, hint: str | None = None) -> None:
+    """Refuse an empty or blank path argument (`name`, e.g. "--out"): Path("") is the current directory, and
+    a blank value is usually an unset shell variable. `expected` says what the argument should name."""
+    if not str(value).strip():
+        raise GdrtError(f"{name} is empty: expected {expected} (an empty path would be the current directory)",
+                        hint=hint)
+
+
 def check_output_file(out: str | os.PathLike, expected: str, inputs: dict[str, str | os.PathLike | None]) -> None:
     """Refuse, before any work, a single-file output (`--out` of a command) that would destroy something when
     the finished file is renamed over it: an input or a path inside one (`check_not_input`), an empty path,
@@ -218,8 +226,7 @@ def check_output_file(out: str | os.PathLike, expected: str, inputs: dict[str, s
     the rename would replace it, not write through it), or a path inside a gdrt artifact directory (one
     holding a manifest.json), whose files are checked against their hashes. `expected` names the file
     wanted ("a .json file") in the errors."""
-    if not str(out):
-        raise GdrtError(f"--out is empty: expected {expected}", hint="give the file to write, e.g. --out out.json")
+    check_path_given(out, "--out", expected, hint="give the file to write, e.g. --out out.json")
     check_not_input(out, inputs)
     path = Path(out)
     if path.is_dir():
@@ -245,9 +252,8 @@ def check_output(
     holding only the entries named in `keep` (train's checkpoints of an interrupted run). An empty path
     (the current directory) is refused.
     """
-    if not str(out).strip():
-        raise GdrtError("the output path is empty: it would be the current directory, replaced by the "
-                        f"{kind} artifact", path="out", hint="give --out the directory to write")
+    check_path_given(out, "--out", f"the directory to write {article(kind)} artifact to",
+                     hint="give --out the directory to write")
     check_not_input(out, inputs or {})
     target = Path(out).absolute().resolve()
     a_kind = article(kind)

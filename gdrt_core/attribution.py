@@ -46,6 +46,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -615,8 +616,9 @@ def counterfactual_summary(scores: dict[str, list[tuple[float, int | None]]]) ->
 # ------------------------------------------------------------------------------------------- plots
 
 
-def write_plots(summary: dict, plots_dir: Path, groups_dir: str | None = None) -> list[str]:
-    """share_by_segment.png, profile_by_position.png and (with a Groups artifact) relevance_histogram.png."""
+def write_plots(summary: dict, plots_dir: Path, groups: tuple[dict, Any] | None = None) -> list[str]:
+    """share_by_segment.png, profile_by_position.png and, with `groups` (`grouping.read_groups`'s (info,
+    token_groups table) of a Groups artifact), relevance_histogram.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -646,11 +648,10 @@ def write_plots(summary: dict, plots_dir: Path, groups_dir: str | None = None) -
     plt.close(fig)
     written.append("profile_by_position.png")
 
-    if groups_dir is not None:
-        from gdrt_core.grouping import plot_relevance_histogram, read_groups
+    if groups is not None:
+        from gdrt_core.grouping import plot_relevance_histogram
 
-        info, table = read_groups(groups_dir)
-        plot_relevance_histogram(info, table, plots_dir / "relevance_histogram.png")
+        plot_relevance_histogram(*groups, plots_dir / "relevance_histogram.png")
         written.append("relevance_histogram.png")
     return written
 
@@ -676,18 +677,19 @@ def run(config: AttributeConfig, *, model=None, tokenizer=None, context=None) ->
     """
     from gdrt_core.tracking import stage_run
 
-    ds, examples, guard = _validate(config)
+    ds, examples, groups, guard = _validate(config)
     with stage_run("attribute", to_dict(config), context) as tracker:
         attributions, cf_scores = _attribute_split(config, ds, examples, model, tokenizer)
         summary = _summary(config, attributions, cf_scores)
-        _write_attribution(config, guard, attributions, summary)
+        _write_attribution(config, guard, attributions, summary, groups)
         _track(tracker, config, summary)
     return summary
 
 
 def _validate(config: AttributeConfig):
     """Checks before any work: the config, the output, the Groups artifact, the split. Returns (dataset,
-    the examples to attribute, the output guard)."""
+    the examples to attribute, the Groups artifact as `grouping.read_groups` gives it or None, the output
+    guard)."""
     from gdrt_core.artifacts import check_output
     from gdrt_core.dataset import Dataset
 
@@ -695,15 +697,16 @@ def _validate(config: AttributeConfig):
     guard = {"kind": "attribution",
              "inputs": {"dataset": config.dataset, "model": config.model, "groups": config.groups}}
     check_output(config.out, **guard)
-    if config.groups is not None:  # read in full now (`read_groups`), not after the attribution's work
+    groups = None
+    if config.groups is not None:  # read in full now, not after the attribution's work; the plots use it
         from gdrt_core.grouping import read_groups
 
-        read_groups(config.groups)
+        groups = read_groups(config.groups)
     ds = Dataset(config.dataset)
     examples = ds.examples(config.split, config.limit)
     if not examples:
         raise GdrtError(f"split {config.split!r} has no examples", path=config.dataset)
-    return ds, examples, guard
+    return ds, examples, groups, guard
 
 
 def _attribute_split(config: AttributeConfig, ds, examples, model, tokenizer):
@@ -770,7 +773,7 @@ def _summary(config: AttributeConfig, attributions: list[ExampleAttribution], cf
 
 
 def _write_attribution(config: AttributeConfig, guard: dict, attributions: list[ExampleAttribution],
-                       summary: dict) -> None:
+                       summary: dict, groups: tuple[dict, Any] | None = None) -> None:
     """attributions.parquet (one row per example, segment and position), summary.json, the plots and the
     manifest, atomically."""
     import pyarrow as pa
@@ -799,7 +802,7 @@ def _write_attribution(config: AttributeConfig, guard: dict, attributions: list[
     with atomic_output_dir(config.out, **guard) as tmp:
         pq.write_table(table, tmp / ATTRIBUTIONS_FILE)
         write_json_atomic(tmp / SUMMARY_FILE, summary)
-        write_plots(summary, tmp / "plots", config.groups)
+        write_plots(summary, tmp / "plots", groups)
         write_manifest(tmp, "attribution", config=to_dict(config), inputs=inputs)
 
 

@@ -232,7 +232,7 @@ def dispatch(args: argparse.Namespace, commands: dict[str, Command] | None = Non
 def compare_attribution(args: argparse.Namespace) -> None:
     """`gdrt compare-attribution A B`: print `attribution.compare(A, B)`; --out also writes it as JSON
     (atomically)."""
-    from gdrt_core.artifacts import check_output_file, write_json_atomic
+    from gdrt_core.artifacts import check_output_file, check_path_given, write_json_atomic
     from gdrt_core.attribution import compare, format_comparison
 
     if not 100 <= args.resamples <= 10**6:
@@ -241,8 +241,7 @@ def compare_attribution(args: argparse.Namespace) -> None:
     if args.seed < 0:
         raise GdrtError(f"--seed must be 0 or more, got {args.seed}")
     for name, path in (("A", args.a), ("B", args.b)):
-        if not path.strip():  # Path("") is the current directory
-            raise GdrtError(f"{name} is empty: expected an Attribution artifact directory")
+        check_path_given(path, name, "an Attribution artifact directory")
     if args.out is not None:
         check_output_file(args.out, "a .json file path", {"A": args.a, "B": args.b})
     result = compare(args.a, args.b, resamples=args.resamples, seed=args.seed)

@@ -21,12 +21,9 @@ PIPELINE_FILES = ("gdrt_pipeline.yaml", "gdrt_pipeline_multinode.yaml")
 
 def compile_all(out_dir: str | Path) -> list[Path]:
     from components.image import image_from_env
+    from gdrt_core.artifacts import check_path_given
 
-    if not str(out_dir).strip():  # Path("") is the current directory
-        from gdrt_core.errors import GdrtError
-
-        raise GdrtError("the output directory is empty: it would be the current directory", path="--out-dir",
-                        hint="give --out-dir the directory to write the compiled pipelines to")
+    check_path_given(out_dir, "--out-dir", "the directory to write the compiled pipelines to")
     image_from_env()  # a blank GDRT_IMAGE is refused before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # a path of the wrong kind fails here, before kfp is imported

@@ -180,9 +180,11 @@ def arguments(p: argparse.ArgumentParser) -> None:
 def check_out_given(out: str | None) -> None:
     """`--out` of `gdrt run` / `gdrt sweep`: absent means the default folder, but an empty or blank one (an unset
     shell variable) is an error, not the default."""
-    if out is not None and not out.strip():
-        raise GdrtError("--out is empty", path="--out",
-                        hint="give the working directory, or leave --out out for the default under runs/")
+    from gdrt_core.artifacts import check_path_given
+
+    if out is not None:
+        check_path_given(out, "--out", "the working directory",
+                         hint="give the working directory, or leave --out out for the default under runs/")
 
 
 def cli(args: argparse.Namespace) -> None:

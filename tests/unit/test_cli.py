@@ -572,8 +572,9 @@ def test_the_output_guard_refuses_an_empty_path(tmp_path, monkeypatch):
     from gdrt_core.artifacts import check_output
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(GdrtError, match="the output path is empty"):
-        check_output("", "eval")
+    for out in ("", "  "):
+        with pytest.raises(GdrtError, match="--out is empty: expected the directory to write an eval artifact to"):
+            check_output(out, "eval")
 
 
 @pytest.mark.parametrize("how", ["flag", "set", "config"])

@@ -117,5 +117,5 @@ def test_an_empty_out_dir_is_refused(tmp_path, monkeypatch, capsys, out_dir):
 
     monkeypatch.chdir(tmp_path)
     assert main(["--out-dir", out_dir]) == 2
-    assert "--out-dir: the output directory is empty" in capsys.readouterr().err
+    assert "error: --out-dir is empty: expected the directory to write the compiled pipelines to" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
