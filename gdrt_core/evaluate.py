@@ -344,9 +344,10 @@ def _pooled_ranker(config: EvalConfig, dataset, settings):
                 rankings = task.result()
             except BrokenProcessPool as e:
                 raise GdrtError(
-                    f"a worker process of the evaluation stopped without an error ({e})", path=config.out,
-                    hint="out of memory? use fewer workers (--set workers=N); in a script, call evaluate under "
-                         "`if __name__ == \"__main__\":`",
+                    f"a worker process of the evaluation ended without reporting an error: it was killed, or it could "
+                    f"not start ({e})", path=config.out,
+                    hint="out of memory? use fewer workers (--set workers=N); a script that calls evaluate needs "
+                         "`if __name__ == \"__main__\":` (the workers import it; its message is above)",
                 ) from e
             for i, ranking in zip(batch, rankings, strict=True):
                 results[i] = ranking

@@ -158,7 +158,7 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
     """
     import contextlib
 
-    from gdrt_core.artifacts import check_output, exclusive
+    from gdrt_core.artifacts import check_output, exclusive, remove_if_empty
     from gdrt_core.dataset import Dataset
     from gdrt_core.tracking import is_rank_zero
     from gdrt_core.train.deepspeed import LAUNCHED_ENV
@@ -172,7 +172,13 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
         if first_process:
             check_same_run(Path(config.out) / CHECKPOINTS, run_fingerprint(to_dict(config), train_inputs(config)),
                            defaults=to_dict(TrainConfig(dataset="", model="", out="")))
-        return _run_locked(config)
+        fresh = [p for p in (Path(config.out) / CHECKPOINTS, Path(config.out)) if not p.exists()]
+        try:
+            return _run_locked(config)
+        except BaseException:  # e.g. Ctrl-C before the first checkpoint: no empty output left behind
+            if first_process:
+                remove_if_empty(fresh)
+            raise
 
 
 def _run_locked(config: TrainConfig) -> dict[str, Any] | None:

@@ -244,7 +244,7 @@ def test_a_worker_killed_mid_run_is_an_error_naming_the_cause(tmp_path, office_s
                                  workers=2, threads=1, batch_size=2)
     dataset = Dataset(office_slice)
     examples = list(dataset.examples("test", limit=4))
-    with pytest.raises(GdrtError, match="a worker process of the evaluation stopped without an error.*out of memory"):
+    with pytest.raises(GdrtError, match="a worker process of the evaluation ended without reporting an error.*out of memory"):
         with evaluate._pooled_ranker(config, dataset, BeamSearchSettings()) as rank:
             rank([list(e.history) for e in examples[:2]], [e.example_id for e in examples[:2]], lambda n: None)
             for process in multiprocessing.active_children():  # the pool's workers

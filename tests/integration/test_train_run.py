@@ -286,3 +286,28 @@ def test_a_bad_groups_artifact_is_refused_before_the_workers_are_launched(tiny, 
         run(TrainConfig(dataset=tiny["dataset"], model=tiny["model"], out=str(tmp_path / "new" / "m"),
                         objective="gdrt", groups=str(bad), num_gpus=2, max_steps=1, batch_size=2, max_train=4))
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_run_stopped_before_its_first_checkpoint_leaves_no_empty_output(tiny, tmp_path, monkeypatch, existing):
+    """Ctrl-C during the first steps left `<out>/checkpoints/` (and `<out>`) empty behind; an output directory
+    that was there before stays, and a run stopped after a checkpoint keeps it for the resume."""
+    from gdrt_core.train import TrainConfig, run
+    from gdrt_core.train.trainer import GdrtTrainer
+
+    monkeypatch.setenv("GDRT_TRACKING", "off")
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GdrtTrainer, "train", interrupted)
+    out = tmp_path / "new" / "m"
+    if existing:
+        out.mkdir(parents=True)
+    with pytest.raises(KeyboardInterrupt):
+        run(TrainConfig(dataset=tiny["dataset"], model=tiny["model"], out=str(out), objective="sft", max_steps=2,
+                        batch_size=2, max_train=4, valid_size=2, cpu_threads=1, ndcg_every_epoch=False))
+    if existing:
+        assert out.is_dir() and list(out.iterdir()) == []
+    else:
+        assert not (tmp_path / "new").exists()
