@@ -3,7 +3,7 @@
 # under CUDA MPS when the machine allows it (several processes then share the GPU's compute). Resumable: a
 # finished stage leaves runs/<sweep>/stages/<name>.done.json and is skipped when this script runs again;
 # results.json / results.md are rewritten as stages finish. Usage:
-#   JOBS=12 bash scripts/gpu_sweep.sh [SWEEP ...]     # default: the Office, Toy and Book sweeps (smollm2)
+#   JOBS=12 bash scripts/gpu_sweep.sh [SWEEP ...]     # default: the Office, Toy, Book and Game sweeps (smollm2)
 # Needs torch with CUDA in .venv (docs/operations.md) and the backbone in the cache
 # (python -m gdrt_core.pretrained fetch smollm2-135m, or GDRT_CACHE_DIR pointing at a filled cache).
 set -euo pipefail
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 JOBS=${JOBS:-12}
 sweeps=("$@")
 [ ${#sweeps[@]} -gt 0 ] || sweeps=(pipelines/sweeps/office-smollm2.yaml pipelines/sweeps/toy-smollm2.yaml
-                                   pipelines/sweeps/books-smollm2.yaml)
+                                   pipelines/sweeps/books-smollm2.yaml pipelines/sweeps/games-smollm2.yaml)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/runs/mlflow.db}
 mkdir -p runs

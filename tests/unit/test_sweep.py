@@ -110,6 +110,22 @@ def test_load_sweep_only_and_missing_file(tmp_path):
         sweep.load_sweep(tmp_path / "nope.yaml")
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHIPPED_SWEEPS = sorted(f for f in os.listdir(os.path.join(REPO, "pipelines", "sweeps")) if f.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED_SWEEPS)
+def test_every_shipped_sweep_file_loads_and_plans(name):
+    """The sweep files in pipelines/sweeps/ (the GPU protocol among them) load, pass every stage's settings
+    check, and plan a graph with one training per variant and objective, before a GPU is ever spent on them."""
+    experiment, variants = sweep.load_sweep(os.path.join(REPO, "pipelines", "sweeps", name))
+    assert experiment and variants
+    plan = sweep.plan(variants)
+    assert all(any(plan.nodes[k].stage == "train" for k in role.values()) for role in plan.roles.values())
+    assert all(os.path.isdir(os.path.normpath(os.path.join(REPO, v.params["source"])))
+               or v.params["source"].startswith("../shared/") for v in variants.values())
+
+
 def test_plan_shares_identical_stages_and_wires_the_reference(tmp_path):
     path = _write(tmp_path, {"a": {}, "t": {"set": {"tau": 100}}, "g": {"set": {"num_groups": 2}},
                              "s": {"set": {"train_settings.seed": 7}}, "r": {"reference": "base"}})
