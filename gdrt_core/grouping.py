@@ -11,6 +11,7 @@ For every target token y_t of every example of the train (and valid) split:
 
 G quantile bins are fitted on the train scores (per token, or per example = mean r over its target tokens)
 and applied unchanged to every split; group 0 holds the lowest r (least predictable from auxiliary tokens).
+A score equal to an edge, or within `tie_tolerance` nats below it, goes to the upper group (method.md §4).
 With per-example grouping every token of an example gets the example's group, and the `relevance` column
 still holds each token's own r_t (the binned value is the mean of the example's rows).
 
@@ -46,6 +47,9 @@ REMOVALS = ("drop", "mask")
 GRANULARITIES = ("token", "example")
 SPLITS = ("train", "valid", "test")
 MAX_GROUPS = 128  # group ids are stored as int8 (0..127)
+# Scores of one token in one context differ from window to window in their 6th-7th significant digit (batched
+# float32 forward passes; about 1e-5 nats for |r| ~ 1); 1e-4 nats covers that with margin.
+TIE_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -60,6 +64,10 @@ class GroupConfig:
         "drop", choices=REMOVALS, help="drop: render with an empty history | mask: hide history tokens from attention"
     )
     granularity: str = field("token", choices=GRANULARITIES, help="token: bin each r_t | example: bin the mean r_t of each example")
+    tie_tolerance: float = field(
+        TIE_TOLERANCE, ge=0, help="nats: a score this close below an edge counts as equal to it and goes to the upper "
+        "group, so near-equal scores whose last digits depend on the batch stay together (0 = exact comparison)"
+    )
     splits: list[str] = field(
         ["train", "valid"], choices=SPLITS, help="splits to score (train is required: edges are fitted on it)"
     )
@@ -93,10 +101,17 @@ def fit_edges(scores: np.ndarray, num_groups: int) -> np.ndarray:
     return np.quantile(scores, np.arange(1, num_groups) / num_groups)
 
 
-def assign_groups(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Group id per score: the number of cut points <= score (0 = lowest r), as int8."""
+def assign_groups(scores: np.ndarray, edges: np.ndarray, tolerance: float = 0.0) -> np.ndarray:
+    """Group id per score: the number of cut points e with e - tolerance <= score (0 = lowest r), as int8.
+
+    scores: (N,) log-probabilities in nats; edges: (G-1,) ascending (`fit_edges`); tolerance >= 0 nats. A score
+    equal to an edge, or at most `tolerance` below it, goes to the upper group (method.md §4, ties): a mass of
+    near-equal scores that straddles an edge by rounding noise is kept in one group.
+    """
+    if tolerance < 0:
+        raise GdrtError(f"the tie tolerance must be >= 0 nats, got {tolerance}")
     return np.searchsorted(
-        np.asarray(edges, dtype=np.float64), np.asarray(scores, dtype=np.float64), side="right"
+        np.asarray(edges, dtype=np.float64) - tolerance, np.asarray(scores, dtype=np.float64), side="right"
     ).astype(np.int8)
 
 
@@ -341,7 +356,7 @@ def _bin_splits(config: GroupConfig, tables: dict):
 
     out_tables, sizes, means = [], {}, {}
     for s, t in tables.items():
-        groups = assign_groups(binned[s], edges)
+        groups = assign_groups(binned[s], edges, config.tie_tolerance)
         sizes[s], means[s] = _group_stats(t.column("relevance").to_numpy(), groups, config.num_groups)
         out_tables.append(
             t.append_column("group", pa.array(groups, pa.int8())).append_column(
@@ -354,6 +369,7 @@ def _bin_splits(config: GroupConfig, tables: dict):
         "granularity": config.granularity,
         "history_removal": config.history_removal,
         "edges": [float(e) for e in edges],
+        "tie_tolerance": config.tie_tolerance,
         "train_range": [float(train_rel.min()), float(train_rel.max())],
         "sizes": sizes,
         "mean_relevance": means,

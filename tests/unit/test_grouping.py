@@ -91,6 +91,38 @@ def test_edges_are_train_quantiles_and_reused_on_valid():
     assert assign_groups(train, edges).dtype == np.int8
 
 
+def test_a_score_within_the_tie_tolerance_below_an_edge_goes_up():
+    """Edges [2.75, 4.5, 6.25], tolerance 1e-4 nats: 2.74995 is 5e-5 below the first edge -> group 1 (0 without
+    the tolerance); 2.7498 is 2e-4 below it -> group 0 either way; 4.49991 -> 2 (1 without); 6.25 -> 3 either way."""
+    edges = np.array([2.75, 4.5, 6.25])
+    scores = np.array([2.74995, 2.7498, 4.49991, 6.25])
+    assert assign_groups(scores, edges, 1e-4).tolist() == [1, 0, 2, 3]
+    assert assign_groups(scores, edges).tolist() == [0, 0, 1, 3]
+    with pytest.raises(GdrtError, match="tolerance must be >= 0"):
+        assign_groups(scores, edges, -1e-4)
+
+
+def test_a_mass_of_near_equal_scores_at_an_edge_stays_in_one_group():
+    """60 scores spread over [-10, -1], 40 over [-0.5, -0.01], and between them 50 copies of one token's score,
+    -0.8956240, that differ in the 7th digit (+-3e-7, as batched float32 forward passes give them). Sorted, the
+    mass holds positions 60-109 of 150, so the median edge falls in it: without a tolerance the mass is split
+    by the noise; with the default 1e-4 nats all 50 go to the upper group, whatever their last digits, and the
+    other 100 scores keep their groups (60 in group 0, 40 in group 1)."""
+    from gdrt_core.grouping import TIE_TOLERANCE
+
+    rng = np.random.default_rng(0)
+    spread = np.concatenate([np.linspace(-10.0, -1.0, 60), np.linspace(-0.5, -0.01, 40)])
+    scores = np.concatenate([spread, -0.8956240 + rng.uniform(-3e-7, 3e-7, size=50)]).astype(np.float32)
+    edges = fit_edges(scores, 2)
+    assert scores[100:].min() < edges[0] < scores[100:].max()  # the edge lies inside the mass
+    exact = assign_groups(scores, edges)
+    assert 0 < exact[100:].sum() < 50  # split by noise
+    tolerant = assign_groups(scores, edges, TIE_TOLERANCE)
+    assert tolerant[100:].tolist() == [1] * 50 and tolerant[:100].tolist() == exact[:100].tolist() == [0] * 60 + [1] * 40
+    noisier = np.concatenate([spread, -0.8956240 + rng.uniform(-3e-6, 3e-6, size=50)]).astype(np.float32)
+    assert assign_groups(noisier, fit_edges(noisier, 2), TIE_TOLERANCE).tolist() == tolerant.tolist()
+
+
 def test_group_sizes_balanced_on_train():
     """1001 distinct scores into 4 groups: every group holds 250 or 251 of them."""
     scores = np.random.default_rng(0).normal(size=1001)
@@ -224,6 +256,8 @@ def test_token_groups_align_with_tokenised_examples(tmp_path, office_slice, data
     train = table.filter(table.column("split").to_numpy(zero_copy_only=False) == "train")
     rel = train.column("relevance").to_numpy()
     np.testing.assert_allclose(summary["edges"], np.quantile(rel.astype(np.float64), [0.25, 0.5, 0.75]))
+    assert summary["tie_tolerance"] == 1e-4
+    assert train.column("group").to_numpy().tolist() == assign_groups(rel, summary["edges"], 1e-4).tolist()
     assert max(summary["sizes"]["train"]) - min(summary["sizes"]["train"]) <= 0.05 * len(rel) + 1
     assert sum(summary["sizes"]["valid"]) == summary["tokens"]["valid"]
 
