@@ -47,8 +47,9 @@ REMOVALS = ("drop", "mask")
 GRANULARITIES = ("token", "example")
 SPLITS = ("train", "valid", "test")
 MAX_GROUPS = 128  # group ids are stored as int8 (0..127)
-# Scores of one token in one context differ from window to window in their 6th-7th significant digit (batched
-# float32 forward passes; about 1e-5 nats for |r| ~ 1); 1e-4 nats covers that with margin.
+# Scores of one token in one context can differ from window to window in their 6th-7th significant digit
+# (batched float32 forward passes; about 1e-5 nats for |r| ~ 1); 1e-4 nats covers that with margin. It is sized
+# for float32 scoring: in bfloat16 the same scores spread over 0.1-0.2 nats, which no tolerance should absorb.
 TIE_TOLERANCE = 1e-4
 
 
@@ -108,8 +109,8 @@ def assign_groups(scores: np.ndarray, edges: np.ndarray, tolerance: float = 0.0)
     equal to an edge, or at most `tolerance` below it, goes to the upper group (method.md §4, ties): a mass of
     near-equal scores that straddles an edge by rounding noise is kept in one group.
     """
-    if tolerance < 0:
-        raise GdrtError(f"the tie tolerance must be >= 0 nats, got {tolerance}")
+    if not (np.isfinite(tolerance) and tolerance >= 0):
+        raise GdrtError(f"the tie tolerance must be a finite number >= 0 nats, got {tolerance}")
     return np.searchsorted(
         np.asarray(edges, dtype=np.float64) - tolerance, np.asarray(scores, dtype=np.float64), side="right"
     ).astype(np.int8)
@@ -348,6 +349,13 @@ def _bin_splits(config: GroupConfig, tables: dict):
     for s, t in tables.items():
         rel = t.column("relevance").to_numpy()
         binned[s] = example_means(t.column("example_id").to_numpy(), rel) if config.granularity == "example" else rel
+    for s, t in tables.items():
+        bad = np.isnan(binned[s])
+        if bad.any():
+            ids = np.unique(t.column("example_id").to_numpy()[bad])
+            raise GdrtError(f"{int(bad.sum())} {s} target token score(s) are NaN (examples {ids[:5].tolist()}"
+                            f"{' ...' if len(ids) > 5 else ''}): the reference model's log-probabilities are not numbers",
+                            hint="check the reference model (its weights, or a float16 overflow: --set dtype=float32)")
     fit_values = binned["train"]
     if config.granularity == "example":  # one value per example: the mean r of its target tokens
         _, first = np.unique(tables["train"].column("example_id").to_numpy(), return_index=True)

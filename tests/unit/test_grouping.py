@@ -98,8 +98,9 @@ def test_a_score_within_the_tie_tolerance_below_an_edge_goes_up():
     scores = np.array([2.74995, 2.7498, 4.49991, 6.25])
     assert assign_groups(scores, edges, 1e-4).tolist() == [1, 0, 2, 3]
     assert assign_groups(scores, edges).tolist() == [0, 0, 1, 3]
-    with pytest.raises(GdrtError, match="tolerance must be >= 0"):
-        assign_groups(scores, edges, -1e-4)
+    for bad in (-1e-4, float("nan"), float("inf")):
+        with pytest.raises(GdrtError, match="tolerance must be a finite number >= 0"):
+            assign_groups(scores, edges, bad)
 
 
 def test_a_mass_of_near_equal_scores_at_an_edge_stays_in_one_group():
@@ -121,6 +122,41 @@ def test_a_mass_of_near_equal_scores_at_an_edge_stays_in_one_group():
     assert tolerant[100:].tolist() == [1] * 50 and tolerant[:100].tolist() == exact[:100].tolist() == [0] * 60 + [1] * 40
     noisier = np.concatenate([spread, -0.8956240 + rng.uniform(-3e-6, 3e-6, size=50)]).astype(np.float32)
     assert assign_groups(noisier, fit_edges(noisier, 2), TIE_TOLERANCE).tolist() == tolerant.tolist()
+
+
+def _scores_table(example_ids, scores):
+    import pyarrow as pa
+
+    return pa.table({"example_id": pa.array(example_ids, pa.int64()), "relevance": pa.array(scores, pa.float32())})
+
+
+def test_the_stage_bins_with_its_tie_tolerance_and_records_it():
+    """The stage's binning (`_bin_splits`) on train scores [-3, -2, -1.00002, -1.00001, -1, 0] (one token per
+    example), G = 2: the median edge is the mean of the 3rd and 4th scores, -1.000015. Exactly compared,
+    -1.00002 is below it (group 0: sizes 3 / 3); with the default 1e-4 nats the near-equal -1.00002 joins the
+    other two in the upper group (sizes 2 / 4). A valid score of -1.00005 goes up too. groups.json records the
+    tolerance."""
+    from gdrt_core.grouping import _bin_splits
+
+    train = _scores_table(range(6), [-3.0, -2.0, -1.00002, -1.00001, -1.0, 0.0])
+    valid = _scores_table([10, 11], [-1.00005, -1.5])
+    results = {}
+    for tolerance in (1e-4, 0.0):
+        config = GroupConfig(dataset="d", reference="r", out="o", num_groups=2, tie_tolerance=tolerance)
+        table, summary = _bin_splits(config, {"train": train, "valid": valid})
+        results[tolerance] = table.column("group").to_pylist()
+        assert summary["tie_tolerance"] == tolerance
+        np.testing.assert_allclose(summary["edges"], [-1.000015], rtol=0, atol=1e-6)
+    assert results[1e-4] == [0, 0, 1, 1, 1, 1, 1, 0] and results[0.0] == [0, 0, 0, 1, 1, 1, 0, 0]
+    assert GroupConfig(dataset="d", reference="r", out="o").tie_tolerance == 1e-4
+
+
+def test_a_nan_score_is_an_error_naming_the_examples():
+    from gdrt_core.grouping import _bin_splits
+
+    train = _scores_table([3, 3, 8], [-1.0, float("nan"), -2.0])
+    with pytest.raises(GdrtError, match=r"1 train target token score\(s\) are NaN \(examples \[3\]\)"):
+        _bin_splits(GroupConfig(dataset="d", reference="r", out="o"), {"train": train})
 
 
 def test_group_sizes_balanced_on_train():
