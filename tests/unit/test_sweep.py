@@ -118,13 +118,13 @@ SHIPPED_SWEEPS = sorted(f for f in os.listdir(os.path.join(REPO, "pipelines", "s
 def test_every_shipped_sweep_file_loads_and_plans(name):
     """The sweep files in pipelines/sweeps/ (the GPU protocol among them) load, pass every stage's settings
     check (`load_sweep`), and plan a GDRT training of each variant's own, before a GPU is ever spent on them;
-    their sources exist (those under ../shared/ where this checkout sits next to it)."""
+    their sources exist (those under ../shared/ where this checkout sits next to its data)."""
     _, variants = sweep.load_sweep(os.path.join(REPO, "pipelines", "sweeps", name))
     plan = sweep.plan(variants)
     assert len({role["gdrt"] for role in plan.roles.values()}) == len(variants)
     for v in variants.values():
         source = os.path.normpath(os.path.join(REPO, v.params["source"]))
-        if not v.params["source"].startswith("../shared/") or os.path.isdir(os.path.join(REPO, "..", "shared")):
+        if not v.params["source"].startswith("../shared/") or os.path.isdir(os.path.join(REPO, "..", "shared", "data")):
             assert os.path.isdir(source), f"{name}: variant {v.name}: source {v.params['source']} is missing"
 
 
