@@ -347,15 +347,14 @@ def _bin_splits(config: GroupConfig, tables: dict):
 
     binned: dict[str, np.ndarray] = {}
     for s, t in tables.items():
-        rel = t.column("relevance").to_numpy()
-        binned[s] = example_means(t.column("example_id").to_numpy(), rel) if config.granularity == "example" else rel
-    for s, t in tables.items():
-        bad = np.isnan(binned[s])
+        rel, example_ids = t.column("relevance").to_numpy(), t.column("example_id").to_numpy()
+        bad = np.isnan(rel)
         if bad.any():
-            ids = np.unique(t.column("example_id").to_numpy()[bad])
+            ids = np.unique(example_ids[bad])
             raise GdrtError(f"{int(bad.sum())} {s} target token score(s) are NaN (examples {ids[:5].tolist()}"
                             f"{' ...' if len(ids) > 5 else ''}): the reference model's log-probabilities are not numbers",
                             hint="check the reference model (its weights, or a float16 overflow: --set dtype=float32)")
+        binned[s] = example_means(example_ids, rel) if config.granularity == "example" else rel
     fit_values = binned["train"]
     if config.granularity == "example":  # one value per example: the mean r of its target tokens
         _, first = np.unique(tables["train"].column("example_id").to_numpy(), return_index=True)

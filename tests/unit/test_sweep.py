@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -110,8 +111,8 @@ def test_load_sweep_only_and_missing_file(tmp_path):
         sweep.load_sweep(tmp_path / "nope.yaml")
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHIPPED_SWEEPS = sorted(f for f in os.listdir(os.path.join(REPO, "pipelines", "sweeps")) if f.endswith(".yaml"))
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED_SWEEPS = sorted(p.name for p in (REPO / "pipelines" / "sweeps").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", SHIPPED_SWEEPS)
@@ -119,22 +120,21 @@ def test_every_shipped_sweep_file_loads_and_plans(name):
     """The sweep files in pipelines/sweeps/ (the GPU protocol among them) load, pass every stage's settings
     check (`load_sweep`), and plan a GDRT training of each variant's own, before a GPU is ever spent on them;
     their sources exist (those under ../shared/ where this checkout sits next to its data)."""
-    _, variants = sweep.load_sweep(os.path.join(REPO, "pipelines", "sweeps", name))
+    _, variants = sweep.load_sweep(REPO / "pipelines" / "sweeps" / name)
     plan = sweep.plan(variants)
     assert len({role["gdrt"] for role in plan.roles.values()}) == len(variants)
     for v in variants.values():
-        source = os.path.normpath(os.path.join(REPO, v.params["source"]))
-        if not v.params["source"].startswith("../shared/") or os.path.isdir(os.path.join(REPO, "..", "shared", "data")):
-            assert os.path.isdir(source), f"{name}: variant {v.name}: source {v.params['source']} is missing"
+        if not v.params["source"].startswith("../shared/") or (REPO.parent / "shared" / "data").is_dir():
+            assert (REPO / v.params["source"]).is_dir(), f"{name}: variant {v.name}: source {v.params['source']} is missing"
 
 
 def test_gpu_sweep_runs_shipped_sweep_files():
     """scripts/gpu_sweep.sh's default list names sweep files that exist (a misspelt one would show only on the GPU)."""
     import re
 
-    text = open(os.path.join(REPO, "scripts", "gpu_sweep.sh"), encoding="utf-8").read()
+    text = (REPO / "scripts" / "gpu_sweep.sh").read_text(encoding="utf-8")
     listed = re.search(r"\|\| sweeps=\(([^)]*)\)", text).group(1).split()
-    assert len(listed) >= 4 and all(os.path.isfile(os.path.join(REPO, f)) for f in listed), listed
+    assert len(listed) >= 4 and all((REPO / f).is_file() for f in listed), listed
 
 
 def test_plan_shares_identical_stages_and_wires_the_reference(tmp_path):
