@@ -43,7 +43,7 @@ plots/*.png, manifest.json.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ import numpy as np
 
 from gdrt_core.config import DTYPES, check_config, device_problem, field, to_dict
 from gdrt_core.errors import GdrtError
+from gdrt_core.metrics import bootstrap_interval
 
 METHODS = ("ablation", "grad_x_input")
 BASELINES = ("neutral", "attention")
@@ -311,23 +312,6 @@ def grad_x_input_attributions(
 
 
 # ------------------------------------------------------------------------------------------- summaries
-
-
-def bootstrap_interval(statistic: Callable[[np.ndarray], np.ndarray], n: int, *, resamples: int = 2000,
-                       seed: int = 0, level: float = 0.95, chunk: int = 250) -> list[float] | None:
-    """Percentile bootstrap interval over n examples (Efron & Tibshirani, An Introduction to the Bootstrap,
-    1993, ch. 13): `statistic(idx)` maps resampled example indices idx [r, n] (int) to one value per resample
-    [r]; returns [low, high] at `level`, or None when n < 2 or the statistic is undefined (nan) on a resample.
-    Deterministic for a seed; memory is chunk x n indices at a time."""
-    if n < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    values = np.concatenate([statistic(rng.integers(0, n, size=(min(chunk, resamples - start), n)))
-                             for start in range(0, resamples, chunk)])
-    if not np.all(np.isfinite(values)):
-        return None
-    tail = 50.0 * (1.0 - level)
-    return [float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))]
 
 
 def example_sums(attributions: Sequence[ExampleAttribution]) -> dict[str, np.ndarray]:

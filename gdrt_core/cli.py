@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import json
 import os
 import signal
 import sys
@@ -138,12 +139,35 @@ def _recommend(p: argparse.ArgumentParser) -> None:
                    help="Dataset artifact with the catalogue (default: the model's own)")
 
 
+def _bootstrap_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples, 100 to 1,000,000 (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+
+
 def _compare_attribution(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", type=user_path, metavar="A", help="Attribution artifact of model A (e.g. GDRT)")
     p.add_argument("b", type=user_path, metavar="B", help="Attribution artifact of model B on the same examples")
     p.add_argument("--out", type=user_path, help="also write the comparison as JSON to this file")
-    p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples, 100 to 1,000,000 (default 10000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+    _bootstrap_flags(p)
+
+
+def _score_predictions(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", type=user_path, required=True, help="Dataset artifact whose split was ranked")
+    p.add_argument("--predictions", type=user_path, required=True,
+                   help="an Eval artifact (gdrt evaluate) or its predictions.parquet")
+    p.add_argument("--split", choices=["train", "valid", "test"], default="test",
+                   help="the split the predictions rank (default test)")
+    p.add_argument("--out", type=user_path, help="also write the metrics as JSON to this file")
+
+
+def _compare_predictions(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", type=user_path, metavar="A", help="Eval artifact (or its predictions.parquet) of model A")
+    p.add_argument("b", type=user_path, metavar="B", help="Eval artifact of model B on the same examples")
+    p.add_argument("--dataset", type=user_path, required=True, help="Dataset artifact whose split both ranked")
+    p.add_argument("--split", choices=["train", "valid", "test"], default="test",
+                   help="the split the predictions rank (default test)")
+    p.add_argument("--out", type=user_path, help="also write the comparison as JSON to this file")
+    _bootstrap_flags(p)
 
 
 # stage -> its flags (each flag's dest names a field of the stage's config; --config, --set and the run context
@@ -158,6 +182,12 @@ COMMANDS: dict[str, Command] = {
     "compare-attribution": Command("paired comparison of two models' Attribution artifacts (A - B, bootstrap "
                                    "intervals over the same examples)", _compare_attribution, "gdrt_core.cli",
                                    "compare_attribution"),
+    "score-predictions": Command("the metrics of stored rankings (an Eval artifact's predictions.parquet) against "
+                                 "a Dataset, e.g. after its popularity groups change", _score_predictions,
+                                 "gdrt_core.cli", "score_predictions_command"),
+    "compare-predictions": Command("paired comparison of two models' rankings of the same examples (ranking and "
+                                   "fairness metrics, A - B with bootstrap intervals over examples)",
+                                   _compare_predictions, "gdrt_core.cli", "compare_predictions_command"),
 }
 
 
@@ -229,17 +259,22 @@ def dispatch(args: argparse.Namespace, commands: dict[str, Command] | None = Non
     getattr(importlib.import_module(command.module), command.handler)(args)
 
 
+def check_bootstrap_args(args: argparse.Namespace) -> None:
+    """--resamples in 100..1,000,000 and --seed >= 0, or a GdrtError saying which."""
+    if not 100 <= args.resamples <= 10**6:
+        raise GdrtError(f"--resamples must be between 100 and 1,000,000, got {args.resamples}",
+                        hint="a percentile interval needs at least a hundred resamples; 10,000 is the default")
+    if args.seed < 0:
+        raise GdrtError(f"--seed must be 0 or more, got {args.seed}")
+
+
 def compare_attribution(args: argparse.Namespace) -> None:
     """`gdrt compare-attribution A B`: print `attribution.compare(A, B)`; --out also writes it as JSON
     (atomically)."""
     from gdrt_core.artifacts import check_output_file, check_path_given, write_json_atomic
     from gdrt_core.attribution import compare, format_comparison
 
-    if not 100 <= args.resamples <= 10**6:
-        raise GdrtError(f"--resamples must be between 100 and 1,000,000, got {args.resamples}",
-                        hint="a percentile interval needs at least a hundred resamples; 10,000 is the default")
-    if args.seed < 0:
-        raise GdrtError(f"--seed must be 0 or more, got {args.seed}")
+    check_bootstrap_args(args)
     for name, path in (("A", args.a), ("B", args.b)):
         check_path_given(path, name, "an Attribution artifact directory")
     if args.out is not None:
@@ -249,6 +284,40 @@ def compare_attribution(args: argparse.Namespace) -> None:
     if args.out is not None:
         write_json_atomic(args.out, result)
     print(text)
+
+
+def score_predictions_command(args: argparse.Namespace) -> None:
+    """`gdrt score-predictions --dataset DS --predictions EVAL [--split test] [--out FILE.json]`: print the
+    metrics of stored rankings (`score_predictions`); --out also writes them as JSON (atomically)."""
+    from gdrt_core.artifacts import check_output_file, check_path_given, write_json_atomic
+    from gdrt_core.evaluate import PREDICTIONS_FILE, score_predictions
+
+    check_path_given(args.dataset, "--dataset", "a Dataset artifact directory")
+    check_path_given(args.predictions, "--predictions", f"an Eval artifact directory or its {PREDICTIONS_FILE}")
+    if args.out is not None:
+        check_output_file(args.out, "a .json file path", {"dataset": args.dataset, "predictions": args.predictions})
+    metrics = score_predictions(args.dataset, args.predictions, args.split)
+    if args.out is not None:
+        write_json_atomic(args.out, metrics)
+    print(json.dumps(metrics, indent=1))
+
+
+def compare_predictions_command(args: argparse.Namespace) -> None:
+    """`gdrt compare-predictions A B --dataset DS [--split test] [--out FILE.json]`: print
+    `compare_predictions(DS, A, B)`; --out also writes it as JSON (atomically)."""
+    from gdrt_core.artifacts import check_output_file, check_path_given, write_json_atomic
+    from gdrt_core.evaluate import PREDICTIONS_FILE, compare_predictions, format_predictions_comparison
+
+    check_bootstrap_args(args)
+    check_path_given(args.dataset, "--dataset", "a Dataset artifact directory")
+    for name, path in (("A", args.a), ("B", args.b)):
+        check_path_given(path, name, f"an Eval artifact directory or its {PREDICTIONS_FILE}")
+    if args.out is not None:
+        check_output_file(args.out, "a .json file path", {"dataset": args.dataset, "A": args.a, "B": args.b})
+    result = compare_predictions(args.dataset, args.a, args.b, args.split, resamples=args.resamples, seed=args.seed)
+    if args.out is not None:
+        write_json_atomic(args.out, result)
+    print(format_predictions_comparison(result))
 
 
 class Terminated(KeyboardInterrupt):

@@ -26,13 +26,14 @@ The catalogue therefore has one recommendable item per distinct title, and cover
 catalogue titles in the top-K lists / distinct catalogue titles.
 
 `compute_metrics` gives metrics.json for a list of examples; `MetricsAccumulator` gives the same while
-predictions stream in batch by batch.
+predictions stream in batch by batch; `example_terms` keeps each example's terms so that resamples of the
+examples (`bootstrap_interval`, the paired comparison of two models' rankings) get the same metrics.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,10 +201,9 @@ def fairness_at_k(
     k: int,
 ) -> Fairness:
     """GP, GH, MGU@K = mean_g |GP_g - GH_g| and DGU@K = max_g d_g - min_g d_g."""
-    gp = group_shares(recommended_groups(rankings, k, catalogue), catalogue.num_groups)
-    gh = group_shares(history_groups(histories, catalogue), catalogue.num_groups)
-    gap = gp - gh
-    return Fairness(k=k, gp=gp, gh=gh, mgu=float(np.abs(gap).mean()), dgu=float(gap.max() - gap.min()))
+    gp, gh, mgu, dgu = fairness_of_counts(group_shares(recommended_groups(rankings, k, catalogue), catalogue.num_groups),
+                                          group_shares(history_groups(histories, catalogue), catalogue.num_groups))
+    return Fairness(k=k, gp=gp, gh=gh, mgu=float(mgu), dgu=float(dgu))
 
 
 # --- catalogue-level rates ---------------------------------------------------------------------------
@@ -256,31 +256,24 @@ class MetricsAccumulator:
         """Add one example; returns the target's rank (None = no hit)."""
         cat = self.catalogue
         ranking = dedupe_ranking(returned)
-        rank = next((pos for pos, title in enumerate(ranking) if title == target_title), None)
+        rank, recommended, history_counts = _terms(ranking, target_title, history, cat, self.fairness_ks)
         self.n_examples += 1
         for k in RANK_KS:
             if rank is not None and rank < k:
                 self.hits[k] += 1
                 self.dcg[k] += 1.0 / math.log2(rank + 2)
-        groups = [cat.group_of_title(t) for t in ranking]
         for k in self.fairness_ks:
-            for group in groups[:k]:
-                if group is not None:
-                    self.recommended[k][group] += 1
+            self.recommended[k] += recommended[k]
         for k in self.coverage_ks:
             self.covered[k].update(t for t in ranking[:k] if t in cat)
-        self.history += np.bincount(history_groups([history], cat), minlength=cat.num_groups)[
-            : cat.num_groups
-        ]
+        self.history += history_counts
         self.returned += len(returned)
         self.invalid += sum(1 for t in returned if t not in cat)
         return rank
 
     def fairness(self, k: int) -> Fairness:
-        gp = _shares(self.recommended[k])
-        gh = _shares(self.history)
-        gap = gp - gh
-        return Fairness(k=k, gp=gp, gh=gh, mgu=float(np.abs(gap).mean()), dgu=float(gap.max() - gap.min()))
+        gp, gh, mgu, dgu = fairness_of_counts(self.recommended[k], self.history)
+        return Fairness(k=k, gp=gp, gh=gh, mgu=float(mgu), dgu=float(dgu))
 
     def result(self) -> dict[str, float | int]:
         if self.n_examples == 0:
@@ -314,9 +307,98 @@ class MetricsAccumulator:
         return metrics
 
 
+def fairness_of_counts(recommended: np.ndarray, history: np.ndarray) -> tuple[np.ndarray, ...]:
+    """GP, GH [..., G], MGU, DGU [...] from pooled group counts [..., G] (any leading shape, e.g. one row per
+    bootstrap resample): GP and GH are the counts' shares (zeros where a row has none)."""
+    gp, gh = _shares(recommended), _shares(history)
+    gap = gp - gh
+    return gp, gh, np.abs(gap).mean(axis=-1), gap.max(axis=-1) - gap.min(axis=-1)
+
+
 def _shares(counts: np.ndarray) -> np.ndarray:
-    total = counts.sum()
-    return counts / total if total > 0 else counts.astype(np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum(axis=-1, keepdims=True)
+    return np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
+
+
+def _terms(ranking: list[str], target_title: str, history: Sequence[int], catalogue: TitleCatalogue,
+           ks: Sequence[int]) -> tuple[int | None, dict[int, np.ndarray], np.ndarray]:
+    """One example's terms: the target's rank in the deduplicated `ranking` (None = absent), the counts of the
+    popularity groups of its catalogue titles in the top K for each K [G], of its history items [G]."""
+    g = catalogue.num_groups
+    rank = next((pos for pos, title in enumerate(ranking) if title == target_title), None)
+    groups = [catalogue.group_of_title(t) for t in ranking[:max(ks, default=0)]]
+    recommended = {k: np.bincount([x for x in groups[:k] if x is not None], minlength=g)[:g] for k in ks}
+    return rank, recommended, np.bincount(history_groups([history], catalogue), minlength=g)[:g]
+
+
+@dataclass(frozen=True)
+class ExampleTerms:
+    """Per-example terms of the ranking and fairness metrics, so that the metrics of any resample of the
+    examples (a bootstrap) are sums over rows: n examples, G popularity groups."""
+
+    rank: np.ndarray  # [n] int64, the target's 0-based rank in the deduplicated ranking, -1 = absent
+    recommended: dict[int, np.ndarray]  # K -> [n, G] popularity groups of the catalogue titles in the top K
+    history: np.ndarray  # [n, G] popularity groups of the history items
+
+    def __len__(self) -> int:
+        return len(self.rank)
+
+    def metric(self, name: str, weights: np.ndarray | None = None) -> np.ndarray:
+        """`name` (hr@K, ndcg@K, mgu@K, dgu@K) of each resample: weights [r, n] = how often each example is in
+        resample r (None: every example once). [r] (or [1])"""
+        kind, k = name.split("@")
+        k = int(k)
+        w = np.ones((1, len(self))) if weights is None else weights
+        if kind in ("hr", "ndcg"):
+            hit = (self.rank >= 0) & (self.rank < k)
+            gain = hit.astype(np.float64)
+            if kind == "ndcg":
+                gain[hit] = 1.0 / np.log2(self.rank[hit] + 2)
+            return (w @ gain) / w.sum(axis=1)
+        if kind in ("mgu", "dgu") and k in self.recommended:
+            _, _, mgu, dgu = fairness_of_counts(w @ self.recommended[k], w @ self.history)
+            return mgu if kind == "mgu" else dgu
+        raise GdrtError(f"unknown metric {name!r}",
+                        hint=f"use hr@K or ndcg@K, or mgu@K / dgu@K with K in {sorted(self.recommended)}")
+
+
+def example_terms(
+    rankings: Sequence[Sequence[str]], targets: Sequence[str], histories: Sequence[Sequence[int]],
+    catalogue: TitleCatalogue, ks: Sequence[int] = FAIRNESS_KS,
+) -> ExampleTerms:
+    """The `ExampleTerms` of evaluated examples (the arguments of `compute_metrics`; the same rules)."""
+    rows = [_terms(dedupe_ranking(r), t, h, catalogue, ks) for r, t, h in zip(rankings, targets, histories, strict=True)]
+    g = catalogue.num_groups
+    return ExampleTerms(
+        rank=np.array([-1 if rank is None else rank for rank, _, _ in rows], dtype=np.int64),
+        recommended={k: np.array([rec[k] for _, rec, _ in rows], dtype=np.int64).reshape(len(rows), g) for k in ks},
+        history=np.array([his for _, _, his in rows], dtype=np.int64).reshape(len(rows), g),
+    )
+
+
+def resample_weights(idx: np.ndarray, n: int) -> np.ndarray:
+    """How often each of n examples occurs in each resample: idx [r, n] of example indices -> [r, n] float."""
+    r = idx.shape[0]
+    flat = (idx + np.arange(r)[:, None] * n).ravel()
+    return np.bincount(flat, minlength=r * n).reshape(r, n).astype(np.float64)
+
+
+def bootstrap_interval(statistic: Callable[[np.ndarray], np.ndarray], n: int, *, resamples: int = 2000,
+                       seed: int = 0, level: float = 0.95, chunk: int = 250) -> list[float] | None:
+    """Percentile bootstrap interval over n examples (Efron & Tibshirani, An Introduction to the Bootstrap,
+    1993, ch. 13): `statistic(idx)` maps resampled example indices idx [r, n] (int) to one value per resample
+    [r]; returns [low, high] at `level`, or None when n < 2 or the statistic is undefined (nan) on a resample.
+    Deterministic for a seed; memory is chunk x n indices at a time."""
+    if n < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = np.concatenate([statistic(rng.integers(0, n, size=(min(chunk, resamples - start), n)))
+                             for start in range(0, resamples, chunk)])
+    if not np.all(np.isfinite(values)):
+        return None
+    tail = 50.0 * (1.0 - level)
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))]
 
 
 def compute_metrics(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from gdrt_core.config import check_config, field, to_dict
 
 FORMATS = ("sliding", "d3", "amazon2014", "amazon2018")
+POPULARITY_FROM = ("train", "sample")
 
 
 def _domain_problem(name: str) -> str | None:
@@ -36,6 +37,11 @@ class CurateConfig:
     )
     on_bad_rows: str = field("error", choices=("error", "drop"), help="error: stop at the first bad row; drop: skip and count bad rows")
     num_pop_groups: int = field(5, ge=1, le=127, help="equal-size popularity groups of items (fairness metrics; int8)")
+    popularity_from: str = field(
+        "train", choices=POPULARITY_FROM,
+        help="items' popularity (groups, most-popular baseline): train = interactions in the whole training split, "
+             "before max_train sampling; sample = in the sampled training windows only",
+    )
     k_core: int = field(5, ge=1, help="raw: iterative k-core, every user and item keeps >= k interactions")
     window_rule: str = field(
         "bigrec", choices=("bigrec", "all"), help="raw: bigrec = targets from position min(max_history, n-1) on (LLM4Rec); all = every target",
@@ -88,7 +94,8 @@ def run(config: CurateConfig) -> dict:
     with atomic_output_dir(config.out, **guard) as tmp:
         return write_dataset(
             tmp, titles=titles, splits=final, domain=config.domain, config=to_dict(config),
-            recipe={"format": config.format, **report, "splits": split_report, "bad_rows": bad.report()},
+            recipe={"format": config.format, **report, "popularity": split_report.pop("popularity"),
+                    "splits": split_report, "bad_rows": bad.report()},
             num_pop_groups=config.num_pop_groups, popularity=popularity,
         )
 
@@ -96,9 +103,11 @@ def run(config: CurateConfig) -> dict:
 def complete_splits(config: CurateConfig, titles: dict[int, str], splits: dict) -> tuple[dict, dict, dict | None]:
     """Carve missing valid/test from the latest train, sample train, number the examples.
 
-    Returns (splits, what happened to each split, popularity override or None). A source without a
-    training split is kept as an eval-only dataset (empty train); popularity then counts the
-    interactions of the splits present, and the manifest says so.
+    Returns (splits, what happened to each split, popularity override or None). Popularity counts the
+    interactions of the whole training split (after carving, before sampling) unless
+    `popularity_from="sample"`, which counts the sampled windows only; `recipe.popularity` in the manifest
+    says which. A source without a training split is kept as an eval-only dataset (empty train);
+    popularity then counts the interactions of the splits present.
     """
     from gdrt_core.curate.recipe import sample_rows
     from gdrt_core.curate.rows import carve_latest, empty_columns
@@ -118,7 +127,7 @@ def complete_splits(config: CurateConfig, titles: dict[int, str], splits: dict) 
             raise GdrtError("no split files found (train, valid or test)", path=config.source)
         merged = {k: [v for s in present for v in s[k]] for k in ("user_id", "history", "target")}
         popularity = train_popularity(titles, merged)
-        report["popularity"] = "interactions in valid + test (no train split)"
+        report["popularity"] = "interactions of the valid and test windows (no train split), each (user, position) once"
         train = empty_columns()
         splits = {**splits, "train": train}
         for name in ("valid", "test"):
@@ -144,8 +153,16 @@ def complete_splits(config: CurateConfig, titles: dict[int, str], splits: dict) 
         report["train"]["rows_after_carving"] = len(train["target"])
     sample = sample_rows(len(train["target"]), config.max_train, config.seed)
     if sample is not None:
+        if config.popularity_from == "train":
+            popularity = train_popularity(titles, train)
+            report["popularity"] = (f"interactions of the {len(train['target'])} train windows before sampling, "
+                                    "each (user, position) once")
+        else:
+            report["popularity"] = f"interactions of the {len(sample)} sampled train windows, each (user, position) once"
         train = {k: [v[i] for i in sample] for k, v in train.items()}
         report["train"]["sampled"] = {"rows": len(sample), "seed": config.seed, "method": "pandas DataFrame.sample"}
+    elif "popularity" not in report:
+        report["popularity"] = "interactions of the train windows, each (user, position) once"
     splits = {**splits, "train": train}
     next_id = 0
     for name in ("train", "valid", "test"):

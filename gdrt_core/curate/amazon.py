@@ -666,7 +666,10 @@ def curate_raw(config, out_dir: Path, bad: BadRows) -> dict:
     lap("windows")
 
     num_items = len(item_of_rank)
-    popularity_counts = recipe.covered_popularity(sorted_items, parts["train"], num_items + 1)
+    # popularity over the whole train split (before sampling) unless asked for the sample's
+    counted = parts["train"] if sample is None or config.popularity_from == "sample" else windows.take(np.arange(train_end))
+    popularity_counts = recipe.covered_popularity(sorted_items, counted, num_items + 1)
+    del counted
     titles = {i + 1: item_titles[a] for i, a in enumerate(item_of_rank.tolist())}
     popularity = {i: int(popularity_counts[i]) for i in titles}
     user_names = reviews.user_ids.take(pa.array(user_of_rank))  # rank -> reviewerID
@@ -693,7 +696,11 @@ def curate_raw(config, out_dir: Path, bad: BadRows) -> dict:
              if sample is not None else "train not sampled"),
         ],
         "stats": stats, "bad_rows": bad.report(),
-        "popularity": "interactions of the train windows, each (user, position) once",
+        "popularity": (f"interactions of the {train_end} train windows before sampling, each (user, position) once"
+                       if sample is not None and config.popularity_from == "train"
+                       else f"interactions of the {len(parts['train'])} sampled train windows, each (user, position) once"
+                       if sample is not None
+                       else "interactions of the train windows, each (user, position) once"),
     }
     manifest = write_dataset(
         out_dir, titles=titles, splits=splits, domain=config.domain, config=to_dict(config), recipe=report,

@@ -86,7 +86,7 @@ def test_streamed_metrics_equal_metrics_of_all_rankings_at_once(tmp_path, office
     (what the stage computed when it kept them all), with chunks of 3 over 7 examples (a short last chunk)."""
     from gdrt_core.artifacts import read_manifest
     from gdrt_core.dataset import Dataset
-    from gdrt_core.evaluate import EvalConfig, run
+    from gdrt_core.evaluate import EvalConfig, run, score_predictions
     from gdrt_core.metrics import TitleCatalogue, compute_metrics
 
     monkeypatch.setenv("GDRT_TRACKING", "off")
@@ -104,6 +104,8 @@ def test_streamed_metrics_equal_metrics_of_all_rankings_at_once(tmp_path, office
                                extended=True)
     assert read_manifest(out, "eval")["metrics"] == expected
     assert metrics == {k: expected[k] for k in metrics}
+    assert score_predictions(office_slice, out / "predictions.parquet") == expected  # stored rankings scored again
+    assert score_predictions(office_slice, out) == expected  # or the Eval directory
     assert json.loads((out / "metrics.json").read_text()) == metrics
 
 

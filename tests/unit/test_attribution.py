@@ -334,20 +334,6 @@ def test_counterfactual_shared_prompt_matches_separate_sequences(office_slice, t
     assert counterfactual_inputs(examples[0], titles, 4, seed=1) == (histories, candidates)
 
 
-def test_bootstrap_interval_of_a_mean_of_two_values_is_hand_derived():
-    """Resampling [0, 1] twice gives means 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4: the 95% percentile
-    interval is [0, 1]; a statistic that does not depend on the resample has the interval [c, c]; fewer than
-    two examples, or a statistic undefined on some resample, have none."""
-    values = np.array([0.0, 1.0])
-    assert attribution.bootstrap_interval(lambda idx: values[idx].mean(axis=1), 2, resamples=4000) == [0.0, 1.0]
-    assert attribution.bootstrap_interval(lambda idx: np.full(len(idx), 0.25), 5) == [0.25, 0.25]
-    assert attribution.bootstrap_interval(lambda idx: values[idx].mean(axis=1), 1) is None
-    with np.errstate(invalid="ignore"):
-        assert attribution.bootstrap_interval(lambda idx: values[idx].sum(axis=1) / values[idx].sum(axis=1), 2) is None
-    first = attribution.bootstrap_interval(lambda idx: values[idx].mean(axis=1), 2, resamples=50, seed=3)
-    assert first == attribution.bootstrap_interval(lambda idx: values[idx].mean(axis=1), 2, resamples=50, seed=3)
-
-
 def _example(eid: int, instruction: list[float], prefix: list[float], history: list[float]):
     z = np.zeros(len(instruction), np.float32)
     return attribution.ExampleAttribution(eid, z, np.array(instruction, np.float32), np.array(history, np.float32),

@@ -43,12 +43,12 @@ def test_every_subcommand_parses():
     assert args.overrides == ["tau=0.5"] and args.jobs == 2
     assert parser.parse_args(["sweep", "s.yaml", "--dry-run"]).dry_run
     commands = set(parser._subparsers._group_actions[0].choices)
-    assert commands == {*STAGES, "recommend", "compare-attribution", "run", "sweep"}
+    assert commands == {*STAGES, "recommend", "compare-attribution", "score-predictions", "compare-predictions", "run", "sweep"}
 
 
 def test_the_library_cli_has_the_stages_of_the_registry_and_no_orchestration():
     commands = set(build_parser()._subparsers._group_actions[0].choices)
-    assert commands == {*STAGES, "recommend", "compare-attribution"}
+    assert commands == {*STAGES, "recommend", "compare-attribution", "score-predictions", "compare-predictions"}
 
 
 def test_console_script_points_at_the_orchestration_entry():

@@ -70,6 +70,40 @@ def test_sliding_carve_size_and_max_train(tmp_path):
     assert manifest["recipe"]["splits"]["train"]["sampled"]["rows"] == 1
 
 
+def popularity(ds: Dataset) -> dict[int, int]:
+    items = ds.items.to_pydict()
+    return dict(zip(items["item_id"], items["popularity"], strict=True))
+
+
+@pytest.mark.parametrize("fmt", ["sliding", "amazon2014"])
+def test_popularity_counts_the_whole_train_split_before_sampling(tmp_path, fmt):
+    """max_train=1 keeps one window; popularity still counts every training window unless popularity_from=sample.
+
+    sliding (carve_size=2): train before sampling = user 1 [1,2]->3 and user 3 [2]->6 -> {1:1, 2:2, 3:1, 6:1};
+    the sample alone counts 1,2,3 or 2,6. amazon2014 (tiny dump, see check_tiny_raw): train = B1 [2,3]->4 and
+    A1 [1,2,3]->4 -> {1:1, 2:2, 3:2, 4:2}; the sample alone counts 2,3,4 or 1,2,3,4.
+    """
+    import numpy as np
+
+    pick = int(np.random.RandomState(42).choice(2, size=1, replace=False)[0])
+    if fmt == "sliding":
+        source, settings = FIXTURES / "sliding_sampled", {"carve_size": 2}
+        whole = {1: 1, 2: 2, 3: 1, 4: 0, 5: 0, 6: 1}
+        sampled = [{1: 1, 2: 1, 3: 1, 4: 0, 5: 0, 6: 0}, {1: 0, 2: 1, 3: 0, 4: 0, 5: 0, 6: 1}][pick]
+    else:
+        source, settings = FIXTURES / "amazon2014" / "reviews_Tiny_5.json", RAW_SETTINGS
+        whole = {1: 1, 2: 2, 3: 2, 4: 2}
+        sampled = [{1: 0, 2: 1, 3: 1, 4: 1}, {1: 1, 2: 1, 3: 1, 4: 1}][pick]
+    ds, manifest = curate(tmp_path / "train", source, fmt, max_train=1, **settings)
+    assert len(ds.split("train")) == 1
+    assert popularity(ds) == whole
+    assert "before sampling" in manifest["recipe"]["popularity"]
+    only, manifest = curate(tmp_path / "sample", source, fmt, max_train=1, popularity_from="sample", **settings)
+    assert rows(only, "train") == rows(ds, "train")
+    assert popularity(only) == sampled
+    assert "before sampling" not in manifest["recipe"]["popularity"]
+
+
 def test_d3_reads_info_and_splits(tmp_path):
     """history_item_id / item_id / timestamp with ids from info/Tiny.txt (0-based, kept)."""
     ds, manifest = curate(tmp_path, FIXTURES / "d3", "d3")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from gdrt_core.errors import GdrtError
@@ -25,14 +26,17 @@ from gdrt_core.metrics import (
     METRIC_KEYS,
     MetricsAccumulator,
     TitleCatalogue,
+    bootstrap_interval,
     compute_metrics,
     coverage,
     dedupe_ranking,
+    example_terms,
     fairness_at_k,
     hit_rate,
     invalid_rate,
     ndcg,
     popular_share,
+    resample_weights,
     target_rank,
 )
 
@@ -230,3 +234,41 @@ def test_most_popular_titles_sums_ids_of_a_title_and_breaks_ties_by_title():
     assert most_popular_titles(titles, counts, 3) == [("Pen", 4), ("Binder", 3), ("Ink", 3)]
     # an id without a count counts 0, and n larger than the catalogue returns all titles
     assert most_popular_titles(titles, counts, 10)[-2:] == [("Apple", 1), ("Desk", 0)]
+
+
+def test_bootstrap_interval_of_a_mean_of_two_values_is_hand_derived():
+    """Resampling [0, 1] twice gives means 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4: the 95% percentile
+    interval is [0, 1]; a statistic that does not depend on the resample has the interval [c, c]; fewer than
+    two examples, or a statistic undefined on some resample, have none."""
+    values = np.array([0.0, 1.0])
+    assert bootstrap_interval(lambda idx: values[idx].mean(axis=1), 2, resamples=4000) == [0.0, 1.0]
+    assert bootstrap_interval(lambda idx: np.full(len(idx), 0.25), 5) == [0.25, 0.25]
+    assert bootstrap_interval(lambda idx: values[idx].mean(axis=1), 1) is None
+    with np.errstate(invalid="ignore"):
+        assert bootstrap_interval(lambda idx: values[idx].sum(axis=1) / values[idx].sum(axis=1), 2) is None
+    first = bootstrap_interval(lambda idx: values[idx].mean(axis=1), 2, resamples=50, seed=3)
+    assert first == bootstrap_interval(lambda idx: values[idx].mean(axis=1), 2, resamples=50, seed=3)
+
+
+def test_example_terms_give_the_worked_example_and_any_resample(catalogue):
+    """Per example: ranks [1, 1, 0, -1]; top-5 groups [2, 2, 0] [0, 2, 1] [1, 1, 0] [0, 1, 1]; history groups
+    [3, 0, 0] [0, 1, 1] [1, 0, 0] [1, 0, 2]. All four once: the worked example's metrics. Example 3 twice
+    and example 2 not at all (weights [1, 0, 2, 1]): ranks 1, 0, 0, none -> HR@1 = 2/4, NDCG@5 =
+    (1/log2 3 + 1 + 1)/4; top-5 counts [2+2+0, 2+2+1, 0+0+1] = [4, 5, 1] of 10, histories [3+2+1, 0, 2] =
+    [6, 0, 2] of 8: d = [4/10 - 6/8, 5/10, 1/10 - 2/8] = [-0.35, 0.5, -0.15], MGU@5 = 1.0/3, DGU@5 = 0.85."""
+    terms = example_terms(RETURNED, TARGETS, HISTORIES, catalogue)
+    assert terms.rank.tolist() == [1, 1, 0, -1]
+    assert terms.recommended[5].tolist() == [[2, 2, 0], [0, 2, 1], [1, 1, 0], [0, 1, 1]]
+    assert terms.history.tolist() == [[3, 0, 0], [0, 1, 1], [1, 0, 0], [1, 0, 2]]
+    m = compute_metrics(RETURNED, TARGETS, HISTORIES, catalogue)
+    for name in ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mgu@5", "dgu@5", "mgu@10", "dgu@10"):
+        assert terms.metric(name).tolist() == approx([m[name]])
+    weights = resample_weights(np.array([[0, 2, 2, 3], [0, 1, 2, 3]]), 4)
+    assert weights.tolist() == [[1, 0, 2, 1], [1, 1, 1, 1]]
+    assert terms.metric("hr@1", weights).tolist() == approx([2 / 4, 1 / 4])
+    assert terms.metric("ndcg@5", weights)[0] == approx((1 / math.log2(3) + 2) / 4)
+    assert terms.metric("mgu@5", weights).tolist() == approx([1.0 / 3, m["mgu@5"]])
+    assert terms.metric("dgu@5", weights)[0] == approx(0.85)
+    with pytest.raises(GdrtError, match="unknown metric 'mgu@3'"):
+        terms.metric("mgu@3")
+
