@@ -155,8 +155,8 @@ def _score_predictions(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", type=user_path, required=True, help="Dataset artifact whose split was ranked")
     p.add_argument("--predictions", type=user_path, required=True,
                    help="an Eval artifact (gdrt evaluate) or its predictions.parquet")
-    p.add_argument("--split", choices=["train", "valid", "test"], default="test",
-                   help="the split the predictions rank (default test)")
+    p.add_argument("--split", choices=["train", "valid", "test"], default=None,
+                   help="the split the predictions rank (default: the Eval manifest's, else test)")
     p.add_argument("--out", type=user_path, help="also write the metrics as JSON to this file")
 
 
@@ -164,8 +164,8 @@ def _compare_predictions(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", type=user_path, metavar="A", help="Eval artifact (or its predictions.parquet) of model A")
     p.add_argument("b", type=user_path, metavar="B", help="Eval artifact of model B on the same examples")
     p.add_argument("--dataset", type=user_path, required=True, help="Dataset artifact whose split both ranked")
-    p.add_argument("--split", choices=["train", "valid", "test"], default="test",
-                   help="the split the predictions rank (default test)")
+    p.add_argument("--split", choices=["train", "valid", "test"], default=None,
+                   help="the split the predictions rank (default: the Eval manifest's, else test)")
     p.add_argument("--out", type=user_path, help="also write the comparison as JSON to this file")
     _bootstrap_flags(p)
 
@@ -313,7 +313,8 @@ def compare_predictions_command(args: argparse.Namespace) -> None:
     for name, path in (("A", args.a), ("B", args.b)):
         check_path_given(path, name, f"an Eval artifact directory or its {PREDICTIONS_FILE}")
     if args.out is not None:
-        check_output_file(args.out, "a .json file path", {"dataset": args.dataset, "A": args.a, "B": args.b})
+        check_output_file(args.out, "a .json file path",
+                          {"dataset": args.dataset, "predictions A": args.a, "predictions B": args.b})
     result = compare_predictions(args.dataset, args.a, args.b, args.split, resamples=args.resamples, seed=args.seed)
     if args.out is not None:
         write_json_atomic(args.out, result)

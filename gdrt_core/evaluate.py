@@ -185,7 +185,7 @@ def run(config: EvalConfig, *, model=None, tokenizer=None, context=None) -> dict
         with _ranker(config, dataset, settings, model, tokenizer) as rank_chunk, \
                 atomic_output_dir(config.out, **guard) as tmp:
             accumulator, elapsed = _rank_split(config, dataset, rank_chunk, tmp / PREDICTIONS_FILE)
-            metrics, extended = _write_results(tmp, config, accumulator, elapsed)
+            metrics, extended = _write_results(tmp, config, accumulator, elapsed, dataset)
         _track(tracker, config, extended, accumulator.n_examples / elapsed)
     return metrics
 
@@ -407,7 +407,7 @@ def _rank_split(config: EvalConfig, dataset, rank_chunk, predictions_path: Path)
     return accumulator, time.perf_counter() - started
 
 
-def _write_results(tmp: Path, config: EvalConfig, accumulator, elapsed: float) -> tuple[dict, dict]:
+def _write_results(tmp: Path, config: EvalConfig, accumulator, elapsed: float, dataset) -> tuple[dict, dict]:
     """metrics.json (the contract's keys), the plots and the manifest (the extended set). Returns (metrics,
     extended metrics)."""
     from gdrt_core.artifacts import MANIFEST, write_json_atomic, write_manifest
@@ -424,6 +424,7 @@ def _write_results(tmp: Path, config: EvalConfig, accumulator, elapsed: float) -
     write_manifest(
         tmp, "eval", config=to_dict(config), inputs=inputs, metrics=extended,
         timing={"seconds": round(elapsed, 3), "examples_per_second": round(accumulator.n_examples / elapsed, 3)},
+        ranked={"split": config.split, "split_sha256": split_sha256(dataset, config.split)},
     )
     return metrics, extended
 
@@ -478,73 +479,102 @@ def summary_line(config: EvalConfig, metrics: dict) -> str:
 
 
 
-def score_predictions(dataset, predictions, split: str = "test") -> dict[str, float | int]:
+
+def split_sha256(dataset, split: str) -> str | None:
+    """The sha256 of the Dataset's `split`.parquet as its manifest records it (None when it does not)."""
+    return (dataset.manifest.get("files", {}).get(f"{split}.parquet") or {}).get("sha256")
+
+
+@dataclass(frozen=True)
+class Rankings:
+    """Stored rankings (`read_rankings`): example id -> returned titles in rank order, and what the Eval manifest
+    next to them says was ranked (None for a bare predictions file, or an Eval artifact from before it said)."""
+
+    path: Path
+    titles: dict[int, list[str]]
+    split: str | None = None
+    split_sha256: str | None = None
+
+
+def score_predictions(dataset, predictions, split: str | None = None) -> dict[str, float | int]:
     """The metrics of stored rankings against a Dataset: the extended set of the Eval manifest.
 
-    dataset: a Dataset artifact directory (or `gdrt_core.dataset.Dataset`); predictions: a
-    predictions.parquet of an earlier `gdrt evaluate` on `split` (columns example_id, rank, title; one row per
-    returned title), or its Eval directory. The examples scored are those the file holds (the first N with
-    `--limit`), each with its titles in rank order; targets, histories, titles and popularity groups come from
-    `dataset`. The same accumulator as the stage (`metrics.MetricsAccumulator`), so on the dataset it was ranked
-    on the result equals the manifest's metrics. What it is for: the fairness metrics again after the
-    dataset's popularity groups change (curate's `popularity_from`), without ranking again.
+    dataset: a Dataset artifact directory (or `gdrt_core.dataset.Dataset`); predictions: an Eval directory of
+    `gdrt evaluate` or its predictions.parquet (columns example_id, rank, title; one row per returned title,
+    ranks 0..n-1 per example); split: the split they rank (default: the Eval manifest's, else test). The
+    examples scored are those the file holds (the first N with `--limit`), each with its titles in rank order;
+    targets, histories, titles and popularity groups come from `dataset`. The same accumulator as the stage
+    (`metrics.MetricsAccumulator`), so on the dataset it was ranked on the result equals the manifest's metrics.
+    What it is for: the fairness metrics again after the dataset's popularity groups change (curate's
+    `popularity_from`), without ranking again. Returns the metrics plus "scored": dataset, predictions, split.
 
-    Errors (GdrtError, naming the file): a missing file or column, an example id that is not in the split,
-    an example with a repeated rank.
+    Errors (GdrtError, naming the file): see `read_rankings`; an example id that is not in the split; an Eval
+    artifact whose manifest records another split file than the dataset's (another curation, or split).
     """
     from gdrt_core.metrics import MetricsAccumulator, TitleCatalogue
 
-    ds = _dataset(dataset, split)
     rankings = read_rankings(predictions)
+    split = split or rankings.split or "test"
+    ds = _dataset(dataset, split, rankings)
     accumulator = MetricsAccumulator(TitleCatalogue.from_dataset(ds), extended=True)
-    for ranking, target, history in _with_examples(ds, split, rankings, predictions):
+    for _, ranking, target, history in _with_examples(ds, split, rankings):
         accumulator.add(ranking, ds.titles[target], history)
-    return accumulator.result()
+    return {**accumulator.result(), "scored": {"dataset": str(ds.root), "predictions": str(rankings.path),
+                                               "split": split}}
 
 
 COMPARED_METRICS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10", "mgu@5", "dgu@5", "mgu@10", "dgu@10")
 
 
-def compare_predictions(dataset, a, b, split: str = "test", *, resamples: int = 10000, seed: int = 0) -> dict:
+def compare_predictions(dataset, a, b, split: str | None = None, *, resamples: int = 10000, seed: int = 0) -> dict:
     """Paired comparison of two models' rankings of the same examples (two Eval artifacts, or their
     predictions.parquet files): each model's HR@5/10, NDCG@5/10, MGU@5/10, DGU@5/10 and the difference A - B
-    with a paired percentile bootstrap interval over examples (the same resampled examples for both;
-    `metrics.bootstrap_interval`), its size relative to B, and how many examples each hits in the top 10.
+    with a paired percentile bootstrap interval over examples (the same resampled examples for both and for
+    every metric; `metrics.bootstrap_intervals`), its size relative to B, and how many examples each hits in
+    the top 10. split: default the Eval manifests', else test.
 
     MGU and DGU are ratios of sums over the examples, so each resample recomputes the pooled group shares
-    (`metrics.ExampleTerms`); with 300 examples a 95% interval of a difference in HR@10 spans about 0.02, i.e.
-    six windows, however consistent the sign over seeds. A GdrtError when the two hold different examples.
-    Returns {"examples", "split", "a": {"predictions", metrics...}, "b": {...},
+    (`metrics.ExampleTerms`). The interval holds the two models fixed: the spread between training seeds is
+    not in it. GdrtError: see `score_predictions`, and when the two rank different examples or return
+    rankings of different lengths (a top 5 and a top 10 would compare HR@10 with HR@5).
+    Returns {"examples", "split", "dataset", "resamples", "seed", "a": {"predictions", metrics...}, "b": {...},
     "difference": {metric: {"value", "relative", "ci95"}}, "hits@10": {"both", "only_a", "only_b"}}.
     """
-    from gdrt_core.metrics import TitleCatalogue, bootstrap_interval, example_terms, resample_weights
+    from gdrt_core.metrics import TitleCatalogue, bootstrap_intervals, example_terms, resample_weights
 
-    ds = _dataset(dataset, split)
+    ra, rb = read_rankings(a), read_rankings(b)
+    split = split or ra.split or rb.split or "test"
+    ds = _dataset(dataset, split, ra, rb)
     catalogue = TitleCatalogue.from_dataset(ds)
-    terms = {}
-    ids = {}
-    for name, path in (("a", a), ("b", b)):
-        rows = list(_with_examples(ds, split, read_rankings(path), path, keep_id=True))
+    terms, ids, lengths = {}, {}, {}
+    for name, rankings in (("a", ra), ("b", rb)):
+        rows = list(_with_examples(ds, split, rankings))
         ids[name] = [eid for eid, *_ in rows]
+        lengths[name] = {len(r) for _, r, _, _ in rows}
         terms[name] = example_terms([r for _, r, _, _ in rows], [ds.titles[t] for _, _, t, _ in rows],
                                     [h for *_, h in rows], catalogue)
     if ids["a"] != ids["b"]:
         both = len(set(ids["a"]) & set(ids["b"]))
-        raise GdrtError(f"{a} and {b} rank different examples ({len(ids['a'])} and {len(ids['b'])}, {both} in both)",
-                        hint="evaluate both models with the same --dataset, --split and --limit")
+        raise GdrtError(f"{ra.path} and {rb.path} rank different examples ({len(ids['a'])} and {len(ids['b'])}, "
+                        f"{both} in both)", hint="evaluate both models with the same --dataset, --split and --limit")
+    if max(lengths["a"]) != max(lengths["b"]):
+        raise GdrtError(f"{ra.path} returns up to {max(lengths['a'])} titles per example and {rb.path} up to "
+                        f"{max(lengths['b'])}: their HR@10 and NDCG@10 would not measure the same list",
+                        hint="evaluate both models with the same --num-beams")
     n = len(ids["a"])
     ta, tb = terms["a"], terms["b"]
-    result: dict = {"examples": n, "split": split, "a": {"predictions": str(a)}, "b": {"predictions": str(b)},
-                    "difference": {}}
-    for m in COMPARED_METRICS:
-        def difference(idx: np.ndarray, m: str = m) -> np.ndarray:  # [r] A - B on each resample idx [r, n]
-            weights = resample_weights(idx, n)
-            return ta.metric(m, weights) - tb.metric(m, weights)
+    result: dict = {"examples": n, "split": split, "dataset": str(ds.root), "resamples": resamples, "seed": seed,
+                    "a": {"predictions": str(ra.path)}, "b": {"predictions": str(rb.path)}, "difference": {}}
 
+    def differences(idx: np.ndarray) -> np.ndarray:  # [r, metrics] A - B on each resample idx [r, n]
+        weights = resample_weights(idx, n)
+        return np.stack([ta.metric(m, weights) - tb.metric(m, weights) for m in COMPARED_METRICS], axis=1)
+
+    intervals = bootstrap_intervals(differences, n, resamples=resamples, seed=seed)
+    for m, ci in zip(COMPARED_METRICS, intervals, strict=True):
         va, vb = float(ta.metric(m)[0]), float(tb.metric(m)[0])
         result["a"][m], result["b"][m] = va, vb
-        result["difference"][m] = {"value": va - vb, "relative": (va - vb) / vb if vb else None,
-                                   "ci95": bootstrap_interval(difference, n, resamples=resamples, seed=seed)}
+        result["difference"][m] = {"value": va - vb, "relative": (va - vb) / vb if vb else None, "ci95": ci}
     hit_a, hit_b = (ta.rank >= 0) & (ta.rank < 10), (tb.rank >= 0) & (tb.rank < 10)
     result["hits@10"] = {"both": int(np.sum(hit_a & hit_b)), "only_a": int(np.sum(hit_a & ~hit_b)),
                          "only_b": int(np.sum(~hit_a & hit_b))}
@@ -556,7 +586,8 @@ def format_predictions_comparison(result: dict) -> str:
     n, a, b = result["examples"], result["a"], result["b"]
     lines = [f"{label} {side['predictions']}: " + ", ".join(f"{m.upper()} {side[m]:.4f}" for m in COMPARED_METRICS)
              for label, side in (("A", a), ("B", b))]
-    lines.append(f"A - B on the same {n} {result['split']} examples (95% paired bootstrap interval, relative to B):")
+    examples = "example" if n == 1 else "examples"
+    lines.append(f"A - B on the same {n} {result['split']} {examples} (95% paired bootstrap interval, relative to B):")
     for m, d in result["difference"].items():
         ci = "(no interval)" if d["ci95"] is None else f"({d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f})"
         rel = "" if d["relative"] is None else f" {100 * d['relative']:+.1f}%"
@@ -566,60 +597,102 @@ def format_predictions_comparison(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _dataset(dataset, split: str):
+def _dataset(dataset, split: str, *rankings: Rankings):
+    """The Dataset (checked to hold examples in `split`); a GdrtError when an Eval manifest of `rankings` records
+    a ranked split file other than this dataset's (the ids would name other windows)."""
     from gdrt_core.dataset import Dataset
 
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     ds.require_examples(split, "to score predictions against")
+    ours = split_sha256(ds, split)
+    for r in rankings:
+        if r.split_sha256 is not None and r.split == split and ours is not None and r.split_sha256 != ours:
+            raise GdrtError(f"the predictions rank another {split} split than {ds.root}'s (its {split}.parquet has "
+                            f"sha256 {ours[:12]}..., the Eval manifest records {r.split_sha256[:12]}...)",
+                            path=str(r.path), hint="score predictions against the dataset they were ranked on; "
+                            "a recuration that keeps the windows (e.g. another popularity_from) keeps the split file")
     return ds
 
 
-def read_rankings(predictions) -> dict[int, list[str]]:
-    """example id -> returned titles in rank order, from a predictions.parquet or its Eval directory.
-    GdrtError naming the file: missing, not parquet, without the columns example_id / rank / title, or an
-    example with a repeated rank."""
+def read_rankings(predictions) -> Rankings:
+    """The stored rankings of a predictions.parquet or its Eval directory (whose manifest, when it records them,
+    gives the ranked split and its sha256).
+
+    GdrtError naming the file: missing, not readable as parquet, no rows, a column of example_id (integer) /
+    rank (integer) / title (string) missing, of another type or with nulls, or an example whose ranks are not
+    0..n-1 (what the evaluate stage writes)."""
+    import json
+
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from gdrt_core.artifacts import MANIFEST
+
     path = Path(predictions)
+    ranked: dict = {}
     if path.is_dir():
+        manifest = path / MANIFEST
+        if manifest.is_file():
+            try:
+                ranked = json.loads(manifest.read_text(encoding="utf-8")).get("ranked") or {}
+            except (ValueError, AttributeError):
+                ranked = {}
         path = path / PREDICTIONS_FILE
+    hint = f"give an Eval artifact directory or its {PREDICTIONS_FILE}"
     if not path.is_file():
-        raise GdrtError("no such predictions file", path=str(path),
-                        hint=f"give an Eval artifact directory or its {PREDICTIONS_FILE}")
+        raise GdrtError("no such predictions file", path=str(path), hint=hint)
     try:
-        names = pq.read_schema(path).names
-    except Exception as e:  # pyarrow's ArrowInvalid and friends: not a parquet file
-        raise GdrtError(f"not a readable parquet file ({e})", path=str(path)) from e
-    missing = [c for c in ("example_id", "rank", "title") if c not in names]
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow's ArrowInvalid, OSError of a corrupt page, ...: not a readable parquet file
+        raise GdrtError(f"not a readable parquet file ({e})", path=str(path), hint=hint) from e
+    kinds = {"example_id": pa.types.is_integer, "rank": pa.types.is_integer,
+             "title": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)}
+    missing = [c for c in kinds if c not in table.column_names]
     if missing:
-        raise GdrtError(f"predictions lack the column(s) {', '.join(missing)}", path=str(path),
-                        hint=f"give an Eval artifact directory or its {PREDICTIONS_FILE}")
-    table = pq.read_table(path, columns=["example_id", "rank", "title"])
-    ranked: dict[int, dict[int, str]] = {}
-    for eid, rank, title in zip(*(table.column(c).to_pylist() for c in ("example_id", "rank", "title")), strict=True):
-        ranks = ranked.setdefault(eid, {})
+        raise GdrtError(f"predictions lack the column(s) {', '.join(missing)}", path=str(path), hint=hint)
+    for name, is_kind in kinds.items():
+        column = table.column(name)
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+            table = table.set_column(table.column_names.index(name), name, column)
+        if not is_kind(column.type):
+            want = "strings" if name == "title" else "integers"
+            raise GdrtError(f"column {name} holds {column.type}, expected {want}", path=str(path), hint=hint)
+        if column.null_count:
+            raise GdrtError(f"column {name} has {column.null_count} null value(s)", path=str(path), hint=hint)
+    if table.num_rows == 0:
+        raise GdrtError("the predictions file has no rows", path=str(path), hint=hint)
+    ranks_of: dict[int, dict[int, str]] = {}
+    for eid, rank, title in zip(*(table.column(c).to_pylist() for c in kinds), strict=True):
+        ranks = ranks_of.setdefault(eid, {})
         if rank in ranks:
             raise GdrtError(f"example {eid} has rank {rank} twice", path=str(path))
         ranks[rank] = title
-    return {eid: [ranks[r] for r in sorted(ranks)] for eid, ranks in ranked.items()}
+    for eid, ranks in ranks_of.items():
+        if sorted(ranks) != list(range(len(ranks))):
+            shown = sorted(ranks)[:12]
+            raise GdrtError(f"example {eid} has the ranks {shown}{' ...' if len(ranks) > 12 else ''}, expected "
+                            f"0..{len(ranks) - 1}", path=str(path), hint="rank 0 is the best title of an example")
+    return Rankings(path, {eid: [ranks[r] for r in range(len(ranks))] for eid, ranks in ranks_of.items()},
+                    ranked.get("split"), ranked.get("split_sha256"))
 
-
-def _with_examples(ds, split: str, rankings: dict[int, list[str]], source, keep_id: bool = False):
-    """(ranking, target, history) of each ranked example in split order ((example id, ...) with keep_id); a
-    GdrtError when some ranked example is not in the split."""
+def _with_examples(ds, split: str, rankings: Rankings):
+    """(example id, ranking, target, history) of each ranked example, in split order; a GdrtError when some
+    ranked example is not in the split."""
     import pyarrow.parquet as pq
 
     seen = 0
+    titles = rankings.titles
     for batch in pq.ParquetFile(ds.root / f"{split}.parquet").iter_batches(columns=["example_id", "history", "target"]):
         for eid, history, target in zip(*(batch.column(c).to_pylist() for c in ("example_id", "history", "target")),
                                         strict=True):
-            ranking = rankings.get(eid)
+            ranking = titles.get(eid)
             if ranking is not None:
                 seen += 1
-                yield (eid, ranking, target, history) if keep_id else (ranking, target, history)
-    if seen < len(rankings):
-        unknown = sorted(set(rankings) - set(ds.split(split).column("example_id").to_pylist()))
+                yield eid, ranking, target, history
+    if seen < len(titles):
+        unknown = sorted(set(titles) - set(ds.split(split).column("example_id").to_pylist()))
         raise GdrtError(f"{len(unknown)} example id(s) of the predictions are not in the {split} split of "
-                        f"{ds.root}, e.g. {unknown[0]}", path=str(source),
+                        f"{ds.root}, e.g. {unknown[0]}", path=str(rankings.path),
                         hint="score predictions against the dataset and split they were ranked on (--split)")
 

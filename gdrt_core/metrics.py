@@ -338,8 +338,8 @@ class ExampleTerms:
     examples (a bootstrap) are sums over rows: n examples, G popularity groups."""
 
     rank: np.ndarray  # [n] int64, the target's 0-based rank in the deduplicated ranking, -1 = absent
-    recommended: dict[int, np.ndarray]  # K -> [n, G] popularity groups of the catalogue titles in the top K
-    history: np.ndarray  # [n, G] popularity groups of the history items
+    recommended: dict[int, np.ndarray]  # K -> [n, G] counts (float64) of the groups of the catalogue titles in the top K
+    history: np.ndarray  # [n, G] counts (float64) of the groups of the history items
 
     def __len__(self) -> int:
         return len(self.rank)
@@ -372,8 +372,8 @@ def example_terms(
     g = catalogue.num_groups
     return ExampleTerms(
         rank=np.array([-1 if rank is None else rank for rank, _, _ in rows], dtype=np.int64),
-        recommended={k: np.array([rec[k] for _, rec, _ in rows], dtype=np.int64).reshape(len(rows), g) for k in ks},
-        history=np.array([his for _, _, his in rows], dtype=np.int64).reshape(len(rows), g),
+        recommended={k: np.array([rec[k] for _, rec, _ in rows], dtype=np.float64).reshape(len(rows), g) for k in ks},
+        history=np.array([his for _, _, his in rows], dtype=np.float64).reshape(len(rows), g),
     )
 
 
@@ -384,21 +384,33 @@ def resample_weights(idx: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(flat, minlength=r * n).reshape(r, n).astype(np.float64)
 
 
+BOOTSTRAP_CELLS = 1 << 22  # resampled indices held at once (chunk x n), about 32 MB of int64
+
+
 def bootstrap_interval(statistic: Callable[[np.ndarray], np.ndarray], n: int, *, resamples: int = 2000,
                        seed: int = 0, level: float = 0.95, chunk: int = 250) -> list[float] | None:
     """Percentile bootstrap interval over n examples (Efron & Tibshirani, An Introduction to the Bootstrap,
     1993, ch. 13): `statistic(idx)` maps resampled example indices idx [r, n] (int) to one value per resample
     [r]; returns [low, high] at `level`, or None when n < 2 or the statistic is undefined (nan) on a resample.
-    Deterministic for a seed; memory is chunk x n indices at a time."""
+    Deterministic for a seed; memory is at most chunk x n indices at a time."""
+    return bootstrap_intervals(lambda idx: statistic(idx)[:, None], n, resamples=resamples, seed=seed,
+                               level=level, chunk=chunk)[0]
+
+
+def bootstrap_intervals(statistics: Callable[[np.ndarray], np.ndarray], n: int, *, resamples: int = 2000,
+                        seed: int = 0, level: float = 0.95, chunk: int = 250) -> list[list[float] | None]:
+    """`bootstrap_interval` of m statistics over the same resamples: `statistics(idx)` maps idx [r, n] to
+    [r, m]; one [low, high] (or None) per statistic. The resamples are those of `bootstrap_interval` with the
+    same seed; chunks hold at most BOOTSTRAP_CELLS indices (fewer rows for large n)."""
     if n < 2:
-        return None
+        return [None] * np.shape(statistics(np.zeros((1, n), dtype=np.int64)))[1]
     rng = np.random.default_rng(seed)
-    values = np.concatenate([statistic(rng.integers(0, n, size=(min(chunk, resamples - start), n)))
-                             for start in range(0, resamples, chunk)])
-    if not np.all(np.isfinite(values)):
-        return None
+    rows = max(1, min(chunk, BOOTSTRAP_CELLS // n))
+    values = np.concatenate([statistics(rng.integers(0, n, size=(min(rows, resamples - start), n)))
+                             for start in range(0, resamples, rows)])  # [resamples, m]
     tail = 50.0 * (1.0 - level)
-    return [float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))]
+    return [[float(np.percentile(v, tail)), float(np.percentile(v, 100.0 - tail))] if np.all(np.isfinite(v)) else None
+            for v in values.T]
 
 
 def compute_metrics(

@@ -1,7 +1,10 @@
 """The report stage: one Markdown + HTML page comparing the evaluated models (SFT vs GDRT, ablations).
 
-Inputs are Eval artifacts (metrics.json, plots/) and optionally Attribution artifacts (summary.json) per
-model label. Output: a Report artifact with report.md, report.html, comparison.json and plots/.
+Inputs are Eval artifacts (metrics.json, predictions.parquet) and optionally Attribution artifacts (summary.json)
+per model label, and the Dataset artifact they ranked. Output: a Report artifact with report.md, report.html,
+comparison.json and plots/. With the Dataset, each model's rankings are paired with the baseline's on the same
+examples (`evaluate.compare_predictions`): the differences come with bootstrap intervals, so a reader sees
+whether a difference is larger than the examples' own spread.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from gdrt_core.artifacts import atomic_output_dir, read_manifest, write_json_atomic, write_manifest
 
 TABLE_METRICS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "mgu@5", "dgu@5", "coverage@10")
+PAIRED_RESAMPLES = 2000  # bootstrap resamples of the paired comparisons (gdrt compare-predictions: 10,000)
 LOWER_IS_BETTER = {"mgu@5", "dgu@5", "mgu@10", "dgu@10", "aux_share", "invalid_rate"}
 
 
@@ -81,9 +85,54 @@ def _bar_plot(rows: list[dict], metrics: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def paired_comparisons(results: list[ModelResult], baseline: str, dataset: str | os.PathLike,
+                       resamples: int = PAIRED_RESAMPLES) -> dict[str, dict]:
+    """Each model's rankings against the baseline's on the same examples (`evaluate.compare_predictions`: A - B
+    with paired bootstrap intervals over examples), on the split the baseline's Eval artifact ranked. A pair
+    that cannot be compared (other examples, a missing predictions file) gets {"error": message} instead, so
+    the report still shows the rest."""
+    from gdrt_core.errors import GdrtError
+    from gdrt_core.evaluate import compare_predictions
+
+    base = next(r for r in results if r.label == baseline)
+    split = read_manifest(base.eval_dir, "eval").get("config", {}).get("split", "test")
+    paired = {}
+    for r in results:
+        if r.label == baseline:
+            continue
+        try:
+            paired[r.label] = compare_predictions(dataset, r.eval_dir, base.eval_dir, split, resamples=resamples)
+        except GdrtError as e:
+            paired[r.label] = {"error": str(e)}
+    return paired
+
+
+def paired_markdown(paired: dict[str, dict], baseline: str) -> list[str]:
+    """The report's lines for `paired_comparisons`: one table per model (metric, both values, the difference,
+    its 95% interval, relative change) and the hits each has alone."""
+    lines = []
+    for label, p in paired.items():
+        if "error" in p:
+            lines += [f"Paired comparison {label} vs {baseline}: not possible ({p['error']}).", ""]
+            continue
+        lines += [f"Paired comparison, {label} − {baseline} on the same {p['examples']} {p['split']} examples "
+                  f"(95% bootstrap interval over the examples; an interval across 0 is no measured difference):", "",
+                  f"| metric | {baseline} | {label} | difference | 95% interval | relative |",
+                  "| --- | ---: | ---: | ---: | --- | ---: |"]
+        for m, d in p["difference"].items():
+            ci = "—" if d["ci95"] is None else f"{d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}"
+            rel = "—" if d["relative"] is None else f"{d['relative']:+.1%}"
+            lines.append(f"| {m} | {p['b'][m]:.4f} | {p['a'][m]:.4f} | {d['value']:+.4f} | {ci} | {rel} |")
+        h = p["hits@10"]
+        lines += ["", f"Hits in the top 10: both {h['both']}, only {label} {h['only_a']}, only {baseline} "
+                      f"{h['only_b']}.", ""]
+    return lines
+
+
 def run(results: list[ModelResult], out: str | os.PathLike, *, title: str = "GDRT report",
-        baseline: str | None = None, tracker=None) -> dict:
-    """Write the Report artifact into `out`; returns the comparison (rows and relative changes)."""
+        baseline: str | None = None, dataset: str | os.PathLike | None = None, tracker=None) -> dict:
+    """Write the Report artifact into `out`; returns the comparison (rows and relative changes, and with
+    `dataset`, the Dataset artifact the models were evaluated on, the paired comparisons with the baseline)."""
     rows = collect(results)
     columns = [c for c in (*TABLE_METRICS, "aux_share") if any(r.get(c) is not None for r in rows)]
     baseline = baseline or (rows[0]["model"] if rows else None)
@@ -92,6 +141,9 @@ def run(results: list[ModelResult], out: str | os.PathLike, *, title: str = "GDR
         for r in rows if r["model"] != baseline
     }
     comparison = {"rows": rows, "baseline": baseline, "relative_change": changes, "columns": columns}
+    paired = paired_comparisons(results, baseline, dataset) if dataset is not None and len(rows) > 1 else {}
+    if paired:
+        comparison["paired"] = paired
     inputs = {f"{r.label} evaluation": r.eval_dir for r in results}
     inputs.update({f"{r.label} attribution": r.attribution_dir for r in results if r.attribution_dir})
     with atomic_output_dir(out, kind="report", inputs=inputs) as tmp:
@@ -101,8 +153,10 @@ def run(results: list[ModelResult], out: str | os.PathLike, *, title: str = "GDR
         for label, ch in changes.items():
             parts = [f"{m} {v:+.1%}" for m, v in ch.items() if v is not None]
             md.append(f"- {label} vs {baseline}: " + ", ".join(parts))
-        md += ["", "Lower is better for " + ", ".join(sorted(LOWER_IS_BETTER & set(columns))) + ".", "",
-               "![comparison](plots/comparison.png)", ""]
+        md += ["", "Lower is better for " + ", ".join(sorted(LOWER_IS_BETTER & set(columns))) + ".", ""]
+        paired_lines = paired_markdown(paired, baseline)
+        md += paired_lines
+        md += ["![comparison](plots/comparison.png)", ""]
         (tmp / "report.md").write_text("\n".join(md), encoding="utf-8")
         png = base64.b64encode((tmp / "plots" / "comparison.png").read_bytes()).decode()
         cells = "".join(f"<th>{html.escape(c)}</th>" for c in ["model", *columns])
@@ -117,7 +171,8 @@ def run(results: list[ModelResult], out: str | os.PathLike, *, title: str = "GDR
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
             f"<h1>{html.escape(title)}</h1><table><tr>{cells}</tr>{trs}</table>"
-            f"<p><img alt='comparison' src='data:image/png;base64,{png}'></p></body></html>"
+            + (f"<pre>{html.escape(chr(10).join(paired_lines))}</pre>" if paired_lines else "")
+            + f"<p><img alt='comparison' src='data:image/png;base64,{png}'></p></body></html>"
         )
         (tmp / "report.html").write_text(page, encoding="utf-8")
         write_json_atomic(tmp / "comparison.json", comparison)
@@ -127,4 +182,11 @@ def run(results: list[ModelResult], out: str | os.PathLike, *, title: str = "GDR
         tracker.log_artifacts(out, "report")
         for label, ch in changes.items():
             tracker.log_metrics({f"rel_{m}_{label}": v for m, v in ch.items() if v is not None})
+        for label, p in paired.items():  # the paired differences and their intervals
+            logged = {}
+            for m, d in p.get("difference", {}).items():
+                logged[f"paired_{m}_{label}"] = d["value"]
+                if d["ci95"] is not None:
+                    logged[f"paired_{m}_{label}_ci_low"], logged[f"paired_{m}_{label}_ci_high"] = d["ci95"]
+            tracker.log_metrics(logged)
     return comparison

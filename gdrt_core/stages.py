@@ -145,7 +145,7 @@ def run_step(stage: str, settings: dict | None, context: RunContext | None = Non
     if stage == "report":
         return run_report([("SFT", args["sft_eval"], args["sft_attribution"]),
                            ("GDRT", args["gdrt_eval"], args["gdrt_attribution"])], out=args["out"],
-                          title=args["title"], context=context)
+                          title=args["title"], dataset=args.get("dataset"), context=context)
     if stage == "register":
         if not context.enabled:  # the registry is MLflow's: nothing is logged, and no store opened or created
             return NOT_REGISTERED
@@ -219,13 +219,14 @@ def model_source(path: str) -> str:
     return path
 
 
-def run_report(models: list[tuple[str, str, str | None]], *, out: str, title: str,
+def run_report(models: list[tuple[str, str, str | None]], *, out: str, title: str, dataset: str | None = None,
                context: RunContext | None = None) -> dict:
-    """The report stage over (label, eval dir, attribution dir) triples; logged to the context's parent run."""
+    """The report stage over (label, eval dir, attribution dir) triples, the first the baseline; with the Dataset
+    artifact they ranked, the paired comparisons with the baseline too; logged to the context's parent run."""
     from gdrt_core.report import ModelResult, run
     from gdrt_core.tracking import Tracker, open_run
 
     parent = context.parent_run_id if context else ""
     tracker = open_run(parent, enabled=context.enabled) if parent else Tracker()
-    comparison = run([ModelResult(*m) for m in models], out, title=title, tracker=tracker)
+    comparison = run([ModelResult(*m) for m in models], out, title=title, dataset=dataset, tracker=tracker)
     return scalars({"relative_change": comparison["relative_change"]})

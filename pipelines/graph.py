@@ -74,7 +74,7 @@ STEPS: tuple[Step, ...] = (
     *_evaluated("sft"),
     *_evaluated("gdrt"),
     Step("report", "report", "report", "report", "page",
-         inputs={"sft_eval": "eval_sft", "gdrt_eval": "eval_gdrt", "sft_attribution": "attr_sft",
+         inputs={"dataset": "data", "sft_eval": "eval_sft", "gdrt_eval": "eval_gdrt", "sft_attribution": "attr_sft",
                  "gdrt_attribution": "attr_gdrt"}, params={"title": "run_name"}),
     Step("valid_gdrt", "evaluate", "evaluate GDRT (valid)", "evaluate gdrt valid", "evaluation",
          inputs={"dataset": "data", "model": "gdrt"}, settings="valid_eval_settings", fixed={"split": "valid"},

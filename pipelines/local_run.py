@@ -157,12 +157,26 @@ def popularity_row(params: dict, dataset: Path, out: Path) -> dict:
 
 
 def format_table(comparison: dict) -> str:
+    """The models' rows (and the popularity row), then GDRT − SFT on the same windows with the report's paired
+    95% intervals (when the report has them)."""
     rows = comparison["rows"]
     head = f"{'model':<8}" + "".join(f"{h:>11}" for h, _ in TABLE)
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = "".join(f"{r[k]:>11.4f}" if isinstance(r.get(k), (int, float)) else f"{'—':>11}" for _, k in TABLE)
         lines.append(f"{r['model']:<8}{cells}")
+    for label, p in (comparison.get("paired") or {}).items():
+        if "difference" not in p:
+            continue
+        parts = []
+        for m in ("ndcg@10", "hr@10", "mgu@5"):
+            d = p["difference"][m]
+            ci = "" if d["ci95"] is None else f" ({d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})"
+            parts.append(f"{m.upper()} {d['value']:+.4f}{ci}")
+        h = p["hits@10"]
+        lines.append(f"{label} − {comparison['baseline']} on the same {p['examples']} windows, 95% intervals: "
+                     + ", ".join(parts) + f"; top-10 hits only {label} {h['only_a']}, only {comparison['baseline']} "
+                     f"{h['only_b']}")
     return "\n".join(lines)
 
 

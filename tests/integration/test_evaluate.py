@@ -104,8 +104,12 @@ def test_streamed_metrics_equal_metrics_of_all_rankings_at_once(tmp_path, office
                                extended=True)
     assert read_manifest(out, "eval")["metrics"] == expected
     assert metrics == {k: expected[k] for k in metrics}
-    assert score_predictions(office_slice, out / "predictions.parquet") == expected  # stored rankings scored again
-    assert score_predictions(office_slice, out) == expected  # or the Eval directory
+    again = score_predictions(office_slice, out / "predictions.parquet")  # stored rankings scored again
+    assert {k: v for k, v in again.items() if k != "scored"} == expected
+    assert read_manifest(out, "eval")["ranked"] == {
+        "split": "test", "split_sha256": dataset.manifest["files"]["test.parquet"]["sha256"]}
+    scored = score_predictions(office_slice, out)  # or the Eval directory, its split from the manifest
+    assert scored.pop("scored")["split"] == "test" and scored == expected
     assert json.loads((out / "metrics.json").read_text()) == metrics
 
 

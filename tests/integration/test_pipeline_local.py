@@ -51,7 +51,11 @@ def test_pipeline_end_to_end_with_mlflow_server(tmp_path, office_source_slice, m
     assert models_n == {popular["n_examples"]} and "aux_share" not in popular
     baseline_dir = tmp_path / "run" / "baselines" / "most-popular-valid"
     assert json.loads((baseline_dir / "metrics.json").read_text())["ndcg@10"] == popular["ndcg@10"]
-    assert local_run.format_table(result).splitlines()[-1].startswith("popular")
+    table = local_run.format_table(result).splitlines()
+    assert table[-2].startswith("popular")
+    # GDRT paired with SFT on the same windows (the report's bootstrap intervals)
+    assert result["paired"]["GDRT"]["examples"] == popular["n_examples"]
+    assert table[-1].startswith(f"GDRT − SFT on the same {popular['n_examples']} windows, 95% intervals: NDCG@10 ")
     assert "report.md" in {p.name for p in (tmp_path / "run").rglob("report.md")}
 
     client = MlflowClient(mlflow_server)
@@ -66,6 +70,7 @@ def test_pipeline_end_to_end_with_mlflow_server(tmp_path, office_source_slice, m
         assert nested[name].info.status == "FINISHED"
     assert "ndcg_at_10" in nested["evaluate gdrt"].data.metrics
     assert "gdrt.decision" in parent.data.tags
+    assert any(k.startswith("paired_") and k.endswith("_GDRT_ci_high") for k in parent.data.metrics), parent.data.metrics
     report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/report.md" in report_files and "report/report.html" in report_files
 

@@ -27,6 +27,7 @@ from gdrt_core.metrics import (
     MetricsAccumulator,
     TitleCatalogue,
     bootstrap_interval,
+    bootstrap_intervals,
     compute_metrics,
     coverage,
     dedupe_ranking,
@@ -271,4 +272,15 @@ def test_example_terms_give_the_worked_example_and_any_resample(catalogue):
     assert terms.metric("dgu@5", weights)[0] == approx(0.85)
     with pytest.raises(GdrtError, match="unknown metric 'mgu@3'"):
         terms.metric("mgu@3")
+
+
+def test_bootstrap_intervals_share_the_resamples_of_bootstrap_interval():
+    """Several statistics at once get, each, the interval bootstrap_interval gives it alone with the same seed
+    (the same resampled indices, whatever the chunking), and one None each below two examples."""
+    values = np.arange(30.0)
+    stats = lambda idx: np.stack([values[idx].mean(axis=1), values[idx].max(axis=1)], axis=1)  # noqa: E731
+    both = bootstrap_intervals(stats, 30, resamples=600, seed=5, chunk=7)
+    assert both[0] == bootstrap_interval(lambda idx: values[idx].mean(axis=1), 30, resamples=600, seed=5)
+    assert both[1] == bootstrap_interval(lambda idx: values[idx].max(axis=1), 30, resamples=600, seed=5)
+    assert bootstrap_intervals(stats, 1) == [None, None]
 

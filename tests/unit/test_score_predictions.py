@@ -71,10 +71,25 @@ def test_only_the_examples_of_the_file_are_scored(tmp_path):
     ([(12, 0, "A")], ("example_id", "rank", "title"), "1 example id(s) of the predictions are not in the test split"),
     ([(10, 0, "A"), (10, 0, "B")], ("example_id", "rank", "title"), "example 10 has rank 0 twice"),
     ([(10, 0, "A")], ("example_id", "position", "title"), "lack the column(s) rank"),
+    ([(10, -1, "A"), (10, -2, "B")], ("example_id", "rank", "title"), "example 10 has the ranks [-2, -1], expected 0..1"),
+    ([(10, 0, "A"), (10, 2, "B")], ("example_id", "rank", "title"), "example 10 has the ranks [0, 2], expected 0..1"),
+    ([(10, 1, "A")], ("example_id", "rank", "title"), "example 10 has the ranks [1], expected 0..0"),
+    ([(10, "0", "A")], ("example_id", "rank", "title"), "column rank holds string, expected integers"),
+    ([(10, 0.5, "A")], ("example_id", "rank", "title"), "column rank holds double, expected integers"),
+    ([("10", 0, "A")], ("example_id", "rank", "title"), "column example_id holds string, expected integers"),
+    ([(10, 0, ["A"])], ("example_id", "rank", "title"), "column title holds list<element: string>, expected strings"),
+    ([(10, 0, None), (11, 0, "A")], ("example_id", "rank", "title"), "column title has 1 null value(s)"),
+    ([(10, None, "A"), (11, 0, "A")], ("example_id", "rank", "title"), "column rank has 1 null value(s)"),
+    ([], ("example_id", "rank", "title"), "the predictions file has no rows"),
 ])
 def test_bad_predictions_are_errors_naming_the_file(tmp_path, rows, columns, message):
     ds = make_dataset(tmp_path / "ds", {i: i for i in TITLES})
-    path = write_predictions(tmp_path / "p.parquet", rows, columns)
+    if rows:
+        path = write_predictions(tmp_path / "p.parquet", rows, columns)
+    else:  # typed, empty
+        path = tmp_path / "p.parquet"
+        pq.write_table(pa.table({"example_id": pa.array([], pa.int64()), "rank": pa.array([], pa.int8()),
+                                 "title": pa.array([], pa.string())}), path)
     with pytest.raises(GdrtError, match="p.parquet") as e:
         score_predictions(ds, path)
     assert message in str(e.value)
@@ -87,6 +102,42 @@ def test_missing_or_unreadable_file(tmp_path):
     (tmp_path / "text.parquet").write_text("not parquet")
     with pytest.raises(GdrtError, match="not a readable parquet file"):
         score_predictions(ds, tmp_path / "text.parquet")
+    # a readable footer over a corrupt data page
+    good = write_predictions(tmp_path / "good.parquet", RANKED * 200)
+    data = bytearray(good.read_bytes())
+    data[4:len(data) // 2] = bytes(len(data) // 2 - 4)
+    (tmp_path / "corrupt.parquet").write_bytes(bytes(data))
+    with pytest.raises(GdrtError, match="corrupt.parquet"):
+        score_predictions(ds, tmp_path / "corrupt.parquet")
+
+
+def eval_dir(root: Path, rows, split: str, split_sha256: str) -> Path:
+    """An Eval directory as far as the scoring reads it: predictions.parquet and the manifest's `ranked`."""
+    root.mkdir()
+    write_predictions(root / "predictions.parquet", rows)
+    (root / "manifest.json").write_text(json.dumps({"kind": "eval", "ranked": {"split": split,
+                                                                               "split_sha256": split_sha256}}))
+    return root
+
+
+def test_an_eval_directory_gives_its_split_and_must_match_the_dataset(tmp_path):
+    """The Eval manifest's `ranked` gives the default split, and a ranked split file other than the dataset's
+    (another curation: the example ids would name other windows) is refused; the same windows with other
+    popularity groups are not another split."""
+    from gdrt_core.dataset import Dataset
+
+    ds = make_dataset(tmp_path / "ds", {i: i for i in TITLES})
+    sha = Dataset(ds).manifest["files"]["test.parquet"]["sha256"]
+    same = eval_dir(tmp_path / "same", RANKED, "test", sha)
+    assert score_predictions(ds, same)["scored"]["split"] == "test"
+    assert score_predictions(make_dataset(tmp_path / "reversed", {i: 6 - i for i in TITLES}), same)["n_examples"] == 2
+    other = eval_dir(tmp_path / "other", RANKED, "test", "0" * 64)
+    with pytest.raises(GdrtError, match="the predictions rank another test split than") as e:
+        score_predictions(ds, other)
+    assert "other" in str(e.value)
+    valid = eval_dir(tmp_path / "valid", RANKED, "valid", "0" * 64)
+    with pytest.raises(GdrtError, match="the valid split has no examples"):
+        score_predictions(ds, valid)
 
 
 def test_command_prints_and_writes_the_metrics(tmp_path, capsys):
@@ -134,6 +185,11 @@ def test_compare_predictions_needs_the_same_examples(tmp_path, capsys):
     b = write_predictions(tmp_path / "b.parquet", OTHER[:2])
     assert main(["compare-predictions", str(a), str(b), "--dataset", str(ds)]) != 0
     assert "rank different examples (2 and 1, 1 in both)" in capsys.readouterr().err
+    assert main(["compare-predictions", str(a), str(b), "--dataset", str(ds), "--resamples", "5"]) != 0
+    assert "--resamples must be between 100 and 1,000,000" in capsys.readouterr().err
+    top1 = write_predictions(tmp_path / "top1.parquet", [(10, 0, "C"), (11, 0, "A")])
+    assert main(["compare-predictions", str(a), str(top1), "--dataset", str(ds)]) != 0
+    assert "returns up to 2 titles per example and" in capsys.readouterr().err
     assert main(["compare-predictions", str(a), str(b), "--dataset", str(ds), "--resamples", "5"]) != 0
     assert "--resamples must be between 100 and 1,000,000" in capsys.readouterr().err
     out = tmp_path / "cmp.json"
