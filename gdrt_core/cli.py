@@ -204,7 +204,7 @@ def build_parser(commands: dict[str, Command] | None = None) -> argparse.Argumen
         STAGE_ARGUMENTS[name](p)
         _common(p)
     for name, command in {**COMMANDS, **(commands or {})}.items():
-        command.arguments(sub.add_parser(name, help=command.help))
+        command.arguments(sub.add_parser(name, help=command.help, description=command.help))
     return parser
 
 

@@ -543,6 +543,9 @@ def compare_predictions(dataset, a, b, split: str | None = None, *, resamples: i
     from gdrt_core.metrics import TitleCatalogue, bootstrap_intervals, example_terms, resample_weights
 
     ra, rb = read_rankings(a), read_rankings(b)
+    if ra.split and rb.split and ra.split != rb.split:
+        raise GdrtError(f"A ranked the {ra.split} split ({ra.path}) and B the {rb.split} split ({rb.path})",
+                        hint="compare two evaluations of the same split")
     split = split or ra.split or rb.split or "test"
     ds = _dataset(dataset, split, ra, rb)
     catalogue = TitleCatalogue.from_dataset(ds)

@@ -116,7 +116,8 @@ def paired_markdown(paired: dict[str, dict], baseline: str) -> list[str]:
             lines += [f"Paired comparison {label} vs {baseline}: not possible ({p['error']}).", ""]
             continue
         lines += [f"Paired comparison, {label} − {baseline} on the same {p['examples']} {p['split']} examples "
-                  f"(95% bootstrap interval over the examples; an interval across 0 is no measured difference):", "",
+                  f"(95% bootstrap interval over the examples, {p['resamples']:,} resamples; an interval that "
+                  "contains 0 is no measured difference):", "",
                   f"| metric | {baseline} | {label} | difference | 95% interval | relative |",
                   "| --- | ---: | ---: | ---: | --- | ---: |"]
         for m, d in p["difference"].items():
@@ -127,6 +128,31 @@ def paired_markdown(paired: dict[str, dict], baseline: str) -> list[str]:
         lines += ["", f"Hits in the top 10: both {h['both']}, only {label} {h['only_a']}, only {baseline} "
                       f"{h['only_b']}.", ""]
     return lines
+
+
+def paired_html(paired: dict[str, dict], baseline: str) -> str:
+    """`paired_markdown` as HTML: a heading paragraph and a table per model."""
+    out = []
+    for label, p in paired.items():
+        if "error" in p:
+            out.append(f"<p>Paired comparison {html.escape(label)} vs {html.escape(baseline)}: not possible "
+                       f"({html.escape(p['error'])}).</p>")
+            continue
+        out.append(f"<h2>Paired comparison, {html.escape(label)} − {html.escape(baseline)}</h2><p>The same "
+                   f"{p['examples']} {html.escape(p['split'])} examples; 95% bootstrap interval over the examples "
+                   f"({p['resamples']:,} resamples); an interval that contains 0 is no measured difference.</p>")
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in ("metric", baseline, label, "difference", "95% interval",
+                                                              "relative"))
+        body = ""
+        for m, d in p["difference"].items():
+            ci = "—" if d["ci95"] is None else f"{d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}"
+            rel = "—" if d["relative"] is None else f"{d['relative']:+.1%}"
+            cells = (m, f"{p['b'][m]:.4f}", f"{p['a'][m]:.4f}", f"{d['value']:+.4f}", ci, rel)
+            body += "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+        h = p["hits@10"]
+        out.append(f"<table><tr>{head}</tr>{body}</table><p>Hits in the top 10: both {h['both']}, only "
+                   f"{html.escape(label)} {h['only_a']}, only {html.escape(baseline)} {h['only_b']}.</p>")
+    return "".join(out)
 
 
 def run(results: list[ModelResult], out: str | os.PathLike, *, title: str = "GDRT report",
@@ -146,6 +172,8 @@ def run(results: list[ModelResult], out: str | os.PathLike, *, title: str = "GDR
         comparison["paired"] = paired
     inputs = {f"{r.label} evaluation": r.eval_dir for r in results}
     inputs.update({f"{r.label} attribution": r.attribution_dir for r in results if r.attribution_dir})
+    if dataset is not None:
+        inputs["dataset"] = dataset
     with atomic_output_dir(out, kind="report", inputs=inputs) as tmp:
         (tmp / "plots").mkdir()
         _bar_plot(rows, [c for c in columns if c != "coverage@10"], tmp / "plots" / "comparison.png")
@@ -153,9 +181,9 @@ def run(results: list[ModelResult], out: str | os.PathLike, *, title: str = "GDR
         for label, ch in changes.items():
             parts = [f"{m} {v:+.1%}" for m, v in ch.items() if v is not None]
             md.append(f"- {label} vs {baseline}: " + ", ".join(parts))
-        md += ["", "Lower is better for " + ", ".join(sorted(LOWER_IS_BETTER & set(columns))) + ".", ""]
-        paired_lines = paired_markdown(paired, baseline)
-        md += paired_lines
+        lower_is_better = "Lower is better for " + ", ".join(sorted(LOWER_IS_BETTER & set(columns))) + "."
+        md += ["", lower_is_better, ""]
+        md += paired_markdown(paired, baseline)
         md += ["![comparison](plots/comparison.png)", ""]
         (tmp / "report.md").write_text("\n".join(md), encoding="utf-8")
         png = base64.b64encode((tmp / "plots" / "comparison.png").read_bytes()).decode()
@@ -171,13 +199,15 @@ def run(results: list[ModelResult], out: str | os.PathLike, *, title: str = "GDR
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
             f"<h1>{html.escape(title)}</h1><table><tr>{cells}</tr>{trs}</table>"
-            + (f"<pre>{html.escape(chr(10).join(paired_lines))}</pre>" if paired_lines else "")
+            + "".join(f"<p>{html.escape(line.lstrip('- '))}</p>" for line in md if line.startswith("- "))
+            + f"<p>{html.escape(lower_is_better)}</p>" + paired_html(paired, baseline)
             + f"<p><img alt='comparison' src='data:image/png;base64,{png}'></p></body></html>"
         )
         (tmp / "report.html").write_text(page, encoding="utf-8")
         write_json_atomic(tmp / "comparison.json", comparison)
         write_manifest(tmp, "report", config={"title": title, "baseline": baseline},
-                       inputs={f"eval:{r.label}": r.eval_dir for r in results})
+                       inputs={f"eval:{r.label}": r.eval_dir for r in results}
+                       | ({"dataset": dataset} if dataset is not None else {}))
     if tracker is not None:
         tracker.log_artifacts(out, "report")
         for label, ch in changes.items():

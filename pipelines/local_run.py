@@ -157,26 +157,33 @@ def popularity_row(params: dict, dataset: Path, out: Path) -> dict:
 
 
 def format_table(comparison: dict) -> str:
-    """The models' rows (and the popularity row), then GDRT − SFT on the same windows with the report's paired
-    95% intervals (when the report has them)."""
+    """The models' rows and the popularity row."""
     rows = comparison["rows"]
     head = f"{'model':<8}" + "".join(f"{h:>11}" for h, _ in TABLE)
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = "".join(f"{r[k]:>11.4f}" if isinstance(r.get(k), (int, float)) else f"{'—':>11}" for _, k in TABLE)
         lines.append(f"{r['model']:<8}{cells}")
+    return "\n".join(lines)
+
+
+def format_paired(comparison: dict) -> str:
+    """Each model − the baseline on the same windows, from the report's paired comparisons (empty without)."""
+    lines = []
+    base = comparison.get("baseline")
     for label, p in (comparison.get("paired") or {}).items():
         if "difference" not in p:
             continue
+        lines.append(f"{label} − {base} on the same {p['examples']} windows (95% bootstrap intervals; an interval "
+                     "across 0 is no measured difference; lower MGU is fairer):")
         parts = []
         for m in ("ndcg@10", "hr@10", "mgu@5"):
             d = p["difference"][m]
             ci = "" if d["ci95"] is None else f" ({d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})"
             parts.append(f"{m.upper()} {d['value']:+.4f}{ci}")
         h = p["hits@10"]
-        lines.append(f"{label} − {comparison['baseline']} on the same {p['examples']} windows, 95% intervals: "
-                     + ", ".join(parts) + f"; top-10 hits only {label} {h['only_a']}, only {comparison['baseline']} "
-                     f"{h['only_b']}")
+        lines.append("  " + ", ".join(parts) + f"; windows hit in the top 10 by both {h['both']}, by {label} only "
+                     f"{h['only_a']}, by {base} only {h['only_b']}")
     return "\n".join(lines)
 
 
@@ -216,6 +223,8 @@ def cli(args: argparse.Namespace) -> None:
     print()
     print(format_table(comparison))
     print("popular = the popularity baseline on the same windows; a model below it has learned no personalisation.")
+    if paired := format_paired(comparison):
+        print(paired)
     if str(params.get("base_model", "")).split(":", 1)[0] in ("", "embedded"):
         print("The embedded model is trained from scratch: this run is a smoke run of the workflow, not a test of "
               "GDRT;\nthe experiment is pipelines/configs/office-smollm2.yaml (SmolLM2-135M, GPU), results in "

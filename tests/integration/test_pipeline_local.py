@@ -51,11 +51,12 @@ def test_pipeline_end_to_end_with_mlflow_server(tmp_path, office_source_slice, m
     assert models_n == {popular["n_examples"]} and "aux_share" not in popular
     baseline_dir = tmp_path / "run" / "baselines" / "most-popular-valid"
     assert json.loads((baseline_dir / "metrics.json").read_text())["ndcg@10"] == popular["ndcg@10"]
-    table = local_run.format_table(result).splitlines()
-    assert table[-2].startswith("popular")
+    assert local_run.format_table(result).splitlines()[-1].startswith("popular")
     # GDRT paired with SFT on the same windows (the report's bootstrap intervals)
     assert result["paired"]["GDRT"]["examples"] == popular["n_examples"]
-    assert table[-1].startswith(f"GDRT − SFT on the same {popular['n_examples']} windows, 95% intervals: NDCG@10 ")
+    paired = local_run.format_paired(result).splitlines()
+    assert paired[0].startswith(f"GDRT − SFT on the same {popular['n_examples']} windows (95% bootstrap intervals")
+    assert paired[1].startswith("  NDCG@10 ") and "windows hit in the top 10 by both" in paired[1]
     assert "report.md" in {p.name for p in (tmp_path / "run").rglob("report.md")}
 
     client = MlflowClient(mlflow_server)

@@ -84,6 +84,9 @@ def test_report_pairs_the_models_rankings_on_the_dataset(tmp_path):
     assert "| hr@10 | 0.5000 | 1.0000 | +0.5000 | +0.0000 to +1.0000 | +100.0% |" in md
     assert "Hits in the top 10: both 1, only GDRT 1, only SFT 0." in md
     assert "Paired comparison X vs SFT: not possible" in md and "not in the test split" in md
-    assert "Paired comparison, GDRT" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "<h2>Paired comparison, GDRT − SFT</h2>" in page and "<td>+0.0000 to +1.0000</td>" in page
+    assert "2,000 resamples" in md and "Lower is better" in page
+    assert read_manifest(out, "report")["inputs"]["dataset"]["path"] == str(ds.absolute())
     assert json.loads((out / "comparison.json").read_text())["paired"]["GDRT"]["hits@10"]["only_a"] == 1
 

@@ -135,6 +135,10 @@ def test_an_eval_directory_gives_its_split_and_must_match_the_dataset(tmp_path):
     with pytest.raises(GdrtError, match="the predictions rank another test split than") as e:
         score_predictions(ds, other)
     assert "other" in str(e.value)
+    from gdrt_core.evaluate import compare_predictions
+
+    with pytest.raises(GdrtError, match="A ranked the valid split .* and B the test split"):
+        compare_predictions(ds, eval_dir(tmp_path / "a-valid", RANKED, "valid", "0" * 64), same)
     valid = eval_dir(tmp_path / "valid", RANKED, "valid", "0" * 64)
     with pytest.raises(GdrtError, match="the valid split has no examples"):
         score_predictions(ds, valid)
