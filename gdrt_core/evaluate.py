@@ -478,8 +478,6 @@ def summary_line(config: EvalConfig, metrics: dict) -> str:
     )
 
 
-
-
 def split_sha256(dataset, split: str) -> str | None:
     """The sha256 of the Dataset's `split`.parquet as its manifest records it (None when it does not)."""
     return (dataset.manifest.get("files", {}).get(f"{split}.parquet") or {}).get("sha256")
@@ -517,8 +515,8 @@ def score_predictions(dataset, predictions, split: str | None = None) -> dict[st
     split = split or rankings.split or "test"
     ds = _dataset(dataset, split, rankings)
     accumulator = MetricsAccumulator(TitleCatalogue.from_dataset(ds), extended=True)
-    for _, ranking, target, history in _with_examples(ds, split, rankings):
-        accumulator.add(ranking, ds.titles[target], history)
+    for eid, target, history in _ranked_rows(ds, split, rankings):
+        accumulator.add(rankings.titles[eid], ds.titles[target], history)
     return {**accumulator.result(), "scored": {"dataset": str(ds.root), "predictions": str(rankings.path),
                                                "split": split}}
 
@@ -548,24 +546,20 @@ def compare_predictions(dataset, a, b, split: str | None = None, *, resamples: i
                         hint="compare two evaluations of the same split")
     split = split or ra.split or rb.split or "test"
     ds = _dataset(dataset, split, ra, rb)
-    catalogue = TitleCatalogue.from_dataset(ds)
-    terms, ids, lengths = {}, {}, {}
-    for name, rankings in (("a", ra), ("b", rb)):
-        rows = list(_with_examples(ds, split, rankings))
-        ids[name] = [eid for eid, *_ in rows]
-        lengths[name] = {len(r) for _, r, _, _ in rows}
-        terms[name] = example_terms([r for _, r, _, _ in rows], [ds.titles[t] for _, _, t, _ in rows],
-                                    [h for *_, h in rows], catalogue)
-    if ids["a"] != ids["b"]:
-        both = len(set(ids["a"]) & set(ids["b"]))
-        raise GdrtError(f"{ra.path} and {rb.path} rank different examples ({len(ids['a'])} and {len(ids['b'])}, "
+    rows = _ranked_rows(ds, split, ra, rb)  # the split read once for both
+    if ra.titles.keys() != rb.titles.keys():
+        both = len(ra.titles.keys() & rb.titles.keys())
+        raise GdrtError(f"{ra.path} and {rb.path} rank different examples ({len(ra.titles)} and {len(rb.titles)}, "
                         f"{both} in both)", hint="evaluate both models with the same --dataset, --split and --limit")
-    if max(lengths["a"]) != max(lengths["b"]):
-        raise GdrtError(f"{ra.path} returns up to {max(lengths['a'])} titles per example and {rb.path} up to "
-                        f"{max(lengths['b'])}: their HR@10 and NDCG@10 would not measure the same list",
+    longest_a, longest_b = (max(map(len, r.titles.values())) for r in (ra, rb))
+    if longest_a != longest_b:
+        raise GdrtError(f"{ra.path} returns up to {longest_a} titles per example and {rb.path} up to "
+                        f"{longest_b}: their HR@10 and NDCG@10 would not measure the same list",
                         hint="evaluate both models with the same --num-beams")
-    n = len(ids["a"])
-    ta, tb = terms["a"], terms["b"]
+    catalogue = TitleCatalogue.from_dataset(ds)
+    targets, histories = [ds.titles[t] for _, t, _ in rows], [h for _, _, h in rows]
+    ta, tb = (example_terms([r.titles[eid] for eid, _, _ in rows], targets, histories, catalogue) for r in (ra, rb))
+    n = len(rows)
     result: dict = {"examples": n, "split": split, "dataset": str(ds.root), "resamples": resamples, "seed": seed,
                     "a": {"predictions": str(ra.path)}, "b": {"predictions": str(rb.path)}, "difference": {}}
 
@@ -624,22 +618,16 @@ def read_rankings(predictions) -> Rankings:
     GdrtError naming the file: missing, not readable as parquet, no rows, a column of example_id (integer) /
     rank (integer) / title (string) missing, of another type or with nulls, or an example whose ranks are not
     0..n-1 (what the evaluate stage writes)."""
-    import json
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gdrt_core.artifacts import MANIFEST
+    from gdrt_core.artifacts import MANIFEST, read_manifest
 
     path = Path(predictions)
     ranked: dict = {}
     if path.is_dir():
-        manifest = path / MANIFEST
-        if manifest.is_file():
-            try:
-                ranked = json.loads(manifest.read_text(encoding="utf-8")).get("ranked") or {}
-            except (ValueError, AttributeError):
-                ranked = {}
+        if (path / MANIFEST).is_file():
+            ranked = read_manifest(path, "eval", verify=False).get("ranked") or {}
         path = path / PREDICTIONS_FILE
     hint = f"give an Eval artifact directory or its {PREDICTIONS_FILE}"
     if not path.is_file():
@@ -679,23 +667,21 @@ def read_rankings(predictions) -> Rankings:
     return Rankings(path, {eid: [ranks[r] for r in range(len(ranks))] for eid, ranks in ranks_of.items()},
                     ranked.get("split"), ranked.get("split_sha256"))
 
-def _with_examples(ds, split: str, rankings: Rankings):
-    """(example id, ranking, target, history) of each ranked example, in split order; a GdrtError when some
-    ranked example is not in the split."""
+
+def _ranked_rows(ds, split: str, *rankings: Rankings) -> list[tuple[int, int, list[int]]]:
+    """(example id, target, history) of the split's examples that the rankings hold, in split order, read in one
+    pass; a GdrtError when a ranking holds an example that is not in the split."""
     import pyarrow.parquet as pq
 
-    seen = 0
-    titles = rankings.titles
-    for batch in pq.ParquetFile(ds.root / f"{split}.parquet").iter_batches(columns=["example_id", "history", "target"]):
-        for eid, history, target in zip(*(batch.column(c).to_pylist() for c in ("example_id", "history", "target")),
-                                        strict=True):
-            ranking = titles.get(eid)
-            if ranking is not None:
-                seen += 1
-                yield eid, ranking, target, history
-    if seen < len(titles):
-        unknown = sorted(set(titles) - set(ds.split(split).column("example_id").to_pylist()))
-        raise GdrtError(f"{len(unknown)} example id(s) of the predictions are not in the {split} split of "
-                        f"{ds.root}, e.g. {unknown[0]}", path=str(rankings.path),
-                        hint="score predictions against the dataset and split they were ranked on (--split)")
-
+    wanted = set().union(*(r.titles.keys() for r in rankings))
+    rows = []
+    for batch in pq.ParquetFile(ds.root / f"{split}.parquet").iter_batches(columns=["example_id", "target", "history"]):
+        rows += [row for row in zip(*(batch.column(c).to_pylist() for c in ("example_id", "target", "history")),
+                                    strict=True) if row[0] in wanted]
+    found = {eid for eid, _, _ in rows}
+    for r in rankings:
+        if unknown := sorted(r.titles.keys() - found):
+            raise GdrtError(f"{len(unknown)} example id(s) of the predictions are not in the {split} split of "
+                            f"{ds.root}, e.g. {unknown[0]}", path=str(r.path),
+                            hint="score predictions against the dataset and split they were ranked on (--split)")
+    return rows

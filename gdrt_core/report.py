@@ -107,6 +107,11 @@ def paired_comparisons(results: list[ModelResult], baseline: str, dataset: str |
     return paired
 
 
+def format_interval(ci: list[float] | None) -> str:
+    """A paired comparison's 95% interval as the report writes it ("—" when there is none)."""
+    return "—" if ci is None else f"{ci[0]:+.4f} to {ci[1]:+.4f}"
+
+
 def paired_markdown(paired: dict[str, dict], baseline: str) -> list[str]:
     """The report's lines for `paired_comparisons`: one table per model (metric, both values, the difference,
     its 95% interval, relative change) and the hits each has alone."""
@@ -121,9 +126,9 @@ def paired_markdown(paired: dict[str, dict], baseline: str) -> list[str]:
                   f"| metric | {baseline} | {label} | difference | 95% interval | relative |",
                   "| --- | ---: | ---: | ---: | --- | ---: |"]
         for m, d in p["difference"].items():
-            ci = "—" if d["ci95"] is None else f"{d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}"
             rel = "—" if d["relative"] is None else f"{d['relative']:+.1%}"
-            lines.append(f"| {m} | {p['b'][m]:.4f} | {p['a'][m]:.4f} | {d['value']:+.4f} | {ci} | {rel} |")
+            lines.append(f"| {m} | {p['b'][m]:.4f} | {p['a'][m]:.4f} | {d['value']:+.4f} | {format_interval(d['ci95'])} "
+                         f"| {rel} |")
         h = p["hits@10"]
         lines += ["", f"Hits in the top 10: both {h['both']}, only {label} {h['only_a']}, only {baseline} "
                       f"{h['only_b']}.", ""]
@@ -145,9 +150,8 @@ def paired_html(paired: dict[str, dict], baseline: str) -> str:
                                                               "relative"))
         body = ""
         for m, d in p["difference"].items():
-            ci = "—" if d["ci95"] is None else f"{d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}"
             rel = "—" if d["relative"] is None else f"{d['relative']:+.1%}"
-            cells = (m, f"{p['b'][m]:.4f}", f"{p['a'][m]:.4f}", f"{d['value']:+.4f}", ci, rel)
+            cells = (m, f"{p['b'][m]:.4f}", f"{p['a'][m]:.4f}", f"{d['value']:+.4f}", format_interval(d["ci95"]), rel)
             body += "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
         h = p["hits@10"]
         out.append(f"<table><tr>{head}</tr>{body}</table><p>Hits in the top 10: both {h['both']}, only "

@@ -169,6 +169,8 @@ def format_table(comparison: dict) -> str:
 
 def format_paired(comparison: dict) -> str:
     """Each model − the baseline on the same windows, from the report's paired comparisons (empty without)."""
+    from gdrt_core.report import format_interval
+
     lines = []
     base = comparison.get("baseline")
     for label, p in (comparison.get("paired") or {}).items():
@@ -179,7 +181,7 @@ def format_paired(comparison: dict) -> str:
         parts = []
         for m in ("ndcg@10", "hr@10", "mgu@5"):
             d = p["difference"][m]
-            ci = "" if d["ci95"] is None else f" ({d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})"
+            ci = "" if d["ci95"] is None else f" ({format_interval(d['ci95'])})"
             parts.append(f"{m.upper()} {d['value']:+.4f}{ci}")
         h = p["hits@10"]
         lines.append("  " + ", ".join(parts) + f"; windows hit in the top 10 by both {h['both']}, by {label} only "

@@ -100,6 +100,14 @@ def run(config: CurateConfig) -> dict:
         )
 
 
+def popularity_note(windows: int | None = None, sampled: bool = False) -> str:
+    """The manifest's `recipe.popularity`: which training windows the items' popularity counts (`windows` of
+    them; None: the whole train split, not sampled)."""
+    which = ("train windows" if windows is None
+             else f"{windows} sampled train windows" if sampled else f"{windows} train windows before sampling")
+    return f"interactions of the {which}, each (user, position) once"
+
+
 def complete_splits(config: CurateConfig, titles: dict[int, str], splits: dict) -> tuple[dict, dict, dict | None]:
     """Carve missing valid/test from the latest train, sample train, number the examples.
 
@@ -155,14 +163,13 @@ def complete_splits(config: CurateConfig, titles: dict[int, str], splits: dict) 
     if sample is not None:
         if config.popularity_from == "train":
             popularity = train_popularity(titles, train)
-            report["popularity"] = (f"interactions of the {len(train['target'])} train windows before sampling, "
-                                    "each (user, position) once")
+            report["popularity"] = popularity_note(len(train["target"]))
         else:
-            report["popularity"] = f"interactions of the {len(sample)} sampled train windows, each (user, position) once"
+            report["popularity"] = popularity_note(len(sample), sampled=True)
         train = {k: [v[i] for i in sample] for k, v in train.items()}
         report["train"]["sampled"] = {"rows": len(sample), "seed": config.seed, "method": "pandas DataFrame.sample"}
     elif "popularity" not in report:
-        report["popularity"] = "interactions of the train windows, each (user, position) once"
+        report["popularity"] = popularity_note()
     splits = {**splits, "train": train}
     next_id = 0
     for name in ("train", "valid", "test"):

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gdrt_core.curate import recipe
+from gdrt_core.curate import popularity_note, recipe
 from gdrt_core.curate.rows import BadRows
 from gdrt_core.dataset import TIMESTAMP_RANGE, range_problem
 from gdrt_core.errors import GdrtError
@@ -667,7 +667,8 @@ def curate_raw(config, out_dir: Path, bad: BadRows) -> dict:
 
     num_items = len(item_of_rank)
     # popularity over the whole train split (before sampling) unless asked for the sample's
-    counted = parts["train"] if sample is None or config.popularity_from == "sample" else windows.take(np.arange(train_end))
+    whole_train = sample is not None and config.popularity_from == "train"
+    counted = windows.take(np.arange(train_end)) if whole_train else parts["train"]
     popularity_counts = recipe.covered_popularity(sorted_items, counted, num_items + 1)
     del counted
     titles = {i + 1: item_titles[a] for i, a in enumerate(item_of_rank.tolist())}
@@ -696,11 +697,9 @@ def curate_raw(config, out_dir: Path, bad: BadRows) -> dict:
              if sample is not None else "train not sampled"),
         ],
         "stats": stats, "bad_rows": bad.report(),
-        "popularity": (f"interactions of the {train_end} train windows before sampling, each (user, position) once"
-                       if sample is not None and config.popularity_from == "train"
-                       else f"interactions of the {len(parts['train'])} sampled train windows, each (user, position) once"
-                       if sample is not None
-                       else "interactions of the train windows, each (user, position) once"),
+        "popularity": (popularity_note(train_end) if whole_train
+                       else popularity_note(len(parts["train"]), sampled=True) if sample is not None
+                       else popularity_note()),
     }
     manifest = write_dataset(
         out_dir, titles=titles, splits=splits, domain=config.domain, config=to_dict(config), recipe=report,

@@ -113,10 +113,11 @@ def test_missing_or_unreadable_file(tmp_path):
 
 def eval_dir(root: Path, rows, split: str, split_sha256: str) -> Path:
     """An Eval directory as far as the scoring reads it: predictions.parquet and the manifest's `ranked`."""
+    from gdrt_core.artifacts import write_manifest
+
     root.mkdir()
     write_predictions(root / "predictions.parquet", rows)
-    (root / "manifest.json").write_text(json.dumps({"kind": "eval", "ranked": {"split": split,
-                                                                               "split_sha256": split_sha256}}))
+    write_manifest(root, "eval", ranked={"split": split, "split_sha256": split_sha256})
     return root
 
 
